@@ -1,0 +1,21 @@
+"""Datasets by name, offline fetching, and the DataModules built on them."""
+
+from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModule
+from edm_lightning.data.fetch import FetchError, fetch
+from edm_lightning.data.images import ImageTensorDataset, convert_images, load_images
+from edm_lightning.data.registry import DATASETS, DatasetNotFoundError, DatasetSpec, get_spec, open_dataset
+
+__all__ = [
+    "DATASETS",
+    "ClassificationDataModule",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "FetchError",
+    "ImageTensorDataset",
+    "OODDataModule",
+    "convert_images",
+    "fetch",
+    "get_spec",
+    "load_images",
+    "open_dataset",
+]

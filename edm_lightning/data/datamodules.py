@@ -1,0 +1,195 @@
+"""DataModules: labelled in-distribution data, and unlabelled OOD / surrogate data.
+
+Both expose ``num_classes``, ``input_shape``, ``mean`` and ``std`` as properties, which the CLI links
+into the model's arguments, so no config types a class count or a shape twice.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from edm_lightning.data.images import ImageTensorDataset, load_images
+from edm_lightning.data.registry import get_spec
+
+__all__ = ["ClassificationDataModule", "OODDataModule", "seeded_indices"]
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """A labelled dataset from the registry: seeded train/val split of the train set, and the test set.
+
+    Args:
+        dataset: registry name (``python -m edm_lightning.data list``).
+        root: data root the dataset was fetched into.
+        batch_size: batch size of every loader.
+        val_size: images held out of the training split for validation.
+        train_size: use only this many (seeded, random) training images; ``None`` for all.
+        test_size: evaluate on only the first this-many test images; ``None`` for all.
+        augment: random crop and horizontal flip (for 32x32 colour data; off for digits and clothes).
+        num_workers: DataLoader workers.
+        seed: seed of the split and subset draws (independent of the training seed).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashionmnist",
+        root: str = "data",
+        batch_size: int = 128,
+        val_size: int = 5000,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        augment: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.spec = get_spec(dataset)  # unknown names fail here, before any training starts
+        _check_positive(batch_size=batch_size, train_size=train_size, test_size=test_size)
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        self.save_hyperparameters()
+        self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.spec.input_shape
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.spec.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.spec.std
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            images, labels = load_images(hp.dataset, hp.root, train=True)
+            if hp.val_size >= len(images):
+                raise ValueError(f"val_size={hp.val_size} leaves no training images ({len(images)} in all)")
+            val_idx, train_idx = seeded_indices(len(images), hp.val_size, hp.train_size, hp.seed)
+            transform = _augmentation(self.input_shape) if hp.augment else None
+            self.train_set = ImageTensorDataset(images[train_idx], labels[train_idx], transform)
+            self.val_set = ImageTensorDataset(images[val_idx], labels[val_idx])
+        if stage in (None, "test", "predict") and self.test_set is None:
+            images, labels = load_images(hp.dataset, hp.root, train=False)
+            if hp.test_size is not None:
+                images, labels = images[: hp.test_size], labels[: hp.test_size]
+            self.test_set = ImageTensorDataset(images, labels)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def _loader(self, dataset: ImageTensorDataset, shuffle: bool = False) -> DataLoader:
+        return _loader(dataset, self.hparams.batch_size, shuffle, self.hparams.num_workers)
+
+
+class OODDataModule(L.LightningDataModule):
+    """Unlabelled out-of-distribution images, converted to the in-distribution ``input_shape``.
+
+    The train split feeds the defender's diversity term (or an attacker's surrogate queries); the test
+    split is held out, e.g. to measure the ensemble's coherence on OOD data it never trained on.
+    Loaders yield image batches only: labels of OOD data are never used.
+
+    Args:
+        dataset: registry name of the OOD set.
+        input_shape: (channels, height, width) of the victim's inputs; images are converted to it.
+        root: data root.
+        batch_size: batch size of every loader.
+        train_size: use only this many (seeded, random) training images; ``None`` for all.
+        holdout_size: use only the first this-many held-out (test split) images; ``None`` for all.
+        num_workers: DataLoader workers.
+        seed: seed of the subset draw.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "animal-mnist",
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        root: str = "data",
+        batch_size: int = 128,
+        train_size: int | None = None,
+        holdout_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.spec = get_spec(dataset)
+        _check_positive(batch_size=batch_size, train_size=train_size, holdout_size=holdout_size)
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
+        self.save_hyperparameters()
+        self.train_set = self.holdout_set = None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.hparams.input_shape)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.train_set is None:
+            images, _ = load_images(hp.dataset, hp.root, train=True, input_shape=self.input_shape)
+            _, keep = seeded_indices(len(images), 0, hp.train_size, hp.seed)
+            self.train_set = ImageTensorDataset(images[keep])
+        if self.holdout_set is None:
+            images, _ = load_images(hp.dataset, hp.root, train=False, input_shape=self.input_shape)
+            self.holdout_set = ImageTensorDataset(images[: hp.holdout_size])
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self.train_set, self.hparams.batch_size, True, self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return _loader(self.holdout_set, self.hparams.batch_size, False, self.hparams.num_workers)
+
+    test_dataloader = val_dataloader
+
+
+def seeded_indices(n: int, first: int, second: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """Two disjoint random index sets of ``range(n)``: ``first`` indices, then ``second`` (``None``: the rest).
+
+    Drawn from a generator of its own, so the split does not depend on the global training seed.
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    rest = perm[first:]
+    if second is not None:
+        if second > len(rest):
+            raise ValueError(f"asked for {second} images but only {len(rest)} are available")
+        rest = rest[:second]
+    return perm[:first], rest
+
+
+def _augmentation(input_shape: tuple[int, int, int]) -> v2.Compose:
+    _, height, width = input_shape
+    return v2.Compose([v2.RandomCrop((height, width), padding=4), v2.RandomHorizontalFlip()])
+
+
+def _loader(dataset: ImageTensorDataset | None, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+    if dataset is None:
+        raise RuntimeError("DataModule.setup() has not run for this stage")
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _check_positive(**values: int | None) -> None:
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{key} must be a positive integer (or null for all), got {value}")

@@ -1,0 +1,118 @@
+"""The model a defender serves: members, a router choosing one member per input, post-processors.
+
+An undefended target is the same thing with one member and a fixed router, so every attack and
+every measurement treats both alike.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DefendedModel", "FixedRouter", "Router", "validate_inputs"]
+
+
+class Router(nn.Module):
+    """Maps a batch of inputs to member indices ``(N,)`` in ``[0, num_members)``, deterministically."""
+
+    num_members: int
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FixedRouter(Router):
+    """Every input goes to the same member: the undefended case, and single-member comparisons."""
+
+    def __init__(self, num_members: int = 1, member: int = 0):
+        super().__init__()
+        if not 0 <= member < num_members:
+            raise ValueError(f"member must be in [0, {num_members}), got {member}")
+        self.num_members = num_members
+        self.member = member
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.full((x.shape[0],), self.member, dtype=torch.long, device=x.device)
+
+
+class DefendedModel(nn.Module):
+    """Members + router (+ post-processors): images in [0, 1] in, probability vectors out.
+
+    Each member runs only on the inputs routed to it, so a batch costs about one member plus the
+    router, not N members. Post-processors (output-perturbation defenses) are applied in order,
+    each as ``probs = p(x, probs)``.
+
+    Args:
+        members: classifiers returning logits, all with the same input shape and class count.
+        router: chooses the member that answers each input.
+        input_shape: (channels, height, width) every query must have.
+        num_classes: length of every answer.
+        postprocessors: optional output perturbations applied after routing.
+        input_range: closed interval every input value must lie in.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        router: Router,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        postprocessors: Sequence[nn.Module] = (),
+        input_range: tuple[float, float] = (0.0, 1.0),
+    ):
+        super().__init__()
+        if len(members) == 0:
+            raise ValueError("DefendedModel needs at least one member")
+        if router.num_members != len(members):
+            raise ValueError(f"router routes to {router.num_members} members but {len(members)} were given")
+        self.members = nn.ModuleList(members)
+        self.router = router
+        self.postprocessors = nn.ModuleList(postprocessors)
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.num_classes = int(num_classes)
+        self.input_range = (float(input_range[0]), float(input_range[1]))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        validate_inputs(x, self.input_shape, self.input_range)
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.num_classes))
+        probs = self.route_and_answer(x)
+        for post in self.postprocessors:
+            probs = post(x, probs)
+        return probs
+
+    def route_and_answer(self, x: Tensor) -> Tensor:
+        """Softmax of the routed member for each input (no validation, no post-processing)."""
+        route = self.router(x)
+        probs = x.new_empty((x.shape[0], self.num_classes))
+        for index, member in enumerate(self.members):
+            chosen = (route == index).nonzero(as_tuple=True)[0]
+            if chosen.numel():
+                probs[chosen] = member(x[chosen]).softmax(dim=-1).to(probs.dtype)
+        return probs
+
+
+def validate_inputs(x: Tensor, input_shape: tuple[int, int, int], input_range: tuple[float, float]) -> None:
+    """Refuse, with a message saying what was expected, any batch a deployed model should not answer."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"queries must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"queries must be a batch of shape (N, {', '.join(map(str, input_shape))}), got rank {x.ndim} {tuple(x.shape)}")
+    if x.shape[1] != input_shape[0]:
+        raise ValueError(f"queries must have {input_shape[0]} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"queries must have shape (N, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"queries must be floating point images in [{input_range[0]}, {input_range[1]}], got dtype {x.dtype}")
+    if x.numel() == 0:
+        return
+    if not torch.isfinite(x).all():
+        raise ValueError("queries contain NaN or Inf values")
+    low, high = x.min().item(), x.max().item()
+    if low < input_range[0] or high > input_range[1]:
+        raise ValueError(
+            f"query values must lie in [{input_range[0]}, {input_range[1]}] (images as floats), got [{low:.4g}, {high:.4g}]"
+        )

@@ -1,0 +1,83 @@
+"""The undefended target: one classifier trained with cross-entropy."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from edm_lightning.models.optim import OptimConfig, build_optimizer
+from edm_lightning.nets import build_net
+
+__all__ = ["ClassifierModule", "accuracy_metrics"]
+
+
+class ClassifierModule(L.LightningModule):
+    """A single classifier: the undefended victim, and the hash network of EDM's neural router.
+
+    ``num_classes``, ``input_shape``, ``mean`` and ``std`` are linked from the DataModule by the CLI.
+
+    Args:
+        arch: architecture name (``lenet5``, ``resnet18``, ``vgg16_bn``).
+        num_classes: number of classes.
+        input_shape: (channels, height, width) of the inputs.
+        mean: per-channel normalisation mean (the net's first layer).
+        std: per-channel normalisation std.
+        optim: optimiser and schedule.
+    """
+
+    def __init__(
+        self,
+        arch: str = "lenet5",
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        optim: OptimConfig | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim = optim or OptimConfig()
+        self.net = build_net(arch, input_shape, num_classes, mean, std)
+        metrics = accuracy_metrics(num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_metrics(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0]).softmax(dim=-1)
+
+    def configure_optimizers(self):
+        return build_optimizer(self.parameters(), self.optim, self.trainer.max_epochs)
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        metrics(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+
+def accuracy_metrics(num_classes: int) -> MetricCollection:
+    """Top-1 accuracy over all inputs (micro average), the figure the model-stealing literature reports."""
+    return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")})

@@ -1,0 +1,59 @@
+"""One optimiser description shared by every trainable module, so configs and sweeps look alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["OptimConfig", "build_optimizer"]
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule.
+
+    Args:
+        name: ``adam`` or ``sgd`` (with Nesterov momentum).
+        lr: initial learning rate.
+        weight_decay: L2 penalty.
+        momentum: SGD momentum (ignored by Adam).
+        schedule: ``cosine`` (anneal to 0 over the run's epochs), ``step`` (x0.1 every ``step_size`` epochs)
+            or ``constant``.
+        step_size: epochs between decays of the ``step`` schedule.
+    """
+
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_size: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.step_size <= 0:
+            raise ValueError(f"optim.step_size must be > 0, got {self.step_size}")
+
+
+def build_optimizer(params: Iterable[nn.Parameter], config: OptimConfig, max_epochs: int | None):
+    """Lightning's ``configure_optimizers`` return value for ``config``; the schedule steps once an epoch."""
+    if config.name == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0
+        )
+    else:
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    unbounded = max_epochs is None or max_epochs <= 0  # max_epochs=-1: no horizon to anneal over
+    if config.schedule == "constant" or (config.schedule == "cosine" and unbounded):
+        return optimizer
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=0.1)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
