@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from edm_lightning.errors import UserError
 
 __all__ = ["EDMLightningCLI", "main"]
 
@@ -23,15 +25,37 @@ class EDMLightningCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
-    """Run the CLI; tests pass ``args`` as a list instead of reading ``sys.argv``."""
-    return EDMLightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    """Run the CLI; tests pass ``args`` as a list instead of reading ``sys.argv``.
+
+    Errors that are the user's to fix (missing data, values out of range) end the run with their
+    message and exit status 2, like jsonargparse's own configuration errors, not with a traceback.
+    """
+    try:
+        return EDMLightningCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _find_user_error(err: BaseException | None) -> UserError | None:
+    """The UserError behind ``err``: jsonargparse wraps errors raised while instantiating classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.transforms import v2
 
+from edm_lightning.errors import ConfigError
+
 __all__ = ["ARCHITECTURES", "LeNet5", "build_net", "cifar_resnet18", "cifar_vgg16_bn"]
 
 
@@ -56,7 +58,7 @@ def cifar_vgg16_bn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
 def _lenet5(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     channels, height, width = input_shape
     if height != width or height < 12:
-        raise ValueError(f"lenet5 needs square inputs of at least 12x12, got {height}x{width}")
+        raise ConfigError(f"lenet5 needs square inputs of at least 12x12, got {height}x{width}")
     return LeNet5(channels, num_classes, height)
 
 
@@ -76,12 +78,12 @@ def build_net(
 ) -> nn.Sequential:
     """``Normalize(mean, std)`` followed by architecture ``arch``; unknown names list the known ones."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {arch!r}. Known: {', '.join(sorted(ARCHITECTURES))}.")
+        raise ConfigError(f"Unknown architecture {arch!r}. Known: {', '.join(sorted(ARCHITECTURES))}.")
     if len(input_shape) != 3:
-        raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
+        raise ConfigError(f"input_shape must be (channels, height, width), got {input_shape}")
     channels = input_shape[0]
     mean = tuple(mean) if mean is not None else (0.5,) * channels
     std = tuple(std) if std is not None else (0.5,) * channels
     if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"mean/std need one value per channel ({channels}), got mean={mean}, std={std}")
+        raise ConfigError(f"mean/std need one value per channel ({channels}), got mean={mean}, std={std}")
     return nn.Sequential(v2.Normalize(list(mean), list(std)), ARCHITECTURES[arch](tuple(input_shape), num_classes))

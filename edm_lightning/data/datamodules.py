@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 
 from edm_lightning.data.images import ImageTensorDataset, load_images
 from edm_lightning.data.registry import get_spec
+from edm_lightning.errors import ConfigError
 
 __all__ = ["ClassificationDataModule", "OODDataModule", "seeded_indices"]
 
@@ -49,7 +50,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.spec = get_spec(dataset)  # unknown names fail here, before any training starts
         _check_positive(batch_size=batch_size, train_size=train_size, test_size=test_size)
         if val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {val_size}")
+            raise ConfigError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
 
@@ -74,7 +75,7 @@ class ClassificationDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.train_set is None:
             images, labels = load_images(hp.dataset, hp.root, train=True)
             if hp.val_size >= len(images):
-                raise ValueError(f"val_size={hp.val_size} leaves no training images ({len(images)} in all)")
+                raise ConfigError(f"val_size={hp.val_size} leaves no training images ({len(images)} in all)")
             val_idx, train_idx = seeded_indices(len(images), hp.val_size, hp.train_size, hp.seed)
             transform = _augmentation(self.input_shape) if hp.augment else None
             self.train_set = ImageTensorDataset(images[train_idx], labels[train_idx], transform)
@@ -134,7 +135,7 @@ class OODDataModule(L.LightningDataModule):
         self.spec = get_spec(dataset)
         _check_positive(batch_size=batch_size, train_size=train_size, holdout_size=holdout_size)
         if len(input_shape) != 3:
-            raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
+            raise ConfigError(f"input_shape must be (channels, height, width), got {input_shape}")
         self.save_hyperparameters()
         self.train_set = self.holdout_set = None
 
@@ -170,7 +171,7 @@ def seeded_indices(n: int, first: int, second: int | None, seed: int) -> tuple[T
     rest = perm[first:]
     if second is not None:
         if second > len(rest):
-            raise ValueError(f"asked for {second} images but only {len(rest)} are available")
+            raise ConfigError(f"asked for {second} images but only {len(rest)} are available")
         rest = rest[:second]
     return perm[:first], rest
 
@@ -192,4 +193,4 @@ def _loader(dataset: ImageTensorDataset | None, batch_size: int, shuffle: bool, 
 def _check_positive(**values: int | None) -> None:
     for key, value in values.items():
         if value is not None and value <= 0:
-            raise ValueError(f"{key} must be a positive integer (or null for all), got {value}")
+            raise ConfigError(f"{key} must be a positive integer (or null for all), got {value}")

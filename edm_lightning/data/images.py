@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from edm_lightning.data.registry import open_dataset
+from edm_lightning.errors import ConfigError
 
 __all__ = ["ImageTensorDataset", "convert_images", "load_images"]
 
@@ -74,7 +75,7 @@ def convert_images(images: Tensor, input_shape: tuple[int, int, int], chunk: int
     if have == channels and tuple(images.shape[2:]) == (height, width):
         return images
     if have != channels and {have, channels} != {1, 3}:
-        raise ValueError(
+        raise ConfigError(
             f"Cannot convert {have}-channel images to {channels} channels; only 1 <-> 3 is supported."
         )
     out = []

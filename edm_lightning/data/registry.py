@@ -14,6 +14,8 @@ from typing import Callable
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from edm_lightning.errors import ConfigError, UserError
+
 __all__ = [
     "DATASETS",
     "AnimalMNIST",
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset is not under the data root; the message names the command that fetches it."""
 
 
@@ -115,7 +117,7 @@ def get_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATASETS))}.") from None
+        raise ConfigError(f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATASETS))}.") from None
 
 
 def open_dataset(name: str, root: str | Path, train: bool) -> Dataset:

@@ -8,6 +8,8 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from edm_lightning.errors import ConfigError
+
 __all__ = ["OptimConfig", "build_optimizer"]
 
 
@@ -34,11 +36,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.step_size <= 0:
-            raise ValueError(f"optim.step_size must be > 0, got {self.step_size}")
+            raise ConfigError(f"optim.step_size must be > 0, got {self.step_size}")
 
 
 def build_optimizer(params: Iterable[nn.Parameter], config: OptimConfig, max_epochs: int | None):

@@ -1,0 +1,77 @@
+"""The LightningCLI entry, driven as users drive it: ``main([...])`` with the committed configs."""
+
+from pathlib import Path
+
+import pytest
+
+from edm_lightning.cli import main
+from tests.conftest import localise_config
+
+QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_fit_then_test_from_checkpoint(fake_root: Path, tmp_path: Path):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    cli = main(["fit", "--config", str(config), "--data.init_args.batch_size", "16", "--data.init_args.val_size", "40", *QUICK])
+    assert cli.model.hparams.num_classes == 10 and cli.model.hparams.input_shape == (1, 28, 28)  # linked from data
+    assert cli.model.hparams.mean == pytest.approx((0.2860,))
+    best = tmp_path / "runs/baseline/checkpoints/best.ckpt"
+    assert best.is_file() and (tmp_path / "runs/baseline/checkpoints/last.ckpt").is_file()
+
+    cli = main(["test", "--config", str(config), "--ckpt_path", str(best), "--trainer.enable_progress_bar", "false"])
+    acc = cli.trainer.callback_metrics["test/acc"].item()
+    assert 0.0 <= acc <= 1.0
+
+
+def test_config_can_be_saved_twice_in_one_folder(fake_root: Path, tmp_path: Path):
+    """Sweeps and requeued jobs re-run into the same folder: saving config.yaml must not crash."""
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    args = ["fit", "--config", str(config), "--data.init_args.val_size", "40", "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path / "same"), *QUICK]
+    main(args)
+    main(args)
+    assert (tmp_path / "same" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--data.init_args.dataset", "fashion"], "Unknown dataset 'fashion'"),
+        (["--model.init_args.arch", "alexnet"], "Unknown architecture 'alexnet'"),
+        (["--model.init_args.optim.lr", "-1"], "optim.lr must be > 0"),
+    ],
+)
+def test_bad_values_end_with_one_clear_message(fake_root: Path, tmp_path: Path, capsys, override, message):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *override, *QUICK])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_data_names_the_fetch_command(tmp_path: Path, capsys):
+    config = localise_config("configs/baseline.yaml", tmp_path, tmp_path / "empty")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), *QUICK])
+    assert "python -m edm_lightning.data fetch fashionmnist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", [["--model.init_args.not_a_key", "1"], ["--data.init_args.batch_size", "many"]])
+def test_unknown_keys_and_wrong_types_are_rejected(fake_root: Path, tmp_path: Path, capsys, override):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), *override])
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_target_learns_real_fashionmnist(real_data_root: Path, tmp_path: Path):
+    """Two epochs on 6,000 real FashionMNIST images: well above chance (10%) on the real test set."""
+    config = localise_config("configs/baseline.yaml", tmp_path, real_data_root)
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--data.init_args.train_size", "6000",
+          "--data.init_args.val_size", "1000", "--trainer.enable_progress_bar", "false"])
+    cli = main(["test", "--config", str(config), "--ckpt_path", str(tmp_path / "runs/baseline/checkpoints/best.ckpt"),
+                "--data.init_args.test_size", "2000", "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.callback_metrics["test/acc"].item() > 0.7
