@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from edm_lightning.errors import UserError
+from edm_lightning.tracking import LogConfigCallback, finish_wandb_run, resolve_wandb_mode
 
 __all__ = ["EDMLightningCLI", "main"]
 
@@ -23,6 +24,9 @@ class EDMLightningCLI(LightningCLI):
         for key in ("num_classes", "input_shape", "mean", "std"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        resolve_wandb_mode()  # before any WandbLogger exists: offline when there are no credentials
+
 
 def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
     """Run the CLI; tests pass ``args`` as a list instead of reading ``sys.argv``.
@@ -37,7 +41,7 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=LogConfigCallback,
             args=args,
             run=run,
             auto_configure_optimizers=False,
@@ -48,6 +52,8 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        finish_wandb_run()
 
 
 def _find_user_error(err: BaseException | None) -> UserError | None:

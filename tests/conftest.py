@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Tests never talk to a W&B server; the W&B tests opt into offline mode themselves.
+os.environ.setdefault("WANDB_MODE", "disabled")
+
 import numpy as np
 import pytest
 

@@ -1,0 +1,90 @@
+"""Weights & Biases around LightningCLI: offline fallback, the resolved config, one run per job.
+
+W&B is the experiment tracker of every committed config. Three behaviours Lightning does not give:
+- without credentials (CI, air-gapped clusters) ``wandb.init`` fails; we log offline and say so once;
+- ``WandbLogger`` never calls ``wandb.finish()``, so a second job in one process would reuse the first
+  run; :func:`finish_wandb_run` ends it;
+- the full resolved configuration (trainer, data, model) is logged with the run, not only the model's
+  hyper-parameters (:class:`LogConfigCallback`).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from urllib.parse import urlparse
+
+import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+__all__ = ["LogConfigCallback", "finish_wandb_run", "resolve_wandb_mode", "wandb_has_credentials"]
+
+_told_offline = False
+
+
+def wandb_has_credentials() -> bool:
+    """Whether ``wandb.init`` could authenticate: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode() -> str:
+    """The W&B mode this process will use; without credentials and without ``WANDB_MODE``, ``offline``.
+
+    Committed configs never set ``mode`` (it would beat ``WANDB_MODE``); the environment decides.
+    """
+    global _told_offline
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if wandb_has_credentials():
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    if not _told_offline and _launch_rank() == 0:
+        print(
+            "W&B: no credentials found (wandb login / WANDB_API_KEY), logging offline; "
+            "upload later with `wandb sync <save_dir>/wandb/offline-run-*`, or set WANDB_MODE=disabled.",
+            file=sys.stderr,
+        )
+        _told_offline = True
+    return "offline"
+
+
+def _launch_rank() -> int:
+    """This process's global rank as launchers set it (torchrun, SLURM), before any Trainer exists."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def finish_wandb_run() -> None:
+    """End the current W&B run, if any, so the next job in this process starts a new one."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Save ``config.yaml`` (overwriting: sweeps and requeued jobs reuse folders) and log it to every logger."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["overwrite"] = True
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = self.config.as_dict()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"cli": config}, allow_val_change=True)
+            else:
+                logger.log_hyperparams({"cli": config})

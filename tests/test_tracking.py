@@ -1,0 +1,104 @@
+"""W&B: offline fallback without credentials, the resolved config logged, one run per job."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import yaml
+
+from edm_lightning import tracking
+from edm_lightning.cli import main
+from tests.conftest import localise_config
+from tests.test_cli import QUICK
+
+
+@pytest.fixture(autouse=True)
+def fresh_wandb_session():
+    """W&B reads its environment once per process session; tear it down so each test sees its own."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path: Path):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(tracking, "_told_offline", False)
+
+
+def test_without_credentials_runs_go_offline_and_say_so_once(no_credentials, capsys):
+    assert tracking.resolve_wandb_mode() == "offline"
+    assert tracking.resolve_wandb_mode() == "offline"
+    assert capsys.readouterr().err.count("W&B: no credentials found") == 1
+
+
+def test_explicit_mode_and_credentials_are_respected(no_credentials, monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.resolve_wandb_mode() == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert tracking.resolve_wandb_mode() == "online"
+
+
+def _wandb_loggers(node):
+    if isinstance(node, dict):
+        if str(node.get("class_path", "")).endswith("WandbLogger"):
+            yield node.get("init_args", {})
+        for value in node.values():
+            yield from _wandb_loggers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _wandb_loggers(value)
+
+
+def test_committed_configs_log_to_wandb_without_hard_coding_the_mode():
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert configs
+    for config in configs:
+        loggers = list(_wandb_loggers(yaml.safe_load(config.read_text())))
+        assert loggers, f"{config} does not log to W&B"
+        for init_args in loggers:
+            assert "mode" not in init_args, f"{config}: a committed `mode` beats WANDB_MODE"
+            assert {"project", "job_type", "group", "tags"} <= set(init_args), config
+
+
+class _Snapshot(L.Callback):
+    """Copies what the live W&B run holds at the end of fit (the run itself is closed afterwards)."""
+
+    runs: list[dict] = []
+
+    def on_fit_end(self, trainer, pl_module):
+        run = trainer.logger.experiment
+        _Snapshot.runs.append({"id": run.id, "config": dict(run.config), "summary": dict(run.summary)})
+
+
+def test_offline_run_logs_config_and_metrics_and_each_job_gets_its_own_run(
+    no_credentials, fake_root: Path, tmp_path: Path
+):
+    _Snapshot.runs.clear()
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    args = ["fit", "--config", str(config), "--data.init_args.val_size", "40", "--trainer.callbacks+=tests.test_tracking._Snapshot", *QUICK]
+    main(args)
+    main(args)
+    first, second = _Snapshot.runs
+    assert first["id"] != second["id"]  # wandb.finish() ran between the two jobs
+    cli_config = first["config"]["cli"]
+    assert cli_config["data"]["init_args"]["dataset"] == "fashionmnist"
+    assert cli_config["model"]["init_args"]["arch"] == "lenet5"
+    assert first["config"]["num_classes"] == 10  # the model's own hyper-parameters, linked from data
+    assert "val/acc" in first["summary"] and 0.0 <= first["summary"]["val/acc"] <= 1.0
+    assert len(list((tmp_path / "runs/baseline/wandb").glob("offline-run-*"))) == 2
+
+
+def test_disabled_mode_trains_without_writing_runs(monkeypatch, fake_root: Path, tmp_path: Path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    cli = main(["fit", "--config", str(config), "--data.init_args.val_size", "40", *QUICK])
+    assert cli.trainer.state.finished
+    assert not list((tmp_path / "runs/baseline").glob("wandb/offline-run-*"))
