@@ -8,6 +8,7 @@ offline sources (see :mod:`edm_lightning.data.fetch`) are read by the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -74,10 +75,12 @@ def _svhn(root: str, train: bool, download: bool) -> Dataset:
 
 
 def _tv(cls: type) -> Callable[[str, bool, bool], Dataset]:
-    def open_(root: str, train: bool, download: bool) -> Dataset:
-        return cls(root, train=train, download=download)
+    # A partial of module-level functions pickles, so DataModules holding specs survive ddp_spawn.
+    return partial(_open_torchvision, cls)
 
-    return open_
+
+def _open_torchvision(cls: type, root: str, train: bool, download: bool) -> Dataset:
+    return cls(root, train=train, download=download)
 
 
 DATASETS: dict[str, DatasetSpec] = {

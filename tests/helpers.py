@@ -1,0 +1,33 @@
+"""Callbacks that tests add from the command line (``--trainer.callbacks+=tests.helpers.X``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+
+class DumpMetrics(L.Callback):
+    """Writes the synced metrics and the starting step of each stage to ``<dir>/metrics-rank<R>.json``."""
+
+    def __init__(self, dir: str):
+        self.dir = Path(dir)
+        self.record: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.record["start_step"] = trainer.global_step
+        self.record["start_epoch"] = trainer.current_epoch
+
+    def on_validation_end(self, trainer, pl_module):
+        self._dump(trainer)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.record["end_step"] = trainer.global_step
+        self._dump(trainer)
+
+    def _dump(self, trainer):
+        self.record["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        self.record["world_size"] = trainer.world_size
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f"metrics-rank{trainer.global_rank}.json").write_text(json.dumps(self.record))

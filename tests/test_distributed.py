@@ -1,0 +1,124 @@
+"""Multi-process training on CPU (gloo): DDP in a clean subprocess, ddp_spawn in-process, SLURM detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from edm_lightning.cli import main
+from tests.conftest import REPO_ROOT, localise_config
+from tests.test_cli import QUICK
+
+_LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any launcher, SLURM or Lightning state a parent process may carry."""
+    env = {k: v for k, v in os.environ.items() if not (k in _LAUNCHER_VARS or k.startswith(("SLURM_", "PL_", "TORCHELASTIC_")))}
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "main.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_metrics(folder: Path, rank: int = 0) -> dict:
+    return json.loads((folder / f"metrics-rank{rank}.json").read_text())
+
+
+def test_ddp_metrics_match_a_single_process(fake_root: Path, tmp_path: Path):
+    """Two gloo processes validating one checkpoint report what one process reports: metrics are synced."""
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    common = ["--config", str(config), "--data.init_args.val_size", "40", "--data.init_args.batch_size", "10",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    run_cli(["fit", *common, "--trainer.max_epochs", "1"], clean_env())
+    ckpt = str(tmp_path / "runs/baseline/checkpoints/last.ckpt")
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    run_cli(["validate", *common, "--ckpt_path", ckpt, "--trainer.callbacks+=tests.helpers.DumpMetrics",
+             f"--trainer.callbacks.dir={single}"], clean_env())
+    run_cli(["validate", *common, "--config", "configs/trainer/cpu_ddp2.yaml", "--ckpt_path", ckpt,
+             "--trainer.callbacks+=tests.helpers.DumpMetrics", f"--trainer.callbacks.dir={double}"], clean_env())
+    one, rank0, rank1 = read_metrics(single), read_metrics(double, 0), read_metrics(double, 1)
+    assert (one["world_size"], rank0["world_size"]) == (1, 2)
+    assert rank0["metrics"]["val/acc"] == pytest.approx(one["metrics"]["val/acc"], abs=1e-6)
+    assert rank1["metrics"]["val/acc"] == pytest.approx(one["metrics"]["val/acc"], abs=1e-6)
+    assert rank0["metrics"]["val/loss"] == pytest.approx(one["metrics"]["val/loss"], rel=1e-4)
+
+
+def test_ddp_fit_creates_one_wandb_run(fake_root: Path, tmp_path: Path):
+    """Only rank 0 talks to W&B: two processes, one (offline) run."""
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    env = clean_env(WANDB_MODE="offline")
+    run_cli(["fit", "--config", str(config), "--config", "configs/trainer/cpu_ddp2.yaml",
+             "--data.init_args.val_size", "40", *QUICK], env)
+    assert len(list((tmp_path / "runs/baseline/wandb").glob("offline-run-*"))) == 1
+    assert (tmp_path / "runs/baseline/checkpoints/last.ckpt").is_file()
+
+
+def test_ddp_spawn_in_process(fake_root: Path, tmp_path: Path):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    cli = main(["fit", "--config", str(config), "--data.init_args.val_size", "40", "--trainer.accelerator", "cpu",
+                "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn", *QUICK])
+    assert cli.trainer.world_size == 2
+    assert 0.0 <= cli.trainer.callback_metrics["val/acc"].item() <= 1.0
+
+
+SLURM_RANK3_OF_4 = {
+    "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1", "SLURM_JOB_NAME": "edm-lightning", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "node[1-2]",
+}
+
+
+def test_slurm_environment_gives_ranks_and_world_size(monkeypatch):
+    for key in _LAUNCHER_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in SLURM_RANK3_OF_4.items():
+        monkeypatch.setenv(key, value)
+    trainer = L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False)
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert (trainer.global_rank, trainer.local_rank, trainer.node_rank, trainer.world_size) == (3, 1, 1, 4)
+
+
+def test_cluster_configs_compose_as_the_sbatch_script_does(capsys):
+    """The srun command line of scripts/slurm/train.sbatch parses (GPU trainer, requeue plugin, 2 nodes)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/baseline.yaml", "--config", "configs/trainer/gpu_ddp.yaml",
+              "--config", "configs/trainer/slurm_requeue.yaml", "--trainer.devices", "8", "--trainer.num_nodes", "2",
+              "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "SLURMEnvironment" in printed and "auto_requeue: true" in printed and "num_nodes: 2" in printed
+    sbatch = (REPO_ROOT / "scripts/slurm/train.sbatch").read_text()
+    assert "--ntasks-per-node=8" in sbatch and "--trainer.devices \"$SLURM_NTASKS_PER_NODE\"" in sbatch
+
+
+def test_requeued_slurm_job_resumes_from_the_hpc_checkpoint(monkeypatch, fake_root: Path, tmp_path: Path):
+    """After a pre-emption Lightning saved hpc_ckpt_N.ckpt; the requeued job continues from its step."""
+    for key in _LAUNCHER_VARS:
+        monkeypatch.delenv(key, raising=False)
+    single_task = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                   "SLURM_NODEID": "0", "SLURM_JOB_NAME": "edm-lightning", "SLURM_JOB_ID": "7", "SLURM_NODELIST": "node1"}
+    for key, value in single_task.items():
+        monkeypatch.setenv(key, value)
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    root = tmp_path / "job"
+    args = ["fit", "--config", str(config), "--data.init_args.val_size", "40", "--data.init_args.batch_size", "16",
+            "--trainer.default_root_dir", str(root),
+            "--trainer.logger", "false", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.helpers.DumpMetrics",
+            f"--trainer.callbacks.dir={tmp_path / 'metrics'}"]
+    first = main([*args, "--trainer.max_epochs", "1"])
+    first.trainer.save_checkpoint(root / "hpc_ckpt_1.ckpt")  # what the SIGUSR1 handler writes before requeueing
+    main([*args, "--trainer.max_epochs", "2"])
+    record = read_metrics(tmp_path / "metrics")
+    assert (record["start_step"], record["start_epoch"], record["end_step"]) == (3, 1, 6)
