@@ -1,0 +1,87 @@
+"""Stages of an experiment, each keyed by its configuration: finished ones are reused, never redone.
+
+A stage's folder is ``<runs>/<kind>-<hash of its config>``; its ``result.json`` is written last and
+atomically, so a folder without one is a stage that was interrupted (it is run again, and the attack
+code inside resumes from its own query cache instead of spending queries twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["StageStore", "config_key", "write_atomic"]
+
+
+def config_key(config: Any) -> str:
+    """A stable 12-hex-digit key of a JSON-able (or dataclass) configuration."""
+    canonical = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+class StageStore:
+    """Runs stages once: ``run(kind, config, fn)`` returns the cached result or ``fn(folder)``'s.
+
+    Args:
+        root: folder holding one sub-folder per stage.
+        total: number of stages planned, for the progress line (``[3/12]``).
+        log: where progress lines go.
+    """
+
+    def __init__(self, root: str | Path, total: int | None = None, log=sys.stderr):
+        self.root = Path(root)
+        self.total = total
+        self.done = 0
+        self.log = log
+
+    def folder(self, kind: str, config: Any) -> Path:
+        return self.root / f"{kind}-{config_key(config)}"
+
+    def cached(self, kind: str, config: Any) -> dict | None:
+        path = self.folder(kind, config) / "result.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self, kind: str, config: Any, fn: Callable[[Path], dict], label: str = "") -> dict:
+        self.done += 1
+        prefix = f"[{self.done}/{self.total}]" if self.total else f"[{self.done}]"
+        description = f"{kind}{' ' + label if label else ''}"
+        result = self.cached(kind, config)
+        if result is not None:
+            print(f"{prefix} {description}: cached ({self.folder(kind, config)})", file=self.log, flush=True)
+            return result
+        folder = self.folder(kind, config)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
+        print(f"{prefix} {description}: running ...", file=self.log, flush=True)
+        start = time.perf_counter()
+        result = fn(folder)
+        result = {**result, "stage_wall_time_s": round(time.perf_counter() - start, 1)}
+        write_atomic(folder / "result.json", json.dumps(result, indent=2, sort_keys=True))
+        print(f"{prefix} {description}: done in {result['stage_wall_time_s']:.0f} s", file=self.log, flush=True)
+        return result
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``path`` through a temporary file and a rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+
+
+def _plain(config: Any) -> Any:
+    if is_dataclass(config):
+        return _plain(asdict(config))
+    if isinstance(config, dict):
+        return {str(k): _plain(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [_plain(v) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    return config

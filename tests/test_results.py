@@ -1,0 +1,85 @@
+"""Experiment bookkeeping: stage caching and the results tables and plots."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from edm_lightning.experiment.results import plot_budget_curve, plot_tradeoff, summarise, write_csv, write_markdown
+from edm_lightning.experiment.stages import StageStore, config_key
+
+
+def test_config_key_is_stable_and_order_independent():
+    assert config_key({"a": 1, "b": [1, 2]}) == config_key({"b": [1, 2], "a": 1})
+    assert config_key({"a": 1}) != config_key({"a": 2})
+
+
+def test_a_finished_stage_is_not_run_again(tmp_path: Path):
+    store, calls = StageStore(tmp_path), []
+
+    def work(folder: Path) -> dict:
+        calls.append(folder)
+        return {"acc": 0.9}
+
+    first = store.run("target", {"seed": 0}, work)
+    second = store.run("target", {"seed": 0}, work)
+    assert len(calls) == 1 and first == second and first["acc"] == 0.9
+    store.run("target", {"seed": 1}, work)
+    assert len(calls) == 2
+
+
+def test_an_interrupted_stage_is_run_again_and_leaves_no_result(tmp_path: Path):
+    store = StageStore(tmp_path)
+
+    def killed(folder: Path) -> dict:
+        (folder / "partial.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.run("attack", {"budget": 10}, killed)
+    assert store.cached("attack", {"budget": 10}) is None
+    assert store.run("attack", {"budget": 10}, lambda folder: {"ok": (folder / "partial.bin").exists()}) ["ok"]
+
+
+def _records():
+    rows = []
+    for seed, (none, edm) in enumerate([(0.60, 0.35), (0.62, 0.40)]):
+        for defense, clone, weight in (("none", none, None), ("edm", edm, 0.5)):
+            for budget, scale in ((1000, 0.5), (5000, 1.0)):
+                rows.append({"attack": "knockoff", "defense": defense, "diversity_weight": weight, "budget": budget,
+                             "seed": seed, "defender_acc": 0.9, "clone_acc": clone * scale, "agreement": clone * scale,
+                             "queries": budget, "wall_time_s": 10.0})
+        rows.append({"attack": "knockoff", "defense": "edm", "diversity_weight": 1.0, "budget": 5000, "seed": seed,
+                     "defender_acc": 0.88, "clone_acc": 0.30, "agreement": 0.3, "queries": 5000, "wall_time_s": 10.0})
+    return rows
+
+
+def test_summary_pairs_the_drop_by_seed():
+    rows = summarise(_records(), budget=5000, diversity_weight=0.5)
+    none, edm = rows
+    assert (none["defense"], edm["defense"]) == ("none", "edm")
+    assert none["clone_acc_mean"] == pytest.approx(0.61)
+    assert edm["clone_acc_mean"] == pytest.approx(0.375)
+    assert edm["clone_acc_drop_mean"] == pytest.approx(0.235)  # (0.25 + 0.22) / 2
+    assert edm["clone_acc_drop_std"] == pytest.approx(0.0212, abs=1e-3)
+    assert "clone_acc_drop_mean" not in none
+
+
+def test_tables_hold_the_measured_values(tmp_path: Path):
+    rows = summarise(_records(), budget=5000, diversity_weight=0.5)
+    write_csv(rows, tmp_path / "results.csv")
+    text = write_markdown(rows, tmp_path / "results.md", "FashionMNIST")
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[1]["clone_acc_mean"]) == pytest.approx(0.375)
+    assert "| knockoff | edm (lambda=0.5) | 90.0 ± 0.0 | 37.5 ± 3.5 | 23.5 ± 2.1 |" in text
+    assert (tmp_path / "results.md").read_text() == text
+
+
+def test_plots_are_written(tmp_path: Path):
+    assert plot_budget_curve(_records(), "knockoff", 0.5, tmp_path / "budget.png")
+    assert plot_tradeoff(_records(), "knockoff", 5000, tmp_path / "tradeoff.png")
+    for name in ("budget.png", "tradeoff.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_budget_curve([r for r in _records() if r["budget"] == 5000], "knockoff", 0.5, tmp_path / "none.png")
