@@ -17,13 +17,25 @@ import hashlib
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from edm_lightning.defense.defended import FixedRouter, Router
 
-__all__ = ["ROUTERS", "KeyedHashRouter", "NeuralHashRouter", "build_router", "neural_hash_index", "quantise"]
+__all__ = [
+    "ROUTERS",
+    "HashBalanceCallback",
+    "KeyedHashRouter",
+    "NeuralHashRouter",
+    "balance_logit_bias",
+    "build_router",
+    "load_hash_net",
+    "neural_hash_index",
+    "quantise",
+]
 
 ROUTERS = ("fixed", "neural", "keyed")
+BALANCE_KEY = "hash_balance"  # checkpoint entry written by HashBalanceCallback
 
 
 class NeuralHashRouter(Router):
@@ -31,21 +43,35 @@ class NeuralHashRouter(Router):
 
     Balance: for N = 5, ``2 * argmax mod 5`` visits each member exactly twice over the 10 classes
     (0, 2, 4, 1, 3, 0, 2, 4, 1, 3), and the confidence term adds 0 (``max p < 0.55``) or 1, so the
-    spread over members is as balanced as H's argmax over its classes on the queries it sees.
+    arithmetic is balanced - but only as balanced as H's argmax on the queries it sees. An H trained on
+    an auxiliary set (Animal-MNIST) sends FashionMNIST test images to its classes very unevenly (one
+    class 31%), which put 36% of them on one member (1.82x the fair share). The fix keeps the
+    formula: ``p = softmax(H(x) + b)`` with per-class offsets ``b`` fitted (:func:`balance_logit_bias`)
+    on the defender's own training images so that H's classes are used equally, stored in the hash
+    checkpoint by :class:`HashBalanceCallback`. ``b`` is constant, so nearby inputs still share a member.
 
     Args:
         hash_net: classifier taking the ensemble's inputs (images in [0, 1]) and returning logits.
         num_members: N, the number of ensemble members.
+        logit_bias: per-class offsets added to H's logits (``None``: zeros, the paper's router).
         num_bins: M in the formula (the paper: 10, the hash network's class count).
         multiplier: m in the formula (the paper: 2).
     """
 
-    def __init__(self, hash_net: nn.Module, num_members: int, num_bins: int = 10, multiplier: int = 2):
+    def __init__(
+        self,
+        hash_net: nn.Module,
+        num_members: int,
+        logit_bias: Tensor | None = None,
+        num_bins: int = 10,
+        multiplier: int = 2,
+    ):
         super().__init__()
         _check_members(num_members)
         if num_bins < 2 or multiplier < 1:
             raise ValueError(f"num_bins must be >= 2 and multiplier >= 1, got {num_bins} and {multiplier}")
         self.hash_net = hash_net.eval().requires_grad_(False)
+        self.register_buffer("logit_bias", torch.as_tensor(0.0 if logit_bias is None else logit_bias).float())
         self.num_members = num_members
         self.num_bins = num_bins
         self.multiplier = multiplier
@@ -57,7 +83,7 @@ class NeuralHashRouter(Router):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        probs = self.hash_net(x).float().softmax(dim=-1)
+        probs = (self.hash_net(x).float() + self.logit_bias).softmax(dim=-1)
         return neural_hash_index(probs, self.num_members, self.num_bins, self.multiplier)
 
 
@@ -122,12 +148,16 @@ def build_router(
     if kind == "keyed":
         return KeyedHashRouter(num_members, key)
     if kind == "neural":
-        return NeuralHashRouter(load_hash_net(hash_checkpoint, input_shape), num_members)
+        net, bias = load_hash_net(hash_checkpoint, input_shape)
+        return NeuralHashRouter(net, num_members, bias)
     raise ValueError(f"Unknown router {kind!r}. Known routers: {', '.join(ROUTERS)}.")
 
 
-def load_hash_net(hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None) -> nn.Module:
-    """The frozen net of a ``ClassifierModule`` checkpoint trained with ``configs/hashnet.yaml``."""
+def load_hash_net(
+    hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None
+) -> tuple[nn.Module, Tensor | None]:
+    """The frozen net of a ``ClassifierModule`` checkpoint trained with ``configs/hashnet.yaml``, and its
+    balancing logit offsets (``None`` if the checkpoint was saved without :class:`HashBalanceCallback`)."""
     from edm_lightning.models.classifier import ClassifierModule
 
     if hash_checkpoint is None:
@@ -150,7 +180,69 @@ def load_hash_net(hash_checkpoint: str | None, input_shape: tuple[int, int, int]
         raise ValueError(
             f"hash network {str(path)!r} takes inputs of shape {have}, but the ensemble takes {tuple(input_shape)}"
         )
-    return module.net.eval()
+    balance = torch.load(path, map_location="cpu", weights_only=False).get(BALANCE_KEY)
+    bias = None if balance is None else torch.tensor(balance["logit_bias"], dtype=torch.float32)
+    return module.net.eval(), bias
+
+
+def balance_logit_bias(logits: Tensor, max_iter: int = 200) -> Tensor:
+    """Offsets ``b`` with ``mean_x softmax(logits_x + b) = uniform``: H's classes used equally on these inputs.
+
+    The minimiser of the convex ``mean_x logsumexp(logits_x + b) - mean(b)`` (its gradient is the mean
+    softmax minus 1/M), found with L-BFGS; ``b`` is centred to zero mean.
+    """
+    logits = logits.detach().float()
+    bias = torch.zeros(logits.shape[-1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        optimizer.zero_grad()
+        value = torch.logsumexp(logits + bias, dim=-1).mean() - bias.mean()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    bias = bias.detach()
+    return bias - bias.mean()
+
+
+class HashBalanceCallback(Callback):
+    """Stores, in every checkpoint of the hash network, logit offsets that balance its classes on ``dataset``.
+
+    ``dataset`` is the defender's in-distribution data (its training split, never the test split the
+    balance is measured on): routing is balanced for benign traffic. The attacker's queries are not
+    known to the defender and stay as (un)balanced as H makes them.
+
+    Args:
+        dataset: registry name of the defender's in-distribution data.
+        root: data root.
+        size: number of (seeded, random) training images to balance on.
+        seed: seed of that draw.
+    """
+
+    def __init__(self, dataset: str = "fashionmnist", root: str = "data", size: int = 10000, seed: int = 0):
+        super().__init__()
+        self.dataset, self.root, self.size, self.seed = dataset, root, size, seed
+        self._images: Tensor | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        from edm_lightning.data.datamodules import seeded_indices
+        from edm_lightning.data.images import load_images
+
+        input_shape = tuple(pl_module.hparams.input_shape)
+        if self._images is None:
+            images, _ = load_images(self.dataset, self.root, train=True, input_shape=input_shape)
+            _, keep = seeded_indices(len(images), 0, min(self.size, len(images)), self.seed)
+            self._images = images[keep]
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            logits = torch.cat([
+                pl_module(chunk.to(pl_module.device).float().div_(255)).cpu() for chunk in self._images.split(1024)
+            ])
+        pl_module.train(was_training)
+        checkpoint[BALANCE_KEY] = {"logit_bias": balance_logit_bias(logits).tolist(), "dataset": self.dataset}
 
 
 def _check_members(num_members: int) -> None:
