@@ -108,10 +108,11 @@ def test_cli_fit_and_test_of_the_ensemble_on_real_data(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
     last = [r for r in rows if r.get("val/acc")][-1]
     for key in ["val/acc", "val/member_0/acc", "val/member_2/acc", "val/id/coherence", "val/ood/coherence",
-                "val/id/coherent_share", "val/ood/coherent_share"]:
+                "val/id/coherent_share", "val/ood/coherent_share", "val/member_1/share"]:
         assert last[key] != "", key
     assert float(last["val/acc"]) > 0.3  # 40 steps of 3 LeNets on FashionMNIST: well above chance (0.1)
     assert float(last["val/ood/coherence"]) < float(last["val/id/coherence"])
+    assert sum(float(last[f"val/member_{i}/share"]) for i in range(3)) == pytest.approx(1.0)
 
     cli = main(["test", *configs, "--ckpt_path", str(checkpoint)])
     results = cli.trainer.callback_metrics

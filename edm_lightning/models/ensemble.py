@@ -28,7 +28,8 @@ class EnsembleModule(L.LightningModule):
 
     Training batches are dicts ``{"id": (x, y), "ood": x_ood}`` (:class:`~edm_lightning.data.EDMDataModule`).
     Validation and test take two loaders, ``[in-distribution (x, y), held-out OOD x]``, and log each
-    member's accuracy (``member_i/acc``), the routed, i.e. defended, accuracy (``acc``), and the
+    member's accuracy (``member_i/acc``) and share of the routed inputs (``member_i/share``, balance:
+    1/N each is fair), the routed, i.e. defended, accuracy (``acc``), and the
     coherence of the ensemble on both (``id/coherence``, ``ood/coherence``: mean smooth coherence;
     ``*/coherent_share``: share of inputs whose most similar member pair has cosine similarity > 0.5).
 
@@ -167,13 +168,15 @@ class EnsembleMetrics(nn.Module):
         self.prefix = prefix
         self.routed = accuracy_metrics(num_classes)["acc"].clone()
         self.members = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(num_members))
+        self.route_share = nn.ModuleList(MeanMetric() for _ in range(num_members))
         self.coherence = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})
         self.coherent_share = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})
 
     def update_in_distribution(self, probs: Tensor, route: Tensor, y: Tensor) -> None:
         self.routed.update(probs[route, torch.arange(y.shape[0], device=y.device)], y)
-        for metric, member_probs in zip(self.members, probs):
+        for index, (metric, member_probs) in enumerate(zip(self.members, probs)):
             metric.update(member_probs, y)
+            self.route_share[index].update((route == index).float())
         self._update_coherence("id", probs)
 
     def update_ood(self, probs: Tensor) -> None:
@@ -187,6 +190,7 @@ class EnsembleMetrics(nn.Module):
         if split == "id":
             out[f"{self.prefix}acc"] = self.routed
             out.update({f"{self.prefix}member_{i}/acc": metric for i, metric in enumerate(self.members)})
+            out.update({f"{self.prefix}member_{i}/share": metric for i, metric in enumerate(self.route_share)})
         return out
 
     def _update_coherence(self, split: str, probs: Tensor) -> None:
