@@ -11,7 +11,6 @@ from edm_lightning.data import EDMDataModule
 from edm_lightning.defense import VictimConfig
 from edm_lightning.losses import coherence, diversity_loss
 from edm_lightning.models import EnsembleModule
-from edm_lightning.models.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from edm_lightning.defense.defended import Router
 from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
 from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.optim import OptimConfig, build_optimizer
@@ -34,8 +33,9 @@ class EnsembleModule(L.LightningModule):
     ``*/coherent_share``: share of inputs whose most similar member pair has cosine similarity > 0.5).
 
     The routed accuracy uses ``router`` (default: the keyed byte hash, which needs no other
-    checkpoint). Routers are kept out of the state dict: the checkpoint holds the members only, and
-    :func:`~edm_lightning.defense.victim.load_defended` serves them behind any router.
+    checkpoint). Routers are kept out of the state dict and the hyper-parameters: the checkpoint holds
+    the members only (never the secret key), and :func:`~edm_lightning.defense.victim.load_defended`
+    serves them behind any router.
 
     Members run in a plain Python loop: on CPU it beat ``torch.func`` vmap and grouped convolutions
     for small CNNs; each member keeps its own BatchNorm statistics and sees ``id`` and ``ood``
@@ -79,7 +79,10 @@ class EnsembleModule(L.LightningModule):
             raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
         if router == "neural" and hash_checkpoint is None:
             raise ValueError("router 'neural' needs hash_checkpoint (train it with configs/hashnet.yaml)")
-        self.save_hyperparameters()
+        # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
+        # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
+        self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint"])
+        self.router_kind, self.router_key, self.hash_checkpoint = router, router_key, hash_checkpoint
         self.optim = optim or OptimConfig()
         self.members = nn.ModuleList(build_net(arch, input_shape, num_classes, mean, std) for _ in range(num_members))
         self.diversity = DiversityLoss(temperature)
@@ -119,10 +122,9 @@ class EnsembleModule(L.LightningModule):
         if router is None:
             from edm_lightning.defense.routing import build_router
 
-            hp = self.hparams
             router = build_router(
-                hp.router, hp.num_members, key=hp.router_key, hash_checkpoint=hp.hash_checkpoint,
-                input_shape=tuple(hp.input_shape),
+                self.router_kind, self.hparams.num_members, key=self.router_key,
+                hash_checkpoint=self.hash_checkpoint, input_shape=tuple(self.hparams.input_shape),
             )
             self.__dict__["_router"] = router  # bypasses nn.Module registration: not a parameter, not saved
         return router.to(x.device)(x)
