@@ -1,6 +1,6 @@
 """Shared fixtures: tiny synthetic datasets in torchvision's on-disk layout, and the real-data root.
 
-Synthetic data lives only here, for unit tests; integration tests use real datasets fetched by the
+Synthetic data lives only here (and in ``tests/synthetic_victims.py``), for unit tests; integration tests use real datasets fetched by the
 project's own fetch command (offline sources where there is no internet).
 """
 
@@ -12,12 +12,16 @@ from pathlib import Path
 # Tests never talk to a W&B server; the W&B tests opt into offline mode themselves.
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import lightning
 import numpy as np
 import pytest
+import torch
 
 from edm_lightning.data.fetch import _write_idx, fetch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytest_plugins = ["tests.synthetic_victims"]  # tiny victims and datasets for the attack tests
 
 
 def write_fake_mnist_like(root: Path, folder: str, n_train: int = 240, n_test: int = 60, classes: int = 10, seed: int = 0) -> Path:
@@ -80,3 +84,21 @@ def localise_config(config: str | Path, tmp_path: Path, data_root: Path) -> Path
     with open(out, "w") as f:
         yaml.safe_dump(data, f)
     return out
+
+def save_checkpoint(module: lightning.LightningModule, path: Path, **hparam_overrides) -> Path:
+    """A checkpoint in Lightning's format (what ModelCheckpoint writes minus optimiser state)."""
+    hparams = dict(module.hparams)
+    hparams.update(hparam_overrides)
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": lightning.__version__},
+        path,
+    )
+    return path
+
+
+@pytest.fixture
+def checkpoint_factory(tmp_path):
+    def make(module: lightning.LightningModule, name: str = "model.ckpt", **hparam_overrides) -> str:
+        return str(save_checkpoint(module, tmp_path / name, **hparam_overrides))
+
+    return make

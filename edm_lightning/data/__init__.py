@@ -1,6 +1,7 @@
 """Datasets by name, offline fetching, and the DataModules built on them."""
 
 from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModule
+from edm_lightning.data.edm import EDMDataModule
 from edm_lightning.data.fetch import FetchError, fetch
 from edm_lightning.data.images import ImageTensorDataset, convert_images, load_images
 from edm_lightning.data.registry import DATASETS, DatasetNotFoundError, DatasetSpec, get_spec, open_dataset
@@ -10,6 +11,7 @@ __all__ = [
     "ClassificationDataModule",
     "DatasetNotFoundError",
     "DatasetSpec",
+    "EDMDataModule",
     "FetchError",
     "ImageTensorDataset",
     "OODDataModule",

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from edm_lightning.defense.defended import DefendedModel, FixedRouter
+from edm_lightning.defense.routing import build_router
 
 __all__ = ["VictimConfig", "load_defended"]
 
@@ -36,9 +37,12 @@ class VictimConfig:
 
 
 def load_defended(config: VictimConfig) -> DefendedModel:
-    """A DefendedModel in eval mode on CPU from ``config``; unreadable or foreign checkpoints fail clearly."""
-    from edm_lightning.models.classifier import ClassifierModule
+    """A DefendedModel in eval mode on CPU from ``config``; unreadable, foreign or inconsistent checkpoints fail clearly.
 
+    A checkpoint whose hyper-parameters contain ``num_members`` is an EDM ensemble
+    (:class:`~edm_lightning.models.EnsembleModule`), served behind ``config.router``; one with ``arch``
+    only is a single target (:class:`~edm_lightning.models.ClassifierModule`), served by a fixed router.
+    """
     path = Path(config.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"Victim checkpoint {str(path)!r} does not exist. Train it first (python main.py fit --config ...).")
@@ -47,14 +51,72 @@ def load_defended(config: VictimConfig) -> DefendedModel:
     except Exception as err:
         raise ValueError(f"Victim checkpoint {str(path)!r} is not a readable Lightning checkpoint: {err}") from None
     hparams = state.get("hyper_parameters", {})
-    if "arch" in hparams and "num_members" not in hparams:
-        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
-        if config.router != "fixed" or config.member != 0:
+    if "num_members" in hparams:
+        return _load_ensemble(path, state, config)
+    if "arch" in hparams:
+        return _load_target(path, state, config)
+    raise ValueError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hparams)})")
+
+
+def _load_target(path: Path, state: dict, config: VictimConfig) -> DefendedModel:
+    from edm_lightning.models.classifier import ClassifierModule
+
+    if config.router != "fixed" or config.member != 0:
+        raise ValueError(
+            f"{str(path)!r} is a single-model checkpoint: router must be 'fixed' with member 0, "
+            f"got router={config.router!r}, member={config.member}"
+        )
+    _check_weights(path, state, "net.", expected_members=None)
+    module = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
+    hp = module.hparams
+    model = DefendedModel([module.net], FixedRouter(1), hp.input_shape, hp.num_classes)
+    return model.eval()
+
+
+def _load_ensemble(path: Path, state: dict, config: VictimConfig) -> DefendedModel:
+    from edm_lightning.models.ensemble import EnsembleModule
+
+    hp = state["hyper_parameters"]
+    num_members = int(hp["num_members"])
+    if config.router == "fixed" and not 0 <= config.member < num_members:
+        raise ValueError(f"member must be in [0, {num_members}) for the {num_members}-member ensemble {str(path)!r}, got {config.member}")
+    # Build the router first: a missing or mismatched hash network fails before the members load.
+    router = build_router(
+        config.router, num_members, member=config.member, key=config.key,
+        hash_checkpoint=config.hash_checkpoint, input_shape=tuple(hp["input_shape"]),
+    )
+    _check_weights(path, state, "members.", expected_members=num_members)
+    module = EnsembleModule.load_from_checkpoint(path, map_location="cpu")
+    model = DefendedModel(list(module.members), router, tuple(hp["input_shape"]), int(hp["num_classes"]))
+    return model.eval()
+
+
+def _check_weights(path: Path, state: dict, prefix: str, expected_members: int | None) -> None:
+    """The weights must have the shape the hyper-parameters describe; say both sides when they do not."""
+    from edm_lightning.nets import build_net
+
+    hp = state["hyper_parameters"]
+    weights = {k[len(prefix):]: v for k, v in state.get("state_dict", {}).items() if k.startswith(prefix)}
+    if expected_members is not None:
+        found = sorted({int(k.split(".", 1)[0]) for k in weights})
+        if len(found) != expected_members:
             raise ValueError(
-                f"{str(path)!r} is a single-model checkpoint: router must be 'fixed' with member 0, "
-                f"got router={config.router!r}, member={config.member}"
+                f"{str(path)!r} is inconsistent: its hyper-parameters say num_members={expected_members}, "
+                f"its weights hold {len(found)} members"
             )
-        hp = module.hparams
-        model = DefendedModel([module.net], FixedRouter(1), hp.input_shape, hp.num_classes)
-        return model.eval()
-    raise ValueError(f"{str(path)!r} is not a target checkpoint (hyper-parameters: {sorted(hparams)})")
+        weights = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("0.")}
+    try:
+        reference = build_net(hp["arch"], tuple(hp["input_shape"]), int(hp["num_classes"]), hp.get("mean"), hp.get("std"))
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} has unusable hyper-parameters: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        first = differ[0]
+        raise ValueError(
+            f"{str(path)!r} is inconsistent: its hyper-parameters describe arch={hp['arch']!r}, "
+            f"num_classes={hp['num_classes']}, input_shape={tuple(hp['input_shape'])} "
+            f"({first}: {expected.get(first, 'absent')}), but its weights have {first}: {found.get(first, 'absent')} "
+            f"({len(differ)} tensor(s) differ)"
+        )

@@ -1,0 +1,88 @@
+"""Serving cost of EDM: throughput of the defended model (N = 5, each router) over one undefended member.
+
+Every model answers the same stream of batches of 256 random images through ``DefendedModel`` (input
+validation, routing, per-member dispatch, softmax); the undefended model is one member behind a fixed
+router. Figures are printed, never asserted: timings depend on the machine.
+
+    python benchmarks/serving.py                      # LeNet-5 on 1x28x28 and ResNet-18 on 3x32x32
+    python benchmarks/serving.py --batches 20 --repeats 5 --device cuda
+
+The neural router's hash network is a LeNet-5 (the paper's small hash network) with random weights,
+balanced on the stream (as ``HashBalanceCallback`` does on real data) so that all members are used:
+its cost, not its accuracy, is what is measured here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
+
+import torch  # noqa: E402
+from jsonargparse import CLI  # noqa: E402
+
+from edm_lightning.defense import DefendedModel, FixedRouter, KeyedHashRouter, NeuralHashRouter  # noqa: E402
+from edm_lightning.defense.routing import balance_logit_bias  # noqa: E402
+from edm_lightning.nets import build_net  # noqa: E402
+
+SETTINGS = (("lenet5", (1, 28, 28)), ("resnet18", (3, 32, 32)))
+
+
+def main(batches: int = 8, batch_size: int = 256, repeats: int = 3, num_members: int = 5, device: str = "cpu") -> None:
+    """Print images/s of each served model and its ratio to the undefended single member.
+
+    Args:
+        batches: batches in the stream.
+        batch_size: images per batch (the issue's setting: 256).
+        repeats: passes over the stream per model, interleaved; the fastest pass counts.
+        num_members: N of the defended ensemble.
+        device: torch device to serve on.
+    """
+    torch.manual_seed(0)
+    print(f"device={device} threads={torch.get_num_threads()} stream={batches}x{batch_size} N={num_members}")
+    for arch, shape in SETTINGS:
+        stream = [torch.rand(batch_size, *shape, device=device) for _ in range(batches)]
+        models = served_models(arch, shape, num_members, stream, device)
+        best = {name: float("inf") for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                best[name] = min(best[name], time_stream(model, stream))
+        base = best["undefended"]
+        for name, seconds in best.items():
+            rate = batches * batch_size / seconds
+            print(f"{arch:9s} {'x'.join(map(str, shape)):8s} {name:18s} {rate:10.0f} img/s  ratio {base / seconds:.2f}x")
+
+
+def served_models(arch, shape, num_members, stream, device) -> dict[str, DefendedModel]:
+    members = [build_net(arch, shape, 10).to(device).eval() for _ in range(num_members)]
+    hash_net = build_net("lenet5", shape, 10).to(device).eval()
+    with torch.no_grad():
+        bias = balance_logit_bias(torch.cat([hash_net(x) for x in stream]).cpu()).to(device)
+    routers = {
+        "undefended": (members[:1], FixedRouter(1)),
+        "fixed (N=5)": (members, FixedRouter(num_members)),
+        "keyed (N=5)": (members, KeyedHashRouter(num_members)),
+        "neural (N=5)": (members, NeuralHashRouter(hash_net, num_members, bias).to(device)),
+    }
+    return {name: DefendedModel(m, r, shape, 10).eval() for name, (m, r) in routers.items()}
+
+
+def time_stream(model: DefendedModel, stream: list[torch.Tensor]) -> float:
+    model(stream[0])  # warm-up (allocator, cuDNN autotuning)
+    sync(stream[0].device)
+    start = time.perf_counter()
+    for x in stream:
+        model(x)
+    sync(stream[0].device)
+    return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    CLI(main)

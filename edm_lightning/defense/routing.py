@@ -1,0 +1,250 @@
+"""Routers: which ensemble member answers each query, deterministically across processes and machines.
+
+- :class:`NeuralHashRouter` is the EDM paper's: a small classifier H trained on an auxiliary dataset,
+  ``p = softmax(H(x))``, member ``= (m * argmax p + floor((M * max p - 1) * m / (M - 1))) mod N`` with
+  ``M = 10``, ``m = 2``. Similar inputs get similar ``p``, hence the same member, so re-sending a query
+  with faint noise does not let an attacker average the members' answers.
+- :class:`KeyedHashRouter` hashes the quantised input bytes with keyed BLAKE2b: cheap, no extra network,
+  unpredictable without the key, but a one-pixel change moves the query to another member.
+- :class:`~edm_lightning.defense.defended.FixedRouter` always picks one member (the undefended case).
+
+None of them uses Python's ``hash()``, which is salted per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from edm_lightning.defense.defended import FixedRouter, Router
+
+__all__ = [
+    "ROUTERS",
+    "HashBalanceCallback",
+    "KeyedHashRouter",
+    "NeuralHashRouter",
+    "balance_logit_bias",
+    "build_router",
+    "load_hash_net",
+    "neural_hash_index",
+    "quantise",
+]
+
+ROUTERS = ("fixed", "neural", "keyed")
+BALANCE_KEY = "hash_balance"  # checkpoint entry written by HashBalanceCallback
+
+
+class NeuralHashRouter(Router):
+    """The paper's neural hash over a frozen hash network ``hash_net`` (logits for ``M`` classes).
+
+    Balance: for N = 5, ``2 * argmax mod 5`` visits each member exactly twice over the 10 classes
+    (0, 2, 4, 1, 3, 0, 2, 4, 1, 3), and the confidence term adds 0 (``max p < 0.55``) or 1, so the
+    arithmetic is balanced - but only as balanced as H's argmax on the queries it sees. An H trained on
+    an auxiliary set (Animal-MNIST) sends FashionMNIST test images to its classes very unevenly (one
+    class 31%), which put 36% of them on one member (1.82x the fair share). The fix keeps the
+    formula: ``p = softmax(H(x) + b)`` with per-class offsets ``b`` fitted (:func:`balance_logit_bias`)
+    on the defender's own training images so that H's classes are used equally, stored in the hash
+    checkpoint by :class:`HashBalanceCallback`. ``b`` is constant, so nearby inputs still share a member.
+
+    Args:
+        hash_net: classifier taking the ensemble's inputs (images in [0, 1]) and returning logits.
+        num_members: N, the number of ensemble members.
+        logit_bias: per-class offsets added to H's logits (``None``: zeros, the paper's router).
+        num_bins: M in the formula (the paper: 10, the hash network's class count).
+        multiplier: m in the formula (the paper: 2).
+    """
+
+    def __init__(
+        self,
+        hash_net: nn.Module,
+        num_members: int,
+        logit_bias: Tensor | None = None,
+        num_bins: int = 10,
+        multiplier: int = 2,
+    ):
+        super().__init__()
+        _check_members(num_members)
+        if num_bins < 2 or multiplier < 1:
+            raise ValueError(f"num_bins must be >= 2 and multiplier >= 1, got {num_bins} and {multiplier}")
+        self.hash_net = hash_net.eval().requires_grad_(False)
+        self.register_buffer("logit_bias", torch.as_tensor(0.0 if logit_bias is None else logit_bias).float())
+        self.num_members = num_members
+        self.num_bins = num_bins
+        self.multiplier = multiplier
+
+    def train(self, mode: bool = True) -> "NeuralHashRouter":
+        super().train(mode)
+        self.hash_net.eval()  # a hash must not change with the caller's mode (BatchNorm, dropout)
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        probs = (self.hash_net(x).float() + self.logit_bias).softmax(dim=-1)
+        return neural_hash_index(probs, self.num_members, self.num_bins, self.multiplier)
+
+
+class KeyedHashRouter(Router):
+    """Member ``= BLAKE2b_key(uint8 bytes of the input) mod N``: a secret, process-independent byte hash.
+
+    Inputs are quantised to 8-bit pixels first (``round(255 * x)``), so float noise below half a grey
+    level does not change the member, but anything coarser usually does.
+    """
+
+    def __init__(self, num_members: int, key: str | bytes = "edm-lightning"):
+        super().__init__()
+        _check_members(num_members)
+        key = key.encode() if isinstance(key, str) else bytes(key)
+        if not 0 < len(key) <= hashlib.blake2b.MAX_KEY_SIZE:
+            raise ValueError(f"keyed router key must be 1 to {hashlib.blake2b.MAX_KEY_SIZE} bytes, got {len(key)}")
+        self.num_members = num_members
+        self._key = key
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        rows = quantise(x).reshape(x.shape[0], -1).cpu().numpy()
+        members = [
+            int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=self._key).digest(), "little")
+            % self.num_members
+            for row in rows
+        ]
+        return torch.tensor(members, dtype=torch.long, device=x.device)
+
+    def extra_repr(self) -> str:
+        return f"num_members={self.num_members}"  # never print the key
+
+
+def neural_hash_index(probs: Tensor, num_members: int, num_bins: int = 10, multiplier: int = 2) -> Tensor:
+    """``(m * argmax p + floor((M * max p - 1) * m / (M - 1))) mod N`` for each row of ``probs``."""
+    confidence, label = probs.max(dim=-1)
+    offset = torch.floor((num_bins * confidence - 1) * multiplier / (num_bins - 1)).long()
+    return torch.remainder(multiplier * label + offset, num_members)
+
+
+def quantise(x: Tensor) -> Tensor:
+    """Images in [0, 1] as uint8 pixels, the representation a byte hash must see."""
+    return (x.detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def build_router(
+    kind: str,
+    num_members: int,
+    *,
+    member: int = 0,
+    key: str = "edm-lightning",
+    hash_checkpoint: str | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> Router:
+    """The router a config names: ``fixed`` (``member``), ``neural`` (``hash_checkpoint``) or ``keyed`` (``key``).
+
+    ``input_shape``, when given, is checked against the hash network's, so a hash net trained for other
+    inputs fails here rather than at the first query.
+    """
+    if kind == "fixed":
+        return FixedRouter(num_members, member)
+    if kind == "keyed":
+        return KeyedHashRouter(num_members, key)
+    if kind == "neural":
+        net, bias = load_hash_net(hash_checkpoint, input_shape)
+        return NeuralHashRouter(net, num_members, bias)
+    raise ValueError(f"Unknown router {kind!r}. Known routers: {', '.join(ROUTERS)}.")
+
+
+def load_hash_net(
+    hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None
+) -> tuple[nn.Module, Tensor | None]:
+    """The frozen net of a ``ClassifierModule`` checkpoint trained with ``configs/hashnet.yaml``, and its
+    balancing logit offsets (``None`` if the checkpoint was saved without :class:`HashBalanceCallback`)."""
+    from edm_lightning.models.classifier import ClassifierModule
+
+    if hash_checkpoint is None:
+        raise ValueError(
+            "router 'neural' needs hash_checkpoint: train the hash network with "
+            "`python main.py fit --config configs/hashnet.yaml` and pass runs/hashnet/checkpoints/best.ckpt"
+        )
+    path = Path(hash_checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Hash network checkpoint {str(path)!r} does not exist. Train it first: "
+            "python main.py fit --config configs/hashnet.yaml"
+        )
+    try:
+        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:
+        raise ValueError(f"{str(path)!r} is not a hash network (ClassifierModule) checkpoint: {err}") from None
+    have = tuple(module.hparams.input_shape)
+    if input_shape is not None and have != tuple(input_shape):
+        raise ValueError(
+            f"hash network {str(path)!r} takes inputs of shape {have}, but the ensemble takes {tuple(input_shape)}"
+        )
+    balance = torch.load(path, map_location="cpu", weights_only=False).get(BALANCE_KEY)
+    bias = None if balance is None else torch.tensor(balance["logit_bias"], dtype=torch.float32)
+    return module.net.eval(), bias
+
+
+def balance_logit_bias(logits: Tensor, max_iter: int = 200) -> Tensor:
+    """Offsets ``b`` with ``mean_x softmax(logits_x + b) = uniform``: H's classes used equally on these inputs.
+
+    The minimiser of the convex ``mean_x logsumexp(logits_x + b) - mean(b)`` (its gradient is the mean
+    softmax minus 1/M), found with L-BFGS; ``b`` is centred to zero mean.
+    """
+    logits = logits.detach().float()
+    bias = torch.zeros(logits.shape[-1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        optimizer.zero_grad()
+        value = torch.logsumexp(logits + bias, dim=-1).mean() - bias.mean()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    bias = bias.detach()
+    return bias - bias.mean()
+
+
+class HashBalanceCallback(Callback):
+    """Stores, in every checkpoint of the hash network, logit offsets that balance its classes on ``dataset``.
+
+    ``dataset`` is the defender's in-distribution data (its training split, never the test split the
+    balance is measured on): routing is balanced for benign traffic. The attacker's queries are not
+    known to the defender and stay as (un)balanced as H makes them.
+
+    Args:
+        dataset: registry name of the defender's in-distribution data.
+        root: data root.
+        size: number of (seeded, random) training images to balance on.
+        seed: seed of that draw.
+    """
+
+    def __init__(self, dataset: str = "fashionmnist", root: str = "data", size: int = 10000, seed: int = 0):
+        super().__init__()
+        self.dataset, self.root, self.size, self.seed = dataset, root, size, seed
+        self._images: Tensor | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        from edm_lightning.data.datamodules import seeded_indices
+        from edm_lightning.data.images import load_images
+
+        input_shape = tuple(pl_module.hparams.input_shape)
+        if self._images is None:
+            images, _ = load_images(self.dataset, self.root, train=True, input_shape=input_shape)
+            _, keep = seeded_indices(len(images), 0, min(self.size, len(images)), self.seed)
+            self._images = images[keep]
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            logits = torch.cat([
+                pl_module(chunk.to(pl_module.device).float().div_(255)).cpu() for chunk in self._images.split(1024)
+            ])
+        pl_module.train(was_training)
+        checkpoint[BALANCE_KEY] = {"logit_bias": balance_logit_bias(logits).tolist(), "dataset": self.dataset}
+
+
+def _check_members(num_members: int) -> None:
+    if num_members < 1:
+        raise ValueError(f"num_members must be >= 1, got {num_members}")

@@ -1,0 +1,205 @@
+"""The EDM defender: N members trained to be accurate in distribution and to disagree out of it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
+from edm_lightning.models.classifier import accuracy_metrics
+from edm_lightning.models.optim import OptimConfig, build_optimizer
+from edm_lightning.nets import build_net
+
+__all__ = ["EnsembleModule"]
+
+#: The hyper-parameters that fix the shape of an ensemble's weights; a checkpoint must agree on all of them.
+STRUCTURE = ("num_members", "arch", "num_classes", "input_shape")
+
+
+class EnsembleModule(L.LightningModule):
+    """EDM (Kariyappa et al., ICLR 2021): loss = mean member CE on ``id`` + lambda * diversity on ``ood``.
+
+    Training batches are dicts ``{"id": (x, y), "ood": x_ood}`` (:class:`~edm_lightning.data.EDMDataModule`).
+    Validation and test take two loaders, ``[in-distribution (x, y), held-out OOD x]``, and log each
+    member's accuracy (``member_i/acc``) and share of the routed inputs (``member_i/share``, balance:
+    1/N each is fair), the routed, i.e. defended, accuracy (``acc``), and the
+    coherence of the ensemble on both (``id/coherence``, ``ood/coherence``: mean smooth coherence;
+    ``*/coherent_share``: share of inputs whose most similar member pair has cosine similarity > 0.5).
+
+    The routed accuracy uses ``router`` (default: the keyed byte hash, which needs no other
+    checkpoint). Routers are kept out of the state dict and the hyper-parameters: the checkpoint holds
+    the members only (never the secret key), and :func:`~edm_lightning.defense.victim.load_defended`
+    serves them behind any router.
+
+    Members run in a plain Python loop: on CPU it beat ``torch.func`` vmap and grouped convolutions
+    for small CNNs; each member keeps its own BatchNorm statistics and sees ``id`` and ``ood``
+    batches in separate forward passes.
+
+    Args:
+        arch: member architecture (``lenet5``, ``resnet18``, ``vgg16_bn``).
+        num_members: N, the number of independently initialised members (the paper: 5).
+        num_classes: number of classes (linked from the DataModule).
+        input_shape: (channels, height, width) (linked from the DataModule).
+        mean: per-channel normalisation mean (linked).
+        std: per-channel normalisation std (linked).
+        optim: optimiser and schedule shared by all members.
+        diversity_weight: lambda, the weight of the diversity loss on OOD batches.
+        temperature: smooth-max temperature of the coherence (1: the paper's log-sum-exp).
+        router: router of the routed accuracy: ``keyed``, ``neural`` (needs ``hash_checkpoint``) or ``fixed``
+            (member 0).
+        router_key: secret key of the ``keyed`` router.
+        hash_checkpoint: hash network checkpoint of the ``neural`` router.
+    """
+
+    def __init__(
+        self,
+        arch: str = "lenet5",
+        num_members: int = 5,
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        optim: OptimConfig | None = None,
+        diversity_weight: float = 1.0,
+        temperature: float = 1.0,
+        router: Literal["keyed", "neural", "fixed"] = "keyed",
+        router_key: str = "edm-lightning",
+        hash_checkpoint: str | None = None,
+    ):
+        super().__init__()
+        if num_members < 2:
+            raise ValueError(f"an EDM ensemble needs num_members >= 2, got {num_members}")
+        if diversity_weight < 0:
+            raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
+        if router == "neural" and hash_checkpoint is None:
+            raise ValueError("router 'neural' needs hash_checkpoint (train it with configs/hashnet.yaml)")
+        # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
+        # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
+        self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint"])
+        self.router_kind, self.router_key, self.hash_checkpoint = router, router_key, hash_checkpoint
+        self.optim = optim or OptimConfig()
+        self.members = nn.ModuleList(build_net(arch, input_shape, num_classes, mean, std) for _ in range(num_members))
+        self.diversity = DiversityLoss(temperature)
+        self.val_metrics = EnsembleMetrics(num_members, num_classes, prefix="val/")
+        self.test_metrics = EnsembleMetrics(num_members, num_classes, prefix="test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Every member's logits, ``(members, batch, classes)``."""
+        return torch.stack([member(x) for member in self.members])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        (x, y), x_ood = batch["id"], batch["ood"]
+        ce = torch.stack([F.cross_entropy(member(x), y) for member in self.members]).mean()
+        diversity = self.diversity(self(x_ood).softmax(dim=-1))
+        loss = ce + self.hparams.diversity_weight * diversity
+        self.log_dict({"train/loss": loss, "train/ce": ce, "train/ood_coherence": diversity}, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, self.val_metrics)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, self.test_metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """The defended answer: the routed member's probabilities."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(x).softmax(dim=-1)
+        return probs[self.route(x), torch.arange(x.shape[0], device=x.device)]
+
+    def configure_optimizers(self):
+        return build_optimizer(self.parameters(), self.optim, self.trainer.max_epochs)
+
+    def route(self, x: Tensor) -> Tensor:
+        """Member index of each input under the configured router (built on first use, not checkpointed)."""
+        router = self.__dict__.get("_router")
+        if router is None:
+            from edm_lightning.defense.routing import build_router
+
+            router = build_router(
+                self.router_kind, self.hparams.num_members, key=self.router_key,
+                hash_checkpoint=self.hash_checkpoint, input_shape=tuple(self.hparams.input_shape),
+            )
+            self.__dict__["_router"] = router  # bypasses nn.Module registration: not a parameter, not saved
+        return router.to(x.device)(x)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, before any weight is copied, a checkpoint whose ensemble has another shape than this one."""
+        saved = checkpoint.get("hyper_parameters", {})
+        if "num_members" not in saved:
+            raise ValueError(
+                f"checkpoint is not an EDM ensemble (hyper-parameters: {sorted(saved)}); "
+                "this model is an ensemble of "
+                + ", ".join(f"{key}={self.hparams[key]}" for key in STRUCTURE)
+            )
+        differ = [key for key in STRUCTURE if _norm(saved.get(key)) != _norm(self.hparams[key])]
+        if differ:
+            raise ValueError(
+                "checkpoint does not match the configured ensemble: "
+                + "; ".join(f"{key}: checkpoint {saved.get(key)!r}, config {self.hparams[key]!r}" for key in differ)
+            )
+
+    def _evaluate(self, batch: Any, dataloader_idx: int, metrics: "EnsembleMetrics") -> None:
+        if dataloader_idx == 0:
+            x, y = batch
+            logits = self(x)
+            probs = logits.softmax(dim=-1)
+            metrics.update_in_distribution(probs, self.route(x), y)
+            ce = torch.stack([F.cross_entropy(member_logits, y) for member_logits in logits]).mean()
+            self.log(f"{metrics.prefix}loss", ce, sync_dist=True, add_dataloader_idx=False)
+        else:
+            metrics.update_ood(self(batch).softmax(dim=-1))
+        logged = metrics.logged(dataloader_idx)
+        shown = {name for name in logged if name.endswith(("/acc", "/coherence")) and "member_" not in name}
+        for prog_bar in (True, False):
+            chosen = {name: metric for name, metric in logged.items() if (name in shown) == prog_bar}
+            self.log_dict(chosen, add_dataloader_idx=False, prog_bar=prog_bar and metrics.prefix == "val/")
+
+
+class EnsembleMetrics(nn.Module):
+    """One stage's torchmetrics: routed and per-member accuracy, coherence in and out of distribution."""
+
+    def __init__(self, num_members: int, num_classes: int, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        self.routed = accuracy_metrics(num_classes)["acc"].clone()
+        self.members = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(num_members))
+        self.route_share = nn.ModuleList(MeanMetric() for _ in range(num_members))
+        self.coherence = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})
+        self.coherent_share = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})
+
+    def update_in_distribution(self, probs: Tensor, route: Tensor, y: Tensor) -> None:
+        self.routed.update(probs[route, torch.arange(y.shape[0], device=y.device)], y)
+        for index, (metric, member_probs) in enumerate(zip(self.members, probs)):
+            metric.update(member_probs, y)
+            self.route_share[index].update((route == index).float())
+        self._update_coherence("id", probs)
+
+    def update_ood(self, probs: Tensor) -> None:
+        self._update_coherence("ood", probs)
+
+    def logged(self, dataloader_idx: int) -> dict[str, MeanMetric | MulticlassAccuracy]:
+        """The metric objects fed by loader ``dataloader_idx`` (0: in-distribution, 1: OOD), by log name."""
+        split = "id" if dataloader_idx == 0 else "ood"
+        out = {f"{self.prefix}{split}/coherence": self.coherence[split],
+               f"{self.prefix}{split}/coherent_share": self.coherent_share[split]}
+        if split == "id":
+            out[f"{self.prefix}acc"] = self.routed
+            out.update({f"{self.prefix}member_{i}/acc": metric for i, metric in enumerate(self.members)})
+            out.update({f"{self.prefix}member_{i}/share": metric for i, metric in enumerate(self.route_share)})
+        return out
+
+    def _update_coherence(self, split: str, probs: Tensor) -> None:
+        self.coherence[split].update(coherence(probs))
+        self.coherent_share[split].update((max_pairwise_similarity(probs) > 0.5).float())
+
+
+def _norm(value: Any) -> Any:
+    """Hyper-parameter values as comparable plain data (YAML gives lists where code gives tuples)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,118 @@
+"""DefendedModel: the routed member's softmax out, bad queries refused, checkpoints loaded or refused clearly."""
+
+import pytest
+import torch
+
+from edm_lightning.defense import DefendedModel, FixedRouter, KeyedHashRouter, VictimConfig
+from edm_lightning.models import ClassifierModule, EnsembleModule
+from edm_lightning.nets import build_net
+
+
+@pytest.fixture
+def defended():
+    torch.manual_seed(0)
+    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
+    return DefendedModel(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10)
+
+
+def test_output_equals_the_chosen_members_softmax(defended):
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    probs = defended(x)
+    route = defended.router(x)
+    assert len(route.unique()) > 1  # several members answer this batch
+    with torch.no_grad():
+        expected = torch.stack([defended.members[int(m)](x[i : i + 1])[0].softmax(-1) for i, m in enumerate(route)])
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(32))
+
+
+def test_empty_batch_gives_an_empty_answer(defended):
+    assert defended(torch.rand(0, 1, 28, 28)).shape == (0, 10)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.rand(1, 28, 28), "rank 3"),
+        (torch.rand(2, 3, 28, 28), "1 channel"),
+        (torch.rand(2, 1, 32, 32), r"shape \(N, 1, 28, 28\)"),
+        (torch.randint(0, 255, (2, 1, 28, 28), dtype=torch.uint8), "floating point"),
+        (torch.full((2, 1, 28, 28), float("nan")), "NaN or Inf"),
+        (torch.full((2, 1, 28, 28), float("inf")), "NaN or Inf"),
+        (torch.rand(2, 1, 28, 28) * 255, r"must lie in \[0.0, 1.0\]"),
+        (torch.rand(2, 1, 28, 28) - 0.5, r"must lie in \[0.0, 1.0\]"),
+    ],
+)
+def test_bad_queries_are_refused_with_what_was_expected(defended, x, message):
+    with pytest.raises(ValueError, match=message):
+        defended(x)
+
+
+@pytest.fixture
+def ensemble_checkpoint(checkpoint_factory):
+    torch.manual_seed(0)
+    return checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
+
+
+@pytest.mark.parametrize("router, member", [("fixed", 2), ("keyed", 0)])
+def test_ensemble_checkpoint_is_served_behind_the_configured_router(ensemble_checkpoint, router, member):
+    model = VictimConfig(ensemble_checkpoint, router=router, member=member, key="k").build()
+    module = EnsembleModule.load_from_checkpoint(ensemble_checkpoint)
+    x = torch.rand(16, 1, 28, 28)
+    route = model.router(x)
+    with torch.no_grad():
+        expected = module(x).softmax(-1)[route, torch.arange(16)]
+    torch.testing.assert_close(model(x), expected)
+    assert (model.input_shape, model.num_classes, len(model.members)) == ((1, 28, 28), 10, 3)
+    if router == "fixed":
+        assert (route == 2).all()
+
+
+def test_ensemble_with_the_neural_router(ensemble_checkpoint, checkpoint_factory):
+    hash_ckpt = checkpoint_factory(ClassifierModule(), "hash.ckpt")
+    model = VictimConfig(ensemble_checkpoint, router="neural", hash_checkpoint=hash_ckpt).build()
+    assert model(torch.rand(8, 1, 28, 28)).shape == (8, 10)
+
+
+def test_neural_router_without_hash_checkpoint_fails_clearly(ensemble_checkpoint):
+    with pytest.raises(ValueError, match="hash_checkpoint.*configs/hashnet.yaml"):
+        VictimConfig(ensemble_checkpoint, router="neural").build()
+
+
+def test_member_outside_the_ensemble_is_refused(ensemble_checkpoint):
+    with pytest.raises(ValueError, match=r"member must be in \[0, 3\).*got 3"):
+        VictimConfig(ensemble_checkpoint, member=3).build()
+
+
+def test_checkpoint_whose_member_count_disagrees_with_its_weights_names_both(checkpoint_factory):
+    path = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt", num_members=5)
+    with pytest.raises(ValueError, match="num_members=5.*3 members"):
+        VictimConfig(path).build()
+
+
+@pytest.mark.parametrize("field, value", [("num_classes", 26), ("arch", "resnet18")])
+def test_checkpoint_whose_architecture_or_classes_disagree_with_its_weights_names_both(checkpoint_factory, field, value):
+    path = checkpoint_factory(EnsembleModule(num_members=2), "edm.ckpt", **{field: value})
+    with pytest.raises(ValueError, match=f"{field}={value!r}.*but its weights have"):
+        VictimConfig(path).build()
+
+
+def test_configured_ensemble_refuses_a_checkpoint_of_another_shape(ensemble_checkpoint):
+    checkpoint = torch.load(ensemble_checkpoint, weights_only=False)
+    with pytest.raises(ValueError, match="num_members: checkpoint 3, config 5"):
+        EnsembleModule(num_members=5).on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="num_classes: checkpoint 10, config 26"):
+        EnsembleModule(num_members=3, num_classes=26).on_load_checkpoint(checkpoint)
+
+
+def test_configured_ensemble_refuses_a_single_target_checkpoint(checkpoint_factory):
+    target = torch.load(checkpoint_factory(ClassifierModule(), "target.ckpt"), weights_only=False)
+    with pytest.raises(ValueError, match="not an EDM ensemble.*num_members=5"):
+        EnsembleModule().on_load_checkpoint(target)
+
+
+def test_single_target_checkpoint_still_loads_with_a_fixed_router(checkpoint_factory):
+    model = VictimConfig(checkpoint_factory(ClassifierModule(), "target.ckpt")).build()
+    assert isinstance(model.router, FixedRouter) and len(model.members) == 1
+    with pytest.raises(ValueError, match="single-model checkpoint"):
+        VictimConfig(checkpoint_factory(ClassifierModule(), "target.ckpt"), router="keyed").build()

@@ -1,0 +1,119 @@
+"""Routers: deterministic across processes, the neural hash stable under faint noise, balanced spreads."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edm_lightning.defense import FixedRouter, KeyedHashRouter, NeuralHashRouter, build_router
+from edm_lightning.defense.routing import balance_logit_bias, neural_hash_index, quantise
+from edm_lightning.models import ClassifierModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROUTE_IN_CHILD = """
+import json, sys, torch
+from edm_lightning.defense import build_router
+x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+routes = {kind: build_router(kind, 5, key="secret", hash_checkpoint=sys.argv[1], input_shape=(1, 28, 28))(x).tolist()
+          for kind in ("keyed", "neural")}
+print(json.dumps(routes))
+"""
+
+
+def smooth_images(n, seed=0):
+    """Random images with structure at 4-pixel scale (pure pixel noise would be meaningless to a CNN)."""
+    coarse = torch.rand(n, 1, 7, 7, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=28, mode="bilinear").clamp(0, 1)
+
+
+@pytest.fixture
+def hash_checkpoint(checkpoint_factory):
+    torch.manual_seed(0)
+    return checkpoint_factory(ClassifierModule(arch="lenet5"), "hash.ckpt")
+
+
+def test_same_input_same_member_in_separate_processes(hash_checkpoint):
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    here = {kind: build_router(kind, 5, key="secret", hash_checkpoint=hash_checkpoint, input_shape=(1, 28, 28))(x).tolist()
+            for kind in ("keyed", "neural")}
+    answers = []
+    for hash_seed in ("1", "2"):  # Python's hash() differs between these processes; the routes must not
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(
+            [sys.executable, "-c", ROUTE_IN_CHILD, hash_checkpoint],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True,
+        )
+        answers.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert answers[0] == answers[1] == here
+    assert len(set(here["keyed"])) > 1  # a constant route would pass trivially
+
+
+def test_neural_hash_keeps_the_member_under_faint_noise_far_more_often_than_the_byte_hash():
+    torch.manual_seed(0)
+    net = ClassifierModule(arch="lenet5").net
+    x = smooth_images(1000)
+    noisy = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    with torch.no_grad():
+        neural = NeuralHashRouter(net, 5, balance_logit_bias(net(x)))
+    keyed = KeyedHashRouter(5, key="secret")
+    neural_kept = (neural(x) == neural(noisy)).float().mean().item()
+    keyed_kept = (keyed(x) == keyed(noisy)).float().mean().item()
+    assert neural_kept > 0.8, neural_kept
+    assert keyed_kept < 0.4, keyed_kept  # about 1/N: a new member for nearly every changed byte string
+    assert shares(neural(x), 5).max() < 1.5  # the comparison is not won by routing everything to one member
+
+
+def test_keyed_router_is_balanced_on_random_inputs():
+    route = KeyedHashRouter(5, key="secret")(torch.rand(5000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    assert shares(route, 5).max() < 1.15 and shares(route, 5).min() > 0.85
+
+
+def test_neural_hash_arithmetic_spreads_balanced_hash_classes_evenly_over_five_members():
+    # 2 * argmax mod 5 hits every member twice over 10 classes; the confidence term shifts by 0 or 1.
+    logits = 4 * torch.randn(20000, 10, generator=torch.Generator().manual_seed(0))
+    route = neural_hash_index(logits.softmax(-1), 5)
+    assert shares(route, 5).max() < 1.1
+    assert neural_hash_index(torch.eye(10), 5).tolist() == [(2 * c + 2) % 5 for c in range(10)]  # max p = 1: offset 2
+
+
+def test_balancing_offsets_repair_a_hash_net_that_favours_some_classes():
+    logits = torch.randn(5000, 10, generator=torch.Generator().manual_seed(0)) + torch.linspace(0, 4, 10)
+    assert shares(logits.argmax(-1), 10).max() > 3  # the last classes win nearly always
+    balanced = (logits + balance_logit_bias(logits)).argmax(-1)
+    assert shares(balanced, 10).max() < 1.5 and shares(balanced, 10).min() > 0.5
+
+
+def test_keyed_router_depends_on_the_key_and_ignores_sub_grey_level_noise():
+    x = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    a, b = KeyedHashRouter(5, "key-a"), KeyedHashRouter(5, "key-b")
+    assert (a(x) != b(x)).any()
+    assert torch.equal(a(x), a((quantise(x).float() / 255 + 1e-4).clamp(0, 1)))
+    assert "key-a" not in repr(a)
+
+
+def test_router_arguments_are_checked():
+    with pytest.raises(ValueError, match="1 to 64 bytes"):
+        KeyedHashRouter(5, "k" * 65)
+    with pytest.raises(ValueError, match="Unknown router 'round-robin'"):
+        build_router("round-robin", 5)
+    with pytest.raises(ValueError, match="hash_checkpoint"):
+        build_router("neural", 5)
+    with pytest.raises(FileNotFoundError, match="configs/hashnet.yaml"):
+        build_router("neural", 5, hash_checkpoint="missing.ckpt")
+    with pytest.raises(ValueError, match="member must be in"):
+        FixedRouter(5, 5)
+
+
+def test_hash_net_for_other_inputs_is_refused(hash_checkpoint):
+    with pytest.raises(ValueError, match=r"\(1, 28, 28\).*\(3, 32, 32\)"):
+        build_router("neural", 5, hash_checkpoint=hash_checkpoint, input_shape=(3, 32, 32))
+
+
+def shares(route, members):
+    """Each member's share of the inputs over its fair share (1.0 = perfectly balanced)."""
+    return route.bincount(minlength=members).float() / len(route) * members
