@@ -1,6 +1,7 @@
 """LightningModules: training logic only; the nets they train live in :mod:`edm_lightning.nets`."""
 
 from edm_lightning.models.classifier import ClassifierModule
+from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.optim import OptimConfig
 
-__all__ = ["ClassifierModule", "OptimConfig"]
+__all__ = ["ClassifierModule", "CloneModule", "OptimConfig"]
