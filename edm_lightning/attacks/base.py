@@ -122,6 +122,14 @@ class AttackDataModule(L.LightningDataModule):
         self._victim_to_serve = None
         return self._oracle
 
+    def state_dict(self) -> dict[str, Any]:
+        """Queries bought so far, saved in Lightning checkpoints: a resumed run is charged them again."""
+        return {"queries_spent": self._oracle.queries_spent if self._oracle is not None else self._prepaid}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._oracle is None:
+            self._prepaid = max(self._prepaid, int(state.get("queries_spent", 0)))
+
     @property
     def cache_dir(self) -> Path:
         return Path(self.hparams.cache_dir)

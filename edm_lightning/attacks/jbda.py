@@ -178,10 +178,9 @@ class JBDADataModule(AttackDataModule):
             if remaining is not None and remaining < len(x):
                 x = x[torch.randperm(len(x), generator=generator)[:remaining]]
             answers = x.new_zeros((0, self.num_classes))
-        oracle = self.oracle
         while len(answers) < len(x):
             batch = x[len(answers): len(answers) + self.hparams.batch_size]
-            answers = torch.cat([answers, oracle(batch)])
+            answers = torch.cat([answers, self.oracle(batch)])
             atomic_save({"x": x, "answers": answers}, path)
         if self.substitute_x is None:
             self.substitute_x, self.substitute_y = x, answers
