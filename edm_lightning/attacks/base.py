@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -122,9 +123,14 @@ class AttackDataModule(L.LightningDataModule):
         self._victim_to_serve = None
         return self._oracle
 
+    @property
+    def queries_spent(self) -> int:
+        """Queries the attack has bought so far, this run and earlier ones (without opening the oracle)."""
+        return self._oracle.queries_spent if self._oracle is not None else self._prepaid
+
     def state_dict(self) -> dict[str, Any]:
         """Queries bought so far, saved in Lightning checkpoints: a resumed run is charged them again."""
-        return {"queries_spent": self._oracle.queries_spent if self._oracle is not None else self._prepaid}
+        return {"queries_spent": self.queries_spent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._oracle is None:
@@ -243,11 +249,29 @@ def _build_victim(victim: VictimConfig | nn.Module) -> tuple[nn.Module, str]:
         victim = VictimConfig(**victim)
     if not isinstance(victim, VictimConfig):
         raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...) or a DefendedModel, got {type(victim).__name__}")
-    model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
+    with _own_hyperparameters():
+        model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
     parts = [_file_digest(victim.checkpoint), victim.router, str(victim.member), victim.key]
     if victim.hash_checkpoint:
         parts.append(_file_digest(victim.hash_checkpoint))
     return model, "ckpt:" + ":".join(parts)
+
+
+@contextmanager
+def _own_hyperparameters() -> Iterator[None]:
+    """Let checkpointed modules restore their own hyper-parameters while LightningCLI instantiates us.
+
+    LightningCLI sets a context variable with the hyper-parameters of the class it is instantiating;
+    ``save_hyperparameters`` of *any* LightningModule built meanwhile (``load_from_checkpoint`` of the
+    victim inside this DataModule's ``__init__``) would take those instead of its own (Lightning 2.6).
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
 
 
 def _file_digest(path: str) -> str:

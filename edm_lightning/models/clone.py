@@ -66,6 +66,11 @@ class CloneModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        queries = getattr(self.trainer.datamodule, "queries_spent", None)  # an attack's DataModule counts them
+        if queries is not None:
+            self.log("attack/queries", float(queries))
+
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
