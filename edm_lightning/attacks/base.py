@@ -197,10 +197,12 @@ def run_attack(
     """Fit the attacker, test the clone, and return the figures the field reports.
 
     The one implementation behind the CLI configs and the Python entry points (``run_knockoff`` ...):
-    both build the same DataModule and LightningModule and let a Trainer run them.
+    both build the same DataModule and LightningModule and let a Trainer run them. ``trainer_kwargs``
+    (``accelerator``, ``devices``, ``precision``...) go to the Trainer.
     """
+    trainer_kwargs.setdefault("devices", 1)
     trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
+        max_epochs=max_epochs, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=default_root_dir,
         num_sanity_val_steps=0, **trainer_kwargs,
     )

@@ -216,11 +216,12 @@ def jacobian_augmentation(
     out = []
     for part, label, target in zip(x.split(batch_size), labels.split(batch_size),
                                     (targets if targets is not None else labels).split(batch_size)):
-        part = part.detach().clone().requires_grad_(True)
+        device = next(net.parameters()).device
+        part, label, target = part.detach().to(device).requires_grad_(True), label.to(device), target.to(device)
         logits = net(part)
         score = logits.log_softmax(dim=-1).gather(1, target[:, None]) if targets is not None else logits.gather(1, label[:, None])
         (grad,) = torch.autograd.grad(score.sum(), part)
-        out.append((part.detach() + epsilon * grad.sign()).clamp_(0, 1))
+        out.append((part.detach() + epsilon * grad.sign()).clamp_(0, 1).to(x.device))
     net.train(was_training)
     return torch.cat(out) if out else x.clone()
 

@@ -87,11 +87,16 @@ class BlackBoxOracle:
 
 
 def _sealed(victim: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A function answering queries with detached copies; the victim lives only in its closure."""
+    """A function answering queries with detached copies; the victim lives only in its closure.
+
+    Queries go to the victim's device and answers come back on the caller's, so a clone on a GPU can
+    query a victim served on the CPU (or the other way round).
+    """
     victim = victim.eval()
+    device = next((p.device for p in victim.parameters()), torch.device("cpu"))
 
     def answer(x: Tensor) -> Tensor:
         with torch.no_grad():
-            return victim(x.detach()).detach().clone()
+            return victim(x.detach().to(device)).detach().to(x.device).clone()
 
     return answer
