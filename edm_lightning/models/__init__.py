@@ -1,7 +1,8 @@
 """LightningModules: training logic only; the nets they train live in :mod:`edm_lightning.nets`."""
 
 from edm_lightning.models.classifier import ClassifierModule
+from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.ensemble import EnsembleModule
 from edm_lightning.models.optim import OptimConfig
 
-__all__ = ["ClassifierModule", "EnsembleModule", "OptimConfig"]
+__all__ = ["ClassifierModule", "CloneModule", "EnsembleModule", "OptimConfig"]

@@ -1,0 +1,261 @@
+"""JBDA (Papernot et al., AsiaCCS 2017) and JBDA-TR (Juuti et al., EuroS&P 2019): Jacobian-based augmentation.
+
+The attacker holds a small in-distribution seed set (150 images in the literature), has the victim
+label it, trains a substitute (the clone), and then for T rounds doubles the set: every point
+``x`` gets a sibling ``clip(x + epsilon * sign(grad_x s(x)), 0, 1)`` that the victim labels next.
+
+* JBDA: ``s`` is the clone's logit of the class the victim gave ``x`` (Papernot's ``J_F[O(x)]``):
+  the step probes where the clone's output changes fastest, i.e. near its decision boundary.
+* JBDA-TR (the targeted "T-RND" variant of PRADA, also used by Adaptive Misinformation): ``s`` is the
+  clone's log-probability of a random *other* class, so each sibling moves towards a random target.
+
+Literature setting: 150 seeds, 6 rounds, epsilon 0.1 (9,600 queries in all). The clone keeps training
+across rounds (warm start) for ``epochs_per_round`` epochs on the current set. Each round's new
+points and answers are saved, so a killed run resumes without buying a round twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
+from edm_lightning.data.datamodules import seeded_indices
+from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.models.clone import CloneModule
+from edm_lightning.models.optim import OptimConfig
+
+__all__ = ["JBDADataModule", "JBDAModule", "jacobian_augmentation", "run_jbda"]
+
+
+class JBDAModule(CloneModule):
+    """The JBDA / JBDA-TR attacker: a clone that grows its own training set every ``epochs_per_round``.
+
+    Training runs ``(rounds + 1) * epochs_per_round`` epochs: after each round's epochs (except the
+    last) the substitute set is augmented through ``trainer.datamodule`` (a :class:`JBDADataModule`),
+    which buys the victim's answers for the new points. The clone's accuracy and agreement at the
+    end of every round are logged (``jbda/round_acc``) and kept in ``history``.
+
+    Args:
+        arch, num_classes, input_shape, mean, std, optim: see :class:`CloneModule`.
+        rounds: augmentation rounds T.
+        epochs_per_round: clone training epochs on each round's set.
+        epsilon: step size of the augmentation (images in [0, 1]).
+        targeted: JBDA-TR (steps towards a random target class) instead of JBDA.
+    """
+
+    def __init__(
+        self,
+        arch: str = "lenet5",
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        optim: OptimConfig | None = None,
+        rounds: int = 6,
+        epochs_per_round: int = 10,
+        epsilon: float = 0.1,
+        targeted: bool = False,
+    ):
+        if rounds < 0 or epochs_per_round <= 0 or not 0 < epsilon <= 1:
+            raise ValueError(
+                f"need rounds >= 0, epochs_per_round > 0 and epsilon in (0, 1]; got {rounds}, {epochs_per_round}, {epsilon}"
+            )
+        super().__init__(arch, num_classes, input_shape, mean, std, optim)
+        self.save_hyperparameters()
+        self.history: list[dict[str, float]] = []
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, JBDADataModule):
+            raise TypeError(f"JBDAModule needs a JBDADataModule (its substitute set), got {type(datamodule).__name__}")
+        needed = (self.hparams.rounds + 1) * self.hparams.epochs_per_round
+        if self.trainer.max_epochs is not None and 0 < self.trainer.max_epochs < needed:
+            raise ValueError(
+                f"JBDA with rounds={self.hparams.rounds} and epochs_per_round={self.hparams.epochs_per_round} trains "
+                f"{needed} epochs; trainer.max_epochs={self.trainer.max_epochs} would stop it early. Set max_epochs: {needed}."
+            )
+        self.trainer.reload_dataloaders_every_n_epochs = 1  # the substitute set grows between rounds
+
+    def on_train_epoch_end(self) -> None:
+        hp = self.hparams
+        if (self.current_epoch + 1) % hp.epochs_per_round:
+            return
+        round_ = (self.current_epoch + 1) // hp.epochs_per_round - 1
+        datamodule: JBDADataModule = self.trainer.datamodule
+        metrics = self.trainer.callback_metrics
+        entry = {"round": round_, "queries": len(datamodule.substitute_x)}  # one query per substitute point
+        for key in ("acc", "agreement"):
+            if f"val/{key}" in metrics:
+                entry[key] = float(metrics[f"val/{key}"])
+        self.history.append(entry)
+        if "acc" in entry:
+            self.log("jbda/round_acc", entry["acc"])
+        self.log("jbda/round", float(round_))
+        if round_ < hp.rounds:
+            datamodule.augment(round_ + 1, self._siblings, tag=self._tag())
+
+    def report(self) -> dict[str, Any]:
+        return {"attack": "jbda-tr" if self.hparams.targeted else "jbda", "rounds": self.history}
+
+    def _siblings(self, x: Tensor, answers: Tensor, generator: torch.Generator) -> Tensor:
+        labels = answers.argmax(dim=-1)
+        targets = None
+        if self.hparams.targeted:
+            offset = torch.randint(1, self.hparams.num_classes, labels.shape, generator=generator)
+            targets = (labels + offset) % self.hparams.num_classes  # a random class other than the victim's
+        return jacobian_augmentation(self.net, x, labels, self.hparams.epsilon, targets)
+
+    def _tag(self) -> str:
+        hp = self.hparams
+        return repr((hp.arch, hp.epochs_per_round, hp.epsilon, hp.targeted, self.optim))
+
+
+class JBDADataModule(AttackDataModule):
+    """The attacker's seed set and growing substitute set, bought through the oracle.
+
+    Args:
+        victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed:
+            see :class:`~edm_lightning.attacks.base.AttackDataModule`.
+        seed_size: in-distribution images the attacker starts from (drawn from the victim dataset's
+            training split, which the victim's test-set evaluation never touches).
+    """
+
+    def __init__(
+        self,
+        victim: VictimConfig,
+        dataset: str = "fashionmnist",
+        seed_size: int = 150,
+        budget: int = 9_600,
+        label_only: bool = False,
+        root: str = "data",
+        batch_size: int = 128,
+        test_size: int | None = None,
+        cache_dir: str = "runs/attacks/cache",
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        if seed_size <= 0:
+            raise ValueError(f"seed_size must be positive, got {seed_size}")
+        if seed_size > budget:
+            raise ValueError(f"seed_size={seed_size} exceeds the budget={budget}: the seed set alone could not be labelled")
+        super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
+        self.save_hyperparameters(ignore=["victim"])
+        self.substitute_x: Tensor | None = None
+        self.substitute_y: Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in (None, "fit") and self.substitute_x is None:
+            self.augment(0, self._seed_set, tag="seed")
+
+    def train_dataloader(self):
+        self.train_set = TensorDataset(self.substitute_x, self.substitute_y)
+        return super().train_dataloader()
+
+    def augment(self, round_: int, make_points: Callable[..., Tensor], tag: str) -> int:
+        """Add round ``round_``'s points (made by ``make_points(x, answers, generator)``) with the victim's answers.
+
+        The round's points and answers are saved after every query batch. A round an earlier run of
+        the same attack bought (wholly or in part) is read back and only its missing answers are
+        bought; what was read counts against the budget all the same. Once this run has queried,
+        later cached rounds are stale (they grew from other points) and are bought afresh. When the
+        budget cannot pay for a whole round, a random part of it is bought. Returns the points added.
+        """
+        path = self._round_path(round_, tag)
+        if path.is_file() and self._oracle is None:
+            blob = torch.load(path, map_location="cpu")
+            x, answers = blob["x"], blob["answers"]
+            self._prepaid += len(answers)
+        else:
+            generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + round_)
+            x = make_points(self.substitute_x, self.substitute_y, generator) if round_ else make_points()
+            remaining = self.oracle.remaining
+            if remaining is not None and remaining < len(x):
+                x = x[torch.randperm(len(x), generator=generator)[:remaining]]
+            answers = x.new_zeros((0, self.num_classes))
+        while len(answers) < len(x):
+            batch = x[len(answers): len(answers) + self.hparams.batch_size]
+            answers = torch.cat([answers, self.oracle(batch)])
+            atomic_save({"x": x, "answers": answers}, path)
+        if self.substitute_x is None:
+            self.substitute_x, self.substitute_y = x, answers
+        else:
+            self.substitute_x = torch.cat([self.substitute_x, x])
+            self.substitute_y = torch.cat([self.substitute_y, answers])
+        return len(x)
+
+    def report(self) -> dict[str, Any]:
+        return {"seed_size": self.hparams.seed_size, "train_size": 0 if self.substitute_x is None else len(self.substitute_x)}
+
+    def _round_path(self, round_: int, tag: str) -> Path:
+        key = self.cache_key(attack="jbda", dataset=self.hparams.dataset, seed_size=self.hparams.seed_size,
+                             tag=tag if round_ else "seed")
+        return self.cache_dir / f"jbda-{key}-round{round_}.pt"
+
+    def _seed_set(self) -> Tensor:
+        images, _ = self.load_attacker_images(self.hparams.dataset, train=True)
+        _, keep = seeded_indices(len(images), 0, self.hparams.seed_size, self.hparams.seed)
+        return images[keep].float().div_(255)
+
+
+def jacobian_augmentation(
+    net: nn.Module, x: Tensor, labels: Tensor, epsilon: float, targets: Tensor | None = None, batch_size: int = 512
+) -> Tensor:
+    """Papernot's ``x + epsilon * sign(J_F[label](x))`` (or, with ``targets``, a step towards each target).
+
+    Untargeted: gradient of the clone's logit for ``labels``. Targeted (JBDA-TR): gradient of the
+    clone's log-probability of ``targets``. Results are clipped to the valid image range [0, 1].
+    """
+    was_training = net.training
+    net.eval()
+    out = []
+    for part, label, target in zip(x.split(batch_size), labels.split(batch_size),
+                                    (targets if targets is not None else labels).split(batch_size)):
+        device = next(net.parameters()).device
+        part, label, target = part.detach().to(device).requires_grad_(True), label.to(device), target.to(device)
+        logits = net(part)
+        score = logits.log_softmax(dim=-1).gather(1, target[:, None]) if targets is not None else logits.gather(1, label[:, None])
+        (grad,) = torch.autograd.grad(score.sum(), part)
+        out.append((part.detach() + epsilon * grad.sign()).clamp_(0, 1).to(x.device))
+    net.train(was_training)
+    return torch.cat(out) if out else x.clone()
+
+
+def run_jbda(
+    victim: VictimConfig,
+    *,
+    dataset: str = "fashionmnist",
+    targeted: bool = False,
+    seed_size: int = 150,
+    rounds: int = 6,
+    epochs_per_round: int = 10,
+    epsilon: float = 0.1,
+    budget: int | None = None,
+    label_only: bool = False,
+    arch: str = "lenet5",
+    optim: OptimConfig | None = None,
+    batch_size: int = 128,
+    cache_dir: str = "runs/attacks/cache",
+    root: str = "data",
+    test_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """JBDA (``targeted=False``) or JBDA-TR end to end from Python; ``budget`` defaults to ``seed_size * 2**rounds``.
+
+    Same DataModule and LightningModule as ``python main.py fit --config configs/attack/jbda.yaml``.
+    """
+    import lightning as L
+
+    L.seed_everything(seed, verbose=False)
+    datamodule = JBDADataModule(victim, dataset=dataset, seed_size=seed_size, budget=budget or seed_size * 2**rounds,
+                                label_only=label_only, root=root, batch_size=batch_size, test_size=test_size,
+                                cache_dir=cache_dir, seed=seed)
+    module = JBDAModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
+                        optim or OptimConfig(name="adam", lr=1e-3, schedule="constant"), rounds=rounds,
+                        epochs_per_round=epochs_per_round, epsilon=epsilon, targeted=targeted)
+    return run_attack(datamodule, module, (rounds + 1) * epochs_per_round)

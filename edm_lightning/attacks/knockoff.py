@@ -1,0 +1,359 @@
+"""KnockoffNets (Orekondy et al., CVPR 2019): buy the victim's answers on a surrogate dataset, train a clone.
+
+The attacker draws B images from a surrogate (natural images of another task: MNIST for a
+FashionMNIST victim), queries the victim once for each, and trains a clone on the (image, answer)
+transfer set with soft-label cross-entropy. Two sampling strategies (paper Sec. 4.1):
+
+* ``random``: B images uniformly, without replacement (cycling only when B exceeds the surrogate).
+* ``adaptive``: a gradient bandit over the surrogate's classes (Sutton & Barto 2.8): class ``z`` is
+  drawn from ``pi = softmax(H)``, an image of that class is queried, and ``H`` moves by the reward
+  relative to its running mean. Rewards (paper Eq. 2-4): certainty (margin of the top-2 answer
+  probabilities), diversity (answer mass above the recent mean answer) and loss (cross-entropy of an
+  online clone's prediction against the answer); ``all`` averages the three after standardising each
+  by its running mean and variance.
+
+The transfer set (surrogate indices and answers, plus the sampler's state) is written to disk after
+every query batch with an atomic rename. A re-run reads it and buys only what is missing; a run
+with a smaller budget reuses a prefix (the sampling order does not depend on B), so budget curves
+cost the largest budget once. A killed run resumes from the last saved batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
+from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.models.clone import CloneModule, clone_loss
+from edm_lightning.models.optim import OptimConfig
+from edm_lightning.nets import build_net
+
+__all__ = ["KnockoffDataModule", "TransferSet", "build_transfer_set", "run_knockoff"]
+
+Strategy = Literal["random", "adaptive"]
+Reward = Literal["cert", "div", "loss", "all"]
+
+
+class KnockoffDataModule(AttackDataModule):
+    """The KnockoffNets transfer set as training data for a :class:`CloneModule`.
+
+    ``prepare_data`` buys (or reuses) the transfer set; it runs on one process per node under DDP,
+    so the budget is spent once, and ``setup`` reads the set back from disk on every process.
+
+    Args:
+        victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed:
+            see :class:`~edm_lightning.attacks.base.AttackDataModule`; ``budget`` is the transfer-set size.
+        surrogate: registry name of the attacker's natural images (converted to the victim's shape).
+        strategy: ``random`` or ``adaptive`` sampling.
+        reward: the adaptive strategy's reward: ``cert``, ``div``, ``loss`` or ``all``.
+        policy_arch: architecture of the adaptive strategy's online clone (for the loss reward).
+        policy_lr: Adam learning rate of that online clone (one step per query batch).
+        diversity_window: horizon (in queries) of the mean answer the diversity reward compares with.
+    """
+
+    def __init__(
+        self,
+        victim: VictimConfig,
+        dataset: str = "fashionmnist",
+        surrogate: str = "mnist",
+        strategy: Strategy = "random",
+        reward: Reward = "all",
+        budget: int = 50_000,
+        label_only: bool = False,
+        policy_arch: str = "lenet5",
+        policy_lr: float = 1e-3,
+        diversity_window: int = 1000,
+        root: str = "data",
+        batch_size: int = 128,
+        test_size: int | None = None,
+        cache_dir: str = "runs/attacks/cache",
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        if strategy not in ("random", "adaptive"):
+            raise ValueError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
+        if reward not in ("cert", "div", "loss", "all"):
+            raise ValueError(f"unknown reward {reward!r}: expected 'cert', 'div', 'loss' or 'all'")
+        if diversity_window <= 0 or policy_lr <= 0:
+            raise ValueError("diversity_window and policy_lr must be positive")
+        super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
+        self.save_hyperparameters(ignore=["victim"])
+        self.load_attacker_images(surrogate, train=True, check_only=True)  # shape convertibility, before any query
+        self._surrogate: tuple[Tensor, Tensor] | None = None
+        self.transfer: TransferSet | None = None
+
+    @property
+    def cache_path(self) -> Path:
+        hp = self.hparams
+        attack = {"attack": "knockoff", "surrogate": hp.surrogate, "strategy": hp.strategy}
+        if hp.strategy == "adaptive":
+            attack.update(reward=hp.reward, policy_arch=hp.policy_arch, policy_lr=hp.policy_lr,
+                          window=hp.diversity_window, batch_size=hp.batch_size)
+        return self.cache_dir / f"knockoff-{self.cache_key(**attack)}.pt"
+
+    def prepare_data(self) -> None:
+        if self.transfer is not None:
+            return
+        images, labels = self._surrogate_images()
+        hp = self.hparams
+        policy = None
+        if hp.strategy == "adaptive":
+            policy = build_net(hp.policy_arch, self.input_shape, self.num_classes, self.mean, self.std)
+        self.transfer = build_transfer_set(
+            self.open_oracle, images, labels, hp.budget, self.cache_path, strategy=hp.strategy, reward=hp.reward,
+            batch_size=hp.batch_size, seed=hp.seed, policy=policy, policy_lr=hp.policy_lr,
+            diversity_window=hp.diversity_window,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage in (None, "fit") and self.train_set is None:
+            if self.transfer is None:  # another process bought it (DDP): read it back
+                self.transfer = TransferSet.load(self.cache_path).head(self.hparams.budget)
+                if len(self.transfer) < self.hparams.budget:
+                    raise RuntimeError(f"transfer set {self.cache_path} holds {len(self.transfer)} of {self.hparams.budget} queries")
+            images, _ = self._surrogate_images()
+            x = images[self.transfer.indices].float().div_(255)
+            self.train_set = TensorDataset(x, self.transfer.answers)
+
+    def report(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {"attack": f"knockoff-{hp.strategy}", "surrogate": hp.surrogate, "transfer_set": len(self.transfer or ())}
+
+    def _surrogate_images(self) -> tuple[Tensor, Tensor]:
+        if self._surrogate is None:
+            self._surrogate = self.load_attacker_images(self.hparams.surrogate, train=True)
+        return self._surrogate
+
+
+class TransferSet:
+    """Surrogate indices, the victim's answers, and the adaptive sampler's state after the last query."""
+
+    def __init__(self, indices: Tensor, answers: Tensor, state: dict | None = None):
+        self.indices, self.answers, self.state = indices, answers, state
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def head(self, n: int) -> "TransferSet":
+        return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None)
+
+    def save(self, path: Path) -> None:
+        atomic_save({"indices": self.indices, "answers": self.answers, "state": self.state}, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TransferSet":
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        return cls(blob["indices"], blob["answers"], blob["state"])
+
+
+def build_transfer_set(
+    open_oracle,
+    images: Tensor,
+    labels: Tensor,
+    budget: int,
+    cache_path: str | Path,
+    strategy: Strategy = "random",
+    reward: Reward = "all",
+    batch_size: int = 128,
+    seed: int = 0,
+    policy: torch.nn.Module | None = None,
+    policy_lr: float = 1e-3,
+    diversity_window: int = 1000,
+) -> TransferSet:
+    """The first ``budget`` queries of KnockoffNets' sampling, bought once and kept in ``cache_path``.
+
+    Args:
+        open_oracle: ``spent -> BlackBoxOracle``; called once with the queries the cache already holds
+            (capped at ``budget``), so a resumed run can never spend more than ``budget`` in all.
+        images: the surrogate's uint8 images, already in the victim's input shape.
+        labels: the surrogate's labels (the adaptive strategy's arms).
+        policy: the adaptive strategy's online clone (trained one step per batch for the loss reward).
+    """
+    cache_path = Path(cache_path)
+    cached = TransferSet.load(cache_path) if cache_path.is_file() else TransferSet(
+        torch.empty(0, dtype=torch.long), torch.empty(0, 0), None)
+    oracle: BlackBoxOracle = open_oracle(min(len(cached), budget))
+    if len(cached) >= budget:
+        return cached.head(budget)
+    if strategy == "random":
+        sampler = _RandomSampler(len(images), seed)
+    elif strategy == "adaptive":
+        if policy is None:
+            raise ValueError("the adaptive strategy needs a policy network (its online clone)")
+        sampler = _BanditSampler(labels, oracle.num_classes, policy, policy_lr, reward, diversity_window, seed)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
+    if cached.state is not None:
+        sampler.load_state_dict(cached.state)
+    indices, answers = ([cached.indices], [cached.answers]) if len(cached) else ([], [])
+    done = len(cached)
+    while done < budget:
+        count = min(batch_size, budget - done)
+        chosen = sampler.draw(done, count)
+        x = images[chosen].float().div_(255)
+        y = oracle(x)
+        sampler.update(x, y)
+        indices.append(chosen)
+        answers.append(y)
+        done += count
+        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict()).save(cache_path)
+    return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict())
+
+
+def run_knockoff(
+    victim: VictimConfig,
+    *,
+    dataset: str = "fashionmnist",
+    surrogate: str = "mnist",
+    strategy: Strategy = "random",
+    budget: int = 50_000,
+    label_only: bool = False,
+    arch: str = "lenet5",
+    optim: OptimConfig | None = None,
+    max_epochs: int = 20,
+    batch_size: int = 128,
+    cache_dir: str = "runs/attacks/cache",
+    root: str = "data",
+    test_size: int | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> dict[str, Any]:
+    """KnockoffNets end to end from Python (the experiment runner's entry): the figures as a dict.
+
+    Same DataModule and LightningModule as ``python main.py fit --config configs/attack/knockoff.yaml``.
+    ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ...).
+    """
+    import lightning as L
+
+    L.seed_everything(seed, verbose=False)
+    datamodule = KnockoffDataModule(
+        victim, dataset=dataset, surrogate=surrogate, strategy=strategy, budget=budget, label_only=label_only,
+        root=root, batch_size=batch_size, test_size=test_size, cache_dir=cache_dir, seed=seed, **options,
+    )
+    module = CloneModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
+                         optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine"))
+    return run_attack(datamodule, module, max_epochs)
+
+
+class _RandomSampler:
+    """Uniform draws without replacement; position ``i`` of the order depends only on ``seed`` and ``i``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, Tensor] = {}
+
+    def draw(self, start: int, count: int) -> Tensor:
+        positions = torch.arange(start, start + count)
+        return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in positions]) if count else positions
+
+    def _perm(self, cycle: int) -> Tensor:
+        if cycle not in self._perms:
+            self._perms[cycle] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + cycle))
+        return self._perms[cycle]
+
+    def update(self, x: Tensor, answers: Tensor) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _BanditSampler:
+    """KnockoffNets' adaptive strategy: a gradient bandit over surrogate classes (paper Sec. 4.1.2).
+
+    Queries are drawn a batch at a time from the current policy; the policy then takes one
+    gradient-bandit step per query, in order, with step size ``1 / N(z)`` (the arm's pull count),
+    as in the paper's Algorithm 1. The loss reward uses the online clone's prediction *before* it is
+    trained on the batch, i.e. how much the answer would still teach it.
+    """
+
+    def __init__(self, labels: Tensor, num_classes: int, policy: torch.nn.Module, lr: float, reward: str,
+                 window: int, seed: int):
+        self.classes = torch.unique(labels)
+        self.members = [(labels == c).nonzero(as_tuple=True)[0] for c in self.classes]
+        self.policy, self.reward, self.window = policy, reward, window
+        self.optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        arms = len(self.classes)
+        self.h = torch.zeros(arms, dtype=torch.float64)
+        self.pulls = torch.zeros(arms, dtype=torch.float64)
+        self.seen = 0
+        self.mean_reward = 0.0
+        self.reward_mean = torch.zeros(3, dtype=torch.float64)
+        self.reward_var = torch.zeros(3, dtype=torch.float64)
+        self.mean_answer = torch.zeros(num_classes, dtype=torch.float64)
+        self.cursor = torch.zeros(arms, dtype=torch.long)
+        self.orders = [m[torch.randperm(len(m), generator=self.generator)] for m in self.members]
+        self._arms: Tensor | None = None
+
+    def draw(self, start: int, count: int) -> Tensor:
+        pi = self.h.softmax(dim=0)
+        self._arms = torch.multinomial(pi, count, replacement=True, generator=self.generator)
+        chosen = []
+        for arm in self._arms.tolist():
+            order = self.orders[arm]
+            chosen.append(order[self.cursor[arm] % len(order)])
+            self.cursor[arm] += 1
+        return torch.stack(chosen)
+
+    def update(self, x: Tensor, answers: Tensor) -> None:
+        self.policy.eval()
+        with torch.no_grad():
+            log_probs = self.policy(x).log_softmax(dim=-1)
+        self.policy.train()
+        self.optimizer.zero_grad()
+        clone_loss(self.policy(x), answers).backward()
+        self.optimizer.step()
+        y = answers.double()
+        top2 = y.topk(2, dim=-1).values
+        certainty = (top2[:, 0] - top2[:, 1]).tolist()
+        loss = (-(y * log_probs.double()).sum(dim=-1)).tolist()
+        for i, arm in enumerate(self._arms.tolist()):
+            self.seen += 1
+            self.mean_answer += (y[i] - self.mean_answer) / min(self.seen, self.window)
+            diversity = float((y[i] - self.mean_answer).clamp(min=0).sum())
+            reward = self._combine(torch.tensor([certainty[i], diversity, loss[i]], dtype=torch.float64))
+            self.mean_reward += (reward - self.mean_reward) / self.seen
+            self.pulls[arm] += 1
+            pi = self.h.softmax(dim=0)
+            step = (reward - self.mean_reward) / self.pulls[arm]
+            self.h -= step * pi
+            self.h[arm] += step
+
+    def _combine(self, rewards: Tensor) -> float:
+        if self.reward != "all":
+            return float(rewards[("cert", "div", "loss").index(self.reward)])
+        n = self.seen
+        self.reward_mean += (rewards - self.reward_mean) / n
+        self.reward_var += ((rewards - self.reward_mean) ** 2 - self.reward_var) / n
+        if n == 1:
+            return float(rewards.clamp(0, 1).mean())
+        return float(((rewards - self.reward_mean) / self.reward_var.sqrt().clamp(min=1e-12)).mean())
+
+    def state_dict(self) -> dict:
+        keys = ("h", "pulls", "seen", "mean_reward", "reward_mean", "reward_var", "mean_answer", "cursor", "orders")
+        state = {key: getattr(self, key) for key in keys}
+        state.update(policy=self.policy.state_dict(), optimizer=self.optimizer.state_dict(),
+                     generator=self.generator.get_state())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            if key == "policy":
+                self.policy.load_state_dict(value)
+            elif key == "optimizer":
+                self.optimizer.load_state_dict(value)
+            elif key == "generator":
+                self.generator.set_state(value)
+            else:
+                setattr(self, key, value)

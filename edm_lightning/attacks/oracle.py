@@ -1,0 +1,102 @@
+"""The black-box oracle: the one door between an attacker and a victim.
+
+Model-stealing threat models (Tramer et al. 2016; Orekondy et al. 2019) give the attacker a
+prediction API and nothing else: inputs in, answers out, each answer paid for. The oracle is that
+API. It answers with probability vectors (or top-1 labels), counts every query row against a budget
+and refuses to go past it *before* the victim sees the batch, so no code path can spend more than
+was allowed. Weights, logits and gradients stay behind the door: the victim is held in a closure,
+answers are detached copies, and the oracle itself is not an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BlackBoxOracle", "QueryBudgetExceeded"]
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """A batch would take the oracle past its query budget; nothing was answered or counted."""
+
+    def __init__(self, spent: int, allowed: int, requested: int):
+        self.spent, self.allowed, self.requested = spent, allowed, requested
+        super().__init__(
+            f"query budget exceeded: {spent} of {allowed} queries spent, a batch of {requested} more was refused "
+            f"({allowed - spent} left). Raise the attack's budget or query fewer inputs."
+        )
+
+
+class BlackBoxOracle:
+    """A victim behind a prediction API that counts queries (one query = one input row).
+
+    Args:
+        victim: the served model (a :class:`~edm_lightning.defense.DefendedModel`); it must expose
+            ``input_shape`` and ``num_classes`` and validate its inputs.
+        budget: most queries ever answered (``None``: unlimited, for evaluation harnesses only).
+        label_only: answer with the top-1 label only, as a one-hot float vector. One-hot (not an index)
+            keeps every answer the same shape, so transfer sets, caches and the clone's soft-label loss
+            handle both answer kinds alike.
+        spent: queries already spent in an earlier run of the same attack (a resume); they count
+            against ``budget``.
+    """
+
+    def __init__(self, victim: nn.Module, budget: int | None, label_only: bool = False, spent: int = 0):
+        for attribute in ("input_shape", "num_classes"):
+            if not hasattr(victim, attribute):
+                raise TypeError(f"the victim must expose {attribute!r} (a DefendedModel does); got {type(victim).__name__}")
+        if budget is not None and budget <= 0:
+            raise ValueError(f"budget must be a positive number of queries (or None for unlimited), got {budget}")
+        if spent < 0 or (budget is not None and spent > budget):
+            raise ValueError(f"spent must be in [0, budget={budget}], got {spent}")
+        self.input_shape: tuple[int, int, int] = tuple(int(v) for v in victim.input_shape)
+        self.num_classes: int = int(victim.num_classes)
+        self.budget = budget
+        self.label_only = bool(label_only)
+        self._spent = int(spent)
+        self.resumed_from = int(spent)  # so a run can report what *it* spent
+        self._answer: Callable[[Tensor], Tensor] = _sealed(victim)
+
+    @property
+    def queries_spent(self) -> int:
+        """Queries answered so far (including those of earlier runs passed as ``spent``)."""
+        return self._spent
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget - self._spent
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Answers ``(N, num_classes)`` for images ``x`` ``(N, C, H, W)`` in [0, 1]; counts N queries."""
+        count = int(x.shape[0]) if isinstance(x, Tensor) and x.ndim >= 1 else 0
+        if self.budget is not None and self._spent + count > self.budget:
+            raise QueryBudgetExceeded(self._spent, self.budget, count)
+        answers = self._answer(x)  # the victim validates shape, dtype and range before answering
+        self._spent += count
+        if self.label_only:
+            answers = nn.functional.one_hot(answers.argmax(dim=-1), self.num_classes).to(answers.dtype)
+        return answers
+
+    def __repr__(self) -> str:
+        return (
+            f"BlackBoxOracle(input_shape={self.input_shape}, num_classes={self.num_classes}, "
+            f"spent={self._spent}, budget={self.budget}, label_only={self.label_only})"
+        )
+
+
+def _sealed(victim: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A function answering queries with detached copies; the victim lives only in its closure.
+
+    Queries go to the victim's device and answers come back on the caller's, so a clone on a GPU can
+    query a victim served on the CPU (or the other way round).
+    """
+    victim = victim.eval()
+    device = next((p.device for p in victim.parameters()), torch.device("cpu"))
+
+    def answer(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return victim(x.detach().to(device)).detach().to(x.device).clone()
+
+    return answer
