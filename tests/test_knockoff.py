@@ -80,6 +80,6 @@ def test_bad_input_fails_before_any_query(victim, fake_data, tmp_path):
         knockoff(VictimConfig(str(tmp_path / "missing.ckpt")), tmp_path)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"hyper_parameters": {"lr": 1.0}}, foreign)
-    with pytest.raises(ValueError, match="not a target checkpoint"):
+    with pytest.raises(ValueError, match="not a target or EDM ensemble checkpoint"):
         knockoff(VictimConfig(str(foreign)), tmp_path)
     assert victim.rows == 0

@@ -45,12 +45,12 @@ def test_an_interrupted_stage_is_run_again_and_leaves_no_result(tmp_path: Path):
 def _records():
     rows = []
     for seed, (none, edm) in enumerate([(0.60, 0.35), (0.62, 0.40)]):
-        for defense, clone, weight in (("none", none, None), ("edm", edm, 0.5)):
+        for defense, clone, weight in (("none", none, None), ("edm-neural", edm, 0.5)):
             for budget, scale in ((1000, 0.5), (5000, 1.0)):
                 rows.append({"attack": "knockoff", "defense": defense, "diversity_weight": weight, "budget": budget,
                              "seed": seed, "defender_acc": 0.9, "clone_acc": clone * scale, "agreement": clone * scale,
                              "queries": budget, "wall_time_s": 10.0})
-        rows.append({"attack": "knockoff", "defense": "edm", "diversity_weight": 1.0, "budget": 5000, "seed": seed,
+        rows.append({"attack": "knockoff", "defense": "edm-neural", "diversity_weight": 1.0, "budget": 5000, "seed": seed,
                      "defender_acc": 0.88, "clone_acc": 0.30, "agreement": 0.3, "queries": 5000, "wall_time_s": 10.0})
     return rows
 
@@ -58,7 +58,7 @@ def _records():
 def test_summary_pairs_the_drop_by_seed():
     rows = summarise(_records(), budget=5000, diversity_weight=0.5)
     none, edm = rows
-    assert (none["defense"], edm["defense"]) == ("none", "edm")
+    assert (none["defense"], edm["defense"]) == ("none", "edm-neural")
     assert none["clone_acc_mean"] == pytest.approx(0.61)
     assert edm["clone_acc_mean"] == pytest.approx(0.375)
     assert edm["clone_acc_drop_mean"] == pytest.approx(0.235)  # (0.25 + 0.22) / 2
@@ -73,13 +73,13 @@ def test_tables_hold_the_measured_values(tmp_path: Path):
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert float(table[1]["clone_acc_mean"]) == pytest.approx(0.375)
-    assert "| knockoff | edm (lambda=0.5) | 90.0 ± 0.0 | 37.5 ± 3.5 | 23.5 ± 2.1 |" in text
+    assert "| knockoff | edm-neural (lambda=0.5) | 90.0 ± 0.0 | 37.5 ± 3.5 | 23.5 ± 2.1 |" in text
     assert (tmp_path / "results.md").read_text() == text
 
 
 def test_plots_are_written(tmp_path: Path):
     assert plot_budget_curve(_records(), "knockoff", 0.5, tmp_path / "budget.png")
-    assert plot_tradeoff(_records(), "knockoff", 5000, tmp_path / "tradeoff.png")
+    assert plot_tradeoff(_records(), "knockoff", 5000, "edm-neural", tmp_path / "tradeoff.png")
     for name in ("budget.png", "tradeoff.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot_budget_curve([r for r in _records() if r["budget"] == 5000], "knockoff", 0.5, tmp_path / "none.png")

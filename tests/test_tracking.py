@@ -15,9 +15,10 @@ from tests.test_cli import QUICK
 @pytest.fixture(autouse=True)
 def fresh_wandb_session():
     """W&B reads its environment once per process session; tear it down so each test sees its own."""
-    yield
     import wandb
 
+    wandb.teardown()  # an earlier test module may have started a (disabled) session in this process
+    yield
     wandb.teardown()
 
 
@@ -58,7 +59,8 @@ def _wandb_loggers(node):
 
 
 def test_committed_configs_log_to_wandb_without_hard_coding_the_mode():
-    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    root = Path(__file__).resolve().parents[1]
+    configs = sorted([*root.glob("configs/*.yaml"), *root.glob("configs/attack/*.yaml")])
     assert configs
     for config in configs:
         loggers = list(_wandb_loggers(yaml.safe_load(config.read_text())))

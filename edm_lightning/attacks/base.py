@@ -17,9 +17,8 @@ import hashlib
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -251,29 +250,11 @@ def _build_victim(victim: VictimConfig | nn.Module) -> tuple[nn.Module, str]:
         victim = VictimConfig(**victim)
     if not isinstance(victim, VictimConfig):
         raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...) or a DefendedModel, got {type(victim).__name__}")
-    with _own_hyperparameters():
-        model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
+    model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
     parts = [_file_digest(victim.checkpoint), victim.router, str(victim.member), victim.key]
     if victim.hash_checkpoint:
         parts.append(_file_digest(victim.hash_checkpoint))
     return model, "ckpt:" + ":".join(parts)
-
-
-@contextmanager
-def _own_hyperparameters() -> Iterator[None]:
-    """Let checkpointed modules restore their own hyper-parameters while LightningCLI instantiates us.
-
-    LightningCLI sets a context variable with the hyper-parameters of the class it is instantiating;
-    ``save_hyperparameters`` of *any* LightningModule built meanwhile (``load_from_checkpoint`` of the
-    victim inside this DataModule's ``__init__``) would take those instead of its own (Lightning 2.6).
-    """
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    token = _given_hyperparameters.set(None)
-    try:
-        yield
-    finally:
-        _given_hyperparameters.reset(token)
 
 
 def _file_digest(path: str) -> str:

@@ -37,6 +37,22 @@ class VictimConfig:
 
 
 def load_defended(config: VictimConfig) -> DefendedModel:
+    """A DefendedModel in eval mode on CPU from ``config``; see :func:`_load_defended`.
+
+    Safe to call while LightningCLI instantiates a class (a DataModule that builds its victim in
+    ``__init__``): LightningCLI then holds that class's hyper-parameters in a context variable which
+    ``save_hyperparameters`` of any module loaded meanwhile would take instead of its own (Lightning 2.6).
+    """
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        return _load_defended(config)
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+def _load_defended(config: VictimConfig) -> DefendedModel:
     """A DefendedModel in eval mode on CPU from ``config``; unreadable, foreign or inconsistent checkpoints fail clearly.
 
     A checkpoint whose hyper-parameters contain ``num_members`` is an EDM ensemble

@@ -1,7 +1,7 @@
 """Turning per-seed attack records into the tables and plots the model-stealing literature reports.
 
-A record is one attack run: ``attack``, ``defense`` (``none`` or ``edm``), ``diversity_weight`` (EDM's
-lambda; ``None`` undefended), ``budget``, ``seed`` and the measured ``defender_acc``, ``clone_acc``,
+A record is one attack run: ``attack``, ``defense`` (``none``, or ``edm-<router>``), ``diversity_weight``
+(EDM's lambda; ``None`` undefended), ``budget``, ``seed`` and the measured ``defender_acc``, ``clone_acc``,
 ``agreement``, ``queries``, ``wall_time_s``.
 """
 
@@ -82,9 +82,9 @@ def write_markdown(rows: Sequence[ResultRow], path: Path, title: str, notes: Seq
 
 
 def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: float | None, path: Path) -> bool:
-    """Clone accuracy against query budget, undefended vs EDM (mean ± std over seeds); False if < 2 budgets."""
+    """Clone accuracy against query budget, undefended vs each EDM defense (mean ± std over seeds); False if < 2 budgets."""
     series = {}
-    for defense in ("none", "edm"):
+    for defense in dict.fromkeys(r["defense"] for r in sorted(records, key=lambda r: r["defense"] != "none")):
         points = defaultdict(list)
         for r in records:
             if r["attack"] == attack and r["defense"] == defense and (defense == "none" or r["diversity_weight"] == diversity_weight):
@@ -97,7 +97,7 @@ def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: fl
     for defense, points in series.items():
         budgets = [b for b, _ in points]
         means, stds = zip(*(_mean_std(v) for _, v in points))
-        label = "undefended" if defense == "none" else f"EDM (lambda={diversity_weight:g})"
+        label = "undefended" if defense == "none" else f"{defense} (lambda={diversity_weight:g})"
         ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("queries (budget)")
@@ -109,11 +109,11 @@ def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: fl
     return True
 
 
-def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path) -> bool:
-    """Defender accuracy (x) against clone accuracy (y) as lambda varies; the undefended model as a reference."""
+def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, defense: str, path: Path) -> bool:
+    """Defender accuracy (x) against clone accuracy (y) as lambda varies for ``defense``; the undefended model as a reference."""
     by_weight = defaultdict(list)
     for r in records:
-        if r["attack"] == attack and r["budget"] == budget:
+        if r["attack"] == attack and r["budget"] == budget and r["defense"] in ("none", defense):
             by_weight[None if r["defense"] == "none" else r["diversity_weight"]].append(r)
     weights = sorted(w for w in by_weight if w is not None)
     if not weights:
@@ -126,7 +126,7 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path)
         xs.append(x)
         ys.append(y)
         ax.annotate(f"lambda={weight:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot(xs, ys, marker="o", label="EDM")
+    ax.plot(xs, ys, marker="o", label=defense)
     if None in by_weight:
         group = by_weight[None]
         ax.plot([mean(r["defender_acc"] * 100 for r in group)], [mean(r["clone_acc"] * 100 for r in group)],

@@ -43,6 +43,10 @@ class OptimConfig:
             raise ConfigError(f"optim.step_size must be > 0, got {self.step_size}")
 
 
+# Checkpoints store the config in their hyper-parameters; torch.load(weights_only=True) must accept it.
+torch.serialization.add_safe_globals([OptimConfig])
+
+
 def build_optimizer(params: Iterable[nn.Parameter], config: OptimConfig, max_epochs: int | None):
     """Lightning's ``configure_optimizers`` return value for ``config``; the schedule steps once an epoch."""
     if config.name == "sgd":

@@ -1,0 +1,30 @@
+"""``python -m edm_lightning.experiment --config configs/experiment/fashionmnist.yaml [--seeds [0,1,2]] ...``"""
+
+from __future__ import annotations
+
+import sys
+
+from jsonargparse import auto_cli
+
+from edm_lightning.cli import _find_user_error
+from edm_lightning.experiment.runner import ExperimentConfig, run_experiment
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse an experiment config (YAML plus overrides), run it, and return its attack records."""
+    config = auto_cli(ExperimentConfig, args=argv)
+    try:
+        return run_experiment(config)
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; run the same command again to resume.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
