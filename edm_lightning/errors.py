@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration value is out of range or inconsistent with another one."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """A checkpoint a config names does not exist; the message says how to produce it."""

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from edm_lightning.cli import main
 
@@ -13,8 +12,9 @@ CONFIGS = sorted(Path("configs/attack").glob("*.yaml"))
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_attack_config_builds_its_attacker_and_victim_side(config, tmp_path):
     """Each config instantiates (victim loaded, shapes linked) against a freshly saved target checkpoint."""
-    from edm_lightning.models import ClassifierModule
     import lightning as L
+
+    from edm_lightning.models import ClassifierModule
 
     checkpoint = tmp_path / "target.ckpt"
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=0)

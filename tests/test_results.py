@@ -1,7 +1,6 @@
 """Experiment bookkeeping: stage caching and the results tables and plots."""
 
 import csv
-import json
 from pathlib import Path
 
 import pytest

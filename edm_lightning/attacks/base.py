@@ -29,6 +29,7 @@ from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.data.images import convert_images, load_images
 from edm_lightning.data.registry import get_spec
 from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.errors import ConfigError
 
 __all__ = ["AttackDataModule", "atomic_save", "run_attack"]
 
@@ -74,15 +75,15 @@ class AttackDataModule(L.LightningDataModule):
         self.spec = get_spec(dataset)
         for key, value in {"budget": budget, "batch_size": batch_size, "test_size": test_size}.items():
             if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         if budget < batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"budget={budget} is smaller than one query batch (batch_size={batch_size}): the attack could not "
                 f"make a single query. Raise the budget or lower batch_size."
             )
         victim_model, self.victim_id = _build_victim(victim)
         if tuple(victim_model.input_shape) != tuple(self.spec.input_shape) or victim_model.num_classes != self.spec.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"the victim takes inputs {tuple(victim_model.input_shape)} with {victim_model.num_classes} classes, but "
                 f"dataset {dataset!r} has {self.spec.input_shape} with {self.spec.num_classes}: name the victim's own dataset."
             )
@@ -175,7 +176,7 @@ class AttackDataModule(L.LightningDataModule):
         spec = get_spec(name)
         have, want = spec.input_shape[0], self.input_shape[0]
         if have != want and {have, want} != {1, 3}:
-            raise ValueError(
+            raise ConfigError(
                 f"surrogate {name!r} has {have}-channel images; the victim takes {want} channel(s) and only 1 <-> 3 "
                 f"channel conversion exists. Choose a surrogate with {want} channel(s)."
             )
@@ -220,6 +221,16 @@ def run_attack(
     results.update(getattr(datamodule, "report", lambda: {})())
     results.update(getattr(module, "report", lambda: {})())
     return results
+
+
+def require_single_process(trainer: L.Trainer, attack: str) -> None:
+    """Refuse DDP for attacks that query inside their training loop: every process would spend the budget."""
+    if trainer.world_size > 1:
+        raise ConfigError(
+            f"{attack} queries the victim inside its training loop: under DDP each of the {trainer.world_size} "
+            f"processes would query on its own and spend the budget {trainer.world_size} times. Run it on one device "
+            "(trainer.devices: 1). KnockoffNets buys its queries once, in prepare_data, and can use DDP."
+        )
 
 
 def victim_labels(victim: nn.Module | None, images: Tensor, batch_size: int = 1024) -> Tensor:

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from edm_lightning.attacks.base import AttackDataModule, run_attack
+from edm_lightning.attacks.base import AttackDataModule, require_single_process, run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 
@@ -65,9 +66,9 @@ class DFMEModule(CloneModule):
         for key, value in {"directions": directions, "generator_steps": generator_steps, "clone_steps": clone_steps,
                            "latent_dim": latent_dim}.items():
             if value <= 0:
-                raise ValueError(f"{key} must be positive, got {value}")
+                raise ConfigError(f"{key} must be positive, got {value}")
         if not grad_epsilon > 0 or not generator_lr > 0:
-            raise ValueError("grad_epsilon and generator_lr must be positive")
+            raise ConfigError("grad_epsilon and generator_lr must be positive")
         super().__init__(arch, num_classes, input_shape, mean, std, optim or OptimConfig(name="sgd", lr=0.1))
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -78,12 +79,13 @@ class DFMEModule(CloneModule):
         return batch_size * ((hp.directions + 1) * hp.generator_steps + hp.clone_steps)
 
     def on_fit_start(self) -> None:
+        require_single_process(self.trainer, "DFME")
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, AttackDataModule):
             raise TypeError(f"DFMEModule needs an attack DataModule (its oracle), got {type(datamodule).__name__}")
         cost, left = self.queries_per_iteration(datamodule.hparams.batch_size), datamodule.hparams.budget
         if cost > left:
-            raise ValueError(
+            raise ConfigError(
                 f"one DFME iteration costs {cost} queries (batch {datamodule.hparams.batch_size} x ((directions + 1) x "
                 f"generator_steps + clone_steps)) but the budget is {left}: raise the budget or lower batch_size."
             )
@@ -161,7 +163,7 @@ class DataFreeDataModule(AttackDataModule):
         seed: int = 0,
     ):
         if steps_per_epoch <= 0:
-            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+            raise ConfigError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
 
@@ -180,7 +182,7 @@ class Generator(nn.Module):
         super().__init__()
         channels, height, width_px = input_shape
         if height % 4 or width_px % 4:
-            raise ValueError(f"the generator upsamples x4: image sides must be multiples of 4, got {height}x{width_px}")
+            raise ConfigError(f"the generator upsamples x4: image sides must be multiples of 4, got {height}x{width_px}")
         self.start = (height // 4, width_px // 4)
         self.project = nn.Linear(latent_dim, 2 * width * self.start[0] * self.start[1])
         self.blocks = nn.Sequential(

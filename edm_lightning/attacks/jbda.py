@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
+from edm_lightning.attacks.base import AttackDataModule, atomic_save, require_single_process, run_attack
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.optim import OptimConfig
 
@@ -62,7 +63,7 @@ class JBDAModule(CloneModule):
         targeted: bool = False,
     ):
         if rounds < 0 or epochs_per_round <= 0 or not 0 < epsilon <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"need rounds >= 0, epochs_per_round > 0 and epsilon in (0, 1]; got {rounds}, {epochs_per_round}, {epsilon}"
             )
         super().__init__(arch, num_classes, input_shape, mean, std, optim)
@@ -70,12 +71,13 @@ class JBDAModule(CloneModule):
         self.history: list[dict[str, float]] = []
 
     def on_fit_start(self) -> None:
+        require_single_process(self.trainer, "JBDA")
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, JBDADataModule):
             raise TypeError(f"JBDAModule needs a JBDADataModule (its substitute set), got {type(datamodule).__name__}")
         needed = (self.hparams.rounds + 1) * self.hparams.epochs_per_round
         if self.trainer.max_epochs is not None and 0 < self.trainer.max_epochs < needed:
-            raise ValueError(
+            raise ConfigError(
                 f"JBDA with rounds={self.hparams.rounds} and epochs_per_round={self.hparams.epochs_per_round} trains "
                 f"{needed} epochs; trainer.max_epochs={self.trainer.max_epochs} would stop it early. Set max_epochs: {needed}."
             )
@@ -140,9 +142,9 @@ class JBDADataModule(AttackDataModule):
         seed: int = 0,
     ):
         if seed_size <= 0:
-            raise ValueError(f"seed_size must be positive, got {seed_size}")
+            raise ConfigError(f"seed_size must be positive, got {seed_size}")
         if seed_size > budget:
-            raise ValueError(f"seed_size={seed_size} exceeds the budget={budget}: the seed set alone could not be labelled")
+            raise ConfigError(f"seed_size={seed_size} exceeds the budget={budget}: the seed set alone could not be labelled")
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
         self.substitute_x: Tensor | None = None

@@ -30,6 +30,7 @@ from torch.utils.data import TensorDataset
 from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule, clone_loss
 from edm_lightning.models.optim import OptimConfig
 from edm_lightning.nets import build_net
@@ -77,11 +78,11 @@ class KnockoffDataModule(AttackDataModule):
         seed: int = 0,
     ):
         if strategy not in ("random", "adaptive"):
-            raise ValueError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
+            raise ConfigError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
         if reward not in ("cert", "div", "loss", "all"):
-            raise ValueError(f"unknown reward {reward!r}: expected 'cert', 'div', 'loss' or 'all'")
+            raise ConfigError(f"unknown reward {reward!r}: expected 'cert', 'div', 'loss' or 'all'")
         if diversity_window <= 0 or policy_lr <= 0:
-            raise ValueError("diversity_window and policy_lr must be positive")
+            raise ConfigError("diversity_window and policy_lr must be positive")
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
         self.load_attacker_images(surrogate, train=True, check_only=True)  # shape convertibility, before any query
@@ -186,10 +187,10 @@ def build_transfer_set(
         sampler = _RandomSampler(len(images), seed)
     elif strategy == "adaptive":
         if policy is None:
-            raise ValueError("the adaptive strategy needs a policy network (its online clone)")
+            raise ConfigError("the adaptive strategy needs a policy network (its online clone)")
         sampler = _BanditSampler(labels, oracle.num_classes, policy, policy_lr, reward, diversity_window, seed)
     else:
-        raise ValueError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
+        raise ConfigError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
     if cached.state is not None:
         sampler.load_state_dict(cached.state)
     indices, answers = ([cached.indices], [cached.answers]) if len(cached) else ([], [])

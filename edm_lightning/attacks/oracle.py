@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from edm_lightning.errors import ConfigError
+
 __all__ = ["BlackBoxOracle", "QueryBudgetExceeded"]
 
 
@@ -48,9 +50,9 @@ class BlackBoxOracle:
             if not hasattr(victim, attribute):
                 raise TypeError(f"the victim must expose {attribute!r} (a DefendedModel does); got {type(victim).__name__}")
         if budget is not None and budget <= 0:
-            raise ValueError(f"budget must be a positive number of queries (or None for unlimited), got {budget}")
+            raise ConfigError(f"budget must be a positive number of queries (or None for unlimited), got {budget}")
         if spent < 0 or (budget is not None and spent > budget):
-            raise ValueError(f"spent must be in [0, budget={budget}], got {spent}")
+            raise ConfigError(f"spent must be in [0, budget={budget}], got {spent}")
         self.input_shape: tuple[int, int, int] = tuple(int(v) for v in victim.input_shape)
         self.num_classes: int = int(victim.num_classes)
         self.budget = budget

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModule
 from edm_lightning.data.registry import get_spec
+from edm_lightning.errors import ConfigError
 
 __all__ = ["EDMDataModule"]
 
@@ -59,7 +60,7 @@ class EDMDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if ood_dataset == dataset:
-            raise ValueError(
+            raise ConfigError(
                 f"ood_dataset must differ from the in-distribution dataset, both are {dataset!r}: "
                 "diversity on in-distribution data would fight the accuracy term"
             )

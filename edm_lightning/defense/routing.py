@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from edm_lightning.defense.defended import FixedRouter, Router
+from edm_lightning.errors import CheckpointNotFoundError, ConfigError
 
 __all__ = [
     "ROUTERS",
@@ -69,7 +70,7 @@ class NeuralHashRouter(Router):
         super().__init__()
         _check_members(num_members)
         if num_bins < 2 or multiplier < 1:
-            raise ValueError(f"num_bins must be >= 2 and multiplier >= 1, got {num_bins} and {multiplier}")
+            raise ConfigError(f"num_bins must be >= 2 and multiplier >= 1, got {num_bins} and {multiplier}")
         self.hash_net = hash_net.eval().requires_grad_(False)
         self.register_buffer("logit_bias", torch.as_tensor(0.0 if logit_bias is None else logit_bias).float())
         self.num_members = num_members
@@ -99,7 +100,7 @@ class KeyedHashRouter(Router):
         _check_members(num_members)
         key = key.encode() if isinstance(key, str) else bytes(key)
         if not 0 < len(key) <= hashlib.blake2b.MAX_KEY_SIZE:
-            raise ValueError(f"keyed router key must be 1 to {hashlib.blake2b.MAX_KEY_SIZE} bytes, got {len(key)}")
+            raise ConfigError(f"keyed router key must be 1 to {hashlib.blake2b.MAX_KEY_SIZE} bytes, got {len(key)}")
         self.num_members = num_members
         self._key = key
 
@@ -150,7 +151,7 @@ def build_router(
     if kind == "neural":
         net, bias = load_hash_net(hash_checkpoint, input_shape)
         return NeuralHashRouter(net, num_members, bias)
-    raise ValueError(f"Unknown router {kind!r}. Known routers: {', '.join(ROUTERS)}.")
+    raise ConfigError(f"Unknown router {kind!r}. Known routers: {', '.join(ROUTERS)}.")
 
 
 def load_hash_net(
@@ -161,23 +162,23 @@ def load_hash_net(
     from edm_lightning.models.classifier import ClassifierModule
 
     if hash_checkpoint is None:
-        raise ValueError(
+        raise ConfigError(
             "router 'neural' needs hash_checkpoint: train the hash network with "
             "`python main.py fit --config configs/hashnet.yaml` and pass runs/hashnet/checkpoints/best.ckpt"
         )
     path = Path(hash_checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"Hash network checkpoint {str(path)!r} does not exist. Train it first: "
             "python main.py fit --config configs/hashnet.yaml"
         )
     try:
         module = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
     except Exception as err:
-        raise ValueError(f"{str(path)!r} is not a hash network (ClassifierModule) checkpoint: {err}") from None
+        raise ConfigError(f"{str(path)!r} is not a hash network (ClassifierModule) checkpoint: {err}") from None
     have = tuple(module.hparams.input_shape)
     if input_shape is not None and have != tuple(input_shape):
-        raise ValueError(
+        raise ConfigError(
             f"hash network {str(path)!r} takes inputs of shape {have}, but the ensemble takes {tuple(input_shape)}"
         )
     balance = torch.load(path, map_location="cpu", weights_only=False).get(BALANCE_KEY)
@@ -247,4 +248,4 @@ class HashBalanceCallback(Callback):
 
 def _check_members(num_members: int) -> None:
     if num_members < 1:
-        raise ValueError(f"num_members must be >= 1, got {num_members}")
+        raise ConfigError(f"num_members must be >= 1, got {num_members}")

@@ -9,6 +9,7 @@ import torch
 
 from edm_lightning.defense.defended import DefendedModel, FixedRouter
 from edm_lightning.defense.routing import build_router
+from edm_lightning.errors import CheckpointNotFoundError, ConfigError
 
 __all__ = ["VictimConfig", "load_defended"]
 
@@ -61,24 +62,24 @@ def _load_defended(config: VictimConfig) -> DefendedModel:
     """
     path = Path(config.checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"Victim checkpoint {str(path)!r} does not exist. Train it first (python main.py fit --config ...).")
+        raise CheckpointNotFoundError(f"Victim checkpoint {str(path)!r} does not exist. Train it first (python main.py fit --config ...).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(f"Victim checkpoint {str(path)!r} is not a readable Lightning checkpoint: {err}") from None
+        raise ConfigError(f"Victim checkpoint {str(path)!r} is not a readable Lightning checkpoint: {err}") from None
     hparams = state.get("hyper_parameters", {})
     if "num_members" in hparams:
         return _load_ensemble(path, state, config)
     if "arch" in hparams:
         return _load_target(path, state, config)
-    raise ValueError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hparams)})")
+    raise ConfigError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hparams)})")
 
 
 def _load_target(path: Path, state: dict, config: VictimConfig) -> DefendedModel:
     from edm_lightning.models.classifier import ClassifierModule
 
     if config.router != "fixed" or config.member != 0:
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r} is a single-model checkpoint: router must be 'fixed' with member 0, "
             f"got router={config.router!r}, member={config.member}"
         )
@@ -95,7 +96,7 @@ def _load_ensemble(path: Path, state: dict, config: VictimConfig) -> DefendedMod
     hp = state["hyper_parameters"]
     num_members = int(hp["num_members"])
     if config.router == "fixed" and not 0 <= config.member < num_members:
-        raise ValueError(f"member must be in [0, {num_members}) for the {num_members}-member ensemble {str(path)!r}, got {config.member}")
+        raise ConfigError(f"member must be in [0, {num_members}) for the {num_members}-member ensemble {str(path)!r}, got {config.member}")
     # Build the router first: a missing or mismatched hash network fails before the members load.
     router = build_router(
         config.router, num_members, member=config.member, key=config.key,
@@ -116,7 +117,7 @@ def _check_weights(path: Path, state: dict, prefix: str, expected_members: int |
     if expected_members is not None:
         found = sorted({int(k.split(".", 1)[0]) for k in weights})
         if len(found) != expected_members:
-            raise ValueError(
+            raise ConfigError(
                 f"{str(path)!r} is inconsistent: its hyper-parameters say num_members={expected_members}, "
                 f"its weights hold {len(found)} members"
             )
@@ -124,13 +125,13 @@ def _check_weights(path: Path, state: dict, prefix: str, expected_members: int |
     try:
         reference = build_net(hp["arch"], tuple(hp["input_shape"]), int(hp["num_classes"]), hp.get("mean"), hp.get("std"))
     except ValueError as err:
-        raise ValueError(f"{str(path)!r} has unusable hyper-parameters: {err}") from None
+        raise ConfigError(f"{str(path)!r} has unusable hyper-parameters: {err}") from None
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
     if expected != found:
         differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         first = differ[0]
-        raise ValueError(
+        raise ConfigError(
             f"{str(path)!r} is inconsistent: its hyper-parameters describe arch={hp['arch']!r}, "
             f"num_classes={hp['num_classes']}, input_shape={tuple(hp['input_shape'])} "
             f"({first}: {expected.get(first, 'absent')}), but its weights have {first}: {found.get(first, 'absent')} "

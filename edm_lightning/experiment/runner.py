@@ -46,6 +46,7 @@ class TrainSpec:
         epochs: training epochs.
         batch_size: training batch size.
         train_size: use only this many training images (``None``: all).
+        val_size: training images held out for validation (checkpoint selection).
         optim: optimiser and schedule.
     """
 
@@ -53,6 +54,7 @@ class TrainSpec:
     epochs: int = 10
     batch_size: int = 128
     train_size: int | None = None
+    val_size: int = 5000
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -66,6 +68,7 @@ class HashNetSpec(TrainSpec):
 
     dataset: str = "animal-mnist"
     epochs: int = 5
+    val_size: int = 1000
 
 
 @dataclass
@@ -147,8 +150,9 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
 
 
-def run_experiment(config: ExperimentConfig, log=sys.stderr) -> list[dict]:
+def run_experiment(config: ExperimentConfig, log=None) -> list[dict]:
     """Run (or reuse) every stage of ``config``, write the results, and return the attack records."""
+    log = log or sys.stderr
     validate(config, log)
     weights = [config.edm.diversity_weight] + [w for w in config.edm.tradeoff_weights if w != config.edm.diversity_weight]
     attack_runs = _planned_attacks(config, weights)
@@ -181,8 +185,9 @@ def run_experiment(config: ExperimentConfig, log=sys.stderr) -> list[dict]:
     return records
 
 
-def validate(config: ExperimentConfig, log=sys.stderr) -> None:
+def validate(config: ExperimentConfig, log=None) -> None:
     """Everything that can be checked before training starts: names, sizes, budgets, honesty of the setup."""
+    log = log or sys.stderr
     spec = get_spec(config.dataset)
     get_spec(config.edm.ood_dataset)
     get_spec(config.hashnet.dataset)
@@ -239,7 +244,8 @@ def _train_target(store: StageStore, config: ExperimentConfig, seed: int) -> dic
 
     def work(folder: Path) -> dict:
         data = ClassificationDataModule(config.dataset, config.root, config.target.batch_size,
-                                        train_size=config.target.train_size, test_size=config.test_size)
+                                        val_size=config.target.val_size, train_size=config.target.train_size,
+                                        test_size=config.test_size)
         model = ClassifierModule(config.target.arch, data.num_classes, data.input_shape, data.mean, data.std,
                                  config.target.optim)
         metrics = _fit_and_test(model, data, config.target.epochs, folder, seed, config, "target")
@@ -255,7 +261,7 @@ def _train_hashnet(store: StageStore, config: ExperimentConfig, seed: int) -> di
 
     def work(folder: Path) -> dict:
         target_spec = get_spec(config.dataset)
-        data = ClassificationDataModule(spec.dataset, config.root, spec.batch_size, val_size=1000,
+        data = ClassificationDataModule(spec.dataset, config.root, spec.batch_size, val_size=spec.val_size,
                                         train_size=spec.train_size)
         if tuple(data.input_shape) != tuple(target_spec.input_shape):
             raise ConfigError(f"hashnet.dataset {spec.dataset!r} has shape {data.input_shape}, the target {target_spec.input_shape}")
@@ -274,7 +280,7 @@ def _train_edm(store: StageStore, config: ExperimentConfig, seed: int, weight: f
              "hashnet": hashnet and hashnet["checkpoint"], "test_size": config.test_size}
 
     def work(folder: Path) -> dict:
-        data = EDMDataModule(config.dataset, spec.ood_dataset, config.root, spec.batch_size,
+        data = EDMDataModule(config.dataset, spec.ood_dataset, config.root, spec.batch_size, val_size=spec.val_size,
                              train_size=spec.train_size, test_size=config.test_size)
         model = EnsembleModule(spec.arch, spec.num_members, data.num_classes, data.input_shape, data.mean, data.std,
                                spec.optim, diversity_weight=weight, router=spec.routers[0], router_key=spec.router_key,

@@ -31,14 +31,14 @@ class StageStore:
     Args:
         root: folder holding one sub-folder per stage.
         total: number of stages planned, for the progress line (``[3/12]``).
-        log: where progress lines go.
+        log: where progress lines go (default: standard error).
     """
 
-    def __init__(self, root: str | Path, total: int | None = None, log=sys.stderr):
+    def __init__(self, root: str | Path, total: int | None = None, log=None):
         self.root = Path(root)
         self.total = total
         self.done = 0
-        self.log = log
+        self.log = log or sys.stderr
 
     def folder(self, kind: str, config: Any) -> Path:
         return self.root / f"{kind}-{config_key(config)}"

@@ -8,6 +8,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from edm_lightning.errors import ConfigError
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.nets import build_net
 
@@ -98,7 +99,7 @@ def clone_loss(logits: Tensor, target: Tensor) -> Tensor:
     """
     if target.is_floating_point():
         if target.shape != logits.shape:
-            raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+            raise ConfigError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}")
         return -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
     return F.cross_entropy(logits, target)
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from edm_lightning.errors import ConfigError
 from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
 from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.optim import OptimConfig, build_optimizer
@@ -74,11 +75,11 @@ class EnsembleModule(L.LightningModule):
     ):
         super().__init__()
         if num_members < 2:
-            raise ValueError(f"an EDM ensemble needs num_members >= 2, got {num_members}")
+            raise ConfigError(f"an EDM ensemble needs num_members >= 2, got {num_members}")
         if diversity_weight < 0:
-            raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
+            raise ConfigError(f"diversity_weight must be >= 0, got {diversity_weight}")
         if router == "neural" and hash_checkpoint is None:
-            raise ValueError("router 'neural' needs hash_checkpoint (train it with configs/hashnet.yaml)")
+            raise ConfigError("router 'neural' needs hash_checkpoint (train it with configs/hashnet.yaml)")
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
         # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
         self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint"])
@@ -133,14 +134,14 @@ class EnsembleModule(L.LightningModule):
         """Refuse, before any weight is copied, a checkpoint whose ensemble has another shape than this one."""
         saved = checkpoint.get("hyper_parameters", {})
         if "num_members" not in saved:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint is not an EDM ensemble (hyper-parameters: {sorted(saved)}); "
                 "this model is an ensemble of "
                 + ", ".join(f"{key}={self.hparams[key]}" for key in STRUCTURE)
             )
         differ = [key for key in STRUCTURE if _norm(saved.get(key)) != _norm(self.hparams[key])]
         if differ:
-            raise ValueError(
+            raise ConfigError(
                 "checkpoint does not match the configured ensemble: "
                 + "; ".join(f"{key}: checkpoint {saved.get(key)!r}, config {self.hparams[key]!r}" for key in differ)
             )

@@ -1,0 +1,125 @@
+"""The experiment runner end to end on a tiny configuration: stages, caching, resume, results files."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+from pathlib import Path
+
+import pytest
+
+from edm_lightning.errors import ConfigError
+from edm_lightning.experiment import AttackSpec, EDMSpec, ExperimentConfig, HashNetSpec, TrainSpec, run_experiment
+from edm_lightning.experiment.__main__ import main as experiment_main
+
+runner = importlib.import_module("edm_lightning.experiment.runner")
+
+
+def tiny_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
+    config = ExperimentConfig(
+        name="tiny", dataset="fashionmnist", root=str(root), seeds=[0], test_size=40, wandb_project=None,
+        runs_dir=str(out / "runs"), results_dir=str(out / "results"),
+        target=TrainSpec(epochs=1, batch_size=32, val_size=40), hashnet=HashNetSpec(epochs=1, batch_size=32, val_size=40),
+        edm=EDMSpec(epochs=1, batch_size=32, val_size=40, num_members=2, tradeoff_weights=[0.0]),
+        attacks=[AttackSpec(name="knockoff", budgets=[64, 128], epochs=1, options={"batch_size": 32})],
+    )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_runs_every_stage_and_writes_the_measured_values(fake_root: Path, tmp_path: Path, capsys):
+    records = run_experiment(tiny_config(fake_root, tmp_path))
+    # 2 budgets x (none, edm-neural, edm-keyed) + 1 trade-off point (lambda=0 behind the neural router)
+    assert len(records) == 7
+    assert {r["defense"] for r in records} == {"none", "edm-neural", "edm-keyed"}
+    assert all(r["queries"] <= r["budget"] for r in records)
+    out = tmp_path / "results/tiny"
+    for name in ("results.md", "results.csv", "records.csv", "budget_curve.png", "tradeoff.png"):
+        assert (out / name).is_file(), name
+    with open(out / "results.csv") as f:
+        rows = {row["defense"]: row for row in csv.DictReader(f)}
+    edm = [r for r in records if r["defense"] == "edm-neural" and r["budget"] == 128 and r["diversity_weight"] == 0.5][0]
+    assert float(rows["edm-neural"]["clone_acc_mean"]) == pytest.approx(edm["clone_acc"])
+    assert "clone_acc_drop_mean" in rows["edm-keyed"]
+    with open(out / "records.csv") as f:
+        assert len(list(csv.DictReader(f))) == 7
+    log = capsys.readouterr().err
+    assert "[1/" in log and "running" in log and "done in" in log
+
+
+def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
+    config = tiny_config(fake_root, tmp_path)
+    first = run_experiment(config)
+    capsys.readouterr()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached stage ran again")
+
+    monkeypatch.setattr(runner, "_fit_and_test", must_not_run)
+    monkeypatch.setattr("edm_lightning.attacks.run_knockoff", must_not_run)
+    assert run_experiment(config) == first
+    log = capsys.readouterr().err
+    assert log.count(": cached (") == 11 and ": running" not in log
+
+
+def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
+    import edm_lightning.attacks as attacks
+
+    real = attacks.run_knockoff
+    calls = {"n": 0}
+
+    def killed_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attacks, "run_knockoff", killed_on_third)
+    config = tiny_config(fake_root, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config)
+    assert not (tmp_path / "results/tiny/results.md").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(attacks, "run_knockoff", real)
+    run_experiment(config)
+    log = capsys.readouterr().err
+    assert log.count(": running") == 5  # the killed attack and the four after it; everything before is cached
+    assert (tmp_path / "results/tiny/results.md").is_file()
+
+
+def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
+    bad_budget = tiny_config(fake_root, tmp_path, attacks=[AttackSpec(name="knockoff", budgets=[10], options={"batch_size": 32})])
+    with pytest.raises(ConfigError, match="smaller than one query batch"):
+        run_experiment(bad_budget)
+    with pytest.raises(ConfigError, match="Unknown dataset"):
+        run_experiment(tiny_config(fake_root, tmp_path, dataset="fashion"))
+    with pytest.raises(ConfigError, match="must not be the victim's own dataset"):
+        run_experiment(tiny_config(fake_root, tmp_path, attacks=[AttackSpec(surrogate="fashionmnist", budgets=[128])]))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_surrogate_equal_to_the_defenders_ood_set_is_flagged_loudly(fake_root: Path, tmp_path: Path, capsys):
+    config = tiny_config(fake_root, tmp_path, attacks=[AttackSpec(surrogate="animal-mnist", budgets=[128])])
+    with pytest.warns(UserWarning, match="makes the defense look better than it is"):
+        runner.validate(config)
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_command_line_reports_config_errors_without_traceback(tmp_path: Path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("dataset: fashion\nwandb_project: null\n")
+    with pytest.raises(SystemExit) as exit_info:
+        experiment_main(["--config", str(config), "--runs_dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Unknown dataset 'fashion'" in err and "Traceback" not in err
+
+
+def test_committed_experiment_configs_parse(capsys):
+    from jsonargparse import auto_cli
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/experiment/*.yaml")):
+        config = auto_cli(ExperimentConfig, args=["--config", str(path)])
+        runner.validate(config)
+        assert config.attacks and config.seeds
