@@ -47,6 +47,7 @@ class TrainSpec:
         batch_size: training batch size.
         train_size: use only this many training images (``None``: all).
         val_size: training images held out for validation (checkpoint selection).
+        augment: random crop and flip (32x32 colour data).
         optim: optimiser and schedule.
     """
 
@@ -55,6 +56,7 @@ class TrainSpec:
     batch_size: int = 128
     train_size: int | None = None
     val_size: int = 5000
+    augment: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -245,7 +247,7 @@ def _train_target(store: StageStore, config: ExperimentConfig, seed: int) -> dic
     def work(folder: Path) -> dict:
         data = ClassificationDataModule(config.dataset, config.root, config.target.batch_size,
                                         val_size=config.target.val_size, train_size=config.target.train_size,
-                                        test_size=config.test_size)
+                                        test_size=config.test_size, augment=config.target.augment)
         model = ClassifierModule(config.target.arch, data.num_classes, data.input_shape, data.mean, data.std,
                                  config.target.optim)
         metrics = _fit_and_test(model, data, config.target.epochs, folder, seed, config, "target")
@@ -262,7 +264,7 @@ def _train_hashnet(store: StageStore, config: ExperimentConfig, seed: int) -> di
     def work(folder: Path) -> dict:
         target_spec = get_spec(config.dataset)
         data = ClassificationDataModule(spec.dataset, config.root, spec.batch_size, val_size=spec.val_size,
-                                        train_size=spec.train_size)
+                                        train_size=spec.train_size, augment=spec.augment)
         if tuple(data.input_shape) != tuple(target_spec.input_shape):
             raise ConfigError(f"hashnet.dataset {spec.dataset!r} has shape {data.input_shape}, the target {target_spec.input_shape}")
         model = ClassifierModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
@@ -281,7 +283,7 @@ def _train_edm(store: StageStore, config: ExperimentConfig, seed: int, weight: f
 
     def work(folder: Path) -> dict:
         data = EDMDataModule(config.dataset, spec.ood_dataset, config.root, spec.batch_size, val_size=spec.val_size,
-                             train_size=spec.train_size, test_size=config.test_size)
+                             train_size=spec.train_size, test_size=config.test_size, augment=spec.augment)
         model = EnsembleModule(spec.arch, spec.num_members, data.num_classes, data.input_shape, data.mean, data.std,
                                spec.optim, diversity_weight=weight, router=spec.routers[0], router_key=spec.router_key,
                                hash_checkpoint=hashnet and hashnet["checkpoint"])
