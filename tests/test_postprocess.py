@@ -259,3 +259,74 @@ def test_misinformation_config_trains_a_model_that_avoids_the_true_class(fake_ro
     am = build_postprocessor({"class_path": "AdaptiveMisinformation",
                               "init_args": {"tau": 0.5, "nu": 100.0, "misinformation_model": str(best)}}, 10, (1, 28, 28))
     assert isinstance(am.misinformation_model, nn.Sequential)
+
+
+# Compositions: post-processors named in VictimConfig, applied in the configured order.
+
+SPECS = {
+    "rs": {"class_path": "ReverseSigmoid", "init_args": {"beta": 0.8, "gamma": 1.0}},
+    "round": {"class_path": "edm_lightning.defense.postprocess.Rounding", "init_args": {"decimals": 1}},
+    "top1": {"class_path": "edm_lightning.defense.postprocess.TopLabel"},
+}
+
+
+@pytest.fixture
+def target_checkpoint(checkpoint_factory):
+    from edm_lightning.models import ClassifierModule
+
+    torch.manual_seed(0)
+    return checkpoint_factory(ClassifierModule(), "target.ckpt")
+
+
+def test_compositions_apply_in_the_configured_order(target_checkpoint):
+    from edm_lightning.defense import VictimConfig
+
+    x = torch.rand(64, 1, 28, 28)
+    plain = VictimConfig(target_checkpoint).build()(x)
+    rs_then_top1 = VictimConfig(target_checkpoint, postprocessors=[SPECS["rs"], SPECS["top1"]]).build()
+    top1_then_rs = VictimConfig(target_checkpoint, postprocessors=[SPECS["top1"], SPECS["rs"]]).build()
+    three = VictimConfig(target_checkpoint, postprocessors=[SPECS["rs"], SPECS["round"], SPECS["top1"]]).build()
+    rs, rounding, top1 = ReverseSigmoid(0.8, 1.0), Rounding(1), TopLabel()
+    torch.testing.assert_close(rs_then_top1(x), top1(x, rs(x, plain)))
+    torch.testing.assert_close(top1_then_rs(x), rs(x, top1(x, plain)))
+    torch.testing.assert_close(three(x), top1(x, rounding(x, rs(x, plain))))
+    assert not torch.allclose(rs_then_top1(x), top1_then_rs(x))  # the order is not a detail
+
+
+def test_edm_plus_adaptive_misinformation_is_a_config_change(checkpoint_factory):
+    from edm_lightning.defense import VictimConfig
+    from edm_lightning.models import EnsembleModule, MisinformationModule
+
+    torch.manual_seed(0)
+    edm = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
+    mis = MisinformationModule()
+    mis_ckpt = checkpoint_factory(mis, "mis.ckpt")
+    am = {"class_path": "AdaptiveMisinformation", "init_args": {"tau": 0.9, "nu": 50.0, "misinformation_model": mis_ckpt}}
+    x = torch.rand(32, 1, 28, 28)
+    alone = VictimConfig(edm, router="keyed", key="k").build()
+    composed = VictimConfig(edm, router="keyed", key="k", postprocessors=[am]).build()
+    torch.testing.assert_close(composed(x), AdaptiveMisinformation(0.9, 50.0, mis.net)(x, alone(x)))
+    assert not torch.allclose(composed(x), alone(x))
+
+
+def test_a_misspelt_postprocessor_fails_when_the_config_is_made(target_checkpoint):
+    from edm_lightning.defense import VictimConfig
+
+    with pytest.raises(ConfigError, match=r"postprocessors\[1\]: unknown post-processor 'ReverseSigmiod'"):
+        VictimConfig(target_checkpoint, postprocessors=[SPECS["rs"], {"class_path": "ReverseSigmiod"}])
+    with pytest.raises(ConfigError, match=r"beta \(strength\) must be >= 0"):
+        VictimConfig(target_checkpoint, postprocessors=[{"class_path": "ReverseSigmoid", "init_args": {"beta": -1}}]).build()
+
+
+def test_postprocessors_are_part_of_the_attack_cache_key(target_checkpoint, tmp_path):
+    """A transfer set bought from the undefended target must never be reused against the defended one."""
+    from edm_lightning.attacks import KnockoffDataModule
+    from edm_lightning.defense import VictimConfig
+
+    def cache(*specs):
+        victim = VictimConfig(target_checkpoint, postprocessors=list(specs))
+        return KnockoffDataModule(victim, root=str(tmp_path), cache_dir=str(tmp_path), budget=256).cache_path
+
+    assert len({cache(), cache(SPECS["rs"]), cache(SPECS["round"]), cache(SPECS["rs"], SPECS["round"]),
+                cache(SPECS["round"], SPECS["rs"])}) == 5
+    assert cache(SPECS["rs"]) == cache(SPECS["rs"])

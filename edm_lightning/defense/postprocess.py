@@ -258,7 +258,7 @@ class AdaptiveMisinformation(nn.Module):
     Args:
         tau: OOD threshold on the maximum probability, in [0, 1]; raising it misinforms more queries
             (also more benign ones), the defense's strength.
-        nu: sharpness of the switch, > 0 (large: nearly a hard threshold; the paper uses 1000).
+        nu: sharpness of the switch, > 0 (large, e.g. 1000: nearly a hard threshold at tau).
         misinformation_model: an ``nn.Module`` returning logits or a checkpoint path of a
             ``MisinformationModule``; it must have the served model's class count.
         num_classes: the served model's class count (set by the victim loader): checked against the model.
