@@ -26,8 +26,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
