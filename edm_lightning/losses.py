@@ -4,6 +4,8 @@ Kariyappa et al. (ICLR 2021) train the members to disagree on out-of-distributio
 the *coherence* of the ensemble: a smooth maximum (log-sum-exp) over member pairs ``i < j`` of the
 cosine similarity ``CS(f_i(x), f_j(x))`` of their softmax vectors. Functional forms first (easy to
 test, free of Lightning), then the ``nn.Module`` that calls them, as torchmetrics does.
+
+Also here: :func:`misinformation_loss`, the objective of Adaptive Misinformation's misinformation model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DiversityLoss", "coherence", "diversity_loss", "max_pairwise_similarity", "pairwise_similarity"]
+__all__ = [
+    "DiversityLoss",
+    "coherence",
+    "diversity_loss",
+    "max_pairwise_similarity",
+    "misinformation_loss",
+    "pairwise_similarity",
+]
 
 
 def coherence(probs: Tensor, temperature: float = 1.0) -> Tensor:
@@ -63,6 +72,18 @@ def pairwise_similarity(probs: Tensor) -> Tensor:
     gram = torch.einsum("ibc,jbc->bij", unit, unit)
     i, j = torch.triu_indices(members, members, offset=1, device=probs.device)
     return gram[:, i, j]
+
+
+def misinformation_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Batch mean of ``-log(1 - p_true)`` (Kariyappa and Qureshi, CVPR 2020, Eq. 4): mass away from the true class.
+
+    Computed as ``logsumexp(z) - logsumexp(z without the true class)``, i.e. ``-log sum_{k != y} p_k``,
+    which stays finite where ``1 - p_true`` underflows.
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (N, K) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    others = logits.scatter(1, targets[:, None], -float("inf"))
+    return (torch.logsumexp(logits, dim=-1) - torch.logsumexp(others, dim=-1)).mean()
 
 
 class DiversityLoss(nn.Module):

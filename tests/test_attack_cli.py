@@ -11,19 +11,34 @@ CONFIGS = sorted(Path("configs/attack").glob("*.yaml"))
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_attack_config_builds_its_attacker_and_victim_side(config, tmp_path):
-    """Each config instantiates (victim loaded, shapes linked) against a freshly saved target checkpoint."""
-    import lightning as L
+    """Each config instantiates (victim loaded, shapes linked, post-processors built) against freshly saved
+    checkpoints at the paths it names: a target or an ensemble, a hash network, a misinformation model."""
+    import yaml
 
-    from edm_lightning.models import ClassifierModule
+    from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
+    from tests.conftest import REPO_ROOT, localise_config, save_checkpoint
 
-    checkpoint = tmp_path / "target.ckpt"
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=0)
-    trainer.strategy.connect(ClassifierModule())
-    trainer.save_checkpoint(checkpoint)
-    cli = main(["--config", str(config), f"--data.init_args.victim.checkpoint={checkpoint}",
-                f"--data.init_args.cache_dir={tmp_path}"], run=False)
+    local = localise_config(config, tmp_path, REPO_ROOT / "data")
+    victim = yaml.safe_load(local.read_text())["data"]["init_args"]["victim"]
+    ensemble = victim.get("router", "fixed") != "fixed"
+
+    def save(module, path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(module, Path(path))
+
+    save(EnsembleModule(num_members=3) if ensemble else ClassifierModule(), victim["checkpoint"])
+    if victim.get("hash_checkpoint"):
+        save(ClassifierModule(), victim["hash_checkpoint"])
+    for spec in victim.get("postprocessors", []):
+        for value in spec.get("init_args", {}).values():
+            if str(value).endswith(".ckpt"):
+                save(MisinformationModule(), value)
+    cli = main(["--config", str(local), f"--data.init_args.cache_dir={tmp_path}"], run=False)
     assert cli.model.hparams.input_shape == (1, 28, 28) and cli.model.hparams.num_classes == 10
     assert cli.datamodule.queries_spent == 0
+    served = cli.datamodule._victim_to_serve
+    assert len(served.members) == (3 if ensemble else 1)
+    assert [type(p).__name__ for p in served.postprocessors] == [s["class_path"] for s in victim.get("postprocessors", [])]
 
 
 @pytest.mark.integration

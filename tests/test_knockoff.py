@@ -83,3 +83,76 @@ def test_bad_input_fails_before_any_query(victim, fake_data, tmp_path):
     with pytest.raises(ValueError, match="not a target or EDM ensemble checkpoint"):
         knockoff(VictimConfig(str(foreign)), tmp_path)
     assert victim.rows == 0
+
+
+# Query averaging: K noisy copies per surrogate image, the clone trains on the mean answer.
+
+
+def test_query_averaging_spends_exactly_k_times_the_queries_it_reports_per_item(victim, fake_data, tmp_path):
+    results = knockoff(victim, tmp_path, max_epochs=1, query_copies=4, copy_noise=0.05)
+    assert results["transfer_set"] == 128 and results["queries_per_item"] == 4
+    assert results["queries"] == results["queries_this_run"] == 4 * results["transfer_set"] == 512
+    assert results["extra_queries"] == 3 * 128 and results["attack"] == "knockoff-random-avg4"
+    assert victim.rows == 512 + EVAL_SIZE  # the victim saw every copy, and nothing else but its test set
+    again = knockoff(victim, tmp_path, max_epochs=1, query_copies=4, copy_noise=0.05, budget=510)
+    assert (again["transfer_set"], again["queries"], again["queries_this_run"]) == (127, 508, 0)  # a cached prefix
+
+
+def test_averaged_answers_are_the_mean_of_the_victims_answers_to_the_noisy_copies(tmp_path):
+    from edm_lightning.attacks.knockoff import noisy_copies
+
+    images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
+    victim = CountingVictim(linear_victim())
+    result = build_transfer_set(lambda spent: BlackBoxOracle(victim, 150, spent=spent), images, torch.arange(50) % 10,
+                                150, tmp_path / "t.pt", batch_size=30, query_copies=3, copy_noise=0.1, seed=5)
+    assert len(result) == 50 and result.queries == victim.rows == 150
+    x = images[result.indices].float() / 255
+    copies = noisy_copies(x, 3, 0.1, seed=5)
+    assert copies.min() >= 0 and copies.max() <= 1 and not torch.equal(copies[0], copies[1])
+    with torch.no_grad():
+        expected = linear_victim()(copies).view(50, 3, -1).mean(dim=1)
+    torch.testing.assert_close(result.answers, expected)
+
+
+def test_averaging_over_a_keyed_hash_recovers_the_members_mean():
+    """Why the attack matters: a byte hash sends each noisy copy to a random member, so the mean answer
+    tends to the ensemble's average; one plain query sees one member."""
+    from edm_lightning.attacks.knockoff import noisy_copies
+    from edm_lightning.defense import DefendedModel, KeyedHashRouter
+
+    members = [linear_victim(seed).members[0] for seed in (0, 1, 2)]
+    ensemble = DefendedModel(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval()
+    x = torch.rand(20, 1, 28, 28)
+    with torch.no_grad():
+        mean_of_members = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
+        single = ensemble(x)
+        averaged = ensemble(noisy_copies(x, 64, 0.01)).view(20, 64, -1).mean(dim=1)
+    assert (averaged - mean_of_members).abs().sum(-1).mean() < 0.5 * (single - mean_of_members).abs().sum(-1).mean()
+
+
+def test_query_averaging_settings_never_share_a_cache(fake_data, tmp_path):
+    def cache(**options):
+        return KnockoffDataModule(linear_victim(), root=str(tmp_path), budget=512, **options).cache_path
+
+    paths = {cache(), cache(query_copies=4), cache(query_copies=4, copy_noise=0.05), cache(query_copies=8, copy_noise=0.05),
+             cache(copy_noise=0.05)}
+    assert len(paths) == 5
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    path = tmp_path / "shared.pt"
+    build_transfer_set(lambda spent: BlackBoxOracle(linear_victim(), 80, spent=spent), images, torch.arange(40) % 10, 80, path,
+                       batch_size=40, query_copies=2, copy_noise=0.1)
+    with pytest.raises(ValueError, match="bought with query_copies=2, copy_noise=0.1, not 4"):
+        build_transfer_set(lambda spent: BlackBoxOracle(linear_victim(), 80, spent=spent), images, torch.arange(40) % 10, 80,
+                           path, batch_size=40, query_copies=4, copy_noise=0.1)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"query_copies": 0}, "query_copies must be an integer >= 1"),
+    ({"query_copies": 2.5}, "query_copies must be an integer >= 1"),
+    ({"copy_noise": -0.1}, r"copy_noise must be in \[0, 1\]"),
+    ({"query_copies": 1000, "budget": 512}, "cannot buy one image"),
+])
+def test_bad_query_averaging_settings_fail_before_any_query(victim, fake_data, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        knockoff(victim, tmp_path, **options)
+    assert victim.rows == 0

@@ -252,11 +252,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 def _build_victim(victim: VictimConfig | nn.Module) -> tuple[nn.Module, str]:
     """The victim model and an identity for cache keys (checkpoint digest and routing, or the weights' digest)."""
     if isinstance(victim, nn.Module):
-        digest = hashlib.sha256()
-        for name, tensor in victim.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return victim.eval(), f"module:{type(victim).__name__}:{digest.hexdigest()}"
+        return victim.eval(), f"module:{type(victim).__name__}:{_state_digest(victim)}"
     if isinstance(victim, dict):
         victim = VictimConfig(**victim)
     if not isinstance(victim, VictimConfig):
@@ -265,7 +261,18 @@ def _build_victim(victim: VictimConfig | nn.Module) -> tuple[nn.Module, str]:
     parts = [_file_digest(victim.checkpoint), victim.router, str(victim.member), victim.key]
     if victim.hash_checkpoint:
         parts.append(_file_digest(victim.hash_checkpoint))
+    if victim.postprocessors:  # their settings and weights (surrogate, misinformation model) change every answer
+        specs = json.dumps(victim.postprocessors, sort_keys=True, default=str)
+        parts.append(hashlib.sha256(specs.encode()).hexdigest()[:16] + "-" + _state_digest(model.postprocessors))
     return model, "ckpt:" + ":".join(parts)
+
+
+def _state_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _file_digest(path: str) -> str:

@@ -16,6 +16,14 @@ The transfer set (surrogate indices and answers, plus the sampler's state) is wr
 every query batch with an atomic rename. A re-run reads it and buys only what is missing; a run
 with a smaller budget reuses a prefix (the sampling order does not depend on B), so budget curves
 cost the largest budget once. A killed run resumes from the last saved batch.
+
+Query averaging (an adaptive attack on EDM): with ``query_copies = K`` each surrogate image is sent as K
+copies with faint Gaussian noise (``copy_noise``, std in [0, 1] pixel units, clamped to [0, 1]) and the
+clone trains on the mean answer. Against a router that scatters near-identical inputs over members
+(a keyed byte hash), the mean approaches the ensemble's average, which EDM's members were trained to
+keep accurate only in distribution; a neural hash sends the copies to one member and the mean buys
+nothing. The budget counts every copy (the oracle counts rows): a budget B buys B // K images, K times
+the queries per transfer-set item, and the report says so.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from edm_lightning.models.clone import CloneModule, clone_loss
 from edm_lightning.models.optim import OptimConfig
 from edm_lightning.nets import build_net
 
-__all__ = ["KnockoffDataModule", "TransferSet", "build_transfer_set", "run_knockoff"]
+__all__ = ["KnockoffDataModule", "TransferSet", "build_transfer_set", "noisy_copies", "run_knockoff"]
 
 Strategy = Literal["random", "adaptive"]
 Reward = Literal["cert", "div", "loss", "all"]
@@ -56,6 +64,8 @@ class KnockoffDataModule(AttackDataModule):
         policy_arch: architecture of the adaptive strategy's online clone (for the loss reward).
         policy_lr: Adam learning rate of that online clone (one step per query batch).
         diversity_window: horizon (in queries) of the mean answer the diversity reward compares with.
+        query_copies: K, the copies sent per surrogate image (1: plain KnockoffNets); answers are averaged.
+        copy_noise: std of the Gaussian noise added to each copy (images in [0, 1]; 0: exact copies).
     """
 
     def __init__(
@@ -70,6 +80,8 @@ class KnockoffDataModule(AttackDataModule):
         policy_arch: str = "lenet5",
         policy_lr: float = 1e-3,
         diversity_window: int = 1000,
+        query_copies: int = 1,
+        copy_noise: float = 0.0,
         root: str = "data",
         batch_size: int = 128,
         test_size: int | None = None,
@@ -83,6 +95,7 @@ class KnockoffDataModule(AttackDataModule):
             raise ConfigError(f"unknown reward {reward!r}: expected 'cert', 'div', 'loss' or 'all'")
         if diversity_window <= 0 or policy_lr <= 0:
             raise ConfigError("diversity_window and policy_lr must be positive")
+        _check_copies(query_copies, copy_noise, budget)
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
         self.load_attacker_images(surrogate, train=True, check_only=True)  # shape convertibility, before any query
@@ -96,6 +109,8 @@ class KnockoffDataModule(AttackDataModule):
         if hp.strategy == "adaptive":
             attack.update(reward=hp.reward, policy_arch=hp.policy_arch, policy_lr=hp.policy_lr,
                           window=hp.diversity_window, batch_size=hp.batch_size)
+        if hp.query_copies != 1 or hp.copy_noise != 0:  # plain KnockoffNets keeps its earlier keys
+            attack.update(query_copies=hp.query_copies, copy_noise=float(hp.copy_noise))
         return self.cache_dir / f"knockoff-{self.cache_key(**attack)}.pt"
 
     def prepare_data(self) -> None:
@@ -109,23 +124,28 @@ class KnockoffDataModule(AttackDataModule):
         self.transfer = build_transfer_set(
             self.open_oracle, images, labels, hp.budget, self.cache_path, strategy=hp.strategy, reward=hp.reward,
             batch_size=hp.batch_size, seed=hp.seed, policy=policy, policy_lr=hp.policy_lr,
-            diversity_window=hp.diversity_window,
+            diversity_window=hp.diversity_window, query_copies=hp.query_copies, copy_noise=hp.copy_noise,
         )
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.train_set is None:
             if self.transfer is None:  # another process bought it (DDP): read it back
-                self.transfer = TransferSet.load(self.cache_path).head(self.hparams.budget)
-                if len(self.transfer) < self.hparams.budget:
-                    raise RuntimeError(f"transfer set {self.cache_path} holds {len(self.transfer)} of {self.hparams.budget} queries")
+                items = self.hparams.budget // self.hparams.query_copies
+                self.transfer = TransferSet.load(self.cache_path).head(items)
+                if len(self.transfer) < items:
+                    raise RuntimeError(f"transfer set {self.cache_path} holds {len(self.transfer)} of {items} images")
             images, _ = self._surrogate_images()
             x = images[self.transfer.indices].float().div_(255)
             self.train_set = TensorDataset(x, self.transfer.answers)
 
     def report(self) -> dict[str, Any]:
         hp = self.hparams
-        return {"attack": f"knockoff-{hp.strategy}", "surrogate": hp.surrogate, "transfer_set": len(self.transfer or ())}
+        items = len(self.transfer or ())
+        return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
+                "surrogate": hp.surrogate, "transfer_set": items, "query_copies": hp.query_copies,
+                "copy_noise": float(hp.copy_noise), "queries_per_item": hp.query_copies,
+                "extra_queries": items * (hp.query_copies - 1)}
 
     def _surrogate_images(self) -> tuple[Tensor, Tensor]:
         if self._surrogate is None:
@@ -134,24 +154,37 @@ class KnockoffDataModule(AttackDataModule):
 
 
 class TransferSet:
-    """Surrogate indices, the victim's answers, and the adaptive sampler's state after the last query."""
+    """Surrogate indices, the victim's (mean) answers, and the adaptive sampler's state after the last query.
 
-    def __init__(self, indices: Tensor, answers: Tensor, state: dict | None = None):
+    ``query_copies`` / ``copy_noise`` record how each answer was bought (K noisy copies averaged), so a
+    set is never read back for another setting; each item cost ``query_copies`` queries.
+    """
+
+    def __init__(self, indices: Tensor, answers: Tensor, state: dict | None = None, query_copies: int = 1,
+                 copy_noise: float = 0.0):
         self.indices, self.answers, self.state = indices, answers, state
+        self.query_copies, self.copy_noise = int(query_copies), float(copy_noise)
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def queries(self) -> int:
+        """Queries the set cost: every copy of every item."""
+        return len(self) * self.query_copies
+
     def head(self, n: int) -> "TransferSet":
-        return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None)
+        return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None,
+                           self.query_copies, self.copy_noise)
 
     def save(self, path: Path) -> None:
-        atomic_save({"indices": self.indices, "answers": self.answers, "state": self.state}, path)
+        atomic_save({"indices": self.indices, "answers": self.answers, "state": self.state,
+                     "query_copies": self.query_copies, "copy_noise": self.copy_noise}, path)
 
     @classmethod
     def load(cls, path: Path) -> "TransferSet":
         blob = torch.load(path, map_location="cpu", weights_only=False)
-        return cls(blob["indices"], blob["answers"], blob["state"])
+        return cls(blob["indices"], blob["answers"], blob["state"], blob.get("query_copies", 1), blob.get("copy_noise", 0.0))
 
 
 def build_transfer_set(
@@ -167,8 +200,13 @@ def build_transfer_set(
     policy: torch.nn.Module | None = None,
     policy_lr: float = 1e-3,
     diversity_window: int = 1000,
+    query_copies: int = 1,
+    copy_noise: float = 0.0,
 ) -> TransferSet:
     """The first ``budget`` queries of KnockoffNets' sampling, bought once and kept in ``cache_path``.
+
+    With ``query_copies = K`` that is ``budget // K`` images, each answered by the mean of K noisy
+    copies (:func:`noisy_copies`); each oracle call then carries ``batch_size // K`` images (at least 1).
 
     Args:
         open_oracle: ``spent -> BlackBoxOracle``; called once with the queries the cache already holds
@@ -176,13 +214,22 @@ def build_transfer_set(
         images: the surrogate's uint8 images, already in the victim's input shape.
         labels: the surrogate's labels (the adaptive strategy's arms).
         policy: the adaptive strategy's online clone (trained one step per batch for the loss reward).
+        query_copies: K, copies per image (the oracle counts each).
+        copy_noise: std of the Gaussian noise on each copy.
     """
+    _check_copies(query_copies, copy_noise, budget)
+    items = budget // query_copies
     cache_path = Path(cache_path)
     cached = TransferSet.load(cache_path) if cache_path.is_file() else TransferSet(
-        torch.empty(0, dtype=torch.long), torch.empty(0, 0), None)
-    oracle: BlackBoxOracle = open_oracle(min(len(cached), budget))
-    if len(cached) >= budget:
-        return cached.head(budget)
+        torch.empty(0, dtype=torch.long), torch.empty(0, 0), None, query_copies, copy_noise)
+    if (cached.query_copies, cached.copy_noise) != (query_copies, float(copy_noise)):
+        raise ConfigError(
+            f"transfer set {str(cache_path)!r} was bought with query_copies={cached.query_copies}, "
+            f"copy_noise={cached.copy_noise}, not {query_copies}, {copy_noise}: give each setting its own cache path"
+        )
+    oracle: BlackBoxOracle = open_oracle(min(len(cached), items) * query_copies)
+    if len(cached) >= items:
+        return cached.head(items)
     if strategy == "random":
         sampler = _RandomSampler(len(images), seed)
     elif strategy == "adaptive":
@@ -195,17 +242,35 @@ def build_transfer_set(
         sampler.load_state_dict(cached.state)
     indices, answers = ([cached.indices], [cached.answers]) if len(cached) else ([], [])
     done = len(cached)
-    while done < budget:
-        count = min(batch_size, budget - done)
+    per_call = max(1, batch_size // query_copies)
+    while done < items:
+        count = min(per_call, items - done)
         chosen = sampler.draw(done, count)
         x = images[chosen].float().div_(255)
-        y = oracle(x)
+        if query_copies == 1 and copy_noise == 0:
+            y = oracle(x)
+        else:
+            y = oracle(noisy_copies(x, query_copies, copy_noise, seed, done)).view(count, query_copies, -1).mean(dim=1)
         sampler.update(x, y)
         indices.append(chosen)
         answers.append(y)
         done += count
-        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict()).save(cache_path)
-    return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict())
+        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), query_copies, copy_noise).save(cache_path)
+    return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), query_copies, copy_noise)
+
+
+def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0) -> Tensor:
+    """``copies`` versions of each image in ``x`` ``(N, C, H, W)``, in order ``(N * copies, C, H, W)``:
+    ``clamp(x + noise * eps, 0, 1)`` with Gaussian ``eps`` drawn per image from ``(seed, start + i)``, so
+    item ``i`` of a transfer set always gets the same copies, however the run was split into batches."""
+    out = x.repeat_interleave(copies, dim=0)
+    if noise > 0:
+        eps = torch.cat([
+            torch.randn((copies, *x.shape[1:]), generator=torch.Generator().manual_seed(seed * 2**32 + start + i))
+            for i in range(len(x))
+        ]).to(x.device)
+        out = (out + noise * eps).clamp_(0, 1)
+    return out
 
 
 def run_knockoff(
@@ -229,7 +294,7 @@ def run_knockoff(
     """KnockoffNets end to end from Python (the experiment runner's entry): the figures as a dict.
 
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/knockoff.yaml``.
-    ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ...).
+    ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ``query_copies``, ``copy_noise`` ...).
     """
     import lightning as L
 
@@ -241,6 +306,15 @@ def run_knockoff(
     module = CloneModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
                          optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine"))
     return run_attack(datamodule, module, max_epochs)
+
+
+def _check_copies(query_copies: int, copy_noise: float, budget: int) -> None:
+    if isinstance(query_copies, bool) or not isinstance(query_copies, int) or query_copies < 1:
+        raise ConfigError(f"query_copies must be an integer >= 1 (copies sent per surrogate image), got {query_copies!r}")
+    if not 0 <= copy_noise <= 1:
+        raise ConfigError(f"copy_noise must be in [0, 1] (noise std, images in [0, 1]), got {copy_noise!r}")
+    if budget < query_copies:
+        raise ConfigError(f"budget={budget} cannot buy one image sent as query_copies={query_copies} copies: raise the budget")
 
 
 class _RandomSampler:

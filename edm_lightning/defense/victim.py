@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from edm_lightning.defense.defended import DefendedModel, FixedRouter
+from edm_lightning.defense.postprocess import build_postprocessors, resolve_postprocessor
 from edm_lightning.defense.routing import build_router
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError
 
@@ -25,6 +27,12 @@ class VictimConfig:
         hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
         key: secret key of the ``keyed`` router.
         member: the member that answers under ``router: fixed``.
+        postprocessors: output-perturbation defenses applied to every answer, in this order, each as
+            ``{class_path: ReverseSigmoid, init_args: {beta: 0.3}}`` (a name from
+            :mod:`edm_lightning.defense.postprocess` or a dotted path). The served model's
+            ``num_classes`` and ``input_shape`` are passed to those that take them. So "EDM + Adaptive
+            Misinformation" is this list on an ensemble checkpoint; the undefended target + the same
+            list is the defense alone.
     """
 
     checkpoint: str
@@ -32,6 +40,13 @@ class VictimConfig:
     hash_checkpoint: str | None = None
     key: str = "edm-lightning"
     member: int = 0
+    postprocessors: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.postprocessors, (list, tuple)):
+            raise ConfigError(f"postprocessors must be a list of {{class_path, init_args}} mappings, got {self.postprocessors!r}")
+        for position, spec in enumerate(self.postprocessors):
+            resolve_postprocessor(spec, position)  # a misspelt class fails here, before any checkpoint is read
 
     def build(self) -> DefendedModel:
         return load_defended(self)
@@ -69,10 +84,13 @@ def _load_defended(config: VictimConfig) -> DefendedModel:
         raise ConfigError(f"Victim checkpoint {str(path)!r} is not a readable Lightning checkpoint: {err}") from None
     hparams = state.get("hyper_parameters", {})
     if "num_members" in hparams:
-        return _load_ensemble(path, state, config)
-    if "arch" in hparams:
-        return _load_target(path, state, config)
-    raise ConfigError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hparams)})")
+        model = _load_ensemble(path, state, config)
+    elif "arch" in hparams:
+        model = _load_target(path, state, config)
+    else:
+        raise ConfigError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hparams)})")
+    model.postprocessors.extend(build_postprocessors(config.postprocessors, model.num_classes, model.input_shape))
+    return model.eval()
 
 
 def _load_target(path: Path, state: dict, config: VictimConfig) -> DefendedModel:

@@ -3,6 +3,7 @@
 from edm_lightning.models.classifier import ClassifierModule
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.ensemble import EnsembleModule
+from edm_lightning.models.misinformation import MisinformationModule
 from edm_lightning.models.optim import OptimConfig
 
-__all__ = ["ClassifierModule", "CloneModule", "EnsembleModule", "OptimConfig"]
+__all__ = ["ClassifierModule", "CloneModule", "EnsembleModule", "MisinformationModule", "OptimConfig"]

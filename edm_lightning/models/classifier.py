@@ -52,7 +52,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.criterion(logits, y)
         self.train_metrics(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
@@ -70,11 +70,15 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         return build_optimizer(self.parameters(), self.optim, self.trainer.max_epochs)
 
+    def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The training loss (subclasses that learn another objective override it)."""
+        return F.cross_entropy(logits, y)
+
     def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
         x, y = batch
         logits = self(x)
         metrics(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/loss", self.criterion(logits, y), sync_dist=True)
         self.log_dict(metrics, prog_bar=stage == "val")
 
 
