@@ -31,3 +31,20 @@ class DumpMetrics(L.Callback):
         self.record["world_size"] = trainer.world_size
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"metrics-rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+class RecordRouting(L.Callback):
+    """Writes the member each input of a fixed, seeded batch is routed to, per rank, after fit."""
+
+    def __init__(self, dir: str, size: int = 64):
+        self.dir = Path(dir)
+        self.size = size
+
+    def on_fit_end(self, trainer, pl_module):
+        import torch
+
+        shape = tuple(pl_module.hparams.input_shape)
+        x = torch.rand((self.size, *shape), generator=torch.Generator().manual_seed(0)).to(pl_module.device)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        routes = pl_module.route(x).tolist()
+        (self.dir / f"routing-rank{trainer.global_rank}.json").write_text(json.dumps(routes))

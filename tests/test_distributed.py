@@ -55,6 +55,28 @@ def test_ddp_metrics_match_a_single_process(fake_root: Path, tmp_path: Path):
     assert rank0["metrics"]["val/loss"] == pytest.approx(one["metrics"]["val/loss"], rel=1e-4)
 
 
+def test_ddp_fit_of_the_ensemble_routes_identically_on_every_rank(fake_root: Path, tmp_path: Path):
+    """EDM under DDP: both ranks train, sync metrics, and send a fixed batch to the same members."""
+    config = localise_config("configs/edm.yaml", tmp_path, fake_root)
+    common = ["--config", str(config), "--data.init_args.val_size", "40", "--data.init_args.batch_size", "10",
+              "--model.init_args.num_members", "3", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    run_cli(["fit", *common, "--config", "configs/trainer/cpu_ddp2.yaml", "--trainer.max_epochs", "1",
+             "--trainer.limit_train_batches", "4", "--trainer.callbacks+=tests.helpers.RecordRouting",
+             f"--trainer.callbacks.dir={tmp_path / 'routing'}"], clean_env())
+    rank0 = json.loads((tmp_path / "routing/routing-rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "routing/routing-rank1.json").read_text())
+    assert rank0 == rank1 and len(set(rank0)) > 1  # same members on both ranks, and more than one in use
+    ckpt = str(tmp_path / "runs/edm/checkpoints/last.ckpt")
+    single, double = tmp_path / "single", tmp_path / "ddp"
+    run_cli(["validate", *common, "--ckpt_path", ckpt, "--trainer.callbacks+=tests.helpers.DumpMetrics",
+             f"--trainer.callbacks.dir={single}"], clean_env())
+    run_cli(["validate", *common, "--config", "configs/trainer/cpu_ddp2.yaml", "--ckpt_path", ckpt,
+             "--trainer.callbacks+=tests.helpers.DumpMetrics", f"--trainer.callbacks.dir={double}"], clean_env())
+    one, two = read_metrics(single)["metrics"], read_metrics(double)["metrics"]
+    for key in ("val/acc", "val/member_0/acc", "val/ood/coherence"):
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
+
+
 def test_ddp_fit_creates_one_wandb_run(fake_root: Path, tmp_path: Path):
     """Only rank 0 talks to W&B: two processes, one (offline) run."""
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
@@ -80,6 +102,11 @@ SLURM_RANK3_OF_4 = {
 
 
 def test_slurm_environment_gives_ranks_and_world_size(monkeypatch):
+    # The Trainer sets the process-wide rank_zero_only.rank to 3; restore it afterwards, or every later
+    # test in this process would log as a non-zero rank (dummy W&B experiments, no CSV files).
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))
     for key in _LAUNCHER_VARS:
         monkeypatch.delenv(key, raising=False)
     for key, value in SLURM_RANK3_OF_4.items():

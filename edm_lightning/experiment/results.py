@@ -104,7 +104,7 @@ def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: fl
     ax.set_ylabel("clone accuracy (%)")
     ax.set_title(f"{attack}: clone accuracy against query budget")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best", framealpha=0.6)
     _save(fig, path)
     return True
 
@@ -135,7 +135,7 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, defense: st
     ax.set_ylabel("clone accuracy (%)")
     ax.set_title(f"{attack} ({budget:,} queries): defender vs clone accuracy")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best", framealpha=0.6)
     _save(fig, path)
     return True
 

@@ -39,6 +39,7 @@ class StageStore:
         self.total = total
         self.done = 0
         self.log = log or sys.stderr
+        self.results: list[dict] = []  # every stage's result, cached or not, in run order
 
     def folder(self, kind: str, config: Any) -> Path:
         return self.root / f"{kind}-{config_key(config)}"
@@ -54,6 +55,7 @@ class StageStore:
         result = self.cached(kind, config)
         if result is not None:
             print(f"{prefix} {description}: cached ({self.folder(kind, config)})", file=self.log, flush=True)
+            self.results.append(result)
             return result
         folder = self.folder(kind, config)
         folder.mkdir(parents=True, exist_ok=True)
@@ -64,6 +66,7 @@ class StageStore:
         result = {**result, "stage_wall_time_s": round(time.perf_counter() - start, 1)}
         write_atomic(folder / "result.json", json.dumps(result, indent=2, sort_keys=True))
         print(f"{prefix} {description}: done in {result['stage_wall_time_s']:.0f} s", file=self.log, flush=True)
+        self.results.append(result)
         return result
 
 
