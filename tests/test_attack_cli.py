@@ -42,15 +42,17 @@ def test_every_attack_config_builds_its_attacker_and_victim_side(config, tmp_pat
 
 
 @pytest.mark.integration
-def test_knockoff_cli_on_real_data(tmp_path):
+def test_knockoff_cli_on_real_data(tmp_path, real_data_root):
     victim = tmp_path / "victim"
-    main(["fit", "--config", "configs/baseline.yaml", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+    main(["fit", "--config", "configs/baseline.yaml", f"--data.init_args.root={real_data_root}",
+          "--trainer.max_epochs", "1", "--trainer.logger", "false",
           "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={victim}",
           f"--trainer.callbacks.dirpath={victim}", "--data.init_args.train_size", "3000",
           "--data.init_args.val_size", "500"])
     checkpoint = victim / "best.ckpt"
     assert checkpoint.is_file()
-    cli = main(["fit", "--config", "configs/attack/knockoff.yaml", "--trainer.max_epochs", "5",
+    cli = main(["fit", "--config", "configs/attack/knockoff.yaml", f"--data.init_args.root={real_data_root}",
+                "--trainer.max_epochs", "5",
                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                 f"--trainer.default_root_dir={tmp_path / 'attack'}",
                 f"--data.init_args.victim.checkpoint={checkpoint}", "--data.init_args.budget", "2000",

@@ -80,7 +80,7 @@ def test_edm_data_exposes_the_in_distribution_description_and_refuses_the_same_o
 
 
 @pytest.mark.integration
-def test_cli_fit_and_test_of_the_ensemble_on_real_data(tmp_path):
+def test_cli_fit_and_test_of_the_ensemble_on_real_data(tmp_path, real_data_root):
     from edm_lightning.cli import main
 
     # Small and in tmp_path: the committed config, with logger, checkpoints and sizes overridden.
@@ -95,7 +95,7 @@ def test_cli_fit_and_test_of_the_ensemble_on_real_data(tmp_path):
                                          "monitor": "val/acc", "mode": "max"}}],
         },
         "model": {"init_args": {"num_members": 3}},
-        "data": {"init_args": {"root": str(ROOT / "data"), "train_size": 4000, "val_size": 1000,
+        "data": {"init_args": {"root": str(real_data_root), "train_size": 4000, "val_size": 1000,
                                "test_size": 512, "ood_holdout_size": 512}},
     }
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(override))
