@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from edm_lightning.errors import UserError
+from edm_lightning.errors import exit_if_user_error
 from edm_lightning.tracking import LogConfigCallback, finish_wandb_run, resolve_wandb_mode
 
 __all__ = ["EDMLightningCLI", "main"]
@@ -47,21 +45,8 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
             auto_configure_optimizers=False,
         )
     except Exception as err:
-        user_error = _find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_if_user_error(err)
+        raise
     finally:
         finish_wandb_run()
 
-
-def _find_user_error(err: BaseException | None) -> UserError | None:
-    """The UserError behind ``err``: jsonargparse wraps errors raised while instantiating classes."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, UserError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None

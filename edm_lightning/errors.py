@@ -1,6 +1,8 @@
 """Errors that are the user's to fix: the CLI prints their message alone, without a traceback."""
 
-__all__ = ["ConfigError", "UserError"]
+import sys
+
+__all__ = ["CheckpointNotFoundError", "ConfigError", "UserError", "exit_if_user_error"]
 
 
 class UserError(Exception):
@@ -13,3 +15,18 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
     """A checkpoint a config names does not exist; the message says how to produce it."""
+
+
+def exit_if_user_error(err: BaseException) -> None:
+    """Print the UserError behind ``err`` (jsonargparse wraps the errors of the classes it builds) and exit 2.
+
+    Returns without doing anything when no UserError is behind ``err``: the caller re-raises it.
+    """
+    seen = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, UserError):
+            print(f"error: {cause}", file=sys.stderr)
+            raise SystemExit(2) from None
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.data.datamodules import LinkedSpec
 from edm_lightning.data.images import convert_images, load_images
 from edm_lightning.data.registry import get_spec
 from edm_lightning.defense.victim import VictimConfig
@@ -34,7 +35,7 @@ from edm_lightning.errors import ConfigError
 __all__ = ["AttackDataModule", "atomic_save", "run_attack"]
 
 
-class AttackDataModule(L.LightningDataModule):
+class AttackDataModule(LinkedSpec, L.LightningDataModule):
     """The victim behind an oracle, and the victim's test set (with the victim's labels) for evaluation.
 
     Everything that can be wrong with the input is checked in ``__init__``, before a query is spent:
@@ -93,22 +94,6 @@ class AttackDataModule(L.LightningDataModule):
         self._prepaid = 0  # queries bought by an earlier run and read back from the cache
         self.train_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.spec.input_shape
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self.spec.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.spec.std
 
     @property
     def oracle(self) -> BlackBoxOracle:

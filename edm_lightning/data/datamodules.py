@@ -13,13 +13,36 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from edm_lightning.data.images import ImageTensorDataset, load_images
-from edm_lightning.data.registry import get_spec
+from edm_lightning.data.registry import DatasetSpec, get_spec
 from edm_lightning.errors import ConfigError
 
-__all__ = ["ClassificationDataModule", "OODDataModule", "seeded_indices"]
+__all__ = ["ClassificationDataModule", "LinkedSpec", "OODDataModule", "seeded_indices"]
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class LinkedSpec:
+    """``num_classes``, ``input_shape``, ``mean`` and ``std`` of the dataset in ``self.spec``: the values the
+    CLI links from every DataModule into the model's arguments."""
+
+    spec: DatasetSpec
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.spec.input_shape
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.spec.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.spec.std
+
+
+class ClassificationDataModule(LinkedSpec, L.LightningDataModule):
     """A labelled dataset from the registry: seeded train/val split of the train set, and the test set.
 
     Args:
@@ -53,22 +76,6 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ConfigError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.spec.input_shape
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self.spec.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.spec.std
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

@@ -8,14 +8,14 @@ import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModule
+from edm_lightning.data.datamodules import ClassificationDataModule, LinkedSpec, OODDataModule
 from edm_lightning.data.registry import get_spec
 from edm_lightning.errors import ConfigError
 
 __all__ = ["EDMDataModule"]
 
 
-class EDMDataModule(L.LightningDataModule):
+class EDMDataModule(LinkedSpec, L.LightningDataModule):
     """A :class:`ClassificationDataModule` and an :class:`OODDataModule` in the in-distribution input shape.
 
     Training batches are dicts ``{"id": (x, y), "ood": x_ood}``: the OOD loader cycles until the
@@ -86,22 +86,6 @@ class EDMDataModule(L.LightningDataModule):
             hp.ood_dataset, self.input_shape, hp.root, hp.ood_batch_size or hp.batch_size, hp.ood_train_size,
             hp.ood_holdout_size, hp.num_workers, hp.seed,
         )
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return self.spec.input_shape
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self.spec.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.spec.std
 
     def setup(self, stage: str | None = None) -> None:
         self.id_data.setup(stage)

@@ -6,7 +6,7 @@ import sys
 
 from jsonargparse import auto_cli
 
-from edm_lightning.cli import _find_user_error
+from edm_lightning.errors import exit_if_user_error
 from edm_lightning.experiment.runner import ExperimentConfig, run_experiment
 
 
@@ -19,11 +19,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("interrupted: finished stages are kept; run the same command again to resume.", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:
-        user_error = _find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_if_user_error(err)
+        raise
 
 
 if __name__ == "__main__":
