@@ -123,3 +123,27 @@ def test_committed_experiment_configs_parse(capsys):
         config = auto_cli(ExperimentConfig, args=["--config", str(path)])
         runner.validate(config)
         assert config.attacks and config.seeds
+
+
+def test_results_table_and_plots_go_to_wandb(fake_root: Path, tmp_path: Path, monkeypatch):
+    """The experiment's W&B run gets the results table and the PNG plots (the logger's calls recorded)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    tables, job_types, logged = [], [], []
+    original_init = WandbLogger.__init__
+
+    def recording_init(self, *args, **kwargs):
+        job_types.append(kwargs.get("job_type"))
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(WandbLogger, "__init__", recording_init)
+    monkeypatch.setattr(WandbLogger, "log_table", lambda self, key, columns, data: tables.append((key, columns, data)))
+    monkeypatch.setattr(WandbLogger, "log_image", lambda self, key, images: logged.append(key))
+
+    config = tiny_config(fake_root, tmp_path, wandb_project="edm-lightning-test")
+    run_experiment(config)
+    (key, columns, data), = tables
+    assert key == "results" and "clone_acc_mean" in columns and len(data) == 3
+    assert set(logged) == {"budget_curve", "tradeoff"}
+    assert {"target", "hashnet", "ensemble", "experiment"} <= set(job_types)
