@@ -48,3 +48,17 @@ class RecordRouting(L.Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         routes = pl_module.route(x).tolist()
         (self.dir / f"routing-rank{trainer.global_rank}.json").write_text(json.dumps(routes))
+
+
+class DumpQueries(L.Callback):
+    """Writes, per rank, whether this process opened the attack's oracle and how many queries it counts."""
+
+    def __init__(self, dir: str):
+        self.dir = Path(dir)
+
+    def on_fit_end(self, trainer, pl_module):
+        datamodule = trainer.datamodule
+        record = {"opened_oracle": datamodule._oracle is not None, "queries_spent": datamodule.queries_spent,
+                  "train_items": len(datamodule.train_set)}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f"queries-rank{trainer.global_rank}.json").write_text(json.dumps(record))

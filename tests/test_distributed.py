@@ -77,6 +77,23 @@ def test_ddp_fit_of_the_ensemble_routes_identically_on_every_rank(fake_root: Pat
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
 
 
+def test_ddp_knockoff_spends_its_budget_once(fake_root: Path, tmp_path: Path):
+    """Under DDP the transfer set is bought by one process and read back by the other: one budget, not two."""
+    target = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    run_cli(["fit", "--config", str(target), "--data.init_args.val_size", "40", "--trainer.logger", "false", *QUICK],
+            clean_env())
+    attack = localise_config("configs/attack/knockoff.yaml", tmp_path, fake_root)
+    victim = str(tmp_path / "runs/baseline/checkpoints/best.ckpt")
+    run_cli(["fit", "--config", str(attack), "--config", "configs/trainer/cpu_ddp2.yaml", "--trainer.logger", "false",
+             f"--data.init_args.victim.checkpoint={victim}", "--data.init_args.budget", "160",
+             "--data.init_args.batch_size", "16", "--data.init_args.test_size", "40", "--trainer.max_epochs", "1",
+             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.helpers.DumpQueries",
+             f"--trainer.callbacks.dir={tmp_path / 'queries'}"], clean_env())
+    ranks = [json.loads((tmp_path / f"queries/queries-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["opened_oracle"] for r in ranks] == [True, False]  # only rank 0 ever held the victim's door open
+    assert ranks[0]["queries_spent"] == 160 and ranks[1]["train_items"] == 160  # rank 1 read the same 160 answers
+
+
 def test_ddp_fit_creates_one_wandb_run(fake_root: Path, tmp_path: Path):
     """Only rank 0 talks to W&B: two processes, one (offline) run."""
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
