@@ -59,6 +59,6 @@ class DumpQueries(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         datamodule = trainer.datamodule
         record = {"opened_oracle": datamodule._oracle is not None, "queries_spent": datamodule.queries_spent,
-                  "train_items": len(datamodule.train_set)}
+                  "train_items": len(datamodule.train_set), "per_node": datamodule.prepare_data_per_node}
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"queries-rank{trainer.global_rank}.json").write_text(json.dumps(record))

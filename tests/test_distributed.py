@@ -92,6 +92,7 @@ def test_ddp_knockoff_spends_its_budget_once(fake_root: Path, tmp_path: Path):
     ranks = [json.loads((tmp_path / f"queries/queries-rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["opened_oracle"] for r in ranks] == [True, False]  # only rank 0 ever held the victim's door open
     assert ranks[0]["queries_spent"] == 160 and ranks[1]["train_items"] == 160  # rank 1 read the same 160 answers
+    assert not ranks[0]["per_node"]  # global rank 0 buys, not the first process of every node
 
 
 def test_ddp_fit_creates_one_wandb_run(fake_root: Path, tmp_path: Path):

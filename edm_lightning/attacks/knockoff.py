@@ -52,8 +52,8 @@ Reward = Literal["cert", "div", "loss", "all"]
 class KnockoffDataModule(AttackDataModule):
     """The KnockoffNets transfer set as training data for a :class:`CloneModule`.
 
-    ``prepare_data`` buys (or reuses) the transfer set; it runs on one process per node under DDP,
-    so the budget is spent once, and ``setup`` reads the set back from disk on every process.
+    ``prepare_data`` buys (or reuses) the transfer set; under DDP it runs on global rank 0 only, so the
+    budget is spent once, and ``setup`` reads the set back from ``cache_dir`` on every process.
 
     Args:
         victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed:
@@ -101,6 +101,10 @@ class KnockoffDataModule(AttackDataModule):
         self.load_attacker_images(surrogate, train=True, check_only=True)  # shape convertibility, before any query
         self._surrogate: tuple[Tensor, Tensor] | None = None
         self.transfer: TransferSet | None = None
+        # Buy the transfer set on global rank 0 only, not once per node: on several nodes the budget would
+        # otherwise be spent once per node. The other processes read it back from cache_dir, which on a
+        # multi-node job must be on a filesystem all nodes share (runs/ usually is).
+        self.prepare_data_per_node = False
 
     @property
     def cache_path(self) -> Path:
