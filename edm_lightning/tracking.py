@@ -17,7 +17,6 @@ from urllib.parse import urlparse
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 
 __all__ = ["LogConfigCallback", "finish_wandb_run", "resolve_wandb_mode", "wandb_has_credentials"]
 
@@ -84,7 +83,4 @@ class LogConfigCallback(SaveConfigCallback):
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         config = self.config.as_dict()
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.config.update({"cli": config}, allow_val_change=True)
-            else:
-                logger.log_hyperparams({"cli": config})
+            logger.log_hyperparams({"cli": config})
