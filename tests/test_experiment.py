@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,13 @@ def test_runs_every_stage_and_writes_the_measured_values(fake_root: Path, tmp_pa
         assert len(list(csv.DictReader(f))) == 7
     log = capsys.readouterr().err
     assert "[1/" in log and "running" in log and "done in" in log
+    # each EDM row's defender accuracy is the ensemble measured behind that row's router
+    served = {}
+    for folder in (tmp_path / "runs/tiny").glob("served-*"):
+        router = json.loads((folder / "config.json").read_text())["router"]
+        served.setdefault(router, set()).add(json.loads((folder / "result.json").read_text())["test_acc"])
+    for router in ("neural", "keyed"):
+        assert {r["defender_acc"] for r in records if r["defense"] == f"edm-{router}"} <= served[router]
 
 
 def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
@@ -60,7 +68,7 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
     monkeypatch.setattr("edm_lightning.attacks.run_knockoff", must_not_run)
     assert run_experiment(config) == first
     log = capsys.readouterr().err
-    assert log.count(": cached (") == 11 and ": running" not in log
+    assert log.count(": cached (") == 15 and ": running" not in log
 
 
 def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):

@@ -3,7 +3,7 @@
 Stages (each cached under ``runs_dir`` by the hash of its configuration, see :mod:`.stages`):
 
 1. per seed, the undefended target; the hash network of the neural router; one EDM ensemble per
-   diversity weight (lambda);
+   diversity weight (lambda), and its defended test accuracy behind each router;
 2. per seed, attack and budget, the attack against the target and against the main EDM ensemble;
    for the trade-off curve, the first attack at its largest budget against every other lambda;
 3. the results: ``results.md``, ``results.csv``, ``records.csv`` and PNG plots in
@@ -158,7 +158,8 @@ def run_experiment(config: ExperimentConfig, log=None) -> list[dict]:
     validate(config, log)
     weights = [config.edm.diversity_weight] + [w for w in config.edm.tradeoff_weights if w != config.edm.diversity_weight]
     attack_runs = _planned_attacks(config, weights)
-    total = len(config.seeds) * (1 + ("neural" in config.edm.routers) + len(weights)) + len(attack_runs)
+    per_seed = 1 + ("neural" in config.edm.routers) + len(weights) * (1 + len(config.edm.routers))
+    total = len(config.seeds) * per_seed + len(attack_runs)
     store = StageStore(Path(config.runs_dir) / config.name, total=total, log=log)
     if config.wandb_project:
         resolve_wandb_mode()
@@ -172,7 +173,8 @@ def run_experiment(config: ExperimentConfig, log=None) -> list[dict]:
         for weight in weights:
             ensemble = _train_edm(store, config, seed, weight, hashnet)
             for router in config.edm.routers:  # one ensemble, served behind each router
-                victims[(f"edm-{router}", weight, seed)] = {**ensemble, "router": router}
+                served = _serve_edm(store, config, ensemble, router)
+                victims[(f"edm-{router}", weight, seed)] = {**ensemble, "router": router, "test_acc": served["test_acc"]}
 
     records = []
     for attack, defense, weight, budget, seed in attack_runs:
@@ -299,6 +301,30 @@ def _train_edm(store: StageStore, config: ExperimentConfig, seed: int, weight: f
     return store.run("edm", stage, work, label=f"N={spec.num_members} lambda={weight:g} (seed {seed})")
 
 
+def _serve_edm(store: StageStore, config: ExperimentConfig, ensemble: dict, router: str) -> dict:
+    """The defender's accuracy as served: the ensemble behind ``router``, on the test set, through DefendedModel."""
+    stage = {"ensemble": ensemble["checkpoint"], "router": router, "test_size": config.test_size}
+
+    def work(folder: Path) -> dict:
+        import torch
+
+        from edm_lightning.data import load_images
+
+        model = _victim_config(config, ensemble, router).build()
+        images, labels = load_images(config.dataset, config.root, train=False)
+        images, labels = images[: config.test_size], labels[: config.test_size]
+        correct = sum(int((model(x.float().div(255)).argmax(-1) == y).sum())
+                      for x, y in zip(images.split(1024), labels.split(1024), strict=True))
+        return {"test_acc": correct / len(labels)}
+
+    return store.run("served", stage, work, label=f"{Path(ensemble['checkpoint']).parent.name} behind the {router} router")
+
+
+def _victim_config(config: ExperimentConfig, victim: dict, router: str) -> VictimConfig:
+    return VictimConfig(victim["checkpoint"], router=router, hash_checkpoint=victim.get("hash_checkpoint"),
+                        key=config.edm.router_key)
+
+
 def _attack(store: StageStore, config: ExperimentConfig, attack: AttackSpec, victim: dict, budget: int, seed: int,
             defense: str, weight: float | None) -> dict:
     from edm_lightning.attacks import run_dfme, run_jbda, run_knockoff
@@ -307,8 +333,7 @@ def _attack(store: StageStore, config: ExperimentConfig, attack: AttackSpec, vic
              "victim": victim["checkpoint"], "router": victim.get("router", "fixed"), "test_size": config.test_size}
 
     def work(folder: Path) -> dict:
-        victim_config = VictimConfig(victim["checkpoint"], router=victim.get("router", "fixed"),
-                                     hash_checkpoint=victim.get("hash_checkpoint"), key=config.edm.router_key)
+        victim_config = _victim_config(config, victim, victim.get("router", "fixed"))
         common = dict(dataset=config.dataset, budget=budget, label_only=attack.label_only, arch=attack.arch,
                       cache_dir=str(folder / "cache"), root=config.root, test_size=config.test_size, seed=seed)
         if attack.name == "knockoff":
