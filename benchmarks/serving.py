@@ -7,9 +7,10 @@ router. Figures are printed, never asserted: timings depend on the machine.
     python benchmarks/serving.py                      # LeNet-5 on 1x28x28 and ResNet-18 on 3x32x32
     python benchmarks/serving.py --batches 20 --repeats 5 --device cuda
 
-The neural router's hash network is a LeNet-5 (the paper's small hash network) with random weights,
-balanced on the stream (as ``HashBalanceCallback`` does on real data) so that all members are used:
-its cost, not its accuracy, is what is measured here.
+The neural router is timed with each hash network architecture in ``hash_archs`` (``small_cnn``, the
+default of ``configs/hashnet.yaml`` and the experiments, and ``lenet5``), with random weights balanced
+on the stream (as ``HashBalanceCallback`` does on real data) so that all members are used: its cost,
+not its accuracy, is what is measured here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from edm_lightning.nets import build_net  # noqa: E402
 SETTINGS = (("lenet5", (1, 28, 28)), ("resnet18", (3, 32, 32)))
 
 
-def main(batches: int = 8, batch_size: int = 256, repeats: int = 3, num_members: int = 5, device: str = "cpu") -> None:
+def main(batches: int = 8, batch_size: int = 256, repeats: int = 3, num_members: int = 5, device: str = "cpu",
+         hash_archs: tuple[str, ...] = ("small_cnn", "lenet5")) -> None:
     """Print images/s of each served model and its ratio to the undefended single member.
 
     Args:
@@ -39,12 +41,13 @@ def main(batches: int = 8, batch_size: int = 256, repeats: int = 3, num_members:
         repeats: passes over the stream per model, interleaved; the fastest pass counts.
         num_members: N of the defended ensemble.
         device: torch device to serve on.
+        hash_archs: hash network architectures to time the neural router with.
     """
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} stream={batches}x{batch_size} N={num_members}")
     for arch, shape in SETTINGS:
         stream = [torch.rand(batch_size, *shape, device=device) for _ in range(batches)]
-        models = served_models(arch, shape, num_members, stream, device)
+        models = served_models(arch, shape, num_members, stream, device, hash_archs)
         best = {name: float("inf") for name in models}
         for _ in range(repeats):
             for name, model in models.items():
@@ -52,20 +55,21 @@ def main(batches: int = 8, batch_size: int = 256, repeats: int = 3, num_members:
         base = best["undefended"]
         for name, seconds in best.items():
             rate = batches * batch_size / seconds
-            print(f"{arch:9s} {'x'.join(map(str, shape)):8s} {name:18s} {rate:10.0f} img/s  ratio {base / seconds:.2f}x")
+            print(f"{arch:9s} {'x'.join(map(str, shape)):8s} {name:28s} {rate:10.0f} img/s  ratio {base / seconds:.2f}x")
 
 
-def served_models(arch, shape, num_members, stream, device) -> dict[str, DefendedModel]:
+def served_models(arch, shape, num_members, stream, device, hash_archs) -> dict[str, DefendedModel]:
     members = [build_net(arch, shape, 10).to(device).eval() for _ in range(num_members)]
-    hash_net = build_net("lenet5", shape, 10).to(device).eval()
-    with torch.no_grad():
-        bias = balance_logit_bias(torch.cat([hash_net(x) for x in stream]).cpu()).to(device)
     routers = {
         "undefended": (members[:1], FixedRouter(1)),
-        "fixed (N=5)": (members, FixedRouter(num_members)),
-        "keyed (N=5)": (members, KeyedHashRouter(num_members)),
-        "neural (N=5)": (members, NeuralHashRouter(hash_net, num_members, bias).to(device)),
+        f"fixed (N={num_members})": (members, FixedRouter(num_members)),
+        f"keyed (N={num_members})": (members, KeyedHashRouter(num_members)),
     }
+    for hash_arch in hash_archs:
+        hash_net = build_net(hash_arch, shape, 10).to(device).eval()
+        with torch.no_grad():
+            bias = balance_logit_bias(torch.cat([hash_net(x) for x in stream]).cpu()).to(device)
+        routers[f"neural, {hash_arch} hash (N={num_members})"] = (members, NeuralHashRouter(hash_net, num_members, bias).to(device))
     return {name: DefendedModel(m, r, shape, 10).eval() for name, (m, r) in routers.items()}
 
 

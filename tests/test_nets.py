@@ -8,11 +8,30 @@ from edm_lightning.nets import build_net
 @pytest.mark.parametrize(
     "arch, shape, classes",
     [("lenet5", (1, 28, 28), 10), ("lenet5", (3, 32, 32), 100), ("resnet18", (3, 32, 32), 10),
-     ("resnet18", (1, 28, 28), 26), ("vgg16_bn", (3, 32, 32), 10)],
+     ("resnet18", (1, 28, 28), 26), ("vgg16_bn", (3, 32, 32), 10), ("small_cnn", (1, 28, 28), 10),
+     ("small_cnn", (3, 32, 32), 100)],
 )
 def test_output_shape(arch, shape, classes):
     net = build_net(arch, shape, classes).eval()
     assert net(torch.rand(2, *shape)).shape == (2, classes)
+
+
+def test_small_cnn_is_much_cheaper_than_lenet5():
+    """The hash network runs on every query: its point is to cost a fraction of a LeNet-5 member."""
+    def multiply_adds(arch: str) -> int:
+        counts = []
+
+        def count(layer, inputs, output):
+            counts.append(output[0].numel() * layer.weight[0].numel())  # weights per output value
+
+        net = build_net(arch, (1, 28, 28), 10)
+        for layer in net.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                layer.register_forward_hook(count)
+        net(torch.zeros(1, 1, 28, 28))
+        return sum(counts)
+
+    assert multiply_adds("small_cnn") < multiply_adds("lenet5") / 2  # 150k vs 417k
 
 
 def test_normalisation_is_the_first_layer():

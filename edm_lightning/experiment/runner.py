@@ -66,8 +66,10 @@ class HashNetSpec(TrainSpec):
 
     Args:
         dataset: its auxiliary training set (KMNIST in the paper; Animal-MNIST offline).
+        arch: ``small_cnn`` by default: H runs on every query, and a LeNet-5 H cost as much as a member.
     """
 
+    arch: str = "small_cnn"
     dataset: str = "animal-mnist"
     epochs: int = 5
     val_size: int = 1000
