@@ -114,6 +114,23 @@ def test_averaged_answers_are_the_mean_of_the_victims_answers_to_the_noisy_copie
     torch.testing.assert_close(result.answers, expected)
 
 
+def test_shifted_copies_are_the_image_moved_by_at_most_the_shift():
+    from edm_lightning.attacks.knockoff import noisy_copies
+
+    x = torch.zeros(3, 1, 12, 12)
+    x[:, :, 5, 6] = 1.0  # one bright pixel: its position in each copy gives the offset
+    copies = noisy_copies(x, 16, 0.0, seed=1, shift=2)
+    assert copies.shape == (48, 1, 12, 12)
+    positions = [tuple(int(v) for v in (c[0] == 1).nonzero()[0]) for c in copies]
+    offsets = {(row - 5, column - 6) for row, column in positions}
+    assert all(c.sum() == 1 for c in copies)  # moved, not blurred or lost
+    assert all(abs(dy) <= 2 and abs(dx) <= 2 for dy, dx in offsets) and len(offsets) > 4
+    torch.testing.assert_close(copies, noisy_copies(x, 16, 0.0, seed=1, shift=2))  # reproducible
+    assert not torch.equal(copies, noisy_copies(x, 16, 0.0, seed=2, shift=2))
+    # one item's copies do not depend on how the run was split into batches
+    torch.testing.assert_close(copies[16:], noisy_copies(x[1:], 16, 0.0, seed=1, start=1, shift=2))
+
+
 def test_averaging_over_a_keyed_hash_recovers_the_members_mean():
     """Why the attack matters: a byte hash sends each noisy copy to a random member, so the mean answer
     tends to the ensemble's average; one plain query sees one member."""
@@ -135,13 +152,13 @@ def test_query_averaging_settings_never_share_a_cache(fake_data, tmp_path):
         return KnockoffDataModule(linear_victim(), root=str(tmp_path), budget=512, **options).cache_path
 
     paths = {cache(), cache(query_copies=4), cache(query_copies=4, copy_noise=0.05), cache(query_copies=8, copy_noise=0.05),
-             cache(copy_noise=0.05)}
-    assert len(paths) == 5
+             cache(copy_noise=0.05), cache(query_copies=4, copy_noise=0.05, copy_shift=2)}
+    assert len(paths) == 6
     images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
     path = tmp_path / "shared.pt"
     build_transfer_set(lambda spent: BlackBoxOracle(linear_victim(), 80, spent=spent), images, torch.arange(40) % 10, 80, path,
                        batch_size=40, query_copies=2, copy_noise=0.1)
-    with pytest.raises(ValueError, match="bought with query_copies=2, copy_noise=0.1, not 4"):
+    with pytest.raises(ValueError, match="bought with query_copies=2, copy_noise=0.1, copy_shift=0, not 4, 0.1, 0"):
         build_transfer_set(lambda spent: BlackBoxOracle(linear_victim(), 80, spent=spent), images, torch.arange(40) % 10, 80,
                            path, batch_size=40, query_copies=4, copy_noise=0.1)
 
@@ -151,6 +168,8 @@ def test_query_averaging_settings_never_share_a_cache(fake_data, tmp_path):
     ({"query_copies": 2.5}, "query_copies must be an integer >= 1"),
     ({"copy_noise": -0.1}, r"copy_noise must be in \[0, 1\]"),
     ({"query_copies": 1000, "budget": 512}, "cannot buy one image"),
+    ({"copy_shift": -1}, r"copy_shift must be an integer in \[0, 8\]"),
+    ({"copy_shift": 1.5}, r"copy_shift must be an integer in \[0, 8\]"),
 ])
 def test_bad_query_averaging_settings_fail_before_any_query(victim, fake_data, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):

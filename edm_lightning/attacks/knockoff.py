@@ -22,8 +22,10 @@ copies with faint Gaussian noise (``copy_noise``, std in [0, 1] pixel units, cla
 clone trains on the mean answer. Against a router that scatters near-identical inputs over members
 (a keyed byte hash), the mean approaches the ensemble's average, which EDM's members were trained to
 keep accurate only in distribution; a neural hash sends the copies to one member and the mean buys
-nothing. The budget counts every copy (the oracle counts rows): a budget B buys B // K images, K times
-the queries per transfer-set item, and the report says so.
+nothing. An attacker who knows the router is a neural hash (but not its weights) knows faint noise will
+not move a query to another member and shifts each copy by up to ``copy_shift`` pixels instead, which
+changes what the hash network sees far more. The budget counts every copy (the oracle counts rows): a
+budget B buys B // K images, K times the queries per transfer-set item, and the report says so.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class KnockoffDataModule(AttackDataModule):
         diversity_window: horizon (in queries) of the mean answer the diversity reward compares with.
         query_copies: K, the copies sent per surrogate image (1: plain KnockoffNets); answers are averaged.
         copy_noise: std of the Gaussian noise added to each copy (images in [0, 1]; 0: exact copies).
+        copy_shift: each copy is shifted by a random offset of up to this many pixels in each direction
+            (zero fill), before the noise; 0: no shift.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class KnockoffDataModule(AttackDataModule):
         diversity_window: int = 1000,
         query_copies: int = 1,
         copy_noise: float = 0.0,
+        copy_shift: int = 0,
         root: str = "data",
         batch_size: int = 128,
         test_size: int | None = None,
@@ -95,7 +100,7 @@ class KnockoffDataModule(AttackDataModule):
             raise ConfigError(f"unknown reward {reward!r}: expected 'cert', 'div', 'loss' or 'all'")
         if diversity_window <= 0 or policy_lr <= 0:
             raise ConfigError("diversity_window and policy_lr must be positive")
-        _check_copies(query_copies, copy_noise, budget)
+        _check_copies(query_copies, copy_noise, budget, copy_shift)
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
         self.load_attacker_images(surrogate, train=True, check_only=True)  # shape convertibility, before any query
@@ -115,6 +120,8 @@ class KnockoffDataModule(AttackDataModule):
                           window=hp.diversity_window, batch_size=hp.batch_size)
         if hp.query_copies != 1 or hp.copy_noise != 0:  # plain KnockoffNets keeps its earlier keys
             attack.update(query_copies=hp.query_copies, copy_noise=float(hp.copy_noise))
+        if hp.copy_shift:
+            attack.update(copy_shift=hp.copy_shift)
         return self.cache_dir / f"knockoff-{self.cache_key(**attack)}.pt"
 
     def prepare_data(self) -> None:
@@ -129,6 +136,7 @@ class KnockoffDataModule(AttackDataModule):
             self.open_oracle, images, labels, hp.budget, self.cache_path, strategy=hp.strategy, reward=hp.reward,
             batch_size=hp.batch_size, seed=hp.seed, policy=policy, policy_lr=hp.policy_lr,
             diversity_window=hp.diversity_window, query_copies=hp.query_copies, copy_noise=hp.copy_noise,
+            copy_shift=hp.copy_shift,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -148,7 +156,7 @@ class KnockoffDataModule(AttackDataModule):
         items = len(self.transfer or ())
         return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
                 "surrogate": hp.surrogate, "transfer_set": items, "query_copies": hp.query_copies,
-                "copy_noise": float(hp.copy_noise), "queries_per_item": hp.query_copies,
+                "copy_noise": float(hp.copy_noise), "copy_shift": hp.copy_shift, "queries_per_item": hp.query_copies,
                 "extra_queries": items * (hp.query_copies - 1)}
 
     def _surrogate_images(self) -> tuple[Tensor, Tensor]:
@@ -160,14 +168,18 @@ class KnockoffDataModule(AttackDataModule):
 class TransferSet:
     """Surrogate indices, the victim's (mean) answers, and the adaptive sampler's state after the last query.
 
-    ``query_copies`` / ``copy_noise`` record how each answer was bought (K noisy copies averaged), so a
-    set is never read back for another setting; each item cost ``query_copies`` queries.
+    ``query_copies`` / ``copy_noise`` / ``copy_shift`` record how each answer was bought (K perturbed
+    copies averaged), so a set is never read back for another setting; each item cost ``query_copies`` queries.
     """
 
     def __init__(self, indices: Tensor, answers: Tensor, state: dict | None = None, query_copies: int = 1,
-                 copy_noise: float = 0.0):
+                 copy_noise: float = 0.0, copy_shift: int = 0):
         self.indices, self.answers, self.state = indices, answers, state
-        self.query_copies, self.copy_noise = int(query_copies), float(copy_noise)
+        self.query_copies, self.copy_noise, self.copy_shift = int(query_copies), float(copy_noise), int(copy_shift)
+
+    @property
+    def setting(self) -> tuple[int, float, int]:
+        return self.query_copies, self.copy_noise, self.copy_shift
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -178,17 +190,17 @@ class TransferSet:
         return len(self) * self.query_copies
 
     def head(self, n: int) -> "TransferSet":
-        return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None,
-                           self.query_copies, self.copy_noise)
+        return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None, *self.setting)
 
     def save(self, path: Path) -> None:
         atomic_save({"indices": self.indices, "answers": self.answers, "state": self.state,
-                     "query_copies": self.query_copies, "copy_noise": self.copy_noise}, path)
+                     "query_copies": self.query_copies, "copy_noise": self.copy_noise, "copy_shift": self.copy_shift}, path)
 
     @classmethod
     def load(cls, path: Path) -> "TransferSet":
         blob = torch.load(path, map_location="cpu", weights_only=False)
-        return cls(blob["indices"], blob["answers"], blob["state"], blob.get("query_copies", 1), blob.get("copy_noise", 0.0))
+        return cls(blob["indices"], blob["answers"], blob["state"], blob.get("query_copies", 1), blob.get("copy_noise", 0.0),
+                   blob.get("copy_shift", 0))
 
 
 def build_transfer_set(
@@ -206,10 +218,11 @@ def build_transfer_set(
     diversity_window: int = 1000,
     query_copies: int = 1,
     copy_noise: float = 0.0,
+    copy_shift: int = 0,
 ) -> TransferSet:
     """The first ``budget`` queries of KnockoffNets' sampling, bought once and kept in ``cache_path``.
 
-    With ``query_copies = K`` that is ``budget // K`` images, each answered by the mean of K noisy
+    With ``query_copies = K`` that is ``budget // K`` images, each answered by the mean of K perturbed
     copies (:func:`noisy_copies`); each oracle call then carries ``batch_size // K`` images (at least 1).
 
     Args:
@@ -220,16 +233,19 @@ def build_transfer_set(
         policy: the adaptive strategy's online clone (trained one step per batch for the loss reward).
         query_copies: K, copies per image (the oracle counts each).
         copy_noise: std of the Gaussian noise on each copy.
+        copy_shift: largest random shift of each copy, in pixels.
     """
-    _check_copies(query_copies, copy_noise, budget)
+    _check_copies(query_copies, copy_noise, budget, copy_shift)
     items = budget // query_copies
     cache_path = Path(cache_path)
+    setting = (query_copies, float(copy_noise), int(copy_shift))
     cached = TransferSet.load(cache_path) if cache_path.is_file() else TransferSet(
-        torch.empty(0, dtype=torch.long), torch.empty(0, 0), None, query_copies, copy_noise)
-    if (cached.query_copies, cached.copy_noise) != (query_copies, float(copy_noise)):
+        torch.empty(0, dtype=torch.long), torch.empty(0, 0), None, *setting)
+    if cached.setting != setting:
         raise ConfigError(
             f"transfer set {str(cache_path)!r} was bought with query_copies={cached.query_copies}, "
-            f"copy_noise={cached.copy_noise}, not {query_copies}, {copy_noise}: give each setting its own cache path"
+            f"copy_noise={cached.copy_noise}, copy_shift={cached.copy_shift}, not {', '.join(map(str, setting))}: "
+            "give each setting its own cache path"
         )
     oracle: BlackBoxOracle = open_oracle(min(len(cached), items) * query_copies)
     if len(cached) >= items:
@@ -251,30 +267,41 @@ def build_transfer_set(
         count = min(per_call, items - done)
         chosen = sampler.draw(done, count)
         x = images[chosen].float().div_(255)
-        if query_copies == 1 and copy_noise == 0:
+        if query_copies == 1 and copy_noise == 0 and copy_shift == 0:
             y = oracle(x)
         else:
-            y = oracle(noisy_copies(x, query_copies, copy_noise, seed, done)).view(count, query_copies, -1).mean(dim=1)
+            copies = noisy_copies(x, query_copies, copy_noise, seed, done, copy_shift)
+            y = oracle(copies).view(count, query_copies, -1).mean(dim=1)
         sampler.update(x, y)
         indices.append(chosen)
         answers.append(y)
         done += count
-        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), query_copies, copy_noise).save(cache_path)
-    return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), query_copies, copy_noise)
+        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting).save(cache_path)
+    return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting)
 
 
-def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0) -> Tensor:
-    """``copies`` versions of each image in ``x`` ``(N, C, H, W)``, in order ``(N * copies, C, H, W)``:
-    ``clamp(x + noise * eps, 0, 1)`` with Gaussian ``eps`` drawn per image from ``(seed, start + i)``, so
-    item ``i`` of a transfer set always gets the same copies, however the run was split into batches."""
+def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0, shift: int = 0) -> Tensor:
+    """``copies`` versions of each image in ``x`` ``(N, C, H, W)``, in order ``(N * copies, C, H, W)``.
+
+    Each copy is shifted by a random offset in ``[-shift, shift]`` pixels per axis (zero fill), then
+    ``clamp(copy + noise * eps, 0, 1)`` with Gaussian ``eps``. Both are drawn per image from
+    ``(seed, start + i)``, so item ``i`` of a transfer set always gets the same copies, however the run
+    was split into batches.
+    """
     out = x.repeat_interleave(copies, dim=0)
-    if noise > 0:
-        eps = torch.cat([
-            torch.randn((copies, *x.shape[1:]), generator=torch.Generator().manual_seed(seed * 2**32 + start + i))
-            for i in range(len(x))
-        ]).to(x.device)
-        out = (out + noise * eps).clamp_(0, 1)
-    return out
+    if noise == 0 and shift == 0:
+        return out
+    # CPU generators keep only the low 32 bits of a seed (seed * 2**32 + i would repeat across seeds):
+    # items below a million get distinct streams for every seed below 4,294.
+    generators = [torch.Generator().manual_seed((seed * 1_000_003 + start + i) % 2**32) for i in range(len(x))]
+    eps = torch.cat([torch.randn((copies, *x.shape[1:]), generator=g) for g in generators]).to(x.device)
+    if shift > 0:
+        offsets = torch.cat([torch.randint(-shift, shift + 1, (copies, 2), generator=g) for g in generators])
+        padded = torch.nn.functional.pad(out, (shift, shift, shift, shift))
+        height, width = x.shape[-2:]
+        out = torch.stack([padded[j, :, shift + dy: shift + dy + height, shift + dx: shift + dx + width]
+                           for j, (dy, dx) in enumerate(offsets.tolist())])
+    return (out + noise * eps).clamp_(0, 1) if noise > 0 else out
 
 
 def run_knockoff(
@@ -298,7 +325,8 @@ def run_knockoff(
     """KnockoffNets end to end from Python (the experiment runner's entry): the figures as a dict.
 
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/knockoff.yaml``.
-    ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ``query_copies``, ``copy_noise`` ...).
+    ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ``query_copies``, ``copy_noise``,
+    ``copy_shift`` ...).
     """
     import lightning as L
 
@@ -312,11 +340,13 @@ def run_knockoff(
     return run_attack(datamodule, module, max_epochs)
 
 
-def _check_copies(query_copies: int, copy_noise: float, budget: int) -> None:
+def _check_copies(query_copies: int, copy_noise: float, budget: int, copy_shift: int = 0) -> None:
     if isinstance(query_copies, bool) or not isinstance(query_copies, int) or query_copies < 1:
         raise ConfigError(f"query_copies must be an integer >= 1 (copies sent per surrogate image), got {query_copies!r}")
     if not 0 <= copy_noise <= 1:
         raise ConfigError(f"copy_noise must be in [0, 1] (noise std, images in [0, 1]), got {copy_noise!r}")
+    if isinstance(copy_shift, bool) or not isinstance(copy_shift, int) or not 0 <= copy_shift <= 8:
+        raise ConfigError(f"copy_shift must be an integer in [0, 8] (largest shift of a copy, in pixels), got {copy_shift!r}")
     if budget < query_copies:
         raise ConfigError(f"budget={budget} cannot buy one image sent as query_copies={query_copies} copies: raise the budget")
 
