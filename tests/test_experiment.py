@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from edm_lightning.errors import ConfigError
-from edm_lightning.experiment import AttackSpec, EDMSpec, ExperimentConfig, HashNetSpec, TrainSpec, run_experiment
+from edm_lightning.experiment import (
+    AttackSpec,
+    DefenseSpec,
+    EDMSpec,
+    ExperimentConfig,
+    HashNetSpec,
+    TrainSpec,
+    run_experiment,
+)
 from edm_lightning.experiment.__main__ import main as experiment_main
 
 runner = importlib.import_module("edm_lightning.experiment.runner")
@@ -104,6 +112,86 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
         run_experiment(tiny_config(fake_root, tmp_path, dataset="fashion"))
     with pytest.raises(ConfigError, match="must not be the victim's own dataset"):
         run_experiment(tiny_config(fake_root, tmp_path, attacks=[AttackSpec(surrogate="fashionmnist", budgets=[128])]))
+    assert not (tmp_path / "runs").exists()
+
+
+def defended_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
+    """The tiny experiment with two defenses (one composed with EDM) and a query-averaging attack."""
+    averaging = AttackSpec(name="knockoff", label="knockoff-avg4", budgets=[128], epochs=1,
+                           options={"batch_size": 32, "query_copies": 4, "copy_noise": 0.01, "copy_shift": 1})
+    config = tiny_config(root, out, misinformation=TrainSpec(epochs=1, batch_size=32, val_size=40), **overrides)
+    config.attacks = [AttackSpec(name="knockoff", budgets=[128], epochs=1, options={"batch_size": 32}), averaging]
+    config.defenses = [
+        DefenseSpec(name="reverse-sigmoid", postprocessor="ReverseSigmoid", strength="beta", values=[0.2, 0.9],
+                    options={"gamma": 0.5}, defends=["none", "edm-neural"]),
+        DefenseSpec(name="adaptive-misinformation", postprocessor="AdaptiveMisinformation", strength="tau", values=[0.9],
+                    options={"nu": 1000.0}, defends=["edm-keyed"], attacks=["knockoff", "knockoff-avg4"]),
+    ]
+    return config
+
+
+def test_defenses_are_served_attacked_and_reported_per_strength(fake_root: Path, tmp_path: Path):
+    records = run_experiment(defended_config(fake_root, tmp_path))
+    by = {(r["attack"], r["defense"], r["strength"]): r for r in records}
+    # reverse sigmoid: 2 strengths alone and on EDM, under the first attack only (its default)
+    for defense in ("reverse-sigmoid", "edm-neural+reverse-sigmoid"):
+        assert {s for a, d, s in by if a == "knockoff" and d == defense} == {0.2, 0.9}
+        assert not any(a == "knockoff-avg4" and d == defense for a, d, s in by)
+    assert ("knockoff-avg4", "edm-keyed+adaptive-misinformation", 0.9) in by
+    assert by[("knockoff", "edm-neural+reverse-sigmoid", 0.9)]["diversity_weight"] == 0.5
+    assert by[("knockoff", "reverse-sigmoid", 0.2)]["diversity_weight"] is None
+    # the averaging attack spent exactly its budget: 32 images x 4 copies
+    assert all(r["queries"] == 128 for r in records if r["attack"] == "knockoff-avg4")
+
+    runs = tmp_path / "runs/tiny"
+    served = [json.loads((f / "config.json").read_text()) | json.loads((f / "result.json").read_text())
+              for f in runs.glob("served-*")]
+    strong = [s for s in served if s.get("postprocessors", [{}])[0].get("init_args", {}).get("beta") == 0.9]
+    assert {s["router"] for s in strong} == {"fixed", "neural"}
+    target = [s for s in strong if s["router"] == "fixed"][0]
+    assert by[("knockoff", "reverse-sigmoid", 0.9)]["defender_acc"] == target["test_acc"]
+    # Adaptive Misinformation got the experiment's own misinformation model
+    misinformation, = runs.glob("misinformation-*")
+    am = [s for s in served if s.get("postprocessors", [{}])[0].get("class_path") == "AdaptiveMisinformation"][0]
+    assert am["postprocessors"][0]["init_args"]["misinformation_model"] == str(misinformation / "best.ckpt")
+    attacked = [json.loads((f / "config.json").read_text()) for f in runs.glob("attack-*")]
+    assert sum("postprocessors" in a for a in attacked) == 2 + 2 + 2  # RS alone, RS on EDM, AM x 2 attacks
+
+    out = tmp_path / "results/tiny"
+    text = (out / "results.md").read_text()
+    assert "| knockoff | edm-neural+reverse-sigmoid | lambda=0.5, beta=0.9 |" in text
+    assert "| knockoff-avg4 | edm-keyed+adaptive-misinformation | lambda=0.5, tau=0.9 |" in text
+    undefended = by[("knockoff", "none", None)]["defender_acc"]
+    within = [r for r in records if r["attack"] == "knockoff" and r["defense"] != "none"
+              and undefended - r["defender_acc"] <= 0.01]
+    assert ("knockoff: at most 1 point of defender accuracy lost" in text) == bool(within)
+    assert "K=4 copies" in text and "extra per image" in text
+    spread = {json.loads((f / "config.json").read_text())["router"]: json.loads((f / "result.json").read_text())
+              for f in runs.glob("spread-*")}
+    assert set(spread) == {"neural", "keyed"}
+    for router, result in spread.items():
+        assert 1 <= result["distinct_members"] <= 2 and 0 <= result["share_on_plain_member"] <= 1  # N=2 members
+        assert f"reach {result['distinct_members']:.2f} distinct members" in text
+    for name in ("tradeoff.png", "tradeoff_knockoff-avg4.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.defenses[0], "postprocessor", "ReverseSigmoidd"), "unknown post-processor 'ReverseSigmoidd'"),
+    (lambda c: setattr(c.defenses[0], "values", [-1.0]), r"beta \(strength\) must be >= 0"),
+    (lambda c: setattr(c.defenses[1], "values", [1.5]), r"tau .* must be in \[0, 1\]"),
+    (lambda c: setattr(c.defenses[0], "defends", ["edm-hash"]), "defends must name what it is applied to"),
+    (lambda c: setattr(c.defenses[1], "attacks", ["knockoff-avg8"]), "must be labels of configured attacks"),
+    (lambda c: setattr(c.attacks[1], "label", None), "attacks must have distinct labels"),
+    (lambda c: setattr(c.defenses[1], "name", "reverse-sigmoid"), "defenses must have distinct names"),
+    (lambda c: setattr(c.defenses[0], "strength", None), "need a strength"),
+    (lambda c: c.defenses[0].options.update(beta=0.1), "swept by values"),
+])
+def test_bad_defense_settings_fail_before_training(fake_root: Path, tmp_path: Path, change, message):
+    config = defended_config(fake_root, tmp_path)
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(config)
     assert not (tmp_path / "runs").exists()
 
 

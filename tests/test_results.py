@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from edm_lightning.experiment.results import plot_budget_curve, plot_tradeoff, summarise, write_csv, write_markdown
+from edm_lightning.experiment.results import (
+    best_within,
+    plot_budget_curve,
+    plot_tradeoff,
+    setting,
+    summarise,
+    write_csv,
+    write_markdown,
+)
 from edm_lightning.experiment.stages import StageStore, config_key
 
 
@@ -51,13 +59,23 @@ def _records():
                              "queries": budget, "wall_time_s": 10.0})
         rows.append({"attack": "knockoff", "defense": "edm-neural", "diversity_weight": 1.0, "budget": 5000, "seed": seed,
                      "defender_acc": 0.88, "clone_acc": 0.30, "agreement": 0.3, "queries": 5000, "wall_time_s": 10.0})
+        # an output-perturbation defense at two strengths: the strong one costs 3 points of defender accuracy
+        for beta, defender, clone in ((0.2, 0.895, 0.50), (0.8, 0.87, 0.20)):
+            rows.append({"attack": "knockoff", "defense": "reverse-sigmoid", "diversity_weight": None,
+                         "strength_name": "beta", "strength": beta, "budget": 5000, "seed": seed,
+                         "defender_acc": defender, "clone_acc": clone + seed / 100, "agreement": clone,
+                         "queries": 5000, "wall_time_s": 10.0})
     return rows
+
 
 
 def test_summary_pairs_the_drop_by_seed():
     rows = summarise(_records(), budget=5000, diversity_weight=0.5)
-    none, edm = rows
+    none, edm, weak, strong = rows
     assert (none["defense"], edm["defense"]) == ("none", "edm-neural")
+    assert (weak["defense"], weak["strength"], strong["strength"]) == ("reverse-sigmoid", 0.2, 0.8)
+    assert strong["defender_acc_loss_mean"] == pytest.approx(0.03)
+    assert strong["clone_acc_drop_mean"] == pytest.approx((0.40 + 0.41) / 2)
     assert none["clone_acc_mean"] == pytest.approx(0.61)
     assert edm["clone_acc_mean"] == pytest.approx(0.375)
     assert edm["clone_acc_drop_mean"] == pytest.approx(0.235)  # (0.25 + 0.22) / 2
@@ -72,13 +90,23 @@ def test_tables_hold_the_measured_values(tmp_path: Path):
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert float(table[1]["clone_acc_mean"]) == pytest.approx(0.375)
-    assert "| knockoff | edm-neural (lambda=0.5) | 90.0 ± 0.0 | 37.5 ± 3.5 | 23.5 ± 2.1 |" in text
+    assert "| knockoff | edm-neural | lambda=0.5 | 90.0 ± 0.0 | 0.0 ± 0.0 | 37.5 ± 3.5 | 23.5 ± 2.1 |" in text
+    assert "| knockoff | reverse-sigmoid | beta=0.8 | 87.0 ± 0.0 | 3.0 ± 0.0 | 20.5 ± 0.7 | 40.5 ± 0.7 |" in text
     assert (tmp_path / "results.md").read_text() == text
+
+
+def test_best_within_a_point_ranks_by_clone_accuracy_and_excludes_costlier_defenses():
+    rows = summarise(_records(), budget=5000, diversity_weight=0.5)
+    best = best_within(rows, "knockoff", 0.01)
+    assert [(r["defense"], r["strength"]) for r in best] == [("edm-neural", None), ("reverse-sigmoid", 0.2)]
+    assert [r["strength"] for r in best_within(rows, "knockoff", 0.05)] == [0.8, None, 0.2]
+    assert setting(best[1]) == "beta=0.2" and setting(best[0]) == "lambda=0.5"
 
 
 def test_plots_are_written(tmp_path: Path):
     assert plot_budget_curve(_records(), "knockoff", 0.5, tmp_path / "budget.png")
-    assert plot_tradeoff(_records(), "knockoff", 5000, "edm-neural", tmp_path / "tradeoff.png")
+    assert plot_tradeoff(_records(), "knockoff", 5000, tmp_path / "tradeoff.png")
+    assert not plot_tradeoff([r for r in _records() if r["defense"] == "none"], "knockoff", 5000, tmp_path / "no.png")
     for name in ("budget.png", "tradeoff.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot_budget_curve([r for r in _records() if r["budget"] == 5000], "knockoff", 0.5, tmp_path / "none.png")

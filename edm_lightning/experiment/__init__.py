@@ -2,6 +2,7 @@
 
 from edm_lightning.experiment.runner import (
     AttackSpec,
+    DefenseSpec,
     EDMSpec,
     ExperimentConfig,
     HashNetSpec,
@@ -9,4 +10,4 @@ from edm_lightning.experiment.runner import (
     run_experiment,
 )
 
-__all__ = ["AttackSpec", "EDMSpec", "ExperimentConfig", "HashNetSpec", "TrainSpec", "run_experiment"]
+__all__ = ["AttackSpec", "DefenseSpec", "EDMSpec", "ExperimentConfig", "HashNetSpec", "TrainSpec", "run_experiment"]

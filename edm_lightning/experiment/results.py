@@ -1,7 +1,9 @@
 """Turning per-seed attack records into the tables and plots the model-stealing literature reports.
 
-A record is one attack run: ``attack``, ``defense`` (``none``, or ``edm-<router>``), ``diversity_weight``
-(EDM's lambda; ``None`` undefended), ``budget``, ``seed`` and the measured ``defender_acc``, ``clone_acc``,
+A record is one attack run: ``attack`` (its label), ``defense`` (``none``; ``edm-<router>``; an
+output-perturbation defense's name, alone or composed as ``edm-<router>+<name>``), ``diversity_weight``
+(EDM's lambda; ``None`` without EDM), ``strength_name`` / ``strength`` (the defense's swept parameter;
+``None`` without one), ``budget``, ``seed`` and the measured ``defender_acc``, ``clone_acc``,
 ``agreement``, ``queries``, ``wall_time_s``.
 """
 
@@ -17,38 +19,68 @@ from typing import Iterable, Sequence
 
 from edm_lightning.experiment.stages import write_atomic
 
-__all__ = ["METRICS", "ResultRow", "summarise", "write_csv", "write_markdown", "plot_budget_curve", "plot_tradeoff"]
+__all__ = ["METRICS", "ResultRow", "best_within", "plot_budget_curve", "plot_tradeoff", "setting", "summarise",
+           "write_csv", "write_markdown"]
 
 METRICS = ("defender_acc", "clone_acc", "agreement", "queries", "wall_time_s")
 
 
 class ResultRow(dict):
-    """One (attack, defense) line: ``<metric>_mean``/``<metric>_std`` over seeds, and EDM's drop."""
+    """One (attack, defense, strength) line: ``<metric>_mean``/``<metric>_std`` over seeds, and the
+    drops against the undefended row of the same attack."""
 
 
 def summarise(records: Sequence[dict], budget: int | None = None, diversity_weight: float | None = None) -> list[ResultRow]:
-    """Rows attack x defense at one budget and one lambda, with mean and spread over seeds.
+    """Rows attack x defense x strength at one budget and one lambda, with mean and spread over seeds.
 
-    ``clone_acc_drop`` (EDM rows only) is the undefended clone accuracy minus EDM's, paired by seed, so
-    the spread is that of the difference, not of two independent means.
+    ``clone_acc_drop`` is the undefended clone accuracy minus the defended one and ``defender_acc_loss``
+    the undefended model's test accuracy minus the defended one, both paired by seed, so their spread is
+    that of the difference, not of two independent means.
     """
     chosen = [r for r in records if (budget is None or r["budget"] == budget)
-              and (r["defense"] == "none" or diversity_weight is None or r["diversity_weight"] == diversity_weight)]
+              and (diversity_weight is None or r.get("diversity_weight") in (None, diversity_weight))]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in chosen:
-        groups[(record["attack"], record["defense"])].append(record)
+        groups[(record["attack"], record["defense"], record.get("strength"))].append(record)
+    attacks = list(dict.fromkeys(r["attack"] for r in chosen))
     rows = []
-    for (attack, defense), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] != "none")):
+    for (attack, defense, strength), group in sorted(groups.items(), key=lambda item: _row_order(item[0], attacks)):
         row = ResultRow(attack=attack, defense=defense, seeds=len(group), budget=group[0]["budget"],
-                        diversity_weight=group[0].get("diversity_weight"))
+                        diversity_weight=group[0].get("diversity_weight"),
+                        strength_name=group[0].get("strength_name"), strength=strength)
         for metric in METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[metric] for r in group])
         if defense != "none":
-            baseline = {r["seed"]: r["clone_acc"] for r in groups.get((attack, "none"), [])}
-            drops = [baseline[r["seed"]] - r["clone_acc"] for r in group if r["seed"] in baseline]
-            row["clone_acc_drop_mean"], row["clone_acc_drop_std"] = _mean_std(drops)
+            undefended = {r["seed"]: r for r in groups.get((attack, "none", None), [])}
+            paired = [(undefended[r["seed"]], r) for r in group if r["seed"] in undefended]
+            row["clone_acc_drop_mean"], row["clone_acc_drop_std"] = _mean_std([u["clone_acc"] - r["clone_acc"] for u, r in paired])
+            row["defender_acc_loss_mean"], row["defender_acc_loss_std"] = _mean_std(
+                [u["defender_acc"] - r["defender_acc"] for u, r in paired])
         rows.append(row)
     return rows
+
+
+def setting(row: dict) -> str:
+    """``lambda=1, tau=0.7``: what distinguishes a defended row besides its defense's name."""
+    parts = []
+    if row.get("diversity_weight") is not None:
+        parts.append(f"lambda={row['diversity_weight']:g}")
+    if row.get("strength") is not None:
+        parts.append(f"{row['strength_name']}={row['strength']:g}")
+    return ", ".join(parts)
+
+
+def best_within(rows: Sequence[dict], attack: str, max_loss: float) -> list[dict]:
+    """Defended rows of ``attack`` losing at most ``max_loss`` defender accuracy, lowest clone accuracy first."""
+    eligible = [r for r in rows if r["attack"] == attack and r["defense"] != "none"
+                and not math.isnan(r.get("defender_acc_loss_mean", math.nan)) and r["defender_acc_loss_mean"] <= max_loss]
+    return sorted(eligible, key=lambda r: r["clone_acc_mean"])
+
+
+def _row_order(key: tuple, attacks: list[str]) -> tuple:
+    attack, defense, strength = key
+    kind = 0 if defense == "none" else 1 if "+" not in defense and defense.startswith("edm-") else 2
+    return attacks.index(attack), kind, defense, -math.inf if strength is None else strength
 
 
 def write_csv(rows: Iterable[dict], path: Path) -> None:
@@ -66,15 +98,17 @@ def write_markdown(rows: Sequence[ResultRow], path: Path, title: str, notes: Seq
     lines = [f"# {title}", ""]
     lines += list(notes) + ([""] if notes else [])
     lines += [
-        "| attack | defense | defender acc (%) | clone acc (%) | clone acc drop (points) | agreement (%) | queries | wall time (s) | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| attack | defense | setting | defender acc (%) | defender acc loss (points) | clone acc (%) "
+        "| clone acc drop (points) | agreement (%) | queries | wall time (s) | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        defense = row["defense"] if row["defense"] == "none" else f"{row['defense']} (lambda={row['diversity_weight']:g})"
+        loss = _pm(row, "defender_acc_loss", 100) if "defender_acc_loss_mean" in row else "-"
         drop = _pm(row, "clone_acc_drop", 100) if "clone_acc_drop_mean" in row else "-"
         lines.append(
-            f"| {row['attack']} | {defense} | {_pm(row, 'defender_acc', 100)} | {_pm(row, 'clone_acc', 100)} | {drop} "
-            f"| {_pm(row, 'agreement', 100)} | {row['queries_mean']:,.0f} | {row['wall_time_s_mean']:.0f} | {row['seeds']} |"
+            f"| {row['attack']} | {row['defense']} | {setting(row) or '-'} | {_pm(row, 'defender_acc', 100)} | {loss} "
+            f"| {_pm(row, 'clone_acc', 100)} | {drop} | {_pm(row, 'agreement', 100)} | {row['queries_mean']:,.0f} "
+            f"| {row['wall_time_s_mean']:.0f} | {row['seeds']} |"
         )
     text = "\n".join(lines) + "\n"
     write_atomic(path, text)
@@ -84,9 +118,10 @@ def write_markdown(rows: Sequence[ResultRow], path: Path, title: str, notes: Seq
 def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: float | None, path: Path) -> bool:
     """Clone accuracy against query budget, undefended vs each EDM defense (mean ± std over seeds); False if < 2 budgets."""
     series = {}
-    for defense in dict.fromkeys(r["defense"] for r in sorted(records, key=lambda r: r["defense"] != "none")):
+    plain = [r for r in records if r.get("strength") is None and "+" not in r["defense"]]  # undefended and EDM alone
+    for defense in dict.fromkeys(r["defense"] for r in sorted(plain, key=lambda r: r["defense"] != "none")):
         points = defaultdict(list)
-        for r in records:
+        for r in plain:
             if r["attack"] == attack and r["defense"] == defense and (defense == "none" or r["diversity_weight"] == diversity_weight):
                 points[r["budget"]].append(r["clone_acc"] * 100)
         if points:
@@ -109,33 +144,37 @@ def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: fl
     return True
 
 
-def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, defense: str, path: Path) -> bool:
-    """Defender accuracy (x) against clone accuracy (y) as lambda varies for ``defense``; the undefended model as a reference."""
-    by_weight = defaultdict(list)
+def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path) -> bool:
+    """Defender accuracy (x) against clone accuracy (y) under ``attack``: one curve per defense as its
+    strength varies (EDM alone: as lambda varies), the undefended model as a star. False if nothing to draw."""
+    curves: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if r["attack"] == attack and r["budget"] == budget and r["defense"] in ("none", defense):
-            by_weight[None if r["defense"] == "none" else r["diversity_weight"]].append(r)
-    weights = sorted(w for w in by_weight if w is not None)
-    if not weights:
+        if r["attack"] == attack and r["budget"] == budget:
+            position = r.get("strength") if r.get("strength") is not None else r.get("diversity_weight")
+            curves[r["defense"]][position].append(r)
+    undefended = curves.pop("none", {}).get(None, [])
+    if not curves:
         return False
     fig, ax = _figure()
-    xs, ys = [], []
-    for weight in weights:
-        group = by_weight[weight]
-        x, y = mean(r["defender_acc"] * 100 for r in group), mean(r["clone_acc"] * 100 for r in group)
-        xs.append(x)
-        ys.append(y)
-        ax.annotate(f"lambda={weight:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot(xs, ys, marker="o", label=defense)
-    if None in by_weight:
-        group = by_weight[None]
-        ax.plot([mean(r["defender_acc"] * 100 for r in group)], [mean(r["clone_acc"] * 100 for r in group)],
-                marker="*", markersize=14, linestyle="none", label="undefended")
+    for defense, points in curves.items():
+        xs, ys = [], []
+        for position in sorted(points, key=lambda v: -math.inf if v is None else v):
+            group = points[position]
+            x, y = mean(r["defender_acc"] * 100 for r in group), mean(r["clone_acc"] * 100 for r in group)
+            xs.append(x)
+            ys.append(y)
+            if position is not None and len(points) > 1:
+                name = "lambda" if group[0].get("strength") is None else group[0].get("strength_name")
+                ax.annotate(f"{name}={position:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.plot(xs, ys, marker="o", markersize=4, label=defense)
+    if undefended:
+        ax.plot([mean(r["defender_acc"] * 100 for r in undefended)], [mean(r["clone_acc"] * 100 for r in undefended)],
+                marker="*", markersize=14, linestyle="none", color="black", label="undefended")
     ax.set_xlabel("defender accuracy (%)")
     ax.set_ylabel("clone accuracy (%)")
     ax.set_title(f"{attack} ({budget:,} queries): defender vs clone accuracy")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", framealpha=0.6)
+    ax.legend(loc="best", framealpha=0.6, fontsize=7)
     _save(fig, path)
     return True
 
