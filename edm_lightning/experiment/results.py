@@ -187,7 +187,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _pm(row: dict, metric: str, scale: float) -> str:
-    return f"{row[f'{metric}_mean'] * scale:.1f} ± {row[f'{metric}_std'] * scale:.1f}"
+    mean_text = f"{row[f'{metric}_mean'] * scale:.1f}"
+    return f"{'0.0' if mean_text == '-0.0' else mean_text} ± {row[f'{metric}_std'] * scale:.1f}"  # float noise below 0
 
 
 def _figure():

@@ -633,9 +633,10 @@ def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) ->
                 notes.append(
                     f"{attack.title} (K={copies} copies, noise {attack.options.get('copy_noise', 0)}, shift "
                     f"{attack.options.get('copy_shift', 0)} px; {averaged['queries_mean']:,.0f} queries, {copies - 1} extra per "
-                    f"image) against edm-{router}: EDM keeps {kept:.0%} of its protection (clone accuracy drop "
-                    f"{averaged['clone_acc_drop_mean'] * 100:.1f} vs {plain['clone_acc_drop_mean'] * 100:.1f} points under "
-                    f"{first.title}){reach}."
+                    f"image) against edm-{router}: EDM keeps {kept:.0%} of its protection (clone accuracy drop against the "
+                    f"undefended model under the same attack {averaged['clone_acc_drop_mean'] * 100:.1f} vs "
+                    f"{plain['clone_acc_drop_mean'] * 100:.1f} points under {first.title}; clone accuracy "
+                    f"{averaged['clone_acc_mean'] * 100:.1f}% vs {plain['clone_acc_mean'] * 100:.1f}%){reach}."
                 )
     return notes
 
