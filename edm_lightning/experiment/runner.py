@@ -21,9 +21,9 @@ import math
 import sys
 import time
 import warnings
-from statistics import mean
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import mean
 from typing import Any, Literal
 
 import lightning as L
@@ -321,17 +321,19 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
             raise ConfigError(f"{where}: strength {defense.strength!r} needs values (numbers), got {defense.values}")
         if defense.strength in defense.options:
             raise ConfigError(f"{where}: {defense.strength!r} is swept by values; remove it from options")
-        cls, _ = resolve_postprocessor({"class_path": defense.postprocessor})
+        resolve_postprocessor({"class_path": defense.postprocessor})  # a misspelt class fails with the known ones
+        # Adaptive Misinformation's model is trained later: a stand-in of the right shape lets its ranges be checked now.
         stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(spec.input_shape), spec.num_classes))
         for value in defense.values:  # out-of-range strengths fail here, not after hours of training
             post = _postprocessors(defense, value, {"checkpoint": stand_in})[0]
             build_postprocessor(post, spec.num_classes, spec.input_shape)
 
+
 def _planned_attacks(config: ExperimentConfig, weights: list[float]) -> list[tuple]:
     """``(attack, defense, lambda, strength, budget, seed)`` for every attack run, in the order they run."""
     edm = [f"edm-{router}" for router in config.edm.routers]
     first = config.attacks[0].title
-    curves = {first} | {title for defense in config.defenses for title in defense.attacks}
+    curves = _curve_attacks(config)
     runs = []
     for seed in config.seeds:
         for attack in config.attacks:
@@ -348,6 +350,11 @@ def _planned_attacks(config: ExperimentConfig, weights: list[float]) -> list[tup
                         weight = None if base == "none" else weights[0]
                         runs += [(attack, _defense_label(defense, base), weight, v, budget, seed) for v in defense.values]
     return runs
+
+
+def _curve_attacks(config: ExperimentConfig) -> list[str]:
+    """Labels of the attacks with trade-off curves: the first attack and every attack a defense names."""
+    return list(dict.fromkeys([config.attacks[0].title] + [title for d in config.defenses for title in d.attacks]))
 
 
 def _averaging_attacks(config: ExperimentConfig) -> list[AttackSpec]:
@@ -581,16 +588,14 @@ def _write_results(config: ExperimentConfig, records: list[dict], victims: dict,
     ]
     edm_stats = [v for (defense, w, _, _), v in victims.items() if defense == f"edm-{config.edm.routers[0]}" and w == main_weight]
     if edm_stats and "id/coherence" in edm_stats[0]:
-        mean = lambda key: sum(s[key] for s in edm_stats) / len(edm_stats)  # noqa: E731
-        notes.append(f"EDM coherence on in-distribution test data {mean('id/coherence'):.3f}, "
-                     f"on held-out OOD data {mean('ood/coherence'):.3f}.")
+        notes.append(f"EDM coherence on in-distribution test data {mean(s['id/coherence'] for s in edm_stats):.3f}, "
+                     f"on held-out OOD data {mean(s['ood/coherence'] for s in edm_stats):.3f}.")
     notes += _defense_notes(config, rows, spreads)
     images = []
     first = config.attacks[0]
     if report.plot_budget_curve(records, first.title, main_weight, out / "budget_curve.png"):
         images.append("budget_curve.png")
-    curves = [first.title] + [t for t in dict.fromkeys(t for d in config.defenses for t in d.attacks) if t != first.title]
-    for title in curves if config.edm.tradeoff_weights or config.defenses else []:
+    for title in _curve_attacks(config) if config.edm.tradeoff_weights or config.defenses else []:
         attack = next(a for a in config.attacks if a.title == title)
         name = "tradeoff.png" if title == first.title else f"tradeoff_{title}.png"
         if report.plot_tradeoff(records, title, max(attack.budgets), out / name):
@@ -610,8 +615,7 @@ def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) ->
     much of EDM's protection survives query averaging (and at how many extra queries)."""
     notes = []
     first = config.attacks[0]
-    curves = [first.title] + [t for d in config.defenses for t in d.attacks]
-    for title in dict.fromkeys(curves) if config.defenses else []:
+    for title in _curve_attacks(config) if config.defenses else []:
         best = report.best_within(rows, title, 0.01)
         if best:
             ranking = "; ".join(f"{r['defense']}{f' ({report.setting(r)})' if report.setting(r) else ''} "
