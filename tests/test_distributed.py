@@ -36,19 +36,23 @@ def read_metrics(folder: Path, rank: int = 0) -> dict:
     return json.loads((folder / f"metrics-rank{rank}.json").read_text())
 
 
+def validate_on_one_and_two_processes(common: list[str], ckpt: Path, out: Path) -> tuple[dict, dict, dict]:
+    """``validate`` of one checkpoint in one process and under 2-process DDP: the dumped metrics of the
+    single process, DDP rank 0 and DDP rank 1."""
+    single, double = out / "single", out / "ddp"
+    for folder, extra in ((single, []), (double, ["--config", "configs/trainer/cpu_ddp2.yaml"])):
+        run_cli(["validate", *common, *extra, "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.helpers.DumpMetrics",
+                 f"--trainer.callbacks.dir={folder}"], clean_env())
+    return read_metrics(single), read_metrics(double, 0), read_metrics(double, 1)
+
+
 def test_ddp_metrics_match_a_single_process(fake_root: Path, tmp_path: Path):
     """Two gloo processes validating one checkpoint report what one process reports: metrics are synced."""
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
     common = ["--config", str(config), "--data.init_args.val_size", "40", "--data.init_args.batch_size", "10",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
     run_cli(["fit", *common, "--trainer.max_epochs", "1"], clean_env())
-    ckpt = str(tmp_path / "runs/baseline/checkpoints/last.ckpt")
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    run_cli(["validate", *common, "--ckpt_path", ckpt, "--trainer.callbacks+=tests.helpers.DumpMetrics",
-             f"--trainer.callbacks.dir={single}"], clean_env())
-    run_cli(["validate", *common, "--config", "configs/trainer/cpu_ddp2.yaml", "--ckpt_path", ckpt,
-             "--trainer.callbacks+=tests.helpers.DumpMetrics", f"--trainer.callbacks.dir={double}"], clean_env())
-    one, rank0, rank1 = read_metrics(single), read_metrics(double, 0), read_metrics(double, 1)
+    one, rank0, rank1 = validate_on_one_and_two_processes(common, tmp_path / "runs/baseline/checkpoints/last.ckpt", tmp_path)
     assert (one["world_size"], rank0["world_size"]) == (1, 2)
     assert rank0["metrics"]["val/acc"] == pytest.approx(one["metrics"]["val/acc"], abs=1e-6)
     assert rank1["metrics"]["val/acc"] == pytest.approx(one["metrics"]["val/acc"], abs=1e-6)
@@ -66,13 +70,8 @@ def test_ddp_fit_of_the_ensemble_routes_identically_on_every_rank(fake_root: Pat
     rank0 = json.loads((tmp_path / "routing/routing-rank0.json").read_text())
     rank1 = json.loads((tmp_path / "routing/routing-rank1.json").read_text())
     assert rank0 == rank1 and len(set(rank0)) > 1  # same members on both ranks, and more than one in use
-    ckpt = str(tmp_path / "runs/edm/checkpoints/last.ckpt")
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    run_cli(["validate", *common, "--ckpt_path", ckpt, "--trainer.callbacks+=tests.helpers.DumpMetrics",
-             f"--trainer.callbacks.dir={single}"], clean_env())
-    run_cli(["validate", *common, "--config", "configs/trainer/cpu_ddp2.yaml", "--ckpt_path", ckpt,
-             "--trainer.callbacks+=tests.helpers.DumpMetrics", f"--trainer.callbacks.dir={double}"], clean_env())
-    one, two = read_metrics(single)["metrics"], read_metrics(double)["metrics"]
+    single, rank0, _ = validate_on_one_and_two_processes(common, tmp_path / "runs/edm/checkpoints/last.ckpt", tmp_path)
+    one, two = single["metrics"], rank0["metrics"]
     for key in ("val/acc", "val/member_0/acc", "val/ood/coherence"):
         assert two[key] == pytest.approx(one[key], abs=1e-5), key
 

@@ -321,7 +321,6 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
             raise ConfigError(f"{where}: strength {defense.strength!r} needs values (numbers), got {defense.values}")
         if defense.strength in defense.options:
             raise ConfigError(f"{where}: {defense.strength!r} is swept by values; remove it from options")
-        resolve_postprocessor({"class_path": defense.postprocessor})  # a misspelt class fails with the known ones
         # Adaptive Misinformation's model is trained later: a stand-in of the right shape lets its ranges be checked now.
         stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(spec.input_shape), spec.num_classes))
         for value in defense.values:  # out-of-range strengths fail here, not after hours of training
@@ -518,8 +517,10 @@ def _attack(store: StageStore, config: ExperimentConfig, attack: AttackSpec, vic
             defense: str, weight: float | None, strength: float | None) -> dict:
     from edm_lightning.attacks import run_dfme, run_jbda, run_knockoff
 
-    spec = {k: v for k, v in asdict(attack).items() if k not in ("budgets", "label")}
-    stage = {"attack": spec | {"budgets": None}, "budget": budget, "seed": seed,
+    # The label only names the attack in the results; budgets stays in the key as None, as it always was,
+    # so stages of earlier runs keep their keys.
+    spec = {k: v for k, v in asdict(attack).items() if k != "label"} | {"budgets": None}
+    stage = {"attack": spec, "budget": budget, "seed": seed,
              "victim": victim["checkpoint"], "router": victim["router"], "test_size": config.test_size}
     if victim.get("postprocessors"):
         stage["postprocessors"] = victim["postprocessors"]
