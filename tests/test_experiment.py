@@ -20,8 +20,9 @@ from edm_lightning.experiment import (
     run_experiment,
 )
 from edm_lightning.experiment.__main__ import main as experiment_main
+from edm_lightning.experiment.config import validate
 
-runner = importlib.import_module("edm_lightning.experiment.runner")
+jobs = importlib.import_module("edm_lightning.experiment.jobs")
 
 
 def tiny_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
@@ -72,17 +73,15 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
     def must_not_run(*args, **kwargs):
         raise AssertionError("a cached stage ran again")
 
-    monkeypatch.setattr(runner, "_fit_and_test", must_not_run)
-    monkeypatch.setattr("edm_lightning.attacks.run_knockoff", must_not_run)
+    monkeypatch.setattr(jobs, "fit_and_test", must_not_run)
+    monkeypatch.setattr(jobs, "run_knockoff", must_not_run)
     assert run_experiment(config) == first
     log = capsys.readouterr().err
     assert log.count(": cached (") == 15 and ": running" not in log
 
 
 def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
-    import edm_lightning.attacks as attacks
-
-    real = attacks.run_knockoff
+    real = jobs.run_knockoff
     calls = {"n": 0}
 
     def killed_on_third(*args, **kwargs):
@@ -91,13 +90,13 @@ def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attacks, "run_knockoff", killed_on_third)
+    monkeypatch.setattr(jobs, "run_knockoff", killed_on_third)
     config = tiny_config(fake_root, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config)
     assert not (tmp_path / "results/tiny/results.md").exists()
     capsys.readouterr()
-    monkeypatch.setattr(attacks, "run_knockoff", real)
+    monkeypatch.setattr(jobs, "run_knockoff", real)
     run_experiment(config)
     log = capsys.readouterr().err
     assert log.count(": running") == 5  # the killed attack and the four after it; everything before is cached
@@ -198,7 +197,7 @@ def test_bad_defense_settings_fail_before_training(fake_root: Path, tmp_path: Pa
 def test_surrogate_equal_to_the_defenders_ood_set_is_flagged_loudly(fake_root: Path, tmp_path: Path, capsys):
     config = tiny_config(fake_root, tmp_path, attacks=[AttackSpec(surrogate="animal-mnist", budgets=[128])])
     with pytest.warns(UserWarning, match="makes the defense look better than it is"):
-        runner.validate(config)
+        validate(config)
     assert "WARNING" in capsys.readouterr().err
 
 
@@ -217,7 +216,7 @@ def test_committed_experiment_configs_parse(capsys):
 
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/experiment/*.yaml")):
         config = auto_cli(ExperimentConfig, args=["--config", str(path)])
-        runner.validate(config)
+        validate(config)
         assert config.attacks and config.seeds
 
 

@@ -23,11 +23,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.data.datamodules import LinkedSpec
-from edm_lightning.data.images import convert_images, load_images
+from edm_lightning.data.images import BatchTensorDataset, batch_loader, convert_images, load_images
 from edm_lightning.data.registry import get_spec
 from edm_lightning.defense.victim import VictimConfig
 from edm_lightning.errors import ConfigError
@@ -92,8 +92,8 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         self._victim_to_serve: nn.Module | None = victim_model  # handed to the oracle, then dropped
         self._oracle: BlackBoxOracle | None = None
         self._prepaid = 0  # queries bought by an earlier run and read back from the cache
-        self.train_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
+        self.train_set: BatchTensorDataset | None = None
+        self.test_set: BatchTensorDataset | None = None
 
     @property
     def oracle(self) -> BlackBoxOracle:
@@ -131,19 +131,19 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
             images = images[: self.hparams.test_size]
             labels = labels[: self.hparams.test_size]
             x = images.float().div_(255)
-            self.test_set = TensorDataset(x, labels[: len(x)], victim_labels(self._victim_for_evaluation, x))
+            self.test_set = BatchTensorDataset(x, labels[: len(x)], victim_labels(self._victim_for_evaluation, x))
             self._victim_for_evaluation = None
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError("the attack has no training data yet: setup('fit') has not run")
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers, generator=generator)
+        return batch_loader(self.train_set, self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers,
+                            generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         """The victim's test set: monitoring only; nothing selects a checkpoint on it."""
-        return DataLoader(self.test_set, batch_size=max(self.hparams.batch_size, 256), num_workers=self.hparams.num_workers)
+        return batch_loader(self.test_set, max(self.hparams.batch_size, 256), num_workers=self.hparams.num_workers)
 
     test_dataloader = val_dataloader
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from edm_lightning.data.images import BatchTensorDataset
 
 from edm_lightning.attacks.base import AttackDataModule, atomic_save, require_single_process, run_attack
 from edm_lightning.data.datamodules import seeded_indices
@@ -156,7 +156,7 @@ class JBDADataModule(AttackDataModule):
             self.augment(0, self._seed_set, tag="seed")
 
     def train_dataloader(self):
-        self.train_set = TensorDataset(self.substitute_x, self.substitute_y)
+        self.train_set = BatchTensorDataset(self.substitute_x, self.substitute_y)
         return super().train_dataloader()
 
     def augment(self, round_: int, make_points: Callable[..., Tensor], tag: str) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from edm_lightning.data.images import BatchTensorDataset
 
 from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
@@ -149,7 +149,7 @@ class KnockoffDataModule(AttackDataModule):
                     raise RuntimeError(f"transfer set {self.cache_path} holds {len(self.transfer)} of {items} images")
             images, _ = self._surrogate_images()
             x = images[self.transfer.indices].float().div_(255)
-            self.train_set = TensorDataset(x, self.transfer.answers)
+            self.train_set = BatchTensorDataset(x, self.transfer.answers)
 
     def report(self) -> dict[str, Any]:
         hp = self.hparams

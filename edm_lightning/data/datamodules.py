@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from edm_lightning.data.images import ImageTensorDataset, load_images
+from edm_lightning.data.images import ImageTensorDataset, batch_loader, load_images
 from edm_lightning.data.registry import DatasetSpec, get_spec
 from edm_lightning.errors import ConfigError
 
@@ -191,10 +191,7 @@ def _augmentation(input_shape: tuple[int, int, int]) -> v2.Compose:
 def _loader(dataset: ImageTensorDataset | None, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
     if dataset is None:
         raise RuntimeError("DataModule.setup() has not run for this stage")
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-    )
+    return batch_loader(dataset, batch_size, shuffle, num_workers)
 
 
 def _check_positive(**values: int | None) -> None:

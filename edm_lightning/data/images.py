@@ -14,20 +14,24 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from edm_lightning.data.registry import open_dataset
 from edm_lightning.errors import ConfigError
 
-__all__ = ["ImageTensorDataset", "convert_images", "load_images"]
+__all__ = ["BatchTensorDataset", "ImageTensorDataset", "batch_loader", "convert_images", "load_images"]
 
 
 class ImageTensorDataset(Dataset):
     """uint8 images ``(N, C, H, W)`` (and labels) served as float images in [0, 1].
 
     Without labels (OOD use) an item is the image alone, so a loader yields plain image batches.
+    Whole batches are cut with one indexing operation (``__getitems__``) instead of an item loop and a
+    collate: on a small CNN on CPU the per-item path cost a fifth of the training step. Build loaders
+    with :func:`batch_loader`. With a ``transform`` (augmentation draws a crop per image) items go one
+    by one, as before.
     """
 
     def __init__(self, images: Tensor, labels: Tensor | None = None, transform: Callable | None = None):
@@ -48,9 +52,51 @@ class ImageTensorDataset(Dataset):
             image = self.transform(image)
         return image if self.labels is None else (image, self.labels[index])
 
+    def __getitems__(self, indices: list[int]):
+        """The batch at ``indices``: images ``(B, C, H, W)`` in [0, 1] (and labels ``(B,)``), already collated."""
+        if self.transform is not None:
+            return collate_items([self[i] for i in indices])
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index].float().div_(255)
+        return images if self.labels is None else (images, self.labels[index])
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+
+class BatchTensorDataset(TensorDataset):
+    """A :class:`~torch.utils.data.TensorDataset` whose batches are cut with one indexing operation per tensor."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(tensor[index] for tensor in self.tensors)
+
+
+def batch_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, generator: torch.Generator | None = None
+) -> DataLoader:
+    """A DataLoader over a dataset that collates its own batches (``__getitems__``); DDP samplers still apply.
+
+    Lightning rebuilds it with a ``DistributedSampler`` under DDP and keeps ``collate_fn``, so each
+    process still gets whole batches of its own share.
+    """
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+        collate_fn=collate_batch, persistent_workers=num_workers > 0,
+    )
+
+
+def collate_batch(batch):
+    """The batch a ``__getitems__`` returned, as it is (module level so worker processes can pickle it)."""
+    return batch
+
+
+def collate_items(items: list) -> Tensor | tuple[Tensor, ...]:
+    """Stack per-item images (or ``(image, label)`` pairs) into a batch, as the default collate would."""
+    if isinstance(items[0], tuple):
+        return tuple(torch.stack([torch.as_tensor(item[k]) for item in items]) for k in range(len(items[0])))
+    return torch.stack(items)
 
 
 def load_images(

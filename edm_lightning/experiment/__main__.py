@@ -7,7 +7,8 @@ import sys
 from jsonargparse import auto_cli
 
 from edm_lightning.errors import exit_if_user_error
-from edm_lightning.experiment.runner import ExperimentConfig, run_experiment
+from edm_lightning.experiment.config import ExperimentConfig
+from edm_lightning.experiment.runner import run_experiment
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -30,43 +29,31 @@ class StageStore:
 
     Args:
         root: folder holding one sub-folder per stage.
-        total: number of stages planned, for the progress line (``[3/12]``).
-        log: where progress lines go (default: standard error).
     """
 
-    def __init__(self, root: str | Path, total: int | None = None, log=None):
+    def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.total = total
-        self.done = 0
-        self.log = log or sys.stderr
-        self.results: list[dict] = []  # every stage's result, cached or not, in run order
 
     def folder(self, kind: str, config: Any) -> Path:
         return self.root / f"{kind}-{config_key(config)}"
 
     def cached(self, kind: str, config: Any) -> dict | None:
+        """The stage's result if it finished in an earlier run, else ``None``."""
         path = self.folder(kind, config) / "result.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def run(self, kind: str, config: Any, fn: Callable[[Path], dict], label: str = "") -> dict:
-        self.done += 1
-        prefix = f"[{self.done}/{self.total}]" if self.total else f"[{self.done}]"
-        description = f"{kind}{' ' + label if label else ''}"
+    def run(self, kind: str, config: Any, fn: Callable[[Path], dict]) -> dict:
+        """The cached result, or ``fn(folder)``'s with its ``stage_wall_time_s``, written last and atomically."""
         result = self.cached(kind, config)
         if result is not None:
-            print(f"{prefix} {description}: cached ({self.folder(kind, config)})", file=self.log, flush=True)
-            self.results.append(result)
             return result
         folder = self.folder(kind, config)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
-        print(f"{prefix} {description}: running ...", file=self.log, flush=True)
         start = time.perf_counter()
         result = fn(folder)
         result = {**result, "stage_wall_time_s": round(time.perf_counter() - start, 1)}
         write_atomic(folder / "result.json", json.dumps(result, indent=2, sort_keys=True))
-        print(f"{prefix} {description}: done in {result['stage_wall_time_s']:.0f} s", file=self.log, flush=True)
-        self.results.append(result)
         return result
 
 

@@ -1,0 +1,174 @@
+"""The work of each stage kind: train a model, measure a served model, run an attack, in a stage folder.
+
+Each function takes the experiment's configuration and the stage's own parameters, works in ``folder``
+and returns the stage's figures as a JSON-able dict (the stage's ``result.json``). They know nothing of
+caching or ordering: :mod:`.plan` decides what runs, :mod:`.runner` runs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from edm_lightning.attacks import run_dfme, run_jbda, run_knockoff
+from edm_lightning.attacks.knockoff import noisy_copies
+from edm_lightning.data import ClassificationDataModule, EDMDataModule, get_spec
+from edm_lightning.data.images import convert_images, load_images
+from edm_lightning.defense import VictimConfig
+from edm_lightning.defense.routing import HashBalanceCallback
+from edm_lightning.errors import ConfigError
+from edm_lightning.experiment.config import AttackSpec, ExperimentConfig, TrainSpec
+from edm_lightning.progress import EpochLines
+from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
+from edm_lightning.tracking import finish_wandb_run
+
+__all__ = ["attack", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
+           "train_target", "victim_config"]
+
+
+def train_target(config: ExperimentConfig, folder: Path, seed: int) -> dict:
+    """The undefended target: its best checkpoint and test accuracy."""
+    spec = config.target
+    data = _classification_data(config, config.dataset, spec, test_size=config.test_size)
+    model = ClassifierModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
+    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "target")
+    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
+
+
+def train_hashnet(config: ExperimentConfig, folder: Path, seed: int) -> dict:
+    """The neural router's hash network, trained on ``hashnet.dataset`` and balanced on the defender's data."""
+    spec = config.hashnet
+    data = _classification_data(config, spec.dataset, spec)
+    target_shape = get_spec(config.dataset).input_shape
+    if tuple(data.input_shape) != tuple(target_shape):
+        raise ConfigError(f"hashnet.dataset {spec.dataset!r} has shape {data.input_shape}, the target {target_shape}")
+    model = ClassifierModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
+    balance = HashBalanceCallback(dataset=config.dataset, root=config.root)
+    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "hashnet", callbacks=[balance])
+    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
+
+
+def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, hash_checkpoint: str | None) -> dict:
+    """One EDM ensemble at diversity weight ``weight``: routed accuracy, coherence, members' shares."""
+    spec = config.edm
+    data = EDMDataModule(config.dataset, spec.ood_dataset, config.root, spec.batch_size, val_size=spec.val_size,
+                         train_size=spec.train_size, test_size=config.test_size, augment=spec.augment)
+    model = EnsembleModule(spec.arch, spec.num_members, data.num_classes, data.input_shape, data.mean, data.std,
+                           spec.optim, diversity_weight=weight, router=spec.routers[0], router_key=spec.router_key,
+                           hash_checkpoint=hash_checkpoint)
+    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "ensemble")
+    keep = ("test/acc", "test/id/coherence", "test/ood/coherence", "test/id/coherent_share", "test/ood/coherent_share")
+    shares = {k: v for k, v in metrics.items() if k.startswith("test/member_")}
+    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"], "hash_checkpoint": hash_checkpoint,
+            **{k.removeprefix("test/"): metrics[k] for k in keep if k in metrics},
+            **{k.removeprefix("test/"): v for k, v in shares.items()}}
+
+
+def train_misinformation(config: ExperimentConfig, folder: Path, seed: int) -> dict:
+    """Adaptive Misinformation's misinformation model: trained on the defender's data to be confidently wrong."""
+    spec = config.misinformation
+    data = _classification_data(config, config.dataset, spec, test_size=config.test_size)
+    model = MisinformationModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
+    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "misinformation", monitor=("val/loss", "min"))
+    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
+
+
+def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dict:
+    """The defender's accuracy as served (router and post-processors on), on the test set, through DefendedModel."""
+    model = victim_config(config, victim).build()
+    images, labels = load_images(config.dataset, config.root, train=False)
+    images, labels = images[: config.test_size], labels[: config.test_size]
+    correct = sum(int((model(x.float().div(255)).argmax(-1) == y).sum())
+                  for x, y in zip(images.split(1024), labels.split(1024), strict=True))
+    return {"test_acc": correct / len(labels)}
+
+
+def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack: AttackSpec, seed: int,
+                   images: int = 1000) -> dict:
+    """How many distinct members the K copies of one surrogate image reach behind ``victim``'s router, and
+    the share of copies answered by the member the unperturbed image gets (on ``images`` surrogate images)."""
+    options = attack.options
+    copies, noise, shift = int(options["query_copies"]), float(options.get("copy_noise", 0)), int(options.get("copy_shift", 0))
+    model = victim_config(config, victim).build()
+    x = convert_images(load_images(attack.surrogate, config.root, train=True)[0][:images], model.input_shape).float().div(255)
+    with torch.no_grad():
+        plain = model.router(x)
+        routes = model.router(noisy_copies(x, copies, noise, seed, shift=shift)).view(len(x), copies)
+    distinct = torch.tensor([len(torch.unique(row)) for row in routes], dtype=torch.float64)
+    uniform = model.router.num_members * (1 - (1 - 1 / model.router.num_members) ** copies)
+    return {"distinct_members": float(distinct.mean()), "distinct_if_random": uniform,
+            "share_on_plain_member": float((routes == plain[:, None]).double().mean())}
+
+
+def attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, victim: dict, budget: int, seed: int) -> dict:
+    """One attack against one victim at one budget: clone accuracy, agreement, queries.
+
+    KnockoffNets keeps its transfer sets in the experiment's shared ``transfers/`` folder (keyed by victim,
+    seed and sampling setting, never by budget), so every budget of a curve reads a prefix of one set
+    bought once; JBDA and DFME query as their clone learns, so their caches stay in the stage folder.
+    """
+    common = dict(dataset=config.dataset, budget=budget, label_only=spec.label_only, arch=spec.arch,
+                  root=config.root, test_size=config.test_size, seed=seed)
+    target = victim_config(config, victim)
+    if spec.name == "knockoff":
+        return run_knockoff(target, surrogate=spec.surrogate, max_epochs=spec.epochs, cache_dir=str(transfer_dir(config)),
+                            **common, **spec.options)
+    if spec.name in ("jbda", "jbda_tr"):
+        return run_jbda(target, targeted=spec.name == "jbda_tr", epochs_per_round=spec.epochs,
+                        cache_dir=str(folder / "cache"), **common, **spec.options)
+    return run_dfme(target, max_epochs=spec.epochs, cache_dir=str(folder / "cache"), **common, **spec.options)
+
+
+def transfer_dir(config: ExperimentConfig) -> Path:
+    """Where the experiment's KnockoffNets transfer sets live, shared by every budget and clone."""
+    return Path(config.runs_dir) / config.name / "transfers"
+
+
+def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
+    """The served model a planned victim stands for (checkpoint, router, post-processors)."""
+    return VictimConfig(victim["checkpoint"], router=victim["router"], hash_checkpoint=victim.get("hash_checkpoint"),
+                        key=config.edm.router_key, postprocessors=victim.get("postprocessors", []))
+
+
+def fit_and_test(model: L.LightningModule, data: L.LightningDataModule, epochs: int, folder: Path, seed: int,
+                 config: ExperimentConfig, job_type: str, callbacks=(), monitor=("val/acc", "max")) -> dict[str, float]:
+    """Fit (resuming from ``last.ckpt`` if an earlier run was killed), then test the best checkpoint by ``monitor``.
+
+    Lightning's own bar when standard error is a terminal, one line per epoch when it is not.
+    """
+    L.seed_everything(seed, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor[0], mode=monitor[1], save_last=True)
+    bar = sys.stderr.isatty()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=_logger(config, job_type, folder, seed),
+                        default_root_dir=folder, callbacks=[checkpoint, *callbacks, *([] if bar else [EpochLines()])],
+                        enable_progress_bar=bar, enable_model_summary=False)
+    try:
+        last = folder / "last.ckpt"
+        trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        tested = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
+    finally:
+        finish_wandb_run()
+    merged: dict[str, float] = {}
+    for metrics in tested:  # one dict per test loader; keys already say which loader they are from
+        merged.update({k.split("/dataloader_idx")[0]: float(v) for k, v in metrics.items()})
+    return merged
+
+
+def _classification_data(config: ExperimentConfig, dataset: str, spec: TrainSpec, test_size: int | None = None
+                         ) -> ClassificationDataModule:
+    return ClassificationDataModule(dataset, config.root, spec.batch_size, val_size=spec.val_size,
+                                    train_size=spec.train_size, test_size=test_size, augment=spec.augment)
+
+
+def _logger(config: ExperimentConfig, job_type: str, folder: Path, seed: int) -> Any:
+    if not config.wandb_project:
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project=config.wandb_project, group=config.name, job_type=job_type, save_dir=str(folder),
+                       name=f"{config.name}-{job_type}-seed{seed}", tags=[config.dataset, job_type])

@@ -1,0 +1,117 @@
+"""The results files of one experiment: ``results.md`` / ``.csv``, ``records.csv``, plots, and their W&B run.
+
+Written once every stage has run, each file atomically (:mod:`.results` holds the tables and plots;
+this module decides which of them an experiment gets and the notes that explain them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+
+from lightning.pytorch.loggers import WandbLogger
+
+from edm_lightning.experiment import results as tables
+from edm_lightning.experiment.config import ExperimentConfig, curve_attacks
+from edm_lightning.experiment.stages import config_key
+from edm_lightning.tracking import finish_wandb_run
+
+__all__ = ["write_results"]
+
+
+def write_results(config: ExperimentConfig, records: list[dict], victims: dict, spreads: dict, wall_time: float,
+                  compute: float, log) -> None:
+    """Write the results files of ``config`` under ``<results_dir>/<name>/`` and print ``results.md``.
+
+    Args:
+        records: one dict per attack run (see :mod:`.results`).
+        victims: ``(defense, lambda, strength, seed) -> figures`` of each served model (training and serving stages).
+        spreads: ``(averaging attack, router) -> [per-seed routing spread]``.
+        wall_time: seconds this invocation took.
+        compute: seconds every stage took when it ran (cached ones included).
+        log: where the table is printed.
+    """
+    out = Path(config.results_dir) / config.name
+    main_weight = config.edm.diversity_weight
+    rows = []
+    for attack in config.attacks:
+        rows += tables.summarise([r for r in records if r["attack"] == attack.title], max(attack.budgets), main_weight)
+    notes = [
+        f"Dataset {config.dataset}; target {config.target.arch}; EDM N={config.edm.num_members}, lambda={main_weight:g}, "
+        f"OOD set {config.edm.ood_dataset}, routers {', '.join(config.edm.routers)}; seeds {config.seeds}; mean ± std over seeds.",
+        f"Each attack at its largest budget. All stages took {compute / 60:.1f} min when they ran; this invocation "
+        f"took {wall_time / 60:.1f} min (cached stages cost nothing). Configuration key {config_key(config)}.",
+    ]
+    edm_stats = [v for (defense, w, _, _), v in victims.items() if defense == f"edm-{config.edm.routers[0]}" and w == main_weight]
+    if edm_stats and "id/coherence" in edm_stats[0]:
+        notes.append(f"EDM coherence on in-distribution test data {mean(s['id/coherence'] for s in edm_stats):.3f}, "
+                     f"on held-out OOD data {mean(s['ood/coherence'] for s in edm_stats):.3f}.")
+    notes += _defense_notes(config, rows, spreads)
+    images = []
+    first = config.attacks[0]
+    if tables.plot_budget_curve(records, first.title, main_weight, out / "budget_curve.png"):
+        images.append("budget_curve.png")
+    for title in curve_attacks(config) if config.edm.tradeoff_weights or config.defenses else []:
+        attack = next(a for a in config.attacks if a.title == title)
+        name = "tradeoff.png" if title == first.title else f"tradeoff_{title}.png"
+        if tables.plot_tradeoff(records, title, max(attack.budgets), out / name):
+            images.append(name)
+    notes += [f"![{name}]({name})" for name in images]
+    tables.write_csv(records, out / "records.csv")
+    tables.write_csv(rows, out / "results.csv")
+    text = tables.write_markdown(rows, out / "results.md", f"EDM evaluation: {config.name}", notes)
+    print(text, file=log, flush=True)
+    print(f"results: {out / 'results.md'}", file=log, flush=True)
+    if config.wandb_project:
+        _log_results_to_wandb(config, rows, [out / name for name in images], out)
+
+
+def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) -> list[str]:
+    """The two questions users ask: which defense costs at most 1 point and stops the clone most, and how
+    much of EDM's protection survives query averaging (and at how many extra queries)."""
+    notes = []
+    first = config.attacks[0]
+    for title in curve_attacks(config) if config.defenses else []:
+        best = tables.best_within(rows, title, 0.01)
+        if best:
+            ranking = "; ".join(f"{r['defense']}{f' ({tables.setting(r)})' if tables.setting(r) else ''} "
+                                f"{r['clone_acc_mean'] * 100:.1f}%" for r in best[:6])
+            notes.append(f"{title}: at most 1 point of defender accuracy lost, lowest clone accuracy first: {ranking}.")
+    for attack in config.attacks:
+        copies = int(attack.options.get("query_copies", 1))
+        if attack.name != "knockoff" or copies == 1 or attack.title == first.title:
+            continue
+        for router in config.edm.routers:
+            plain, averaged = (next((r for r in rows if r["attack"] == t and r["defense"] == f"edm-{router}"), None)
+                               for t in (first.title, attack.title))
+            spread = spreads.get((attack.title, router))
+            reach = (f"; the {copies} copies of an image reach {mean(s['distinct_members'] for s in spread):.2f} distinct "
+                     f"members ({spread[0]['distinct_if_random']:.2f} if routed at random), "
+                     f"{mean(s['share_on_plain_member'] for s in spread):.0%} of them the image's own") if spread else ""
+            if plain and averaged and plain.get("clone_acc_drop_mean", 0) > 0:
+                kept = averaged["clone_acc_drop_mean"] / plain["clone_acc_drop_mean"]
+                notes.append(
+                    f"{attack.title} (K={copies} copies, noise {attack.options.get('copy_noise', 0)}, shift "
+                    f"{attack.options.get('copy_shift', 0)} px; {averaged['queries_mean']:,.0f} queries, {copies - 1} extra per "
+                    f"image) against edm-{router}: EDM keeps {kept:.0%} of its protection (clone accuracy drop against the "
+                    f"undefended model under the same attack {averaged['clone_acc_drop_mean'] * 100:.1f} vs "
+                    f"{plain['clone_acc_drop_mean'] * 100:.1f} points under {first.title}; clone accuracy "
+                    f"{averaged['clone_acc_mean'] * 100:.1f}% vs {plain['clone_acc_mean'] * 100:.1f}%){reach}."
+                )
+    return notes
+
+
+def _log_results_to_wandb(config: ExperimentConfig, rows: list[dict], images: list[Path], out: Path) -> None:
+    logger = WandbLogger(project=config.wandb_project, group=config.name, job_type="experiment",
+                         name=f"{config.name}-results", save_dir=str(Path(config.runs_dir) / config.name),
+                         tags=[config.dataset, "experiment"])
+    try:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        logger.log_table("results", columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        for image in images:
+            logger.log_image(image.stem, images=[str(image)])
+        logger.experiment.config.update({"experiment": json.loads(json.dumps(asdict(config), default=str))})
+    finally:
+        finish_wandb_run()

@@ -1,0 +1,260 @@
+"""The plan of an experiment: every stage it needs, in an order that respects their dependencies.
+
+A stage is named by its kind and the hash of its configuration (``<runs>/<name>/<kind>-<key>/``), so the
+plan is known before anything runs: a checkpoint a later stage needs is ``<that stage's folder>/best.ckpt``.
+The plan is a value: ``--dry_run`` prints it (which stages are already done, estimated time), tests
+inspect it, and the runner walks it.
+
+Stages per seed: the undefended target; the hash network of the neural router; one EDM ensemble per
+diversity weight (lambda) and its test accuracy behind each router; the misinformation model when a
+defense needs it; the defender's accuracy with each output-perturbation defense at each strength, on the
+target (the defense alone) and on EDM (the composition); for each query-averaging attack, how many members
+its copies reach behind each router. Then per seed, attack and budget, the attack against the target and
+against the main EDM ensemble; for the trade-off curves, each defense's attacks at their largest budget
+against every strength, and against every other lambda.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edm_lightning.data import get_spec
+from edm_lightning.experiment import jobs
+from edm_lightning.experiment.config import (
+    AttackSpec,
+    ExperimentConfig,
+    averaging_attacks,
+    curve_attacks,
+    defense_label,
+    needs_misinformation,
+    postprocessor_specs,
+)
+from edm_lightning.experiment.stages import config_key
+
+__all__ = ["Plan", "Stage", "build_plan"]
+
+
+@dataclass
+class Stage:
+    """One unit of work, cached by its configuration.
+
+    Args:
+        kind: ``target``, ``hashnet``, ``edm``, ``misinformation``, ``served``, ``spread`` or ``attack``.
+        key: the stage's configuration; its hash names the folder, so changing any of it reruns the stage.
+        label: what the progress line calls it.
+        work: ``folder -> result`` (the figures written to ``result.json``).
+        needs: ids of the stages whose outputs it reads.
+        estimate_s: expected seconds on a 2-core CPU (what the ETA starts from).
+    """
+
+    kind: str
+    key: dict[str, Any]
+    label: str
+    work: Callable[[Path], dict] = field(repr=False)
+    needs: tuple[str, ...] = ()
+    estimate_s: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-{config_key(self.key)}"
+
+
+@dataclass
+class Plan:
+    """The stages of one experiment, in run order, and the victims they serve (for the results)."""
+
+    root: Path
+    stages: list[Stage]
+    victims: dict[tuple, dict]  # (defense, lambda, strength, seed) -> checkpoint, router, ..., stage ids
+    spreads: dict[tuple, list[str]]  # (averaging attack, router) -> spread stage id per seed
+    attack_runs: list[tuple[str, dict]]  # (attack stage id, where it ran), one per results record
+
+    def folder(self, stage: Stage) -> Path:
+        return self.root / stage.id
+
+    def __getitem__(self, stage_id: str) -> Stage:
+        return next(stage for stage in self.stages if stage.id == stage_id)
+
+
+def build_plan(config: ExperimentConfig) -> Plan:
+    """Every stage ``config`` needs, dependencies first; nothing is trained or read from disk."""
+    root = Path(config.runs_dir) / config.name
+    builder = _Builder(config, root)
+    for seed in config.seeds:
+        builder.seed_stages(seed)
+    for run in builder.attack_runs():
+        builder.attack(*run)
+    return Plan(root, builder.stages, builder.victims, builder.spreads, builder.runs)
+
+
+class _Builder:
+    def __init__(self, config: ExperimentConfig, root: Path):
+        self.config, self.root = config, root
+        self.stages: list[Stage] = []
+        self.victims: dict[tuple, dict] = {}
+        self.spreads: dict[tuple, list[str]] = {}
+        self.runs: list[tuple[str, dict]] = []
+        self.strength_names = {defense_label(d, base): d.strength for d in config.defenses for base in d.defends}
+        self.weights = [config.edm.diversity_weight] + [
+            w for w in config.edm.tradeoff_weights if w != config.edm.diversity_weight]
+        self.train_images = _train_images(config)
+
+    def add(self, stage: Stage) -> Stage:
+        if all(stage.id != other.id for other in self.stages):
+            self.stages.append(stage)
+        return stage
+
+    def output(self, stage: Stage) -> str:
+        return str(self.root / stage.id / "best.ckpt")
+
+    def seed_stages(self, seed: int) -> None:
+        config, work = self.config, functools.partial
+        target = self.add(Stage(
+            "target", {"dataset": config.dataset, "seed": seed, "spec": asdict(config.target), "test_size": config.test_size},
+            f"{config.target.arch} on {config.dataset} (seed {seed})", work(jobs.train_target, config, seed=seed),
+            estimate_s=_training_s(config.target, self.train_images)))
+        self.victims[("none", None, None, seed)] = {"checkpoint": self.output(target), "router": "fixed",
+                                                    "trained": target.id, "served": target.id}
+        hashnet = None
+        if "neural" in config.edm.routers:
+            spec = config.hashnet
+            hashnet = self.add(Stage(
+                "hashnet", {"dataset": spec.dataset, "balanced_on": config.dataset, "seed": seed, "spec": asdict(spec),
+                            "input_shape": get_spec(config.dataset).input_shape},
+                f"on {spec.dataset} (seed {seed})", work(jobs.train_hashnet, config, seed=seed),
+                estimate_s=_training_s(spec, 9_000)))
+        hash_checkpoint = hashnet and self.output(hashnet)
+        for weight in self.weights:
+            spec = config.edm
+            edm = self.add(Stage(
+                "edm", {"dataset": config.dataset, "seed": seed, "diversity_weight": weight,
+                        "spec": asdict(spec) | {"tradeoff_weights": None, "diversity_weight": None, "routers": spec.routers[:1]},
+                        "hashnet": hash_checkpoint, "test_size": config.test_size},
+                f"N={spec.num_members} lambda={weight:g} (seed {seed})",
+                work(jobs.train_edm, config, seed=seed, weight=weight, hash_checkpoint=hash_checkpoint),
+                needs=(hashnet.id,) if hashnet else (),
+                estimate_s=_training_s(spec, self.train_images) * spec.num_members * _ENSEMBLE_STEP))
+            for router in spec.routers:  # one ensemble, served behind each router
+                victim = {"checkpoint": self.output(edm), "router": router, "hash_checkpoint": hash_checkpoint,
+                          "trained": edm.id}
+                self.victims[(f"edm-{router}", weight, None, seed)] = {**victim, "served": self.serve(victim).id}
+        misinformation = None
+        if needs_misinformation(config):
+            misinformation = self.add(Stage(
+                "misinformation", {"dataset": config.dataset, "seed": seed, "spec": asdict(config.misinformation),
+                                   "test_size": config.test_size},
+                f"{config.misinformation.arch} on {config.dataset} (seed {seed})",
+                work(jobs.train_misinformation, config, seed=seed),
+                estimate_s=_training_s(config.misinformation, self.train_images)))
+        for defense in config.defenses:
+            for base in defense.defends:
+                weight = None if base == "none" else config.edm.diversity_weight
+                for value in defense.values:
+                    model = misinformation and {"checkpoint": self.output(misinformation)}
+                    victim = {**self.victims[(base, weight, None, seed)],
+                              "postprocessors": postprocessor_specs(defense, value, model)}
+                    served = self.serve(victim, extra=(misinformation.id,) if misinformation else ())
+                    self.victims[(defense_label(defense, base), weight, value, seed)] = {**victim, "served": served.id}
+        for attack in averaging_attacks(config):  # why averaging works behind one router and not the other
+            for router in config.edm.routers:
+                victim = self.victims[(f"edm-{router}", config.edm.diversity_weight, None, seed)]
+                self.spreads.setdefault((attack.title, router), []).append(self.spread(victim, attack, seed).id)
+
+    def serve(self, victim: dict, extra: tuple[str, ...] = ()) -> Stage:
+        posts = victim.get("postprocessors", [])
+        key = {"ensemble": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size}
+        if posts:
+            key["postprocessors"] = posts
+        what = " + ".join(f"{p['class_path']}({', '.join(f'{k}={v}' for k, v in p['init_args'].items() if k != 'misinformation_model')})"
+                          for p in posts)
+        label = f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router" + (f" + {what}" if what else "")
+        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        return self.add(Stage("served", key, label, functools.partial(jobs.served_accuracy, self.config, victim=plain),
+                              needs=(victim["trained"], *extra), estimate_s=2.0))
+
+    def spread(self, victim: dict, attack: AttackSpec, seed: int) -> Stage:
+        options = attack.options
+        key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": attack.surrogate, "seed": seed,
+               "query_copies": int(options["query_copies"]), "copy_noise": float(options.get("copy_noise", 0)),
+               "copy_shift": int(options.get("copy_shift", 0)), "images": 1000}
+        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        return self.add(Stage(
+            "spread", key, f"{attack.title} copies behind the {victim['router']} router (seed {seed})",
+            functools.partial(jobs.routing_spread, self.config, victim=plain, attack=attack, seed=seed),
+            needs=(victim["trained"],), estimate_s=2.0))
+
+    def attack_runs(self) -> list[tuple]:
+        """``(attack, defense, lambda, strength, budget, seed)`` for every attack run, in the order they run."""
+        config, weights = self.config, self.weights
+        edm = [f"edm-{router}" for router in config.edm.routers]
+        first, curves = config.attacks[0].title, curve_attacks(config)
+        runs = []
+        for seed in config.seeds:
+            for attack in config.attacks:
+                for budget in sorted(attack.budgets):
+                    runs.append((attack, "none", None, None, budget, seed))
+                    runs += [(attack, defense, weights[0], None, budget, seed) for defense in edm]
+                if attack.title not in curves:
+                    continue
+                budget = max(attack.budgets)  # the trade-off curves: every other lambda, every defense's strengths
+                runs += [(attack, edm[0], w, None, budget, seed) for w in weights[1:]]
+                for defense in config.defenses:
+                    if attack.title in (defense.attacks or [first]):
+                        for base in defense.defends:
+                            weight = None if base == "none" else weights[0]
+                            runs += [(attack, defense_label(defense, base), weight, v, budget, seed) for v in defense.values]
+        return runs
+
+    def attack(self, spec: AttackSpec, defense: str, weight: float | None, strength: float | None, budget: int,
+               seed: int) -> Stage:
+        victim = self.victims[(defense, weight, strength, seed)]
+        # The label only names the attack in the results; budgets stays in the key as None, as it always was,
+        # so stages of earlier runs keep their keys.
+        key = {"attack": {k: v for k, v in asdict(spec).items() if k != "label"} | {"budgets": None}, "budget": budget,
+               "seed": seed, "victim": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size}
+        if victim.get("postprocessors"):
+            key["postprocessors"] = victim["postprocessors"]
+        setting = ", ".join(part for part in (weight is not None and f"lambda={weight:g}",
+                                              strength is not None and f"strength={strength:g}") if part)
+        label = f"{spec.title} vs {defense}{f' ({setting})' if setting else ''} ({budget:,} queries, seed {seed})"
+        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        info = {"attack": spec.title, "defense": defense, "diversity_weight": weight,
+                "strength_name": self.strength_names.get(defense), "strength": strength, "budget": budget, "seed": seed,
+                "served": victim["served"]}
+        stage = self.add(Stage("attack", key, label,
+                               functools.partial(jobs.attack, self.config, spec=spec, victim=plain, budget=budget, seed=seed),
+                               needs=tuple(dict.fromkeys((victim["trained"], victim["served"]))),
+                               estimate_s=_attack_s(spec, budget)))
+        self.runs.append((stage.id, info))
+        return stage
+
+
+# Seconds per training image and epoch of a LeNet-5-sized model on the 2-core CPU the defaults were
+# measured on (validation and test included), per architecture; the runner rescales every estimate by
+# what the finished stages of this run really took, so only the ratios between stages matter.
+_SECONDS_PER_IMAGE_EPOCH = {"lenet5": 7e-5, "small_cnn": 5e-5, "resnet18": 6e-3, "vgg16_bn": 5e-3}
+_ENSEMBLE_STEP = 1.6  # an EDM member also sees an OOD batch: its step costs more than a target's
+_SECONDS_PER_QUERY = 2e-4  # buying: the served model's answer, the transfer set's save
+
+
+def _training_s(spec, images: int) -> float:
+    return spec.epochs * (spec.train_size or images) * _SECONDS_PER_IMAGE_EPOCH.get(spec.arch, 1e-3)
+
+
+def _attack_s(spec: AttackSpec, budget: int) -> float:
+    per_image = _SECONDS_PER_IMAGE_EPOCH.get(spec.arch, 1e-3)
+    if spec.name == "knockoff":
+        items = budget // int(spec.options.get("query_copies", 1))
+        return budget * _SECONDS_PER_QUERY + spec.epochs * items * per_image + 3.0
+    if spec.name == "dfme":
+        return budget * _SECONDS_PER_QUERY * 25  # a generator and a clone step per few hundred queries
+    return budget * _SECONDS_PER_QUERY * 10 + spec.epochs * budget * per_image * 6  # JBDA: a clone per round
+
+
+def _train_images(config: ExperimentConfig) -> int:
+    """Training images of the defender's dataset after validation is held out (60,000 for the MNIST family)."""
+    sizes = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257, "emnist-letters": 124_800}
+    return sizes.get(config.dataset, 60_000) - config.target.val_size

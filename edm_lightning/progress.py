@@ -1,0 +1,146 @@
+"""Progress a person can follow: a bar in a terminal, plain periodic lines in a log file.
+
+Long loops report through :class:`Progress` (a tqdm bar when standard error is a terminal, otherwise a
+line every tenth of the work or every 30 seconds, whichever comes first); training outside a terminal
+reports one line per epoch (:class:`EpochLines`). :func:`stage_log` sends what libraries print for every
+job (Lightning's device lines and tips, deprecation warnings) to a stage's log file instead of the screen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import IO, Iterator
+
+import lightning as L
+from tqdm import tqdm
+
+__all__ = ["EpochLines", "Progress", "format_seconds", "stage_log"]
+
+
+class Progress:
+    """Counts work done of ``total`` and shows rate and ETA.
+
+    Args:
+        total: units of work in all (queries, images).
+        description: what is counted (``buying transfer set``).
+        unit: name of one unit (``query``).
+        initial: units already done before this run (a resume).
+        stream: where to write (default: standard error).
+        every_s: longest gap between plain lines.
+    """
+
+    def __init__(self, total: int, description: str, unit: str = "it", initial: int = 0, stream: IO[str] | None = None,
+                 every_s: float = 30.0):
+        self.total, self.description, self.unit = int(total), description, unit
+        self.done = self._initial = int(initial)
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self._start = self._last_time = time.perf_counter()
+        self._last_tenth = self.done * 10 // max(self.total, 1)
+        self._bar = None
+        if _is_terminal(self.stream):
+            self._bar = tqdm(total=self.total, initial=self.done, desc=description, unit=unit, unit_scale=True,
+                             file=self.stream, leave=False, dynamic_ncols=True)
+
+    def update(self, count: int) -> None:
+        """Record ``count`` more units done."""
+        self.done += int(count)
+        if self._bar is not None:
+            self._bar.update(count)
+            return
+        now, tenth = time.perf_counter(), self.done * 10 // max(self.total, 1)
+        if tenth > self._last_tenth or now - self._last_time >= self.every_s or self.done >= self.total:
+            self._last_tenth, self._last_time = tenth, now
+            self._line(now)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self._start
+        rate = (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        print(f"    {self.description}: {self.done:,}/{self.total:,} {self.unit} ({rate:,.0f}/s, ETA {format_seconds(eta)})",
+              file=self.stream, flush=True)
+
+
+class EpochLines(L.Callback):
+    """One line per training epoch (for logs, where a progress bar would be a stream of carriage returns)."""
+
+    def __init__(self, stream: IO[str] | None = None):
+        self.stream = stream
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if k.startswith("val/") and k.endswith(("acc", "loss", "coherence")) and "member_" not in k}
+        figures = "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
+        print(f"    epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {figures}  "
+              f"({time.perf_counter() - self._start:.0f} s)", file=self.stream or sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stage_log(path: str | Path) -> Iterator[None]:
+    """While the block runs, Lightning's log records and Python warnings go to ``path`` (appended), not the screen.
+
+    A stage's log then holds "GPU available", logger tips and library deprecation warnings, each once per
+    stage at most; the screen keeps the runner's own progress lines.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as stream:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+        saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+        for logger in loggers:  # Lightning gives each its own screen handler; the file takes its place
+            logger.handlers, logger.propagate = [handler], False
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+
+            def to_file(message, category, filename, lineno, file=None, line=None):
+                stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+                stream.flush()
+
+            warnings.showwarning = to_file
+            try:
+                yield
+            finally:
+                for logger, handlers, propagate in saved:
+                    logger.handlers, logger.propagate = handlers, propagate
+
+
+def format_seconds(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``3700`` -> ``1h01m``; unknown -> ``?``."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
