@@ -1,7 +1,7 @@
 """Progress a person can follow: a bar in a terminal, plain periodic lines in a log file.
 
 Long loops report through :class:`Progress` (a tqdm bar when standard error is a terminal, otherwise a
-line every tenth of the work or every 30 seconds, whichever comes first); training outside a terminal
+line every 30 seconds and one when the work is done); training outside a terminal
 reports one line per epoch (:class:`EpochLines`). :func:`stage_log` sends what libraries print for every
 job (Lightning's device lines and tips, deprecation warnings) to a stage's log file instead of the screen.
 """
@@ -41,7 +41,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.every_s = every_s
         self._start = self._last_time = time.perf_counter()
-        self._last_tenth = self.done * 10 // max(self.total, 1)
+        self._shown = self.done  # units done at the last line written
         self._bar = None
         if _is_terminal(self.stream):
             self._bar = tqdm(total=self.total, initial=self.done, desc=description, unit=unit, unit_scale=True,
@@ -53,14 +53,17 @@ class Progress:
         if self._bar is not None:
             self._bar.update(count)
             return
-        now, tenth = time.perf_counter(), self.done * 10 // max(self.total, 1)
-        if tenth > self._last_tenth or now - self._last_time >= self.every_s or self.done >= self.total:
-            self._last_tenth, self._last_time = tenth, now
+        now = time.perf_counter()
+        if now - self._last_time >= self.every_s:
+            self._last_time = now
             self._line(now)
 
     def close(self) -> None:
+        """Close the bar, or write the final line (if any work was done)."""
         if self._bar is not None:
             self._bar.close()
+        elif self.done != self._shown:
+            self._line(time.perf_counter())
 
     def __enter__(self) -> "Progress":
         return self
@@ -69,10 +72,12 @@ class Progress:
         self.close()
 
     def _line(self, now: float) -> None:
+        self._shown = self.done
         elapsed = now - self._start
         rate = (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        print(f"    {self.description}: {self.done:,}/{self.total:,} {self.unit} ({rate:,.0f}/s, ETA {format_seconds(eta)})",
+        state = f"ETA {format_seconds(eta)}" if self.done < self.total else f"done in {format_seconds(elapsed)}"
+        print(f"    {self.description}: {self.done:,}/{self.total:,} {self.unit} ({rate:,.0f}/s, {state})",
               file=self.stream, flush=True)
 
 

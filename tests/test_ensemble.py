@@ -120,3 +120,33 @@ def test_cli_fit_and_test_of_the_ensemble_on_real_data(tmp_path, real_data_root)
     model = VictimConfig(str(checkpoint), router="keyed").build()
     x, y = next(iter(cli.datamodule.test_dataloader()[0]))
     assert (model(x).argmax(-1) == y).float().mean() > 0.3
+
+
+def test_one_forward_over_both_batches_gives_the_loss_and_gradients_of_two():
+    """Members without BatchNorm see the in-distribution and OOD batches together: same loss, same gradients."""
+    data = batch(seed=3)
+
+    def loss_and_grads(fused: bool):
+        torch.manual_seed(0)
+        module = EnsembleModule(num_members=3, diversity_weight=0.7)
+        assert module._mixes_batch is False  # LeNet-5 has no BatchNorm
+        module._mixes_batch = not fused
+        loss = module.training_step(data, 0)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.parameters()]
+
+    fused_loss, fused_grads = loss_and_grads(True)
+    separate_loss, separate_grads = loss_and_grads(False)
+    torch.testing.assert_close(fused_loss, separate_loss, rtol=1e-5, atol=1e-6)
+    for fused, separate in zip(fused_grads, separate_grads, strict=True):
+        torch.testing.assert_close(fused, separate, rtol=1e-4, atol=1e-6)
+
+
+def test_members_with_batchnorm_see_each_batch_alone():
+    module = EnsembleModule(arch="resnet18", num_members=2, input_shape=(3, 32, 32))
+    assert module._mixes_batch is True
+    calls = []
+    for member in module.members:
+        member.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    module.member_logits(torch.rand(3, 3, 32, 32), torch.rand(5, 3, 32, 32))
+    assert calls == [3, 3, 5, 5]  # each member: the in-distribution batch, then the OOD batch, never mixed

@@ -23,6 +23,7 @@ from edm_lightning.experiment.__main__ import main as experiment_main
 from edm_lightning.experiment.config import validate
 
 jobs = importlib.import_module("edm_lightning.experiment.jobs")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
@@ -242,3 +243,63 @@ def test_results_table_and_plots_go_to_wandb(fake_root: Path, tmp_path: Path, mo
     assert key == "results" and "clone_acc_mean" in columns and len(data) == 3
     assert set(logged) == {"budget_curve", "tradeoff"}
     assert {"target", "hashnet", "ensemble", "experiment"} <= set(job_types)
+
+
+def test_the_default_config_plans_exactly_the_main_question():
+    """The quick start: target, hash network, one EDM ensemble served behind both routers, KnockoffNets at three
+    budgets against each of the three victims; nothing else (the rest is fashionmnist_full_cpu.yaml's)."""
+    from jsonargparse import auto_cli
+
+    from edm_lightning.experiment import build_plan
+
+    config = auto_cli(ExperimentConfig, args=["--config", str(REPO_ROOT / "configs/experiment/fashionmnist.yaml")])
+    plan = build_plan(config)
+    kinds = [stage.kind for stage in plan.stages]
+    assert kinds == ["target", "hashnet", "edm", "served", "served"] + ["attack"] * 9
+    attacks = [(info["defense"], info["budget"]) for _, info in plan.attack_runs]
+    assert sorted(attacks) == sorted((d, b) for d in ("none", "edm-neural", "edm-keyed") for b in (5000, 20000, 50000))
+    assert all(info["attack"] == "knockoff" for _, info in plan.attack_runs)
+    # every stage after the first two reads something earlier in the plan
+    position = {stage.id: k for k, stage in enumerate(plan.stages)}
+    for k, stage in enumerate(plan.stages):
+        assert all(position[need] < k for need in stage.needs)
+    assert plan["edm-" + plan.stages[2].id.split("-", 1)[1]].needs == (plan.stages[1].id,)  # EDM needs the hash net
+
+
+def test_the_full_cpu_config_holds_everything_the_default_left_out():
+    from jsonargparse import auto_cli
+
+    from edm_lightning.experiment import build_plan
+
+    default, full = (build_plan(auto_cli(ExperimentConfig, args=["--config", str(REPO_ROOT / f"configs/experiment/{n}.yaml")]))
+                     for n in ("fashionmnist", "fashionmnist_full_cpu"))
+    assert {s.id for s in default.stages} < {s.id for s in full.stages}  # the default's stages are reused, not redone
+    attacks = {info["attack"] for _, info in full.attack_runs}
+    assert {"knockoff", "jbda_tr", "dfme", "knockoff-avg8-noise", "knockoff-avg8-shift"} <= attacks
+    assert {"misinformation", "spread"} <= {s.kind for s in full.stages}
+    assert any(info["diversity_weight"] == 0.0 for _, info in full.attack_runs)  # the control ensemble
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Path, capsys):
+    config = tiny_config(fake_root, tmp_path, dry_run=True)
+    assert run_experiment(config) == []
+    out = capsys.readouterr().err
+    assert "[1/15] target" in out and "[15/15] attack" in out and "15 stages, 0 already done" in out
+    assert not (tmp_path / "runs").exists()
+    run_experiment(tiny_config(fake_root, tmp_path))
+    capsys.readouterr()
+    run_experiment(config)
+    assert "15 stages, 15 already done; about 0s of work left" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_file_is_plain_lines_and_library_chatter_goes_to_the_stage_log(fake_root: Path, tmp_path: Path,
+                                                                                          capsys):
+    run_experiment(tiny_config(fake_root, tmp_path))
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no bar redrawn in a file
+    assert "running ... (elapsed" in err and "ETA" in err
+    assert "    epoch 1/1  val/acc" in err  # one line per training epoch
+    assert "buying the transfer set: 64/64 queries" in err and "done in" in err
+    assert "GPU available" not in err and "TPU available" not in err
+    stage_logs = list((tmp_path / "runs/tiny").glob("target-*/stage.log"))
+    assert len(stage_logs) == 1 and "GPU available" in stage_logs[0].read_text()

@@ -46,3 +46,25 @@ def test_dataset_rejects_float_storage_and_label_mismatch():
         ImageTensorDataset(torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="2 images but 3 labels"):
         ImageTensorDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3))
+
+
+def test_a_batch_is_cut_in_one_operation_and_equals_the_item_by_item_batch():
+    from torch.utils.data import default_collate
+
+    from edm_lightning.data.images import BatchTensorDataset, batch_loader
+
+    images = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(10)
+    dataset = ImageTensorDataset(images, labels)
+    indices = [7, 2, 5]
+    x, y = dataset.__getitems__(indices)
+    expected_x, expected_y = default_collate([dataset[i] for i in indices])
+    torch.testing.assert_close(x, expected_x)
+    assert torch.equal(y, expected_y)
+    unlabelled = ImageTensorDataset(images)
+    torch.testing.assert_close(unlabelled.__getitems__(indices), default_collate([unlabelled[i] for i in indices]))
+    loader = batch_loader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([batch_y for _, batch_y in loader])
+    assert sorted(seen.tolist()) == list(range(10)) and [len(b[1]) for b in loader] == [4, 4, 2]
+    pairs = BatchTensorDataset(torch.arange(6.0), torch.arange(6) * 10)
+    assert [t.tolist() for t in pairs.__getitems__([4, 1])] == [[4.0, 1.0], [40, 10]]

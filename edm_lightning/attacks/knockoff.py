@@ -44,6 +44,7 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule, clone_loss
 from edm_lightning.models.optim import OptimConfig
 from edm_lightning.nets import build_net
+from edm_lightning.progress import Progress
 
 __all__ = ["KnockoffDataModule", "TransferSet", "build_transfer_set", "noisy_copies", "run_knockoff"]
 
@@ -263,6 +264,7 @@ def build_transfer_set(
     indices, answers = ([cached.indices], [cached.answers]) if len(cached) else ([], [])
     done = len(cached)
     per_call = max(1, batch_size // query_copies)
+    progress = Progress(items * query_copies, "buying the transfer set", "queries", initial=done * query_copies)
     while done < items:
         count = min(per_call, items - done)
         chosen = sampler.draw(done, count)
@@ -277,6 +279,8 @@ def build_transfer_set(
         answers.append(y)
         done += count
         TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting).save(cache_path)
+        progress.update(count * query_copies)
+    progress.close()
     return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting)
 
 

@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.optim import OptimConfig, build_optimizer
+from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
 
 __all__ = ["CloneModule", "clone_loss", "clone_metrics"]
@@ -61,7 +62,7 @@ class CloneModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, target = batch
         loss = clone_loss(self(x), target)
-        self.log("train/loss", loss, prog_bar=True)
+        log_training_step(self, {"train/loss": loss})
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
@@ -111,8 +112,8 @@ def clone_metrics(num_classes: int) -> MetricCollection:
     """
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "agreement": MulticlassAccuracy(num_classes, average="micro"),
+            "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+            "agreement": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
         },
         compute_groups=False,
     )

@@ -15,6 +15,7 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
 from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.optim import OptimConfig, build_optimizer
+from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
 
 __all__ = ["EnsembleModule"]
@@ -101,7 +102,7 @@ class EnsembleModule(L.LightningModule):
         ce = F.cross_entropy(id_logits.flatten(0, 1), y.repeat(len(self.members)))  # = mean of the members' CE
         diversity = self.diversity(ood_logits.softmax(dim=-1))
         loss = ce + self.hparams.diversity_weight * diversity
-        self.log_dict({"train/loss": loss, "train/ce": ce, "train/ood_coherence": diversity}, prog_bar=True)
+        log_training_step(self, {"train/loss": loss, "train/ce": ce, "train/ood_coherence": diversity})
         return loss
 
     def member_logits(self, x: Tensor, x_ood: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,7 +184,7 @@ class EnsembleMetrics(nn.Module):
         super().__init__()
         self.prefix = prefix
         self.routed = accuracy_metrics(num_classes)["acc"].clone()
-        self.members = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(num_members))
+        self.members = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(num_members))
         self.route_share = nn.ModuleList(MeanMetric() for _ in range(num_members))
         self.coherence = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})
         self.coherent_share = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})
