@@ -3,7 +3,8 @@
 Long loops report through :class:`Progress` (a tqdm bar when standard error is a terminal, otherwise a
 line every 30 seconds and one when the work is done); training outside a terminal
 reports one line per epoch (:class:`EpochLines`). :func:`stage_log` sends what libraries print for every
-job (Lightning's device lines and tips, deprecation warnings) to a stage's log file instead of the screen.
+job (Lightning's device lines and tips, W&B's run banners, deprecation warnings) to a stage's log file
+instead of the screen; progress meant for a person still reaches the screen through :func:`console`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,19 @@ from typing import IO, Iterator
 import lightning as L
 from tqdm import tqdm
 
-__all__ = ["EpochLines", "Progress", "format_seconds", "stage_log"]
+__all__ = ["EpochLines", "Progress", "console", "format_seconds", "interactive", "stage_log"]
+
+_console: IO[str] | None = None  # the screen's stream while a stage's own output goes to its log
+
+
+def console() -> IO[str]:
+    """Where progress meant for a person goes: standard error, also while :func:`stage_log` captures it."""
+    return _console or sys.stderr
+
+
+def interactive() -> bool:
+    """Whether the console is a terminal (progress bars) rather than a file or a pipe (plain lines)."""
+    return _is_terminal(console())
 
 
 class Progress:
@@ -38,7 +51,7 @@ class Progress:
                  every_s: float = 30.0):
         self.total, self.description, self.unit = int(total), description, unit
         self.done = self._initial = int(initial)
-        self.stream = stream or sys.stderr
+        self.stream = stream or console()
         self.every_s = every_s
         self._start = self._last_time = time.perf_counter()
         self._shown = self.done  # units done at the last line written
@@ -98,18 +111,22 @@ class EpochLines(L.Callback):
                  if k.startswith("val/") and k.endswith(("acc", "loss", "coherence")) and "member_" not in k}
         figures = "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
         print(f"    epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {figures}  "
-              f"({time.perf_counter() - self._start:.0f} s)", file=self.stream or sys.stderr, flush=True)
+              f"({time.perf_counter() - self._start:.0f} s)", file=self.stream or console(), flush=True)
 
 
 @contextlib.contextmanager
 def stage_log(path: str | Path) -> Iterator[None]:
-    """While the block runs, Lightning's log records and Python warnings go to ``path`` (appended), not the screen.
+    """While the block runs, standard error, Lightning's log records and Python warnings go to ``path`` (appended).
 
-    A stage's log then holds "GPU available", logger tips and library deprecation warnings, each once per
-    stage at most; the screen keeps the runner's own progress lines.
+    A stage's log then holds "GPU available", logger tips, W&B's banners and library deprecation warnings,
+    each once per stage at most; :func:`console` still reaches the screen (Lightning's own training bar
+    writes to standard output, which stays on the screen).
     """
+    global _console
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    previous = _console
+    _console = console()
     with open(path, "a") as stream:
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -117,7 +134,7 @@ def stage_log(path: str | Path) -> Iterator[None]:
         saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
         for logger in loggers:  # Lightning gives each its own screen handler; the file takes its place
             logger.handlers, logger.propagate = [handler], False
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(stream):
             warnings.simplefilter("default")
 
             def to_file(message, category, filename, lineno, file=None, line=None):
@@ -130,6 +147,7 @@ def stage_log(path: str | Path) -> Iterator[None]:
             finally:
                 for logger, handlers, propagate in saved:
                     logger.handlers, logger.propagate = handlers, propagate
+                _console = previous
 
 
 def format_seconds(seconds: float) -> str:

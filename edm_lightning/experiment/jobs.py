@@ -7,7 +7,6 @@ caching or ordering: :mod:`.plan` decides what runs, :mod:`.runner` runs it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from edm_lightning.defense import VictimConfig
 from edm_lightning.defense.routing import HashBalanceCallback
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import AttackSpec, ExperimentConfig, TrainSpec
-from edm_lightning.progress import EpochLines
+from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.tracking import finish_wandb_run
 
@@ -143,7 +142,7 @@ def fit_and_test(model: L.LightningModule, data: L.LightningDataModule, epochs: 
     """
     L.seed_everything(seed, verbose=False)
     checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor[0], mode=monitor[1], save_last=True)
-    bar = sys.stderr.isatty()
+    bar = interactive()
     trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=_logger(config, job_type, folder, seed),
                         default_root_dir=folder, callbacks=[checkpoint, *callbacks, *([] if bar else [EpochLines()])],
                         enable_progress_bar=bar, enable_model_summary=False)
