@@ -303,3 +303,82 @@ def test_progress_in_a_log_file_is_plain_lines_and_library_chatter_goes_to_the_s
     assert "GPU available" not in err and "TPU available" not in err
     stage_logs = list((tmp_path / "runs/tiny").glob("target-*/stage.log"))
     assert len(stage_logs) == 1 and "GPU available" in stage_logs[0].read_text()
+
+
+def _stage_results(runs: Path) -> list[str]:
+    """Every stage's kind and figures (paths, which name the runs folder, and timings left out), sorted."""
+    left_out = ("stage_wall_time_s", "wall_time_s", "checkpoint", "hash_checkpoint")
+    return sorted(json.dumps([folder.name.split("-")[0], {k: v for k, v in json.loads((folder / "result.json").read_text())
+                                                          .items() if k not in left_out}], sort_keys=True)
+                  for folder in runs.iterdir() if (folder / "result.json").is_file())
+
+
+def test_two_workers_give_the_serial_run_stage_by_stage(fake_root: Path, tmp_path: Path, monkeypatch):
+    import torch
+
+    serial, parallel = (tiny_config(fake_root, tmp_path / kind) for kind in ("serial", "parallel"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of 2 workers gets on a 2-core machine, so the figures can match exactly
+    try:
+        serial_records = run_experiment(serial)
+    finally:
+        torch.set_num_threads(threads)
+    parallel.workers = 2
+    parallel.runs_dir = serial.runs_dir.replace("serial", "parallel")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    parallel_records = run_experiment(parallel)
+    strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in serial_records]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"} for r in parallel_records]
+    serial_stages = _stage_results(tmp_path / "serial/runs/tiny")
+    assert len(serial_stages) == 15 and serial_stages == _stage_results(tmp_path / "parallel/runs/tiny")
+
+
+def test_a_failed_stage_stops_its_dependants_and_the_rest_still_runs(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
+    from edm_lightning.experiment.execution import StageFailed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("hash network exploded")
+
+    monkeypatch.setattr(jobs, "train_hashnet", broken)
+    with pytest.raises(StageFailed) as failure:
+        run_experiment(tiny_config(fake_root, tmp_path))
+    message = str(failure.value)
+    assert "1 stage(s) failed" in message and "hash network exploded" in message and "stage.log" in message
+    assert "run the same command again" in message
+    err = capsys.readouterr().err
+    # the target and the attacks on it needed no hash network: they ran; everything EDM was skipped
+    assert err.count("skipped: a stage it needs failed") == 2 + 4 + 5  # 2 ensembles, 4 served, 5 attacks on EDM
+    assert err.count("attack knockoff vs none") == 2 * 2  # running + done, for both budgets
+    hashnet_log, = (tmp_path / "runs/tiny").glob("hashnet-*/stage.log")
+    assert "RuntimeError: hash network exploded" in hashnet_log.read_text()
+    assert not (tmp_path / "results/tiny/results.md").exists()
+
+
+def test_workers_must_be_a_positive_count(fake_root: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="workers must be a positive integer"):
+        run_experiment(tiny_config(fake_root, tmp_path, workers=0))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_runners_on_one_runs_dir_run_each_stage_once(fake_root: Path, tmp_path: Path):
+    """Two experiment processes started together on one config: every stage (and every query) is paid once."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    import yaml
+
+    config = asdict(tiny_config(fake_root, tmp_path))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "edm_lightning.experiment", "--config", str(path)]
+    env = {**__import__("os").environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    runners = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [runner.communicate(timeout=600)[1] for runner in runners]
+    assert [runner.returncode for runner in runners] == [0, 0], logs
+    stages = len(list((tmp_path / "runs/tiny").glob("*-*/result.json")))
+    assert stages == 15
+    assert sum(log.count(": done in") for log in logs) == 15  # each stage's work happened in one runner only
+    assert sum(log.count(": reused: another runner") + log.count(": cached (") for log in logs) == 15
+    # 7 purchases in one run (budgets 64 then 128 against 3 victims, 128 against the lambda=0 ensemble), not 14
+    assert sum(log.count("buying the transfer set") for log in logs) == 7

@@ -245,12 +245,15 @@ def run_dfme(
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,
+    trainer: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """DFME end to end from Python; runs until the budget cannot pay another iteration (or ``max_epochs``).
 
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/dfme.yaml``;
     ``options`` go to :class:`DFMEModule` (``directions``, ``grad_epsilon``, ``generator_lr``, ...).
+    
+    ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
     import lightning as L
 
@@ -260,4 +263,4 @@ def run_dfme(
                                     test_size=test_size, cache_dir=cache_dir, seed=seed)
     module = DFMEModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
                         optim, **options)
-    return run_attack(datamodule, module, max_epochs)
+    return run_attack(datamodule, module, max_epochs, **(trainer or {}))

@@ -246,10 +246,13 @@ def run_jbda(
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,
+    trainer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """JBDA (``targeted=False``) or JBDA-TR end to end from Python; ``budget`` defaults to ``seed_size * 2**rounds``.
 
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/jbda.yaml``.
+    
+    ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
     import lightning as L
 
@@ -260,4 +263,4 @@ def run_jbda(
     module = JBDAModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
                         optim or OptimConfig(name="adam", lr=1e-3, schedule="constant"), rounds=rounds,
                         epochs_per_round=epochs_per_round, epsilon=epsilon, targeted=targeted)
-    return run_attack(datamodule, module, (rounds + 1) * epochs_per_round)
+    return run_attack(datamodule, module, (rounds + 1) * epochs_per_round, **(trainer or {}))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from filelock import FileLock
 from torch import Tensor
 from edm_lightning.data.images import BatchTensorDataset
 
@@ -225,6 +226,8 @@ def build_transfer_set(
 
     With ``query_copies = K`` that is ``budget // K`` images, each answered by the mean of K perturbed
     copies (:func:`noisy_copies`); each oracle call then carries ``batch_size // K`` images (at least 1).
+    One process buys a set at a time (a lock beside the file): another budget of the same attack, or a
+    second runner, waits and then reads what the first bought instead of paying again.
 
     Args:
         open_oracle: ``spent -> BlackBoxOracle``; called once with the queries the cache already holds
@@ -237,8 +240,17 @@ def build_transfer_set(
         copy_shift: largest random shift of each copy, in pixels.
     """
     _check_copies(query_copies, copy_noise, budget, copy_shift)
-    items = budget // query_copies
     cache_path = Path(cache_path)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_path.with_name(cache_path.name + ".lock")):  # one buyer per transfer set at a time
+        return _extend_transfer_set(open_oracle, images, labels, budget, cache_path, strategy, reward, batch_size, seed,
+                                    policy, policy_lr, diversity_window, query_copies, copy_noise, copy_shift)
+
+
+def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: int, cache_path: Path, strategy: Strategy,
+                         reward: Reward, batch_size: int, seed: int, policy: torch.nn.Module | None, policy_lr: float,
+                         diversity_window: int, query_copies: int, copy_noise: float, copy_shift: int) -> TransferSet:
+    items = budget // query_copies
     setting = (query_copies, float(copy_noise), int(copy_shift))
     cached = TransferSet.load(cache_path) if cache_path.is_file() else TransferSet(
         torch.empty(0, dtype=torch.long), torch.empty(0, 0), None, *setting)
@@ -324,6 +336,7 @@ def run_knockoff(
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,
+    trainer: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """KnockoffNets end to end from Python (the experiment runner's entry): the figures as a dict.
@@ -331,6 +344,8 @@ def run_knockoff(
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/knockoff.yaml``.
     ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ``query_copies``, ``copy_noise``,
     ``copy_shift`` ...).
+    
+    ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
     import lightning as L
 
@@ -341,7 +356,7 @@ def run_knockoff(
     )
     module = CloneModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
                          optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine"))
-    return run_attack(datamodule, module, max_epochs)
+    return run_attack(datamodule, module, max_epochs, **(trainer or {}))
 
 
 def _check_copies(query_copies: int, copy_noise: float, budget: int, copy_shift: int = 0) -> None:

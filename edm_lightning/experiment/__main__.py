@@ -8,6 +8,7 @@ from jsonargparse import auto_cli
 
 from edm_lightning.errors import exit_if_user_error
 from edm_lightning.experiment.config import ExperimentConfig
+from edm_lightning.experiment.execution import StageFailed
 from edm_lightning.experiment.runner import run_experiment
 
 
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run the same command again to resume.", file=sys.stderr)
         raise SystemExit(130) from None
+    except StageFailed as err:  # each failed stage's traceback is in its stage.log
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as err:
         exit_if_user_error(err)
         raise

@@ -27,6 +27,7 @@ __all__ = [
     "ExperimentConfig",
     "HashNetSpec",
     "TrainSpec",
+    "TrainerSpec",
     "averaging_attacks",
     "curve_attacks",
     "defense_label",
@@ -158,6 +159,24 @@ class DefenseSpec:
 
 
 @dataclass
+class TrainerSpec:
+    """Where every stage's Trainer runs (the runner always uses one device per stage; ``workers`` run stages at once).
+
+    Args:
+        accelerator: ``auto``, ``cpu``, ``gpu`` / ``cuda``, ``mps``.
+        precision: Lightning precision (``32-true``, ``bf16-mixed``, ``16-mixed``); ``None``: Lightning's default.
+    """
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true"] | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The Trainer arguments."""
+        return {"accelerator": self.accelerator, "devices": 1,
+                **({"precision": self.precision} if self.precision is not None else {})}
+
+
+@dataclass
 class ExperimentConfig:
     """One dataset's EDM evaluation.
 
@@ -176,7 +195,11 @@ class ExperimentConfig:
         attacks: the attacks.
         defenses: the published output-perturbation defenses, alone and composed with EDM.
         misinformation: Adaptive Misinformation's misinformation model (trained only if a defense needs it).
+        trainer: the device and precision of every stage's Trainer (not part of any stage's key: a stage
+            run on a GPU is reused on a CPU and the other way round).
         dry_run: print the plan (every stage, whether it is already done, its estimated time) and exit.
+        workers: stages run at once, each in a local process of its own with ``cores // workers`` PyTorch
+            threads (or a GPU of its own); 1 runs them one after another in this process.
     """
 
     name: str = "fashionmnist"
@@ -193,7 +216,9 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
     defenses: list[DefenseSpec] = field(default_factory=list)
     misinformation: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=5))
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
     dry_run: bool = False
+    workers: int = 1
 
 
 def validate(config: ExperimentConfig, log=None) -> None:
@@ -202,6 +227,9 @@ def validate(config: ExperimentConfig, log=None) -> None:
     spec = get_spec(config.dataset)
     get_spec(config.edm.ood_dataset)
     get_spec(config.hashnet.dataset)
+    _validate_trainer(config)
+    if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < 1:
+        raise ConfigError(f"workers must be a positive integer (stages run at once), got {config.workers!r}")
     if not config.seeds:
         raise ConfigError("seeds must name at least one seed")
     trained = {"target": config.target, "hashnet": config.hashnet, "edm": config.edm, "misinformation": config.misinformation}
@@ -241,6 +269,16 @@ def validate(config: ExperimentConfig, log=None) -> None:
             if attack.surrogate == config.dataset:
                 raise ConfigError(f"attack knockoff: the surrogate must not be the victim's own dataset {config.dataset!r}")
     _validate_defenses(config, titles)
+
+
+def _validate_trainer(config: ExperimentConfig) -> None:
+    """A device the machine has, for every worker, checked before any stage starts (names are checked by the parser)."""
+    accelerator = config.trainer.accelerator
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and gpus == 0:
+        raise ConfigError(f"trainer.accelerator {accelerator!r}: this machine has no CUDA device; use cpu or auto")
+    if accelerator in ("gpu", "cuda") and config.workers > gpus:
+        raise ConfigError(f"workers={config.workers} each need a GPU of their own, but this machine has {gpus}")
 
 
 def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> None:

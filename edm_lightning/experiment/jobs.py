@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 
 from edm_lightning.attacks import run_dfme, run_jbda, run_knockoff
 from edm_lightning.attacks.knockoff import noisy_copies
@@ -32,6 +33,8 @@ __all__ = ["attack", "routing_spread", "served_accuracy", "train_edm", "train_ha
 
 def train_target(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The undefended target: its best checkpoint and test accuracy."""
+    L.seed_everything(seed, verbose=False)  # before the model exists: its initial weights follow the seed, not
+    #                                         whatever ran earlier in this process (a resumed run, a worker)
     spec = config.target
     data = _classification_data(config, config.dataset, spec, test_size=config.test_size)
     model = ClassifierModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
@@ -41,6 +44,7 @@ def train_target(config: ExperimentConfig, folder: Path, seed: int) -> dict:
 
 def train_hashnet(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The neural router's hash network, trained on ``hashnet.dataset`` and balanced on the defender's data."""
+    L.seed_everything(seed, verbose=False)
     spec = config.hashnet
     data = _classification_data(config, spec.dataset, spec)
     target_shape = get_spec(config.dataset).input_shape
@@ -54,6 +58,7 @@ def train_hashnet(config: ExperimentConfig, folder: Path, seed: int) -> dict:
 
 def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, hash_checkpoint: str | None) -> dict:
     """One EDM ensemble at diversity weight ``weight``: routed accuracy, coherence, members' shares."""
+    L.seed_everything(seed, verbose=False)
     spec = config.edm
     data = EDMDataModule(config.dataset, spec.ood_dataset, config.root, spec.batch_size, val_size=spec.val_size,
                          train_size=spec.train_size, test_size=config.test_size, augment=spec.augment)
@@ -70,6 +75,7 @@ def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, 
 
 def train_misinformation(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """Adaptive Misinformation's misinformation model: trained on the defender's data to be confidently wrong."""
+    L.seed_everything(seed, verbose=False)
     spec = config.misinformation
     data = _classification_data(config, config.dataset, spec, test_size=config.test_size)
     model = MisinformationModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
@@ -111,9 +117,17 @@ def attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, victim: dic
     seed and sampling setting, never by budget), so every budget of a curve reads a prefix of one set
     bought once; JBDA and DFME query as their clone learns, so their caches stay in the stage folder.
     """
+    trainer = config.trainer.options() | {"logger": _logger(config, "attack", folder, seed)}
     common = dict(dataset=config.dataset, budget=budget, label_only=spec.label_only, arch=spec.arch,
-                  root=config.root, test_size=config.test_size, seed=seed)
+                  root=config.root, test_size=config.test_size, seed=seed, trainer=trainer)
     target = victim_config(config, victim)
+    try:
+        return _run_attack(config, folder, spec, target, common)
+    finally:
+        finish_wandb_run()
+
+
+def _run_attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
     if spec.name == "knockoff":
         return run_knockoff(target, surrogate=spec.surrogate, max_epochs=spec.epochs, cache_dir=str(transfer_dir(config)),
                             **common, **spec.options)
@@ -143,7 +157,7 @@ def fit_and_test(model: L.LightningModule, data: L.LightningDataModule, epochs: 
     L.seed_everything(seed, verbose=False)
     checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor[0], mode=monitor[1], save_last=True)
     bar = interactive()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="auto", devices=1, logger=_logger(config, job_type, folder, seed),
+    trainer = L.Trainer(max_epochs=epochs, **config.trainer.options(), logger=_logger(config, job_type, folder, seed),
                         default_root_dir=folder, callbacks=[checkpoint, *callbacks, *([] if bar else [EpochLines()])],
                         enable_progress_bar=bar, enable_model_summary=False)
     try:
@@ -165,9 +179,8 @@ def _classification_data(config: ExperimentConfig, dataset: str, spec: TrainSpec
 
 
 def _logger(config: ExperimentConfig, job_type: str, folder: Path, seed: int) -> Any:
+    """One W&B run per stage: the experiment as its group, the stage kind as its job type."""
     if not config.wandb_project:
         return False
-    from lightning.pytorch.loggers import WandbLogger
-
     return WandbLogger(project=config.wandb_project, group=config.name, job_type=job_type, save_dir=str(folder),
                        name=f"{config.name}-{job_type}-seed{seed}", tags=[config.dataset, job_type])

@@ -1,11 +1,11 @@
 """The EDM evaluation for one dataset: check the configuration, plan its stages, run them, write the results.
 
 :func:`run_experiment` validates everything it can before any stage starts, builds the plan
-(:mod:`.plan`), runs every stage not already done (a stage's ``result.json`` is written last and
-atomically, so a killed run resumes where it stopped), and writes the results (:mod:`.outputs`) once all
-stages are done. One line per stage says where the run is: stage k of N, elapsed time, and an ETA from
-the plan's estimates rescaled by what this run's stages really took. What libraries print inside a stage
-goes to that stage's ``stage.log``.
+(:mod:`.plan`), runs every stage not already done, here or on local workers (:mod:`.execution`; a
+stage's ``result.json`` is written last and atomically, so a killed run resumes where it stopped), and
+writes the results (:mod:`.outputs`) once all stages are done. One line per stage says where the run is:
+stage k of N, elapsed time, and an ETA from the plan's estimates rescaled by what this run's stages
+really took. What libraries print inside a stage goes to that stage's ``stage.log``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import time
 from typing import IO
 
 from edm_lightning.experiment.config import ExperimentConfig, validate
+from edm_lightning.experiment.execution import execute
 from edm_lightning.experiment.outputs import write_results
 from edm_lightning.experiment.plan import Plan, build_plan
 from edm_lightning.experiment.stages import StageStore
-from edm_lightning.progress import format_seconds, stage_log
+from edm_lightning.progress import format_seconds
 from edm_lightning.tracking import resolve_wandb_mode
 
 __all__ = ["describe_plan", "run_experiment"]
@@ -31,6 +32,7 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
 
     Raises:
         ConfigError: a configuration that cannot finish, before any stage starts.
+        StageFailed: stages failed (after every stage that did not need them ran); no results are written.
     """
     log = log or sys.stderr
     validate(config, log)
@@ -42,7 +44,7 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
     if config.wandb_project:
         resolve_wandb_mode()
     start = time.perf_counter()
-    results = _execute(plan, store, log)
+    results = execute(plan, store, log, config.workers)
     records = _records(plan, results)
     victims = {key: {**results[v["trained"]], **results[v["served"]]} for key, v in plan.victims.items()}
     spreads = {key: [results[stage_id] for stage_id in ids] for key, ids in plan.spreads.items()}
@@ -63,33 +65,6 @@ def describe_plan(plan: Plan, store: StageStore) -> str:
     lines.append(f"{len(plan.stages)} stages, {finished} already done; about {format_seconds(left)} of work left "
                  f"(estimates for a 2-core CPU) in {plan.root}")
     return "\n".join(lines)
-
-
-def _execute(plan: Plan, store: StageStore, log: IO[str]) -> dict[str, dict]:
-    """Run the plan's stages in order; each stage's results by stage id."""
-    results: dict[str, dict] = {}
-    start = time.perf_counter()
-    estimated = measured = 0.0  # of the stages that ran here, for rescaling the remaining estimates
-    total = len(plan.stages)
-    for k, stage in enumerate(plan.stages, 1):
-        prefix = f"[{k}/{total}] {stage.kind} {stage.label}"
-        result = store.cached(stage.kind, stage.key)
-        if result is not None:
-            print(f"{prefix}: cached ({plan.folder(stage)})", file=log, flush=True)
-            results[stage.id] = result
-            continue
-        scale = measured / estimated if estimated > 0 else 1.0
-        left = scale * sum(s.estimate_s for s in plan.stages[k - 1:] if store.cached(s.kind, s.key) is None)
-        print(f"{prefix}: running ... (elapsed {format_seconds(time.perf_counter() - start)}, "
-              f"ETA {format_seconds(left)})", file=log, flush=True)
-        folder = plan.folder(stage)
-        with stage_log(folder / "stage.log"):
-            result = store.run(stage.kind, stage.key, stage.work)
-        results[stage.id] = result
-        estimated += stage.estimate_s
-        measured += result["stage_wall_time_s"]
-        print(f"{prefix}: done in {format_seconds(result['stage_wall_time_s'])}", file=log, flush=True)
-    return results
 
 
 def _records(plan: Plan, results: dict[str, dict]) -> list[dict]:

@@ -15,6 +15,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock
+
 __all__ = ["StageStore", "config_key", "write_atomic"]
 
 
@@ -44,17 +46,29 @@ class StageStore:
 
     def run(self, kind: str, config: Any, fn: Callable[[Path], dict]) -> dict:
         """The cached result, or ``fn(folder)``'s with its ``stage_wall_time_s``, written last and atomically."""
+        return self.run_once(kind, config, fn)[0]
+
+    def run_once(self, kind: str, config: Any, fn: Callable[[Path], dict]) -> tuple[dict, bool]:
+        """:meth:`run`, and whether ``fn`` ran here (``False``: the result was there, or another runner made it).
+
+        The stage's folder is locked while it runs: a second runner on the same folder waits, then reuses
+        the result instead of running (and paying for) the stage again.
+        """
         result = self.cached(kind, config)
         if result is not None:
-            return result
+            return result, False
         folder = self.folder(kind, config)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
-        start = time.perf_counter()
-        result = fn(folder)
-        result = {**result, "stage_wall_time_s": round(time.perf_counter() - start, 1)}
-        write_atomic(folder / "result.json", json.dumps(result, indent=2, sort_keys=True))
-        return result
+        with FileLock(folder / ".lock"):
+            result = self.cached(kind, config)  # another runner may have finished it while we waited
+            if result is not None:
+                return result, False
+            (folder / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
+            start = time.perf_counter()
+            result = fn(folder)
+            result = {**result, "stage_wall_time_s": round(time.perf_counter() - start, 1)}
+            write_atomic(folder / "result.json", json.dumps(result, indent=2, sort_keys=True))
+            return result, True
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
