@@ -2,7 +2,7 @@
 
 import sys
 
-__all__ = ["CheckpointNotFoundError", "ConfigError", "UserError", "exit_if_user_error"]
+__all__ = ["CheckpointNotFoundError", "ConfigError", "UserError", "exit_if_user_error", "unreadable_file_reason"]
 
 
 class UserError(Exception):
@@ -30,3 +30,18 @@ def exit_if_user_error(err: BaseException) -> None:
             raise SystemExit(2) from None
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
+
+
+def unreadable_file_reason(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line.
+
+    A file holding Python objects other than tensors and plain data is refused on purpose (unpickling it
+    could run code); torch's own message would suggest ``weights_only=False``, which is what must not be done
+    with a file from someone else.
+    """
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
+        return "it holds Python objects other than tensors and plain data; refused, because loading it could run code"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

@@ -35,3 +35,13 @@ echo "KnockoffNets wall time: $(( $(date +%s) - start )) s"
 
 echo "== Serving throughput on cuda (defended N=5 over one undefended member)"
 python benchmarks/serving.py --device cuda --batches 20 --repeats 5
+
+echo "== Experiment runner: a tiny experiment on cuda, bf16-mixed, 2 workers (a GPU each, or sharing one)"
+start=$(date +%s)
+python -m edm_lightning.experiment --config configs/experiment/fashionmnist.yaml --config configs/experiment/devices/gpu.yaml \
+  --workers 2 --name gpu_check \
+  --runs_dir "$OUT/experiments" --results_dir "$OUT/results" --wandb_project null --test_size 2000 \
+  --target.train_size 10000 --target.epochs 1 --hashnet.epochs 1 --edm.train_size 10000 --edm.epochs 1 \
+  --attacks '[{name: knockoff, surrogate: mnist, budgets: [5000], epochs: 2}]' 2>&1 | grep -E "^\[|error|Error" | tail -20
+echo "experiment wall time: $(( $(date +%s) - start )) s"
+cat "$OUT/results/gpu_check/results.md" | grep -E "^\| knockoff" || true

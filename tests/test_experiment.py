@@ -382,3 +382,46 @@ def test_two_runners_on_one_runs_dir_run_each_stage_once(fake_root: Path, tmp_pa
     assert sum(log.count(": reused: another runner") + log.count(": cached (") for log in logs) == 15
     # 7 purchases in one run (budgets 64 then 128 against 3 victims, 128 against the lambda=0 ensemble), not 14
     assert sum(log.count("buying the transfer set") for log in logs) == 7
+
+
+def test_submitit_jobs_give_the_serial_run_stage_by_stage(fake_root: Path, tmp_path: Path, monkeypatch):
+    """The SLURM path, one job array per level of the plan, run through submitit's local executor."""
+    import torch
+
+    serial, jobs_run = (tiny_config(fake_root, tmp_path / kind) for kind in ("serial", "submitit"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial_records = run_experiment(serial)
+    finally:
+        torch.set_num_threads(threads)
+    jobs_run.executor, jobs_run.workers = "submitit_local", 2
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # 2 jobs at a time, 1 thread each, as the serial run above
+    records = run_experiment(jobs_run)
+    assert [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records] == \
+        [{k: v for k, v in r.items() if k != "wall_time_s"} for r in serial_records]
+    assert _stage_results(tmp_path / "serial/runs/tiny") == _stage_results(tmp_path / "submitit/runs/tiny")
+    assert any((tmp_path / "submitit/runs/tiny/submitit").rglob("*_result.pkl"))  # the stages ran as submitit jobs
+
+
+def test_a_slurm_run_needs_a_partition_before_anything_starts(fake_root: Path, tmp_path: Path):
+    config = tiny_config(fake_root, tmp_path, executor="slurm")
+    with pytest.raises(ConfigError, match="needs cluster.partition"):
+        run_experiment(config)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("devices", ["gpu.yaml", "gpu_node.yaml"])
+def test_device_configs_compose_with_an_experiment_and_are_checked_against_the_machine(devices: str):
+    import torch
+    from jsonargparse import auto_cli
+
+    config = auto_cli(ExperimentConfig, args=["--config", str(REPO_ROOT / "configs/experiment/fashionmnist_full.yaml"),
+                                              "--config", str(REPO_ROOT / "configs/experiment/devices" / devices)])
+    assert config.trainer.accelerator == "gpu" and config.trainer.precision == "bf16-mixed"
+    assert config.seeds == [0, 1, 2]  # the experiment's own settings survive the composition
+    if torch.cuda.is_available():
+        validate(config)
+    else:
+        with pytest.raises(ConfigError, match="this machine has no CUDA device; use cpu or auto"):
+            validate(config)

@@ -52,19 +52,60 @@ def test_killed_run_resumes_without_exceeding_budget(fake_data, tmp_path, strate
 
     killed = CountingVictim(linear_victim(), fail_after_calls=3)
     with pytest.raises(KeyboardInterrupt):
-        attempt(killed)
+        attempt(killed)  # killed inside the 4th oracle call: whether the victim answered is not known
     assert len(TransferSet.load(path)) == 3 * 64  # every answered batch was kept
     resumed = CountingVictim(linear_victim())
     result = attempt(resumed)
-    assert killed.rows + resumed.rows == 300  # the victim answered exactly the budget, over both runs
-    assert len(result) == 300
-    if strategy == "random":
-        assert len(set(result.indices.tolist())) == 300  # no image bought twice  # the resumed set is the one an uninterrupted run buys
+    assert result.lost == 64  # the batch in flight is charged, as if answered
+    assert killed.rows + resumed.rows == 300 - 64 <= 300  # never past the budget, over both runs
+    assert result.queries == 300 and len(result) == 300 - 64
+    if strategy == "random":  # the resumed set is the start of the one an uninterrupted run buys, no image twice
+        assert len(set(result.indices.tolist())) == len(result)
         fresh = tmp_path / "fresh.pt"
         uninterrupted = build_transfer_set(
             lambda spent: BlackBoxOracle(linear_victim(), 300, spent=spent), images, labels, 300, fresh, batch_size=64)
-        assert torch.equal(uninterrupted.indices, result.indices)
-        torch.testing.assert_close(uninterrupted.answers, result.answers)
+        assert torch.equal(uninterrupted.indices[: len(result)], result.indices)
+        torch.testing.assert_close(uninterrupted.answers[: len(result)], result.answers)
+
+
+def test_a_kill_between_the_answer_and_its_save_is_charged_on_resume(tmp_path, monkeypatch):
+    """The corpus's example: answers bought but not yet saved are not bought again past the budget."""
+    images = torch.randint(0, 256, (500, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(500) % 10
+    path = tmp_path / "transfer.pt"
+    real_save, saves = TransferSet.save, []
+
+    def killed_on_third_save(self, target):
+        saves.append(len(self))
+        if len(saves) == 3:
+            raise KeyboardInterrupt("simulated SIGKILL after the victim answered, before the answers were saved")
+        real_save(self, target)
+
+    first = CountingVictim(linear_victim())
+    monkeypatch.setattr(TransferSet, "save", killed_on_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        build_transfer_set(lambda spent: BlackBoxOracle(first, 300, spent=spent), images, labels, 300, path, batch_size=64)
+    monkeypatch.setattr(TransferSet, "save", real_save)
+    assert first.rows == 3 * 64 and len(TransferSet.load(path)) == 2 * 64  # the third batch was answered, not saved
+    second = CountingVictim(linear_victim())
+    result = build_transfer_set(lambda spent: BlackBoxOracle(second, 300, spent=spent), images, labels, 300, path,
+                                batch_size=64)
+    assert first.rows + second.rows == 300  # exactly the budget over both runs (3064 for 3000 before)
+    assert result.queries == 300 and result.lost == 64
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "transfer.pt.pending").exists()
+    silent = CountingVictim(linear_victim(), fail_after_calls=0)  # any query would raise
+    again = build_transfer_set(lambda spent: BlackBoxOracle(silent, 300, spent=spent), images, labels, 300, path,
+                               batch_size=64)
+    assert again.queries == 300 and len(again) == len(result) and silent.rows == 0
+
+
+def test_a_half_written_save_leaves_no_temporary_file_behind(tmp_path):
+    images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
+    path = tmp_path / "transfer.pt"
+    (tmp_path / ".transfer.pt.12345.tmp").write_bytes(b"")  # what a kill inside torch.save leaves
+    build_transfer_set(lambda spent: BlackBoxOracle(linear_victim(), 64, spent=spent), images, torch.zeros(50, dtype=torch.long),
+                       64, path, batch_size=32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transfer.pt", "transfer.pt.lock"]
 
 
 def test_bad_input_fails_before_any_query(victim, fake_data, tmp_path):

@@ -170,7 +170,7 @@ class JBDADataModule(AttackDataModule):
         """
         path = self._round_path(round_, tag)
         if path.is_file() and self._oracle is None:
-            blob = torch.load(path, map_location="cpu")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
             x, answers = blob["x"], blob["answers"]
             self._prepaid += len(answers)
         else:

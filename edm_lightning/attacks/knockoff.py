@@ -41,7 +41,7 @@ from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.defense.victim import VictimConfig
-from edm_lightning.errors import ConfigError
+from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.models.clone import CloneModule, clone_loss
 from edm_lightning.models.optim import OptimConfig
 from edm_lightning.nets import build_net
@@ -145,8 +145,9 @@ class KnockoffDataModule(AttackDataModule):
         super().setup(stage)
         if stage in (None, "fit") and self.train_set is None:
             if self.transfer is None:  # another process bought it (DDP): read it back
-                items = self.hparams.budget // self.hparams.query_copies
-                self.transfer = TransferSet.load(self.cache_path).head(items)
+                bought = TransferSet.load(self.cache_path)
+                items = bought.items_within(self.hparams.budget)
+                self.transfer = bought.head(items)
                 if len(self.transfer) < items:
                     raise RuntimeError(f"transfer set {self.cache_path} holds {len(self.transfer)} of {items} images")
             images, _ = self._surrogate_images()
@@ -159,7 +160,7 @@ class KnockoffDataModule(AttackDataModule):
         return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
                 "surrogate": hp.surrogate, "transfer_set": items, "query_copies": hp.query_copies,
                 "copy_noise": float(hp.copy_noise), "copy_shift": hp.copy_shift, "queries_per_item": hp.query_copies,
-                "extra_queries": items * (hp.query_copies - 1)}
+                "extra_queries": items * (hp.query_copies - 1), "lost_queries": self.transfer.lost if self.transfer else 0}
 
     def _surrogate_images(self) -> tuple[Tensor, Tensor]:
         if self._surrogate is None:
@@ -172,12 +173,15 @@ class TransferSet:
 
     ``query_copies`` / ``copy_noise`` / ``copy_shift`` record how each answer was bought (K perturbed
     copies averaged), so a set is never read back for another setting; each item cost ``query_copies`` queries.
+    ``lost`` counts queries the victim may have answered in a run killed before it saved them: they are
+    charged to every later run of the attack, first, so the budget holds across kills.
     """
 
     def __init__(self, indices: Tensor, answers: Tensor, state: dict | None = None, query_copies: int = 1,
-                 copy_noise: float = 0.0, copy_shift: int = 0):
+                 copy_noise: float = 0.0, copy_shift: int = 0, lost: int = 0):
         self.indices, self.answers, self.state = indices, answers, state
         self.query_copies, self.copy_noise, self.copy_shift = int(query_copies), float(copy_noise), int(copy_shift)
+        self.lost = int(lost)
 
     @property
     def setting(self) -> tuple[int, float, int]:
@@ -188,21 +192,37 @@ class TransferSet:
 
     @property
     def queries(self) -> int:
-        """Queries the set cost: every copy of every item."""
-        return len(self) * self.query_copies
+        """Queries the set cost: every copy of every item, and the answers lost to killed runs."""
+        return len(self) * self.query_copies + self.lost
+
+    def items_within(self, budget: int) -> int:
+        """Items a run with ``budget`` may hold: the lost answers are paid first, then ``query_copies`` per item."""
+        return max(0, budget - self.lost) // self.query_copies
 
     def head(self, n: int) -> "TransferSet":
-        return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None, *self.setting)
+        return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None, *self.setting,
+                           lost=self.lost)
 
     def save(self, path: Path) -> None:
-        atomic_save({"indices": self.indices, "answers": self.answers, "state": self.state,
+        atomic_save({"indices": self.indices, "answers": self.answers, "state": self.state, "lost": self.lost,
                      "query_copies": self.query_copies, "copy_noise": self.copy_noise, "copy_shift": self.copy_shift}, path)
 
     @classmethod
     def load(cls, path: Path) -> "TransferSet":
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        """Read a set written by :meth:`save`; a file that is not one (truncated, or a pickle of anything else:
+        a cache folder may hold files from anyone) is refused without running any of its code.
+
+        Raises:
+            ConfigError: the file is not a readable transfer set; the message names it and says to delete it.
+        """
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob["indices"], blob["answers"], blob["state"]
+        except Exception as err:
+            raise ConfigError(f"{str(path)!r} is not a readable transfer set ({unreadable_file_reason(err)}); delete it "
+                              "and run again to buy the set afresh") from None
         return cls(blob["indices"], blob["answers"], blob["state"], blob.get("query_copies", 1), blob.get("copy_noise", 0.0),
-                   blob.get("copy_shift", 0))
+                   blob.get("copy_shift", 0), blob.get("lost", 0))
 
 
 def build_transfer_set(
@@ -227,7 +247,11 @@ def build_transfer_set(
     With ``query_copies = K`` that is ``budget // K`` images, each answered by the mean of K perturbed
     copies (:func:`noisy_copies`); each oracle call then carries ``batch_size // K`` images (at least 1).
     One process buys a set at a time (a lock beside the file): another budget of the same attack, or a
-    second runner, waits and then reads what the first bought instead of paying again.
+    second runner, waits and then reads what the first bought instead of paying again. Before each oracle
+    call the batch is recorded as pending (``<cache>.pending``) and cleared once its answers are saved: a
+    run killed in between leaves the record, and the next run charges those queries as lost (the victim
+    may have answered them), so the victim never answers more than ``budget`` over all runs. A kill after
+    the record but before the call is charged too: the count errs towards the budget, never past it.
 
     Args:
         open_oracle: ``spent -> BlackBoxOracle``; called once with the queries the cache already holds
@@ -250,8 +274,9 @@ def build_transfer_set(
 def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: int, cache_path: Path, strategy: Strategy,
                          reward: Reward, batch_size: int, seed: int, policy: torch.nn.Module | None, policy_lr: float,
                          diversity_window: int, query_copies: int, copy_noise: float, copy_shift: int) -> TransferSet:
-    items = budget // query_copies
     setting = (query_copies, float(copy_noise), int(copy_shift))
+    for stale in cache_path.parent.glob(f".{cache_path.name}.*.tmp"):  # a save killed half-way (we hold the lock)
+        stale.unlink()
     cached = TransferSet.load(cache_path) if cache_path.is_file() else TransferSet(
         torch.empty(0, dtype=torch.long), torch.empty(0, 0), None, *setting)
     if cached.setting != setting:
@@ -260,7 +285,16 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
             f"copy_noise={cached.copy_noise}, copy_shift={cached.copy_shift}, not {', '.join(map(str, setting))}: "
             "give each setting its own cache path"
         )
-    oracle: BlackBoxOracle = open_oracle(min(len(cached), items) * query_copies)
+    pending = cache_path.with_name(cache_path.name + ".pending")
+    if pending.is_file():  # a run was killed between asking the victim and saving the answers: charge them
+        cached.lost += int(torch.load(pending, weights_only=True)["queries"])
+        cached.save(cache_path)
+        pending.unlink()
+    items = cached.items_within(budget)
+    if items == 0:
+        raise ConfigError(f"the budget of {budget} queries was spent on {cached.lost} answers lost to interrupted runs "
+                          f"of this attack ({str(cache_path)!r}); raise the budget")
+    oracle: BlackBoxOracle = open_oracle(cached.lost + min(len(cached), items) * query_copies)
     if len(cached) >= items:
         return cached.head(items)
     if strategy == "random":
@@ -281,6 +315,7 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
         count = min(per_call, items - done)
         chosen = sampler.draw(done, count)
         x = images[chosen].float().div_(255)
+        atomic_save({"queries": count * query_copies}, pending)  # before the victim answers: a kill now is charged
         if query_copies == 1 and copy_noise == 0 and copy_shift == 0:
             y = oracle(x)
         else:
@@ -290,10 +325,11 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
         indices.append(chosen)
         answers.append(y)
         done += count
-        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting).save(cache_path)
+        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting, lost=cached.lost).save(cache_path)
+        pending.unlink()
         progress.update(count * query_copies)
     progress.close()
-    return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting)
+    return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting, lost=cached.lost)
 
 
 def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0, shift: int = 0) -> Tensor:

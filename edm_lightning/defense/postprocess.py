@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from edm_lightning.errors import CheckpointNotFoundError, ConfigError
+from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
 
 __all__ = [
     "POSTPROCESSORS",
@@ -373,14 +373,14 @@ def load_classifier_net(path: str | Path, what: str = "classifier") -> tuple[nn.
     if not path.is_file():
         raise CheckpointNotFoundError(f"{what} checkpoint {str(path)!r} does not exist. Train it first (python main.py fit --config ...).")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         hp = state["hyper_parameters"]
         net = build_net(hp["arch"], tuple(hp["input_shape"]), int(hp["num_classes"]), hp.get("mean"), hp.get("std"))
         net.load_state_dict({k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
     except ConfigError:
         raise
     except Exception as err:
-        raise ConfigError(f"{what} {str(path)!r} is not a single-classifier Lightning checkpoint: {err}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not a single-classifier Lightning checkpoint: {unreadable_file_reason(err)}") from None
     return net.eval().requires_grad_(False), dict(hp)
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from edm_lightning.defense.defended import FixedRouter, Router
-from edm_lightning.errors import CheckpointNotFoundError, ConfigError
+from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
 
 __all__ = [
     "ROUTERS",
@@ -173,15 +173,15 @@ def load_hash_net(
             "python main.py fit --config configs/hashnet.yaml"
         )
     try:
-        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
+        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"{str(path)!r} is not a hash network (ClassifierModule) checkpoint: {err}") from None
+        raise ConfigError(f"{str(path)!r} is not a hash network (ClassifierModule) checkpoint: {unreadable_file_reason(err)}") from None
     have = tuple(module.hparams.input_shape)
     if input_shape is not None and have != tuple(input_shape):
         raise ConfigError(
             f"hash network {str(path)!r} takes inputs of shape {have}, but the ensemble takes {tuple(input_shape)}"
         )
-    balance = torch.load(path, map_location="cpu", weights_only=False).get(BALANCE_KEY)
+    balance = torch.load(path, map_location="cpu", weights_only=True).get(BALANCE_KEY)
     bias = None if balance is None else torch.tensor(balance["logit_bias"], dtype=torch.float32)
     return module.net.eval(), bias
 

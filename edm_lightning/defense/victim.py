@@ -11,7 +11,7 @@ import torch
 from edm_lightning.defense.defended import DefendedModel, FixedRouter
 from edm_lightning.defense.postprocess import build_postprocessors, resolve_postprocessor
 from edm_lightning.defense.routing import build_router
-from edm_lightning.errors import CheckpointNotFoundError, ConfigError
+from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
 
 __all__ = ["VictimConfig", "load_defended"]
 
@@ -79,9 +79,9 @@ def _load_defended(config: VictimConfig) -> DefendedModel:
     if not path.is_file():
         raise CheckpointNotFoundError(f"Victim checkpoint {str(path)!r} does not exist. Train it first (python main.py fit --config ...).")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint may come from anyone
     except Exception as err:
-        raise ConfigError(f"Victim checkpoint {str(path)!r} is not a readable Lightning checkpoint: {err}") from None
+        raise ConfigError(f"Victim checkpoint {str(path)!r} is not a readable Lightning checkpoint: {unreadable_file_reason(err)}") from None
     hparams = state.get("hyper_parameters", {})
     if "num_members" in hparams:
         model = _load_ensemble(path, state, config)
@@ -102,7 +102,7 @@ def _load_target(path: Path, state: dict, config: VictimConfig) -> DefendedModel
             f"got router={config.router!r}, member={config.member}"
         )
     _check_weights(path, state, "net.", expected_members=None)
-    module = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
+    module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     hp = module.hparams
     model = DefendedModel([module.net], FixedRouter(1), hp.input_shape, hp.num_classes)
     return model.eval()
@@ -121,7 +121,7 @@ def _load_ensemble(path: Path, state: dict, config: VictimConfig) -> DefendedMod
         hash_checkpoint=config.hash_checkpoint, input_shape=tuple(hp["input_shape"]),
     )
     _check_weights(path, state, "members.", expected_members=num_members)
-    module = EnsembleModule.load_from_checkpoint(path, map_location="cpu")
+    module = EnsembleModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     model = DefendedModel(list(module.members), router, tuple(hp["input_shape"]), int(hp["num_classes"]))
     return model.eval()
 

@@ -7,6 +7,7 @@ any stage starts.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import warnings
@@ -22,6 +23,7 @@ from edm_lightning.models import OptimConfig
 
 __all__ = [
     "AttackSpec",
+    "ClusterSpec",
     "DefenseSpec",
     "EDMSpec",
     "ExperimentConfig",
@@ -177,6 +179,32 @@ class TrainerSpec:
 
 
 @dataclass
+class ClusterSpec:
+    """Stages as submitit jobs (``executor: slurm``, or ``submitit_local`` to try the same path on this machine).
+
+    Each level of the plan (the stages whose needs are done) is one job array; a job killed by
+    pre-emption or its time limit is requeued and resumes from the stage's own files.
+
+    Args:
+        partition: the SLURM partition (required for ``slurm``).
+        timeout_min: each job's time limit, in minutes.
+        cpus_per_task: CPU cores per job (also its PyTorch threads).
+        gpus_per_task: GPUs per job (0 or 1: every stage uses one device).
+        mem_gb: memory per job.
+        array_parallelism: jobs of one array running at once.
+        additional: further ``#SBATCH`` options (``{account: myproject, qos: normal}``).
+    """
+
+    partition: str | None = None
+    timeout_min: int = 240
+    cpus_per_task: int = 8
+    gpus_per_task: int = 0
+    mem_gb: int = 32
+    array_parallelism: int = 64
+    additional: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class ExperimentConfig:
     """One dataset's EDM evaluation.
 
@@ -200,6 +228,9 @@ class ExperimentConfig:
         dry_run: print the plan (every stage, whether it is already done, its estimated time) and exit.
         workers: stages run at once, each in a local process of its own with ``cores // workers`` PyTorch
             threads (or a GPU of its own); 1 runs them one after another in this process.
+        executor: ``local`` (this process or ``workers`` local processes), ``slurm`` (submitit jobs, see
+            ``cluster``) or ``submitit_local`` (submitit's local processes, ``workers`` at a time).
+        cluster: the submitit jobs' resources.
     """
 
     name: str = "fashionmnist"
@@ -219,6 +250,8 @@ class ExperimentConfig:
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     dry_run: bool = False
     workers: int = 1
+    executor: Literal["local", "slurm", "submitit_local"] = "local"
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
 
 
 def validate(config: ExperimentConfig, log=None) -> None:
@@ -228,6 +261,7 @@ def validate(config: ExperimentConfig, log=None) -> None:
     get_spec(config.edm.ood_dataset)
     get_spec(config.hashnet.dataset)
     _validate_trainer(config)
+    _validate_executor(config)
     if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < 1:
         raise ConfigError(f"workers must be a positive integer (stages run at once), got {config.workers!r}")
     if not config.seeds:
@@ -271,14 +305,29 @@ def validate(config: ExperimentConfig, log=None) -> None:
     _validate_defenses(config, titles)
 
 
+def _validate_executor(config: ExperimentConfig) -> None:
+    """The executor's own needs: the submitit package, a partition, sane resources."""
+    if config.executor == "local":
+        return
+    if importlib.util.find_spec("submitit") is None:
+        raise ConfigError(f"executor {config.executor!r} needs submitit: pip install 'edm-lightning[cluster]'")
+    cluster = config.cluster
+    if config.executor == "slurm" and not cluster.partition:
+        raise ConfigError("executor 'slurm' needs cluster.partition (sinfo lists the partitions you may use)")
+    for key in ("timeout_min", "cpus_per_task", "mem_gb", "array_parallelism"):
+        if getattr(cluster, key) < 1:
+            raise ConfigError(f"cluster.{key} must be a positive integer, got {getattr(cluster, key)!r}")
+    if cluster.gpus_per_task not in (0, 1):
+        raise ConfigError(f"cluster.gpus_per_task must be 0 or 1 (a stage uses one device), got {cluster.gpus_per_task!r}")
+
+
 def _validate_trainer(config: ExperimentConfig) -> None:
-    """A device the machine has, for every worker, checked before any stage starts (names are checked by the parser)."""
+    """A device the machine has, checked before any stage starts (names are checked by the parser); more workers
+    than GPUs share them in turn."""
     accelerator = config.trainer.accelerator
     gpus = torch.cuda.device_count()
     if accelerator in ("gpu", "cuda") and gpus == 0:
         raise ConfigError(f"trainer.accelerator {accelerator!r}: this machine has no CUDA device; use cpu or auto")
-    if accelerator in ("gpu", "cuda") and config.workers > gpus:
-        raise ConfigError(f"workers={config.workers} each need a GPU of their own, but this machine has {gpus}")
 
 
 def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Running a plan: in this process, or on K local worker processes, stage by stage as dependencies allow.
+"""Running a plan: in this process, on K local worker processes, or as submitit jobs (SLURM), as dependencies allow.
 
 Each stage runs at most once across runners: :class:`~.stages.StageStore` holds a lock on the stage's
 folder while it runs, so a second runner on the same ``runs_dir`` waits and then reuses the result. A
@@ -7,7 +7,7 @@ of what failed and where its log is (a re-run resumes from there).
 
 Threads: a process on its own keeps PyTorch's default (every core; on a 2-core CPU that measured faster
 than one thread), K workers get ``cores // K`` threads each so they never oversubscribe the machine, and
-on a GPU machine each worker gets a GPU of its own.
+on a GPU machine each worker gets a GPU of its own (more workers than GPUs share them in turn).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import IO
 import torch
 
 from edm_lightning.errors import ConfigError
+from edm_lightning.experiment.config import ClusterSpec
 from edm_lightning.experiment.plan import Plan, Stage
 from edm_lightning.experiment.stages import StageStore
 from edm_lightning.progress import format_seconds, stage_log
@@ -34,7 +35,8 @@ class StageFailed(RuntimeError):
     """Stages failed (their dependants were skipped); the message lists them and their logs."""
 
 
-def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1) -> dict[str, dict]:
+def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1, executor: str = "local",
+            cluster: ClusterSpec | None = None) -> dict[str, dict]:
     """Run every stage of ``plan`` not already done; each stage's result by stage id.
 
     Args:
@@ -42,6 +44,8 @@ def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1) -> di
         store: where results are kept.
         log: where the progress lines go.
         workers: stages run at once, each in a process of its own (1: in this process, in plan order).
+        executor: ``local``, or ``slurm`` / ``submitit_local`` (submitit jobs, one array per level).
+        cluster: the submitit jobs' resources.
 
     Raises:
         StageFailed: after every runnable stage ran, if any failed.
@@ -49,7 +53,9 @@ def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1) -> di
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a positive integer (stages run at once), got {workers!r}")
     tracker = _Tracker(plan, store, log)
-    if workers == 1:
+    if executor != "local":
+        _run_submitit(plan, store, tracker, executor, cluster or ClusterSpec(), workers)
+    elif workers == 1:
         for stage in plan.stages:
             if tracker.ready(stage):
                 tracker.started(stage)
@@ -94,6 +100,59 @@ def _run_pool(plan: Plan, store: StageStore, tracker: "_Tracker", workers: int) 
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 tracker.finished(pending.pop(future), *future.result())
+
+
+def _run_submitit(plan: Plan, store: StageStore, tracker: "_Tracker", executor: str, cluster: ClusterSpec,
+                  workers: int) -> None:
+    """One job array per level of the plan (the stages whose needs are done), waited for before the next."""
+    import submitit  # optional: the [cluster] extra (validate() has checked it is installed)
+
+    backend = "slurm" if executor == "slurm" else "local"
+    jobs = submitit.AutoExecutor(folder=plan.root / "submitit" / "%j", cluster=backend)
+    jobs.update_parameters(timeout_min=cluster.timeout_min, cpus_per_task=cluster.cpus_per_task, mem_gb=cluster.mem_gb,
+                           gpus_per_node=cluster.gpus_per_task, tasks_per_node=1, nodes=1,
+                           slurm_partition=cluster.partition, slurm_array_parallelism=cluster.array_parallelism,
+                           slurm_additional_parameters=dict(cluster.additional))
+    threads = cluster.cpus_per_task if backend == "slurm" else worker_threads(workers)
+    chunk = cluster.array_parallelism if backend == "slurm" else workers  # local jobs all start at once
+    waiting = [stage for stage in plan.stages if stage.id not in tracker.results]
+    while waiting:
+        level = [stage for stage in waiting if tracker.ready(stage)]
+        for stage in [stage for stage in waiting if tracker.blocked(stage)]:
+            waiting.remove(stage)
+            tracker.skip(stage)
+        if not level:
+            if waiting:
+                raise RuntimeError(f"stages wait on needs that never run: {[s.id for s in waiting]}")
+            break
+        for start in range(0, len(level), chunk):
+            part = level[start:start + chunk]
+            with jobs.batch():
+                submitted = [jobs.submit(_StageJob(stage, plan.folder(stage), store, threads)) for stage in part]
+            for stage in part:
+                waiting.remove(stage)
+                tracker.started(stage)
+            for stage, job in zip(part, submitted, strict=True):
+                try:
+                    tracker.finished(stage, *job.result())
+                except Exception as err:  # the job itself died (node failure, out of memory, cancelled)
+                    tracker.finished(stage, None, False, f"submitit job {job.job_id} failed: {err}")
+
+
+class _StageJob:
+    """A stage as a submitit job: requeued (and so resumed from its files) when pre-empted or timed out."""
+
+    def __init__(self, stage: Stage, folder: Path, store: StageStore, threads: int):
+        self.stage, self.folder, self.store, self.threads = stage, folder, store, threads
+
+    def __call__(self) -> tuple[dict | None, bool, str | None]:
+        torch.set_num_threads(self.threads)
+        return _run_stage(self.stage, self.folder, self.store)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit  # optional: the [cluster] extra
+
+        return submitit.helpers.DelayedSubmission(self)  # the stage's last.ckpt and caches make the rerun a resume
 
 
 def _init_worker(threads: int, devices) -> None:

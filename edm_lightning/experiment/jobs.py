@@ -23,11 +23,12 @@ from edm_lightning.defense import VictimConfig
 from edm_lightning.defense.routing import HashBalanceCallback
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import AttackSpec, ExperimentConfig, TrainSpec
+from edm_lightning.losses import coherence
 from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.tracking import finish_wandb_run
 
-__all__ = ["attack", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
+__all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
            "train_target", "victim_config"]
 
 
@@ -91,6 +92,38 @@ def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dic
     correct = sum(int((model(x.float().div(255)).argmax(-1) == y).sum())
                   for x, y in zip(images.split(1024), labels.split(1024), strict=True))
     return {"test_acc": correct / len(labels)}
+
+
+def diagnostics(config: ExperimentConfig, folder: Path, victim: dict, surrogate: str | None, images: int = 10_000,
+                bins: int = 20) -> dict:
+    """Why EDM works or fails behind a router: each member's share of the defender's test images and of the
+    attacker's surrogate images (fair: 1/N each), and histograms of the ensemble's coherence on the test
+    images and on held-out OOD images (in [0, 1]: 1 when all members agree)."""
+    model = victim_config(config, victim).build()
+    test = load_images(config.dataset, config.root, train=False)[0][: config.test_size]
+    ood = load_images(config.edm.ood_dataset, config.root, train=False, input_shape=model.input_shape)[0][:images]
+    result: dict[str, Any] = {"share_test": _member_shares(model, test)}
+    if surrogate is not None:
+        attacker = load_images(surrogate, config.root, train=True, input_shape=model.input_shape)[0][:images]
+        result["share_surrogate"] = _member_shares(model, attacker)
+    edges = torch.linspace(0, 1, bins + 1)
+    for name, part in (("id", test), ("ood", ood)):
+        values = torch.cat([coherence(torch.stack([member(x) for member in model.members]).softmax(dim=-1))
+                            for x in _pixels(part)])
+        result[f"coherence_{name}"] = torch.histc(values.clamp(0, 1), bins=bins, min=0, max=1).long().tolist()
+    result["coherence_edges"] = edges.tolist()
+    return result
+
+
+def _member_shares(model, images: torch.Tensor) -> list[float]:
+    routes = torch.cat([model.router(x) for x in _pixels(images)])
+    return (torch.bincount(routes, minlength=model.router.num_members).double() / len(routes)).tolist()
+
+
+def _pixels(images: torch.Tensor, chunk: int = 1024):
+    with torch.no_grad():
+        for part in images.split(chunk):
+            yield part.float().div(255)
 
 
 def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack: AttackSpec, seed: int,

@@ -21,14 +21,15 @@ from edm_lightning.tracking import finish_wandb_run
 __all__ = ["write_results"]
 
 
-def write_results(config: ExperimentConfig, records: list[dict], victims: dict, spreads: dict, wall_time: float,
-                  compute: float, log) -> None:
+def write_results(config: ExperimentConfig, records: list[dict], victims: dict, spreads: dict, diagnostics: dict,
+                  wall_time: float, compute: float, log) -> None:
     """Write the results files of ``config`` under ``<results_dir>/<name>/`` and print ``results.md``.
 
     Args:
         records: one dict per attack run (see :mod:`.results`).
         victims: ``(defense, lambda, strength, seed) -> figures`` of each served model (training and serving stages).
         spreads: ``(averaging attack, router) -> [per-seed routing spread]``.
+        diagnostics: ``router -> [per-seed member shares and coherence histograms]``.
         wall_time: seconds this invocation took.
         compute: seconds every stage took when it ran (cached ones included).
         log: where the table is printed.
@@ -58,6 +59,10 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
         name = "tradeoff.png" if title == first.title else f"tradeoff_{title}.png"
         if tables.plot_tradeoff(records, title, max(attack.budgets), out / name):
             images.append(name)
+    if diagnostics and tables.plot_routing_shares(diagnostics, out / "routing_shares.png"):
+        images.append("routing_shares.png")
+    if diagnostics and tables.plot_coherence(next(iter(diagnostics.values())), out / "coherence.png"):
+        images.append("coherence.png")
     notes += [f"![{name}]({name})" for name in images]
     tables.write_csv(records, out / "records.csv")
     tables.write_csv(rows, out / "results.csv")

@@ -8,8 +8,9 @@ inspect it, and the runner walks it.
 Stages per seed: the undefended target; the hash network of the neural router; one EDM ensemble per
 diversity weight (lambda) and its test accuracy behind each router; the misinformation model when a
 defense needs it; the defender's accuracy with each output-perturbation defense at each strength, on the
-target (the defense alone) and on EDM (the composition); for each query-averaging attack, how many members
-its copies reach behind each router. Then per seed, attack and budget, the attack against the target and
+target (the defense alone) and on EDM (the composition); behind each router, the members' shares of the
+defender's and the attacker's images and the ensemble's coherence in and out of distribution; for each
+query-averaging attack, how many members its copies reach behind each router. Then per seed, attack and budget, the attack against the target and
 against the main EDM ensemble; for the trade-off curves, each defense's attacks at their largest budget
 against every strength, and against every other lambda.
 """
@@ -42,7 +43,7 @@ class Stage:
     """One unit of work, cached by its configuration.
 
     Args:
-        kind: ``target``, ``hashnet``, ``edm``, ``misinformation``, ``served``, ``spread`` or ``attack``.
+        kind: ``target``, ``hashnet``, ``edm``, ``misinformation``, ``served``, ``diagnostics``, ``spread`` or ``attack``.
         key: the stage's configuration; its hash names the folder, so changing any of it reruns the stage.
         label: what the progress line calls it.
         work: ``folder -> result`` (the figures written to ``result.json``).
@@ -70,6 +71,7 @@ class Plan:
     stages: list[Stage]
     victims: dict[tuple, dict]  # (defense, lambda, strength, seed) -> checkpoint, router, ..., stage ids
     spreads: dict[tuple, list[str]]  # (averaging attack, router) -> spread stage id per seed
+    diagnostics: dict[str, list[str]]  # router -> diagnostics stage id per seed (member shares, coherence)
     attack_runs: list[tuple[str, dict]]  # (attack stage id, where it ran), one per results record
 
     def folder(self, stage: Stage) -> Path:
@@ -87,7 +89,7 @@ def build_plan(config: ExperimentConfig) -> Plan:
         builder.seed_stages(seed)
     for run in builder.attack_runs():
         builder.attack(*run)
-    return Plan(root, builder.stages, builder.victims, builder.spreads, builder.runs)
+    return Plan(root, builder.stages, builder.victims, builder.spreads, builder.diagnostics, builder.runs)
 
 
 class _Builder:
@@ -96,6 +98,7 @@ class _Builder:
         self.stages: list[Stage] = []
         self.victims: dict[tuple, dict] = {}
         self.spreads: dict[tuple, list[str]] = {}
+        self.diagnostics: dict[str, list[str]] = {}
         self.runs: list[tuple[str, dict]] = []
         self.strength_names = {defense_label(d, base): d.strength for d in config.defenses for base in d.defends}
         self.weights = [config.edm.diversity_weight] + [
@@ -158,6 +161,10 @@ class _Builder:
                               "postprocessors": postprocessor_specs(defense, value, model)}
                     served = self.serve(victim, extra=(misinformation.id,) if misinformation else ())
                     self.victims[(defense_label(defense, base), weight, value, seed)] = {**victim, "served": served.id}
+        surrogate = next((a.surrogate for a in config.attacks if a.name == "knockoff"), None)
+        for router in config.edm.routers:  # member shares and coherence: why EDM works (or not) behind a router
+            victim = self.victims[(f"edm-{router}", config.edm.diversity_weight, None, seed)]
+            self.diagnostics.setdefault(router, []).append(self.diagnose(victim, surrogate).id)
         for attack in averaging_attacks(config):  # why averaging works behind one router and not the other
             for router in config.edm.routers:
                 victim = self.victims[(f"edm-{router}", config.edm.diversity_weight, None, seed)]
@@ -174,6 +181,15 @@ class _Builder:
         plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
         return self.add(Stage("served", key, label, functools.partial(jobs.served_accuracy, self.config, victim=plain),
                               needs=(victim["trained"], *extra), estimate_s=2.0))
+
+    def diagnose(self, victim: dict, surrogate: str | None) -> Stage:
+        key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": surrogate,
+               "ood_dataset": self.config.edm.ood_dataset, "test_size": self.config.test_size}
+        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        return self.add(Stage(
+            "diagnostics", key, f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router",
+            functools.partial(jobs.diagnostics, self.config, victim=plain, surrogate=surrogate),
+            needs=(victim["trained"],), estimate_s=3.0))
 
     def spread(self, victim: dict, attack: AttackSpec, seed: int) -> Stage:
         options = attack.options

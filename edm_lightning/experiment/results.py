@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 
 from edm_lightning.experiment.stages import write_atomic
 
-__all__ = ["METRICS", "ResultRow", "best_within", "plot_budget_curve", "plot_tradeoff", "setting", "summarise",
-           "write_csv", "write_markdown"]
+__all__ = ["METRICS", "ResultRow", "best_within", "plot_budget_curve", "plot_coherence", "plot_routing_shares",
+           "plot_tradeoff", "setting", "summarise", "write_csv", "write_markdown"]
 
 METRICS = ("defender_acc", "clone_acc", "agreement", "queries", "wall_time_s")
 
@@ -135,6 +135,9 @@ def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: fl
         label = "undefended" if defense == "none" else f"{defense} (lambda={diversity_weight:g})"
         ax.errorbar(budgets, means, yerr=stds, marker="o", capsize=3, label=label)
     ax.set_xscale("log")
+    budgets = sorted({b for points in series.values() for b, _ in points})
+    ax.set_xticks(budgets, [f"{b / 1000:g}k" if b >= 1000 else str(b) for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("queries (budget)")
     ax.set_ylabel("clone accuracy (%)")
     ax.set_title(f"{attack}: clone accuracy against query budget")
@@ -146,7 +149,9 @@ def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: fl
 
 def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path) -> bool:
     """Defender accuracy (x) against clone accuracy (y) under ``attack``: one curve per defense as its
-    strength varies (EDM alone: as lambda varies), the undefended model as a star. False if nothing to draw."""
+    strength varies (EDM alone: as lambda varies), the undefended model as a star, error bars the spread
+    over seeds. The right panel zooms on the defenses that cost at most 1 point of defender accuracy, where
+    they crowd, and names each point's strength. False if nothing to draw."""
     curves: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r["attack"] == attack and r["budget"] == budget:
@@ -155,26 +160,92 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path)
     undefended = curves.pop("none", {}).get(None, [])
     if not curves:
         return False
-    fig, ax = _figure()
-    for defense, points in curves.items():
-        xs, ys = [], []
-        for position in sorted(points, key=lambda v: -math.inf if v is None else v):
-            group = points[position]
-            x, y = mean(r["defender_acc"] * 100 for r in group), mean(r["clone_acc"] * 100 for r in group)
-            xs.append(x)
-            ys.append(y)
-            if position is not None and len(points) > 1:
+    reference = mean(r["defender_acc"] * 100 for r in undefended) if undefended else None
+    fig, axes = _figure(ncols=2 if reference is not None else 1)
+    panels = list(axes) if reference is not None else [axes]
+    for panel, ax in enumerate(panels):
+        zoomed = panel == 1
+        for color, (defense, points) in enumerate(curves.items()):
+            xs, ys, xerr, yerr, names = [], [], [], [], []
+            for position in sorted(points, key=lambda v: -math.inf if v is None else v):
+                group = points[position]
+                (x, dx), (y, dy) = (_mean_std([r[key] * 100 for r in group]) for key in ("defender_acc", "clone_acc"))
+                if zoomed and x < reference - 1.0:
+                    continue
+                xs.append(x), ys.append(y), xerr.append(dx), yerr.append(dy)
                 name = "lambda" if group[0].get("strength") is None else group[0].get("strength_name")
-                ax.annotate(f"{name}={position:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
-        ax.plot(xs, ys, marker="o", markersize=4, label=defense)
-    if undefended:
-        ax.plot([mean(r["defender_acc"] * 100 for r in undefended)], [mean(r["clone_acc"] * 100 for r in undefended)],
-                marker="*", markersize=14, linestyle="none", color="black", label="undefended")
-    ax.set_xlabel("defender accuracy (%)")
-    ax.set_ylabel("clone accuracy (%)")
-    ax.set_title(f"{attack} ({budget:,} queries): defender vs clone accuracy")
+                names.append(f"{name}={position:g}" if position is not None and len(points) > 1 else "")
+            if not xs:
+                continue
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", markersize=4, capsize=2, color=f"C{color % 10}",
+                        label=defense)
+            for x, y, name in zip(xs, ys, names) if zoomed else ():
+                if name:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        if reference is not None:
+            ax.plot([reference], [mean(r["clone_acc"] * 100 for r in undefended)], marker="*", markersize=14,
+                    linestyle="none", color="black", label="undefended")
+        if zoomed:
+            ax.axvspan(reference - 1.0, reference + 0.5, color="green", alpha=0.06)
+            ax.set_xlim(reference - 1.2, reference + 0.5)
+            ax.set_title("at most 1 point of defender accuracy lost", fontsize=9)
+        else:
+            ax.set_title(f"{attack} ({budget:,} queries): defender vs clone accuracy", fontsize=9)
+            ax.legend(loc="best", framealpha=0.6, fontsize=6)
+        ax.set_xlabel("defender accuracy (%)")
+        ax.set_ylabel("clone accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def plot_routing_shares(diagnostics: dict[str, Sequence[dict]], path: Path) -> bool:
+    """Each member's share of the defender's test images and of the attacker's surrogate images, one panel per
+    router (mean over seeds; the dashed line is the fair share 1/N). False if there is nothing to draw."""
+    routers = [router for router, seeds in diagnostics.items() if seeds]
+    if not routers:
+        return False
+    import numpy as np
+
+    fig, axes = _figure(ncols=len(routers), sharey=True)
+    for ax, router in zip(np.atleast_1d(axes), routers, strict=True):
+        seeds = diagnostics[router]
+        members = len(seeds[0]["share_test"])
+        positions = np.arange(members)
+        kinds = [("share_test", "defender's test images")] + (
+            [("share_surrogate", "attacker's surrogate images")] if "share_surrogate" in seeds[0] else [])
+        width = 0.8 / len(kinds)
+        for k, (key, label) in enumerate(kinds):
+            shares = np.mean([seed[key] for seed in seeds], axis=0) * 100
+            ax.bar(positions + (k - (len(kinds) - 1) / 2) * width, shares, width, label=label)
+        ax.axhline(100 / members, color="black", linestyle="--", linewidth=1)
+        ax.set_xticks(positions, [str(m) for m in positions])
+        ax.set_xlabel("member")
+        ax.set_title(f"{router} router")
+        ax.grid(True, axis="y", alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("share of queries (%)")
+    np.atleast_1d(axes)[0].legend(loc="best", fontsize=7, framealpha=0.6)
+    _save(fig, path)
+    return True
+
+
+def plot_coherence(seeds: Sequence[dict], path: Path) -> bool:
+    """Histograms of the ensemble's coherence on in-distribution test images and on held-out OOD images
+    (summed over seeds): EDM wants the first near 1 (members agree) and the second near 0. False if empty."""
+    if not seeds or "coherence_edges" not in seeds[0]:
+        return False
+    import numpy as np
+
+    edges = np.asarray(seeds[0]["coherence_edges"])
+    fig, ax = _figure()
+    for key, label in (("coherence_id", "in-distribution (test)"), ("coherence_ood", "out-of-distribution (held out)")):
+        counts = np.sum([seed[key] for seed in seeds], axis=0)
+        ax.stairs(counts / counts.sum() * 100, edges, fill=True, alpha=0.5, label=label)
+    ax.set_xlabel("coherence of the ensemble on an input")
+    ax.set_ylabel("share of inputs (%)")
+    ax.set_title("EDM: members agree in distribution, disagree out of it")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", framealpha=0.6, fontsize=7)
+    ax.legend(loc="upper center", fontsize=7, framealpha=0.6)
     _save(fig, path)
     return True
 
@@ -191,13 +262,13 @@ def _pm(row: dict, metric: str, scale: float) -> str:
     return f"{'0.0' if mean_text == '-0.0' else mean_text} ± {row[f'{metric}_std'] * scale:.1f}"  # float noise below 0
 
 
-def _figure():
+def _figure(ncols: int = 1, **kwargs):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6, 4.2), dpi=120)
+    return plt.subplots(1, ncols, figsize=(6 * ncols if ncols > 1 else 6, 4.2), dpi=120, **kwargs)
 
 
 def _save(fig, path: Path) -> None:

@@ -44,12 +44,13 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
     if config.wandb_project:
         resolve_wandb_mode()
     start = time.perf_counter()
-    results = execute(plan, store, log, config.workers)
+    results = execute(plan, store, log, config.workers, config.executor, config.cluster)
     records = _records(plan, results)
     victims = {key: {**results[v["trained"]], **results[v["served"]]} for key, v in plan.victims.items()}
     spreads = {key: [results[stage_id] for stage_id in ids] for key, ids in plan.spreads.items()}
+    diagnostics = {router: [results[stage_id] for stage_id in ids] for router, ids in plan.diagnostics.items()}
     compute = sum(result.get("stage_wall_time_s", 0.0) for result in results.values())
-    write_results(config, records, victims, spreads, time.perf_counter() - start, compute, log)
+    write_results(config, records, victims, spreads, diagnostics, time.perf_counter() - start, compute, log)
     return records
 
 
