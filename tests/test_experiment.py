@@ -78,7 +78,7 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
     monkeypatch.setattr(jobs, "run_knockoff", must_not_run)
     assert run_experiment(config) == first
     log = capsys.readouterr().err
-    assert log.count(": cached (") == 15 and ": running" not in log
+    assert log.count(": cached (") == 17 and ": running" not in log
 
 
 def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
@@ -241,7 +241,7 @@ def test_results_table_and_plots_go_to_wandb(fake_root: Path, tmp_path: Path, mo
     run_experiment(config)
     (key, columns, data), = tables
     assert key == "results" and "clone_acc_mean" in columns and len(data) == 3
-    assert set(logged) == {"budget_curve", "tradeoff"}
+    assert set(logged) == {"budget_curve", "tradeoff", "routing_shares", "coherence"}
     assert {"target", "hashnet", "ensemble", "experiment"} <= set(job_types)
 
 
@@ -255,7 +255,7 @@ def test_the_default_config_plans_exactly_the_main_question():
     config = auto_cli(ExperimentConfig, args=["--config", str(REPO_ROOT / "configs/experiment/fashionmnist.yaml")])
     plan = build_plan(config)
     kinds = [stage.kind for stage in plan.stages]
-    assert kinds == ["target", "hashnet", "edm", "served", "served"] + ["attack"] * 9
+    assert kinds == ["target", "hashnet", "edm", "served", "served", "diagnostics", "diagnostics"] + ["attack"] * 9
     attacks = [(info["defense"], info["budget"]) for _, info in plan.attack_runs]
     assert sorted(attacks) == sorted((d, b) for d in ("none", "edm-neural", "edm-keyed") for b in (5000, 20000, 50000))
     assert all(info["attack"] == "knockoff" for _, info in plan.attack_runs)
@@ -284,12 +284,12 @@ def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Pat
     config = tiny_config(fake_root, tmp_path, dry_run=True)
     assert run_experiment(config) == []
     out = capsys.readouterr().err
-    assert "[1/15] target" in out and "[15/15] attack" in out and "15 stages, 0 already done" in out
+    assert "[1/17] target" in out and "[17/17] attack" in out and "17 stages, 0 already done" in out
     assert not (tmp_path / "runs").exists()
     run_experiment(tiny_config(fake_root, tmp_path))
     capsys.readouterr()
     run_experiment(config)
-    assert "15 stages, 15 already done; about 0s of work left" in capsys.readouterr().err
+    assert "17 stages, 17 already done; about 0s of work left" in capsys.readouterr().err
 
 
 def test_progress_in_a_log_file_is_plain_lines_and_library_chatter_goes_to_the_stage_log(fake_root: Path, tmp_path: Path,
@@ -330,7 +330,7 @@ def test_two_workers_give_the_serial_run_stage_by_stage(fake_root: Path, tmp_pat
     strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in serial_records]
     assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"} for r in parallel_records]
     serial_stages = _stage_results(tmp_path / "serial/runs/tiny")
-    assert len(serial_stages) == 15 and serial_stages == _stage_results(tmp_path / "parallel/runs/tiny")
+    assert len(serial_stages) == 17 and serial_stages == _stage_results(tmp_path / "parallel/runs/tiny")
 
 
 def test_a_failed_stage_stops_its_dependants_and_the_rest_still_runs(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
@@ -347,7 +347,7 @@ def test_a_failed_stage_stops_its_dependants_and_the_rest_still_runs(fake_root: 
     assert "run the same command again" in message
     err = capsys.readouterr().err
     # the target and the attacks on it needed no hash network: they ran; everything EDM was skipped
-    assert err.count("skipped: a stage it needs failed") == 2 + 4 + 5  # 2 ensembles, 4 served, 5 attacks on EDM
+    assert err.count("skipped: a stage it needs failed") == 2 + 4 + 2 + 5  # 2 ensembles, 4 served, 2 diagnostics, 5 attacks
     assert err.count("attack knockoff vs none") == 2 * 2  # running + done, for both budgets
     hashnet_log, = (tmp_path / "runs/tiny").glob("hashnet-*/stage.log")
     assert "RuntimeError: hash network exploded" in hashnet_log.read_text()
@@ -377,9 +377,9 @@ def test_two_runners_on_one_runs_dir_run_each_stage_once(fake_root: Path, tmp_pa
     logs = [runner.communicate(timeout=600)[1] for runner in runners]
     assert [runner.returncode for runner in runners] == [0, 0], logs
     stages = len(list((tmp_path / "runs/tiny").glob("*-*/result.json")))
-    assert stages == 15
-    assert sum(log.count(": done in") for log in logs) == 15  # each stage's work happened in one runner only
-    assert sum(log.count(": reused: another runner") + log.count(": cached (") for log in logs) == 15
+    assert stages == 17
+    assert sum(log.count(": done in") for log in logs) == 17  # each stage's work happened in one runner only
+    assert sum(log.count(": reused: another runner") + log.count(": cached (") for log in logs) == 17
     # 7 purchases in one run (budgets 64 then 128 against 3 victims, 128 against the lambda=0 ensemble), not 14
     assert sum(log.count("buying the transfer set") for log in logs) == 7
 

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from edm_lightning.experiment import results as tables
 from edm_lightning.experiment.config import ExperimentConfig, curve_attacks
 from edm_lightning.experiment.stages import config_key
+from edm_lightning.progress import stage_log
 from edm_lightning.tracking import finish_wandb_run
 
 __all__ = ["write_results"]
@@ -70,7 +71,8 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
     print(text, file=log, flush=True)
     print(f"results: {out / 'results.md'}", file=log, flush=True)
     if config.wandb_project:
-        _log_results_to_wandb(config, rows, [out / name for name in images], out)
+        with stage_log(Path(config.runs_dir) / config.name / "results.log"):  # W&B's banners, not on the screen
+            _log_results_to_wandb(config, rows, [out / name for name in images], out)
 
 
 def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) -> list[str]:
@@ -95,16 +97,20 @@ def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) ->
             reach = (f"; the {copies} copies of an image reach {mean(s['distinct_members'] for s in spread):.2f} distinct "
                      f"members ({spread[0]['distinct_if_random']:.2f} if routed at random), "
                      f"{mean(s['share_on_plain_member'] for s in spread):.0%} of them the image's own") if spread else ""
-            if plain and averaged and plain.get("clone_acc_drop_mean", 0) > 0:
+            if not (plain and averaged):
+                continue
+            what = (f"{attack.title} (K={copies} copies, noise {attack.options.get('copy_noise', 0)}, shift "
+                    f"{attack.options.get('copy_shift', 0)} px; {averaged['queries_mean']:,.0f} queries, {copies - 1} extra "
+                    f"per image) against edm-{router}")
+            clones = (f"clone accuracy {averaged['clone_acc_mean'] * 100:.1f}% vs {plain['clone_acc_mean'] * 100:.1f}% "
+                      f"under {first.title}")
+            if plain.get("clone_acc_drop_mean", 0) > 0:  # a share of EDM's protection exists only where there was some
                 kept = averaged["clone_acc_drop_mean"] / plain["clone_acc_drop_mean"]
-                notes.append(
-                    f"{attack.title} (K={copies} copies, noise {attack.options.get('copy_noise', 0)}, shift "
-                    f"{attack.options.get('copy_shift', 0)} px; {averaged['queries_mean']:,.0f} queries, {copies - 1} extra per "
-                    f"image) against edm-{router}: EDM keeps {kept:.0%} of its protection (clone accuracy drop against the "
-                    f"undefended model under the same attack {averaged['clone_acc_drop_mean'] * 100:.1f} vs "
-                    f"{plain['clone_acc_drop_mean'] * 100:.1f} points under {first.title}; clone accuracy "
-                    f"{averaged['clone_acc_mean'] * 100:.1f}% vs {plain['clone_acc_mean'] * 100:.1f}%){reach}."
-                )
+                notes.append(f"{what}: EDM keeps {kept:.0%} of its protection (clone accuracy drop against the undefended "
+                             f"model under the same attack {averaged['clone_acc_drop_mean'] * 100:.1f} vs "
+                             f"{plain['clone_acc_drop_mean'] * 100:.1f} points under {first.title}; {clones}){reach}.")
+            else:
+                notes.append(f"{what}: EDM gave no protection under {first.title} to keep ({clones}){reach}.")
     return notes
 
 
