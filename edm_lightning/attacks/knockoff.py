@@ -72,6 +72,9 @@ class KnockoffDataModule(AttackDataModule):
         copy_noise: std of the Gaussian noise added to each copy (images in [0, 1]; 0: exact copies).
         copy_shift: each copy is shifted by a random offset of up to this many pixels in each direction
             (zero fill), before the noise; 0: no shift.
+        query_batch_size: queries (rows, copies included) per oracle call of the random strategy; the answers
+            do not depend on it, only the buying speed does (the adaptive strategy queries ``batch_size`` at a
+            time, since its policy learns after every call).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class KnockoffDataModule(AttackDataModule):
         query_copies: int = 1,
         copy_noise: float = 0.0,
         copy_shift: int = 0,
+        query_batch_size: int = 1024,
         root: str = "data",
         batch_size: int = 128,
         test_size: int | None = None,
@@ -102,6 +106,8 @@ class KnockoffDataModule(AttackDataModule):
             raise ConfigError(f"unknown reward {reward!r}: expected 'cert', 'div', 'loss' or 'all'")
         if diversity_window <= 0 or policy_lr <= 0:
             raise ConfigError("diversity_window and policy_lr must be positive")
+        if isinstance(query_batch_size, bool) or not isinstance(query_batch_size, int) or query_batch_size < 1:
+            raise ConfigError(f"query_batch_size must be a positive integer (queries per oracle call), got {query_batch_size!r}")
         _check_copies(query_copies, copy_noise, budget, copy_shift)
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
@@ -138,7 +144,7 @@ class KnockoffDataModule(AttackDataModule):
             self.open_oracle, images, labels, hp.budget, self.cache_path, strategy=hp.strategy, reward=hp.reward,
             batch_size=hp.batch_size, seed=hp.seed, policy=policy, policy_lr=hp.policy_lr,
             diversity_window=hp.diversity_window, query_copies=hp.query_copies, copy_noise=hp.copy_noise,
-            copy_shift=hp.copy_shift,
+            copy_shift=hp.copy_shift, query_batch_size=hp.query_batch_size,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -241,11 +247,14 @@ def build_transfer_set(
     query_copies: int = 1,
     copy_noise: float = 0.0,
     copy_shift: int = 0,
+    query_batch_size: int | None = None,
 ) -> TransferSet:
     """The first ``budget`` queries of KnockoffNets' sampling, bought once and kept in ``cache_path``.
 
     With ``query_copies = K`` that is ``budget // K`` images, each answered by the mean of K perturbed
-    copies (:func:`noisy_copies`); each oracle call then carries ``batch_size // K`` images (at least 1).
+    copies (:func:`noisy_copies`). Each oracle call of the random strategy carries ``query_batch_size``
+    queries (default ``batch_size``), of the adaptive one ``batch_size`` (its policy learns after each call);
+    that is ``// K`` images, at least 1.
     One process buys a set at a time (a lock beside the file): another budget of the same attack, or a
     second runner, waits and then reads what the first bought instead of paying again. Before each oracle
     call the batch is recorded as pending (``<cache>.pending``) and cleared once its answers are saved: a
@@ -262,12 +271,14 @@ def build_transfer_set(
         query_copies: K, copies per image (the oracle counts each).
         copy_noise: std of the Gaussian noise on each copy.
         copy_shift: largest random shift of each copy, in pixels.
+        query_batch_size: queries per oracle call of the random strategy (``None``: ``batch_size``).
     """
     _check_copies(query_copies, copy_noise, budget, copy_shift)
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(cache_path.with_name(cache_path.name + ".lock")):  # one buyer per transfer set at a time
-        return _extend_transfer_set(open_oracle, images, labels, budget, cache_path, strategy, reward, batch_size, seed,
+        rows = query_batch_size if strategy == "random" and query_batch_size else batch_size
+        return _extend_transfer_set(open_oracle, images, labels, budget, cache_path, strategy, reward, rows, seed,
                                     policy, policy_lr, diversity_window, query_copies, copy_noise, copy_shift)
 
 
