@@ -126,8 +126,8 @@ def stage_log(path: str | Path) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = _console
-    _console = console()
     with open(path, "a") as stream:
+        _console = console()
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]

@@ -20,7 +20,7 @@ from edm_lightning.experiment import (
     run_experiment,
 )
 from edm_lightning.experiment.__main__ import main as experiment_main
-from edm_lightning.experiment.config import validate
+from edm_lightning.experiment.validation import validate
 
 jobs = importlib.import_module("edm_lightning.experiment.jobs")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -423,5 +423,5 @@ def test_device_configs_compose_with_an_experiment_and_are_checked_against_the_m
     if torch.cuda.is_available():
         validate(config)
     else:
-        with pytest.raises(ConfigError, match="this machine has no CUDA device; use cpu or auto"):
+        with pytest.raises(ConfigError, match="this machine has no such device; use cpu or auto"):
             validate(config)

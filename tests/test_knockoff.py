@@ -56,7 +56,7 @@ def test_killed_run_resumes_without_exceeding_budget(fake_data, tmp_path, strate
     assert len(TransferSet.load(path)) == 3 * 64  # every answered batch was kept
     resumed = CountingVictim(linear_victim())
     result = attempt(resumed)
-    assert result.lost == 64  # the batch in flight is charged, as if answered
+    assert result.lost == [[192, 64]]  # the batch in flight is charged, as if answered, to runs going past 192 items
     assert killed.rows + resumed.rows == 300 - 64 <= 300  # never past the budget, over both runs
     assert result.queries == 300 and len(result) == 300 - 64
     if strategy == "random":  # the resumed set is the start of the one an uninterrupted run buys, no image twice
@@ -91,12 +91,25 @@ def test_a_kill_between_the_answer_and_its_save_is_charged_on_resume(tmp_path, m
     result = build_transfer_set(lambda spent: BlackBoxOracle(second, 300, spent=spent), images, labels, 300, path,
                                 batch_size=64)
     assert first.rows + second.rows == 300  # exactly the budget over both runs (3064 for 3000 before)
-    assert result.queries == 300 and result.lost == 64
+    assert result.queries == 300 and result.lost == [[128, 64]]
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "transfer.pt.pending").exists()
     silent = CountingVictim(linear_victim(), fail_after_calls=0)  # any query would raise
     again = build_transfer_set(lambda spent: BlackBoxOracle(silent, 300, spent=spent), images, labels, 300, path,
                                batch_size=64)
     assert again.queries == 300 and len(again) == len(result) and silent.rows == 0
+    # a smaller budget reads a prefix bought before the kill: it never needed the lost answers and is not charged
+    prefix = build_transfer_set(lambda spent: BlackBoxOracle(silent, 128, spent=spent), images, labels, 128, path,
+                                batch_size=64)
+    assert len(prefix) == 128 and prefix.queries == 128
+
+
+def test_lost_answers_are_charged_only_to_runs_that_go_past_them():
+    lost = TransferSet(torch.arange(300), torch.rand(300, 10), lost=[[100, 50], [200, 30]])
+    assert [lost.items_within(b) for b in (90, 100, 120, 150, 151, 230, 280, 281, 330)] == [90, 100, 100, 100, 101, 180,
+                                                                                           200, 201, 250]
+    assert lost.charged(100) == 0 and lost.charged(101) == 50 and lost.charged(300) == 80 and lost.queries == 380
+    averaged = TransferSet(torch.arange(10), torch.rand(10, 10), query_copies=8, lost=[[5, 16]])
+    assert averaged.items_within(40) == 5 and averaged.items_within(64) == 6 and averaged.queries == 96
 
 
 def test_a_half_written_save_leaves_no_temporary_file_behind(tmp_path):

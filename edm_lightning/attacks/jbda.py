@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from edm_lightning.data.images import BatchTensorDataset
 
 from edm_lightning.attacks.base import AttackDataModule, atomic_save, require_single_process, run_attack
 from edm_lightning.data.datamodules import seeded_indices
+from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense.victim import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule

@@ -36,10 +36,10 @@ from typing import Any, Literal
 import torch
 from filelock import FileLock
 from torch import Tensor
-from edm_lightning.data.images import BatchTensorDataset
 
 from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense.victim import VictimConfig
 from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.models.clone import CloneModule, clone_loss
@@ -150,8 +150,9 @@ class KnockoffDataModule(AttackDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.train_set is None:
-            if self.transfer is None:  # another process bought it (DDP): read it back
-                bought = TransferSet.load(self.cache_path)
+            if self.transfer is None:  # another process bought it (DDP): read it back, as rank 0 left it
+                with FileLock(self.cache_path.with_name(self.cache_path.name + ".lock")):
+                    bought = TransferSet.load(self.cache_path)
                 items = bought.items_within(self.hparams.budget)
                 self.transfer = bought.head(items)
                 if len(self.transfer) < items:
@@ -166,7 +167,8 @@ class KnockoffDataModule(AttackDataModule):
         return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
                 "surrogate": hp.surrogate, "transfer_set": items, "query_copies": hp.query_copies,
                 "copy_noise": float(hp.copy_noise), "copy_shift": hp.copy_shift, "queries_per_item": hp.query_copies,
-                "extra_queries": items * (hp.query_copies - 1), "lost_queries": self.transfer.lost if self.transfer else 0}
+                "extra_queries": items * (hp.query_copies - 1),
+                "lost_queries": self.transfer.charged(items) if self.transfer else 0}
 
     def _surrogate_images(self) -> tuple[Tensor, Tensor]:
         if self._surrogate is None:
@@ -179,15 +181,16 @@ class TransferSet:
 
     ``query_copies`` / ``copy_noise`` / ``copy_shift`` record how each answer was bought (K perturbed
     copies averaged), so a set is never read back for another setting; each item cost ``query_copies`` queries.
-    ``lost`` counts queries the victim may have answered in a run killed before it saved them: they are
-    charged to every later run of the attack, first, so the budget holds across kills.
+    ``lost`` lists ``[items, queries]``: queries the victim may have answered in a run that was killed while
+    extending the set from ``items`` items, before it saved them. A later run whose set goes past ``items``
+    is charged them (it bought that stretch again); a run reading a shorter prefix never needed them.
     """
 
     def __init__(self, indices: Tensor, answers: Tensor, state: dict | None = None, query_copies: int = 1,
-                 copy_noise: float = 0.0, copy_shift: int = 0, lost: int = 0):
+                 copy_noise: float = 0.0, copy_shift: int = 0, lost: list[list[int]] | None = None):
         self.indices, self.answers, self.state = indices, answers, state
         self.query_copies, self.copy_noise, self.copy_shift = int(query_copies), float(copy_noise), int(copy_shift)
-        self.lost = int(lost)
+        self.lost = [[int(offset), int(queries)] for offset, queries in (lost or [])]
 
     @property
     def setting(self) -> tuple[int, float, int]:
@@ -198,12 +201,25 @@ class TransferSet:
 
     @property
     def queries(self) -> int:
-        """Queries the set cost: every copy of every item, and the answers lost to killed runs."""
-        return len(self) * self.query_copies + self.lost
+        """Queries the set cost: every copy of every item, and the answers lost to killed runs on the way."""
+        return len(self) * self.query_copies + self.charged(len(self))
+
+    def charged(self, items: int) -> int:
+        """Lost queries a run holding the first ``items`` items pays: those lost on the way to them."""
+        return sum(queries for offset, queries in self.lost if offset < items)
 
     def items_within(self, budget: int) -> int:
-        """Items a run with ``budget`` may hold: the lost answers are paid first, then ``query_copies`` per item."""
-        return max(0, budget - self.lost) // self.query_copies
+        """The most items a run with ``budget`` may hold: ``query_copies`` per item plus what it is :meth:`charged`."""
+        events = sorted(self.lost)
+        best, paid, lower = 0, 0, -1
+        for j in range(len(events) + 1):  # region j: holding more than events[j-1]'s offset, at most events[j]'s
+            cap = (budget - paid) // self.query_copies
+            n = cap if j == len(events) else min(cap, events[j][0])
+            if n > lower:
+                best = max(best, n)
+            if j < len(events):
+                paid, lower = paid + events[j][1], events[j][0]
+        return max(0, best)
 
     def head(self, n: int) -> "TransferSet":
         return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None, *self.setting,
@@ -223,12 +239,12 @@ class TransferSet:
         """
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            blob["indices"], blob["answers"], blob["state"]
+            blob["indices"], blob["answers"], blob["state"]  # noqa: B018 - a file without them is not a transfer set
         except Exception as err:
             raise ConfigError(f"{str(path)!r} is not a readable transfer set ({unreadable_file_reason(err)}); delete it "
                               "and run again to buy the set afresh") from None
         return cls(blob["indices"], blob["answers"], blob["state"], blob.get("query_copies", 1), blob.get("copy_noise", 0.0),
-                   blob.get("copy_shift", 0), blob.get("lost", 0))
+                   blob.get("copy_shift", 0), _lost_events(blob.get("lost")))
 
 
 def build_transfer_set(
@@ -298,14 +314,16 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
         )
     pending = cache_path.with_name(cache_path.name + ".pending")
     if pending.is_file():  # a run was killed between asking the victim and saving the answers: charge them
-        cached.lost += int(torch.load(pending, weights_only=True)["queries"])
+        record = torch.load(pending, weights_only=True)
+        cached.lost.append([int(record["items"]), int(record["queries"])])
         cached.save(cache_path)
         pending.unlink()
     items = cached.items_within(budget)
     if items == 0:
-        raise ConfigError(f"the budget of {budget} queries was spent on {cached.lost} answers lost to interrupted runs "
+        raise ConfigError(f"the budget of {budget} queries was spent on {sum(q for _, q in cached.lost)} answers lost to "
+                          "interrupted runs "
                           f"of this attack ({str(cache_path)!r}); raise the budget")
-    oracle: BlackBoxOracle = open_oracle(cached.lost + min(len(cached), items) * query_copies)
+    oracle: BlackBoxOracle = open_oracle(cached.charged(items) + min(len(cached), items) * query_copies)
     if len(cached) >= items:
         return cached.head(items)
     if strategy == "random":
@@ -326,12 +344,18 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
         count = min(per_call, items - done)
         chosen = sampler.draw(done, count)
         x = images[chosen].float().div_(255)
-        atomic_save({"queries": count * query_copies}, pending)  # before the victim answers: a kill now is charged
-        if query_copies == 1 and copy_noise == 0 and copy_shift == 0:
-            y = oracle(x)
-        else:
-            copies = noisy_copies(x, query_copies, copy_noise, seed, done, copy_shift)
-            y = oracle(copies).view(count, query_copies, -1).mean(dim=1)
+        atomic_save({"items": done, "queries": count * query_copies}, pending)  # before the victim answers
+        spent = oracle.queries_spent
+        try:
+            if query_copies == 1 and copy_noise == 0 and copy_shift == 0:
+                y = oracle(x)
+            else:
+                copies = noisy_copies(x, query_copies, copy_noise, seed, done, copy_shift)
+                y = oracle(copies).view(count, query_copies, -1).mean(dim=1)
+        except Exception:  # refused or failed before the victim answered (budget, bad input): nothing to charge
+            if oracle.queries_spent == spent:
+                pending.unlink()
+            raise
         sampler.update(x, y)
         indices.append(chosen)
         answers.append(y)
@@ -341,6 +365,13 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
         progress.update(count * query_copies)
     progress.close()
     return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting, lost=cached.lost)
+
+
+def _lost_events(lost) -> list[list[int]]:
+    """``[[items, queries], ...]``; a plain count (sets written before the offsets were kept) is charged to every run."""
+    if isinstance(lost, int):
+        return [[0, lost]] if lost else []
+    return [[int(offset), int(queries)] for offset, queries in (lost or [])]
 
 
 def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0, shift: int = 0) -> Tensor:

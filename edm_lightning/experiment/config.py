@@ -1,24 +1,15 @@
-"""The experiment's configuration: what is evaluated, and everything that can be checked before training.
+"""The experiment's configuration: what is evaluated, where, and by which executor.
 
 Only what is experiment-level lives here (seeds, which attacks against which victims at which budgets,
-the defense sweep, where things go); :func:`validate` refuses a configuration that cannot finish before
-any stage starts.
+the defense sweep, where things go); :mod:`.validation` checks it before any stage starts.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
-from edm_lightning.data import get_spec
-from edm_lightning.defense.postprocess import AdaptiveMisinformation, build_postprocessor, resolve_postprocessor
-from edm_lightning.errors import ConfigError
+from edm_lightning.defense.postprocess import AdaptiveMisinformation, resolve_postprocessor
 from edm_lightning.models import OptimConfig
 
 __all__ = [
@@ -35,7 +26,6 @@ __all__ = [
     "defense_label",
     "needs_misinformation",
     "postprocessor_specs",
-    "validate",
 ]
 
 ATTACKS = ("knockoff", "jbda", "jbda_tr", "dfme")
@@ -252,110 +242,6 @@ class ExperimentConfig:
     workers: int = 1
     executor: Literal["local", "slurm", "submitit_local"] = "local"
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
-
-
-def validate(config: ExperimentConfig, log=None) -> None:
-    """Everything that can be checked before training starts: names, sizes, budgets, honesty of the setup."""
-    log = log or sys.stderr
-    spec = get_spec(config.dataset)
-    get_spec(config.edm.ood_dataset)
-    get_spec(config.hashnet.dataset)
-    _validate_trainer(config)
-    _validate_executor(config)
-    if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < 1:
-        raise ConfigError(f"workers must be a positive integer (stages run at once), got {config.workers!r}")
-    if not config.seeds:
-        raise ConfigError("seeds must name at least one seed")
-    trained = {"target": config.target, "hashnet": config.hashnet, "edm": config.edm, "misinformation": config.misinformation}
-    trained |= {f"attack {attack.title}": attack for attack in config.attacks}
-    for where, part in trained.items():
-        if isinstance(part.epochs, bool) or not isinstance(part.epochs, int) or part.epochs < 1:
-            raise ConfigError(f"{where}: epochs must be a positive integer, got {part.epochs!r}")
-    if not config.attacks:
-        raise ConfigError("attacks must name at least one attack")
-    titles = [attack.title for attack in config.attacks]
-    if len(set(titles)) != len(titles):
-        raise ConfigError(f"attacks must have distinct labels (give a repeated attack a label), got {titles}")
-    if not config.edm.routers or len(set(config.edm.routers)) != len(config.edm.routers):
-        raise ConfigError(f"edm.routers must name each router once, got {config.edm.routers}")
-    if config.edm.ood_dataset == config.dataset:
-        raise ConfigError(f"edm.ood_dataset must differ from the in-distribution dataset {config.dataset!r}")
-    for attack in config.attacks:
-        if not attack.budgets or any(b <= 0 for b in attack.budgets):
-            raise ConfigError(f"attack {attack.name}: budgets must be positive integers, got {attack.budgets}")
-        batch = int(attack.options.get("batch_size", 256 if attack.name == "dfme" else 128))
-        if min(attack.budgets) < batch:
-            raise ConfigError(
-                f"attack {attack.name}: budget {min(attack.budgets)} is smaller than one query batch ({batch}); "
-                "raise the budget or lower options.batch_size"
-            )
-        if attack.name == "knockoff":
-            surrogate = get_spec(attack.surrogate)
-            if surrogate.input_shape[0] != spec.input_shape[0] and {surrogate.input_shape[0], spec.input_shape[0]} != {1, 3}:
-                raise ConfigError(f"surrogate {attack.surrogate!r} cannot be converted to {spec.input_shape}")
-            if attack.surrogate == config.edm.ood_dataset:
-                message = (
-                    f"WARNING: the attacker's surrogate set ({attack.surrogate!r}) is the defender's OOD set: EDM was "
-                    "trained to disagree on exactly these queries, which makes the defense look better than it is."
-                )
-                warnings.warn(message, stacklevel=2)
-                print(message, file=log, flush=True)
-            if attack.surrogate == config.dataset:
-                raise ConfigError(f"attack knockoff: the surrogate must not be the victim's own dataset {config.dataset!r}")
-    _validate_defenses(config, titles)
-
-
-def _validate_executor(config: ExperimentConfig) -> None:
-    """The executor's own needs: the submitit package, a partition, sane resources."""
-    if config.executor == "local":
-        return
-    if importlib.util.find_spec("submitit") is None:
-        raise ConfigError(f"executor {config.executor!r} needs submitit: pip install 'edm-lightning[cluster]'")
-    cluster = config.cluster
-    if config.executor == "slurm" and not cluster.partition:
-        raise ConfigError("executor 'slurm' needs cluster.partition (sinfo lists the partitions you may use)")
-    for key in ("timeout_min", "cpus_per_task", "mem_gb", "array_parallelism"):
-        if getattr(cluster, key) < 1:
-            raise ConfigError(f"cluster.{key} must be a positive integer, got {getattr(cluster, key)!r}")
-    if cluster.gpus_per_task not in (0, 1):
-        raise ConfigError(f"cluster.gpus_per_task must be 0 or 1 (a stage uses one device), got {cluster.gpus_per_task!r}")
-
-
-def _validate_trainer(config: ExperimentConfig) -> None:
-    """A device the machine has, checked before any stage starts (names are checked by the parser); more workers
-    than GPUs share them in turn."""
-    accelerator = config.trainer.accelerator
-    gpus = torch.cuda.device_count()
-    if accelerator in ("gpu", "cuda") and gpus == 0:
-        raise ConfigError(f"trainer.accelerator {accelerator!r}: this machine has no CUDA device; use cpu or auto")
-
-
-def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> None:
-    """Every defense must name known attacks and bases, and every strength must build (ranges checked now)."""
-    spec = get_spec(config.dataset)
-    bases = ["none"] + [f"edm-{router}" for router in config.edm.routers]
-    names = [defense.name for defense in config.defenses]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"defenses must have distinct names, got {names}")
-    for defense in config.defenses:
-        where = f"defense {defense.name!r}"
-        if defense.name in bases or "+" in defense.name:
-            raise ConfigError(f"{where}: the name must not be one of {bases} or contain '+'")
-        if not defense.defends or not set(defense.defends) <= set(bases):
-            raise ConfigError(f"{where}: defends must name what it is applied to, from {bases}, got {defense.defends}")
-        if not set(defense.attacks) <= set(attack_titles):
-            raise ConfigError(f"{where}: attacks {defense.attacks} must be labels of configured attacks {attack_titles}")
-        if defense.strength is None and defense.values != [None]:
-            raise ConfigError(f"{where}: values {defense.values} need a strength (the init argument they set)")
-        if defense.strength is not None and (not defense.values or None in defense.values):
-            raise ConfigError(f"{where}: strength {defense.strength!r} needs values (numbers), got {defense.values}")
-        if defense.strength in defense.options:
-            raise ConfigError(f"{where}: {defense.strength!r} is swept by values; remove it from options")
-        # Adaptive Misinformation's model is trained later: a stand-in of the right shape lets its ranges be checked now.
-        stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(spec.input_shape), spec.num_classes))
-        for value in defense.values:  # out-of-range strengths fail here, not after hours of training
-            post = postprocessor_specs(defense, value, {"checkpoint": stand_in})[0]
-            build_postprocessor(post, spec.num_classes, spec.input_shape)
 
 
 def curve_attacks(config: ExperimentConfig) -> list[str]:

@@ -76,8 +76,9 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
 def _run_pool(plan: Plan, store: StageStore, tracker: "_Tracker", workers: int) -> None:
     context = get_context("spawn")  # a fresh interpreter per worker: no inherited threads or CUDA state
     devices = context.Queue()
+    gpus = _visible_gpus()
     for index in range(workers):
-        devices.put(index % torch.cuda.device_count() if torch.cuda.is_available() else None)
+        devices.put(gpus[index % len(gpus)] if gpus else None)
     pending: dict[Future, Stage] = {}
     waiting = list(plan.stages)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
@@ -99,7 +100,11 @@ def _run_pool(plan: Plan, store: StageStore, tracker: "_Tracker", workers: int) 
                 continue
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                tracker.finished(pending.pop(future), *future.result())
+                stage = pending.pop(future)
+                try:
+                    tracker.finished(stage, *future.result())
+                except Exception as err:  # the worker itself died (killed for memory) or its result did not pickle
+                    tracker.finished(stage, None, False, f"worker failed: {type(err).__name__}: {err}")
 
 
 def _run_submitit(plan: Plan, store: StageStore, tracker: "_Tracker", executor: str, cluster: ClusterSpec,
@@ -117,10 +122,11 @@ def _run_submitit(plan: Plan, store: StageStore, tracker: "_Tracker", executor: 
     chunk = cluster.array_parallelism if backend == "slurm" else workers  # local jobs all start at once
     waiting = [stage for stage in plan.stages if stage.id not in tracker.results]
     while waiting:
+        for stage in list(waiting):  # in plan order, so a stage after a skipped one is skipped in the same pass
+            if tracker.blocked(stage):
+                waiting.remove(stage)
+                tracker.skip(stage)
         level = [stage for stage in waiting if tracker.ready(stage)]
-        for stage in [stage for stage in waiting if tracker.blocked(stage)]:
-            waiting.remove(stage)
-            tracker.skip(stage)
         if not level:
             if waiting:
                 raise RuntimeError(f"stages wait on needs that never run: {[s.id for s in waiting]}")
@@ -155,11 +161,21 @@ class _StageJob:
         return submitit.helpers.DelayedSubmission(self)  # the stage's last.ckpt and caches make the rerun a resume
 
 
+def _visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them."""
+    if not torch.cuda.is_available():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",") if name.strip()] if visible else []
+    return names or [str(index) for index in range(torch.cuda.device_count())]
+
+
 def _init_worker(threads: int, devices) -> None:
+    """Each worker sees one GPU, as device 0 (the Trainer's ``devices=1``), before CUDA starts in it."""
     torch.set_num_threads(threads)
     device = devices.get()
     if device is not None:
-        torch.cuda.set_device(device)
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
 
 
 def _run_stage(stage: Stage, folder: Path, store: StageStore) -> tuple[dict | None, bool, str | None]:

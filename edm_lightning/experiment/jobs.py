@@ -2,7 +2,7 @@
 
 Each function takes the experiment's configuration and the stage's own parameters, works in ``folder``
 and returns the stage's figures as a JSON-able dict (the stage's ``result.json``). They know nothing of
-caching or ordering: :mod:`.plan` decides what runs, :mod:`.runner` runs it.
+caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from edm_lightning.defense.routing import HashBalanceCallback
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import AttackSpec, ExperimentConfig, TrainSpec
 from edm_lightning.losses import coherence
-from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
+from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.tracking import finish_wandb_run
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",

@@ -179,7 +179,7 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path)
                 continue
             ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", markersize=4, capsize=2, color=f"C{color % 10}",
                         label=defense)
-            for x, y, name in zip(xs, ys, names) if zoomed else ():
+            for x, y, name in zip(xs, ys, names) if zoomed or len(panels) == 1 else ():
                 if name:
                     ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
         if reference is not None:

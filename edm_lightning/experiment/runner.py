@@ -1,7 +1,7 @@
 """The EDM evaluation for one dataset: check the configuration, plan its stages, run them, write the results.
 
 :func:`run_experiment` validates everything it can before any stage starts, builds the plan
-(:mod:`.plan`), runs every stage not already done, here or on local workers (:mod:`.execution`; a
+(:mod:`.plan`), runs every stage not already done, here, on local workers or as submitit jobs (:mod:`.execution`; a
 stage's ``result.json`` is written last and atomically, so a killed run resumes where it stopped), and
 writes the results (:mod:`.outputs`) once all stages are done. One line per stage says where the run is:
 stage k of N, elapsed time, and an ETA from the plan's estimates rescaled by what this run's stages
@@ -14,11 +14,12 @@ import sys
 import time
 from typing import IO
 
-from edm_lightning.experiment.config import ExperimentConfig, validate
+from edm_lightning.experiment.config import ExperimentConfig
 from edm_lightning.experiment.execution import execute
 from edm_lightning.experiment.outputs import write_results
 from edm_lightning.experiment.plan import Plan, build_plan
 from edm_lightning.experiment.stages import StageStore
+from edm_lightning.experiment.validation import validate
 from edm_lightning.progress import format_seconds
 from edm_lightning.tracking import resolve_wandb_mode
 
