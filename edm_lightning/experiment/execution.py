@@ -119,7 +119,6 @@ def _run_submitit(plan: Plan, store: StageStore, tracker: "_Tracker", executor: 
                            slurm_partition=cluster.partition, slurm_array_parallelism=cluster.array_parallelism,
                            slurm_additional_parameters=dict(cluster.additional))
     threads = cluster.cpus_per_task if backend == "slurm" else worker_threads(workers)
-    chunk = cluster.array_parallelism if backend == "slurm" else workers  # local jobs all start at once
     waiting = [stage for stage in plan.stages if stage.id not in tracker.results]
     while waiting:
         for stage in list(waiting):  # in plan order, so a stage after a skipped one is skipped in the same pass
@@ -131,6 +130,7 @@ def _run_submitit(plan: Plan, store: StageStore, tracker: "_Tracker", executor: 
             if waiting:
                 raise RuntimeError(f"stages wait on needs that never run: {[s.id for s in waiting]}")
             break
+        chunk = len(level) if backend == "slurm" else workers  # SLURM caps a running array itself; local jobs all start
         for start in range(0, len(level), chunk):
             part = level[start:start + chunk]
             with jobs.batch():

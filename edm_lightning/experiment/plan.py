@@ -10,9 +10,9 @@ diversity weight (lambda) and its test accuracy behind each router; the misinfor
 defense needs it; the defender's accuracy with each output-perturbation defense at each strength, on the
 target (the defense alone) and on EDM (the composition); behind each router, the members' shares of the
 defender's and the attacker's images and the ensemble's coherence in and out of distribution; for each
-query-averaging attack, how many members its copies reach behind each router. Then per seed, attack and budget, the attack against the target and
-against the main EDM ensemble; for the trade-off curves, each defense's attacks at their largest budget
-against every strength, and against every other lambda.
+query-averaging attack, how many members its copies reach behind each router. Then per seed, attack and
+budget, the attack against the target and against the main EDM ensemble; for the trade-off curves, each
+defense's attacks at their largest budget against every strength, and against every other lambda.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class Stage:
     """One unit of work, cached by its configuration.
 
     Args:
-        kind: ``target``, ``hashnet``, ``edm``, ``misinformation``, ``served``, ``diagnostics``, ``spread`` or ``attack``.
+        kind: ``target``, ``hashnet``, ``edm``, ``misinformation``, ``served``, ``diagnostics``, ``spread`` or
+            ``attack``.
         key: the stage's configuration; its hash names the folder, so changing any of it reruns the stage.
         label: what the progress line calls it.
         work: ``folder -> result`` (the figures written to ``result.json``).
