@@ -116,3 +116,46 @@ def test_single_target_checkpoint_still_loads_with_a_fixed_router(checkpoint_fac
     assert isinstance(model.router, FixedRouter) and len(model.members) == 1
     with pytest.raises(ValueError, match="single-model checkpoint"):
         VictimConfig(checkpoint_factory(ClassifierModule(), "target.ckpt"), router="keyed").build()
+
+
+def test_a_float64_batch_is_checked_as_sent_and_answered_like_float32(defended):
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(defended(x.double()), defended(x))
+    with pytest.raises(ValueError, match=r", 1\.0000001\]$"):  # checked as sent, before a cast could round it
+        defended(torch.cat([x.double(), torch.full((1, 1, 28, 28), 1.0000001, dtype=torch.float64)]))
+
+
+def test_values_out_of_range_are_shown_at_full_precision(defended):
+    x = torch.zeros(2, 1, 28, 28)
+    x[0, 0, 0, 0] = 1.0000001  # float32 rounds it to 1.00000012
+    with pytest.raises(ValueError, match=r"got \[0\.0, 1\.0000001192092896\]"):
+        defended(x)
+
+
+@pytest.mark.parametrize("query", [torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)).numpy(),
+                                   [[0.5] * 28] * 28, None, torch.empty(2, 1, 28, 28, device="meta")],
+                         ids=["numpy", "list", "None", "meta"])
+def test_what_is_not_a_batch_of_real_images_is_refused_clearly(defended, query):
+    with pytest.raises(ValueError, match="torch.Tensor|meta device"):
+        defended(query)
+
+
+def test_a_large_call_is_answered_in_chunks_with_the_same_answers(defended):
+    x = torch.rand(50, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    whole = defended(x)
+    defended.chunk_size = 7
+    seen = []
+    hook = defended.router.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    torch.testing.assert_close(defended(x), whole)
+    hook.remove()
+    assert max(seen) == 7 and sum(seen) == 50
+
+
+def test_a_member_with_non_finite_answers_is_refused_by_name():
+    torch.manual_seed(0)
+    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(2)]
+    with torch.no_grad():
+        members[1][1].classifier[-1].bias.fill_(float("nan"))
+    model = DefendedModel(members, FixedRouter(2, member=1), (1, 28, 28), 10)
+    with pytest.raises(RuntimeError, match="member 1 produced non-finite answers for 4 of its 4 queries"):
+        model(torch.rand(4, 1, 28, 28))

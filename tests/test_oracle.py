@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from edm_lightning.attacks import BlackBoxOracle, QueryBudgetExceeded
+from edm_lightning.errors import ConfigError
 
 
 def batch(n: int) -> torch.Tensor:
@@ -75,3 +76,24 @@ def test_bad_budget_and_victim_are_refused(victim):
         BlackBoxOracle(victim, budget=0)
     with pytest.raises(TypeError, match="input_shape"):
         BlackBoxOracle(nn.Linear(2, 2), budget=10)
+
+
+@pytest.mark.parametrize("budget", [2.5, True, "100"])
+def test_a_budget_must_be_a_whole_number_of_queries(victim, budget):
+    with pytest.raises(ConfigError, match="budget must be a positive whole number"):
+        BlackBoxOracle(victim, budget)
+
+
+@pytest.mark.parametrize("query", [None, [[0.5]], torch.rand(2, 1, 28, 28).numpy()], ids=["None", "list", "numpy"])
+def test_what_is_not_a_tensor_is_refused_at_the_door_and_not_counted(victim, query):
+    oracle = BlackBoxOracle(victim, 10)
+    with pytest.raises(ValueError, match="queries must be a torch.Tensor .* torch.as_tensor"):
+        oracle(query)
+    assert oracle.queries_spent == 0
+
+
+def test_a_meta_tensor_is_refused_and_not_counted(victim):
+    oracle = BlackBoxOracle(victim, 10)
+    with pytest.raises(ValueError, match="meta device"):
+        oracle(torch.empty(2, 1, 28, 28, device="meta"))
+    assert oracle.queries_spent == 0

@@ -49,10 +49,10 @@ class BlackBoxOracle:
         for attribute in ("input_shape", "num_classes"):
             if not hasattr(victim, attribute):
                 raise TypeError(f"the victim must expose {attribute!r} (a DefendedModel does); got {type(victim).__name__}")
-        if budget is not None and budget <= 0:
-            raise ConfigError(f"budget must be a positive number of queries (or None for unlimited), got {budget}")
-        if spent < 0 or (budget is not None and spent > budget):
-            raise ConfigError(f"spent must be in [0, budget={budget}], got {spent}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ConfigError(f"budget must be a positive whole number of queries (or None for unlimited), got {budget!r}")
+        if isinstance(spent, bool) or not isinstance(spent, int) or spent < 0 or (budget is not None and spent > budget):
+            raise ConfigError(f"spent must be a whole number in [0, budget={budget}], got {spent!r}")
         self.input_shape: tuple[int, int, int] = tuple(int(v) for v in victim.input_shape)
         self.num_classes: int = int(victim.num_classes)
         self.budget = budget
@@ -71,8 +71,18 @@ class BlackBoxOracle:
         return None if self.budget is None else self.budget - self._spent
 
     def __call__(self, x: Tensor) -> Tensor:
-        """Answers ``(N, num_classes)`` for images ``x`` ``(N, C, H, W)`` in [0, 1]; counts N queries."""
-        count = int(x.shape[0]) if isinstance(x, Tensor) and x.ndim >= 1 else 0
+        """Answers ``(N, num_classes)`` for images ``x`` ``(N, C, H, W)`` in [0, 1]; counts N queries.
+
+        Raises:
+            ValueError: ``x`` is not a tensor (a numpy array, a list, ``None``), or the victim refused it.
+            QueryBudgetExceeded: the batch would take the oracle past its budget; nothing was answered.
+        """
+        if not isinstance(x, Tensor):
+            raise ValueError(f"queries must be a torch.Tensor of images (N, {', '.join(map(str, self.input_shape))}), got "
+                             f"{type(x).__name__}; convert with torch.as_tensor(x, dtype=torch.float32)")
+        if x.device.type == "meta":
+            raise ValueError("queries must hold data: got a tensor on the meta device")
+        count = int(x.shape[0]) if x.ndim >= 1 else 0
         if self.budget is not None and self._spent + count > self.budget:
             raise QueryBudgetExceeded(self._spent, self.budget, count)
         answers = self._answer(x)  # the victim validates shape, dtype and range before answering

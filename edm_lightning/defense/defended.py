@@ -42,7 +42,10 @@ class DefendedModel(nn.Module):
 
     Each member runs only on the inputs routed to it, so a batch costs about one member plus the
     router, not N members. Post-processors (output-perturbation defenses) are applied in order,
-    each as ``probs = p(x, probs)``.
+    each as ``probs = p(x, probs)``. Queries are validated first (shape, floating point, finite, in range,
+    real data), then cast to the members' dtype; a large call is answered ``chunk_size`` rows at a time, so
+    its memory does not grow with the call. A member or post-processor that produces a non-finite answer
+    is refused by name: a broken model must not serve NaN probabilities.
 
     Args:
         members: classifiers returning logits, all with the same input shape and class count.
@@ -51,6 +54,11 @@ class DefendedModel(nn.Module):
         num_classes: length of every answer.
         postprocessors: optional output perturbations applied after routing.
         input_range: closed interval every input value must lie in.
+        chunk_size: most rows answered at once.
+
+    Raises:
+        ValueError: a query batch the model must not answer (the message says what was expected).
+        RuntimeError: a member or post-processor produced non-finite values.
     """
 
     def __init__(
@@ -61,6 +69,7 @@ class DefendedModel(nn.Module):
         num_classes: int,
         postprocessors: Sequence[nn.Module] = (),
         input_range: tuple[float, float] = (0.0, 1.0),
+        chunk_size: int = 4096,
     ):
         super().__init__()
         if len(members) == 0:
@@ -73,15 +82,24 @@ class DefendedModel(nn.Module):
         self.input_shape = tuple(int(v) for v in input_shape)
         self.num_classes = int(num_classes)
         self.input_range = (float(input_range[0]), float(input_range[1]))
+        self.chunk_size = int(chunk_size)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        """Probabilities ``(N, num_classes)`` for images ``x`` ``(N, C, H, W)`` in ``input_range``."""
         validate_inputs(x, self.input_shape, self.input_range)
+        dtype = next((p.dtype for p in self.members.parameters()), torch.float32)
+        x = x.to(dtype)  # after validation: a float64 batch is checked as sent, then answered in the members' dtype
         if x.shape[0] == 0:
             return x.new_zeros((0, self.num_classes))
+        return torch.cat([self._answer(part) for part in x.split(self.chunk_size)])
+
+    def _answer(self, x: Tensor) -> Tensor:
         probs = self.route_and_answer(x)
         for post in self.postprocessors:
             probs = post(x, probs)
+            if not torch.isfinite(probs).all():
+                raise RuntimeError(f"post-processor {type(post).__name__} produced non-finite answers; refusing to serve them")
         return probs
 
     def route_and_answer(self, x: Tensor) -> Tensor:
@@ -91,14 +109,22 @@ class DefendedModel(nn.Module):
         for index, member in enumerate(self.members):
             chosen = (route == index).nonzero(as_tuple=True)[0]
             if chosen.numel():
-                probs[chosen] = member(x[chosen]).softmax(dim=-1).to(probs.dtype)
+                answer = member(x[chosen]).softmax(dim=-1).to(probs.dtype)
+                if not torch.isfinite(answer).all():
+                    bad = int((~torch.isfinite(answer)).any(dim=-1).sum())
+                    raise RuntimeError(f"member {index} produced non-finite answers for {bad} of its {chosen.numel()} "
+                                       "queries: the model is broken (check its checkpoint); refusing to serve them")
+                probs[chosen] = answer
         return probs
 
 
 def validate_inputs(x: Tensor, input_shape: tuple[int, int, int], input_range: tuple[float, float]) -> None:
     """Refuse, with a message saying what was expected, any batch a deployed model should not answer."""
     if not isinstance(x, Tensor):
-        raise ValueError(f"queries must be a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"queries must be a torch.Tensor of shape (N, {', '.join(map(str, input_shape))}), got "
+                         f"{type(x).__name__}; convert with torch.as_tensor(x, dtype=torch.float32)")
+    if x.device.type == "meta":
+        raise ValueError("queries must hold data: got a tensor on the meta device")
     if x.ndim != 4:
         raise ValueError(f"queries must be a batch of shape (N, {', '.join(map(str, input_shape))}), got rank {x.ndim} {tuple(x.shape)}")
     if x.shape[1] != input_shape[0]:
@@ -113,6 +139,6 @@ def validate_inputs(x: Tensor, input_shape: tuple[int, int, int], input_range: t
         raise ValueError("queries contain NaN or Inf values")
     low, high = x.min().item(), x.max().item()
     if low < input_range[0] or high > input_range[1]:
-        raise ValueError(
-            f"query values must lie in [{input_range[0]}, {input_range[1]}] (images as floats), got [{low:.4g}, {high:.4g}]"
+        raise ValueError(  # full precision: 1.0000001 must not read as 1
+            f"query values must lie in [{input_range[0]!r}, {input_range[1]!r}] (images as floats), got [{low!r}, {high!r}]"
         )
