@@ -425,3 +425,15 @@ def test_device_configs_compose_with_an_experiment_and_are_checked_against_the_m
     else:
         with pytest.raises(ConfigError, match="this machine has no such device; use cpu or auto"):
             validate(config)
+
+
+def test_slurm_without_sbatch_on_the_machine_is_refused_before_anything_starts(fake_root: Path, tmp_path: Path,
+                                                                               monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    config = tiny_config(fake_root, tmp_path, executor="slurm")
+    config.cluster.partition = "gpu"
+    with pytest.raises(ConfigError, match="needs SLURM's sbatch on this machine"):
+        run_experiment(config)
+    assert not (tmp_path / "runs").exists()

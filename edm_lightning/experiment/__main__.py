@@ -14,7 +14,7 @@ from edm_lightning.experiment.runner import run_experiment
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse an experiment config (YAML plus overrides), run it, and return its attack records."""
-    config = auto_cli(ExperimentConfig, args=argv)
+    config = auto_cli(ExperimentConfig, args=argv, prog="python -m edm_lightning.experiment")
     try:
         return run_experiment(config)
     except KeyboardInterrupt:

@@ -252,9 +252,9 @@ class _Builder:
 # Seconds per training image and epoch of a LeNet-5-sized model on the 2-core CPU the defaults were
 # measured on (validation and test included), per architecture; the runner rescales every estimate by
 # what the finished stages of this run really took, so only the ratios between stages matter.
-_SECONDS_PER_IMAGE_EPOCH = {"lenet5": 7e-5, "small_cnn": 5e-5, "resnet18": 6e-3, "vgg16_bn": 5e-3}
+_SECONDS_PER_IMAGE_EPOCH = {"lenet5": 6e-5, "small_cnn": 5e-5, "resnet18": 6e-3, "vgg16_bn": 5e-3}
 _ENSEMBLE_STEP = 1.6  # an EDM member also sees an OOD batch: its step costs more than a target's
-_SECONDS_PER_QUERY = 2e-4  # buying: the served model's answer, the transfer set's save
+_SECONDS_PER_QUERY = 5e-5  # buying: the served model's answer, the transfer set's save
 
 
 def _training_s(spec, images: int) -> float:
@@ -267,7 +267,7 @@ def _attack_s(spec: AttackSpec, budget: int) -> float:
         items = budget // int(spec.options.get("query_copies", 1))
         return budget * _SECONDS_PER_QUERY + spec.epochs * items * per_image + 3.0
     if spec.name == "dfme":
-        return budget * _SECONDS_PER_QUERY * 25  # a generator and a clone step per few hundred queries
+        return budget * _SECONDS_PER_QUERY * 35  # a generator and a clone step per few hundred queries
     return budget * _SECONDS_PER_QUERY * 10 + spec.epochs * budget * per_image * 6  # JBDA: a clone per round
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 import sys
 import warnings
 
@@ -81,6 +82,9 @@ def _validate_executor(config: ExperimentConfig) -> None:
     cluster = config.cluster
     if config.executor == "slurm" and not cluster.partition:
         raise ConfigError("executor 'slurm' needs cluster.partition (sinfo lists the partitions you may use)")
+    if config.executor == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("executor 'slurm' needs SLURM's sbatch on this machine: run the experiment on a login node "
+                          "of the cluster (executor submitit_local runs the same path on this machine)")
     for key in ("timeout_min", "cpus_per_task", "mem_gb", "array_parallelism"):
         if getattr(cluster, key) < 1:
             raise ConfigError(f"cluster.{key} must be a positive integer, got {getattr(cluster, key)!r}")
