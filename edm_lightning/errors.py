@@ -1,5 +1,6 @@
 """Errors that are the user's to fix: the CLI prints their message alone, without a traceback."""
 
+import pickle
 import sys
 
 __all__ = ["CheckpointNotFoundError", "ConfigError", "UserError", "exit_if_user_error", "unreadable_file_reason"]
@@ -36,11 +37,9 @@ def unreadable_file_reason(err: BaseException) -> str:
     """Why ``torch.load(..., weights_only=True)`` refused a file, in one line.
 
     A file holding Python objects other than tensors and plain data is refused on purpose (unpickling it
-    could run code); torch's own message would suggest ``weights_only=False``, which is what must not be done
-    with a file from someone else.
+    could run code); torch's own message suggests turning that protection off, which is exactly what must
+    not be done with a file from someone else, so it is replaced by this line.
     """
-    import pickle
-
     if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
         return "it holds Python objects other than tensors and plain data; refused, because loading it could run code"
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -33,7 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
+from edm_lightning.defense.checkpoints import load_classifier_net
+from edm_lightning.errors import ConfigError
+from edm_lightning.nets import build_net
 
 __all__ = [
     "POSTPROCESSORS",
@@ -44,7 +46,6 @@ __all__ = [
     "TopLabel",
     "build_postprocessor",
     "build_postprocessors",
-    "load_classifier_net",
 ]
 
 
@@ -191,8 +192,6 @@ class PredictionPoisoning(nn.Module):
         if surrogate is None:
             if num_classes is None or input_shape is None:
                 raise ConfigError("PredictionPoisoning: a fresh surrogate (surrogate: null) needs num_classes and input_shape")
-            from edm_lightning.nets import build_net
-
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 surrogate = build_net(surrogate_arch, tuple(input_shape), int(num_classes))
@@ -364,26 +363,6 @@ def resolve_postprocessor(spec: Any, position: int = 0) -> tuple[type[nn.Module]
     return cls, dict(init_args)
 
 
-def load_classifier_net(path: str | Path, what: str = "classifier") -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen net of a single-classifier checkpoint (``ClassifierModule``, ``MisinformationModule``,
-    ``CloneModule``) and its hyper-parameters, rebuilt from ``arch`` / ``input_shape`` / ``num_classes``."""
-    from edm_lightning.nets import build_net
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{what} checkpoint {str(path)!r} does not exist. Train it first (python main.py fit --config ...).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        hp = state["hyper_parameters"]
-        net = build_net(hp["arch"], tuple(hp["input_shape"]), int(hp["num_classes"]), hp.get("mean"), hp.get("std"))
-        net.load_state_dict({k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise ConfigError(f"{what} {str(path)!r} is not a single-classifier Lightning checkpoint: {unreadable_file_reason(err)}") from None
-    return net.eval().requires_grad_(False), dict(hp)
-
-
 def mad_target(gram: Tensor, y: Tensor, preserve_argmax: bool = False) -> Tensor:
     """MAD's vertex ``y*`` ``(N, K)``: the candidate maximising the angular deviation from ``y`` (paper Eq. 5).
 
@@ -438,7 +417,7 @@ def _classifier(model: nn.Module | str | Path, what: str, num_classes: int | Non
                 input_shape: tuple[int, int, int] | None) -> nn.Module:
     """A frozen classifier from a module or checkpoint path; a class count other than the served model's fails now."""
     if isinstance(model, (str, Path)):
-        net, hp = load_classifier_net(model, what)
+        net, hp, _ = load_classifier_net(model, what)
         have_classes, have_shape = int(hp["num_classes"]), tuple(hp["input_shape"])
         if input_shape is not None and have_shape != tuple(input_shape):
             raise ConfigError(f"{what} {str(model)!r} takes inputs {have_shape}, the served model {tuple(input_shape)}")

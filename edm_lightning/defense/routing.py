@@ -14,14 +14,16 @@ None of them uses Python's ``hash()``, which is salted per process.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from edm_lightning.data.datamodules import seeded_indices
+from edm_lightning.data.images import load_images
+from edm_lightning.defense.checkpoints import load_classifier_net
 from edm_lightning.defense.defended import FixedRouter, Router
-from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
+from edm_lightning.errors import ConfigError
 
 __all__ = [
     "ROUTERS",
@@ -158,32 +160,26 @@ def load_hash_net(
     hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None
 ) -> tuple[nn.Module, Tensor | None]:
     """The frozen net of a ``ClassifierModule`` checkpoint trained with ``configs/hashnet.yaml``, and its
-    balancing logit offsets (``None`` if the checkpoint was saved without :class:`HashBalanceCallback`)."""
-    from edm_lightning.models.classifier import ClassifierModule
+    balancing logit offsets (``None`` if the checkpoint was saved without :class:`HashBalanceCallback`).
 
+    Raises:
+        ConfigError: no checkpoint named, not a readable classifier checkpoint, or inputs of another shape.
+        CheckpointNotFoundError: no file at ``hash_checkpoint``.
+    """
     if hash_checkpoint is None:
         raise ConfigError(
             "router 'neural' needs hash_checkpoint: train the hash network with "
             "`python main.py fit --config configs/hashnet.yaml` and pass runs/hashnet/checkpoints/best.ckpt"
         )
-    path = Path(hash_checkpoint)
-    if not path.is_file():
-        raise CheckpointNotFoundError(
-            f"Hash network checkpoint {str(path)!r} does not exist. Train it first: "
-            "python main.py fit --config configs/hashnet.yaml"
-        )
-    try:
-        module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"{str(path)!r} is not a hash network (ClassifierModule) checkpoint: {unreadable_file_reason(err)}") from None
-    have = tuple(module.hparams.input_shape)
+    net, hp, state = load_classifier_net(hash_checkpoint, "Hash network", "python main.py fit --config configs/hashnet.yaml")
+    have = tuple(hp["input_shape"])
     if input_shape is not None and have != tuple(input_shape):
         raise ConfigError(
-            f"hash network {str(path)!r} takes inputs of shape {have}, but the ensemble takes {tuple(input_shape)}"
+            f"hash network {str(hash_checkpoint)!r} takes inputs of shape {have}, but the ensemble takes {tuple(input_shape)}"
         )
-    balance = torch.load(path, map_location="cpu", weights_only=True).get(BALANCE_KEY)
+    balance = state.get(BALANCE_KEY)
     bias = None if balance is None else torch.tensor(balance["logit_bias"], dtype=torch.float32)
-    return module.net.eval(), bias
+    return net, bias
 
 
 def balance_logit_bias(logits: Tensor, max_iter: int = 200) -> Tensor:
@@ -228,9 +224,6 @@ class HashBalanceCallback(Callback):
         self._images: Tensor | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        from edm_lightning.data.datamodules import seeded_indices
-        from edm_lightning.data.images import load_images
-
         input_shape = tuple(pl_module.hparams.input_shape)
         if self._images is None:
             images, _ = load_images(self.dataset, self.root, train=True, input_shape=input_shape)

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from edm_lightning.defense.checkpoints import classifier_net, read_checkpoint
 from edm_lightning.defense.defended import DefendedModel, FixedRouter
 from edm_lightning.defense.postprocess import build_postprocessors, resolve_postprocessor
 from edm_lightning.defense.routing import build_router
-from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
+from edm_lightning.errors import ConfigError
+from edm_lightning.nets import build_net
 
 __all__ = ["VictimConfig", "load_defended"]
 
@@ -53,36 +53,21 @@ class VictimConfig:
 
 
 def load_defended(config: VictimConfig) -> DefendedModel:
-    """A DefendedModel in eval mode on CPU from ``config``; see :func:`_load_defended`.
-
-    Safe to call while LightningCLI instantiates a class (a DataModule that builds its victim in
-    ``__init__``): LightningCLI then holds that class's hyper-parameters in a context variable which
-    ``save_hyperparameters`` of any module loaded meanwhile would take instead of its own (Lightning 2.6).
-    """
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    token = _given_hyperparameters.set(None)
-    try:
-        return _load_defended(config)
-    finally:
-        _given_hyperparameters.reset(token)
-
-
-def _load_defended(config: VictimConfig) -> DefendedModel:
     """A DefendedModel in eval mode on CPU from ``config``; unreadable, foreign or inconsistent checkpoints fail clearly.
 
     A checkpoint whose hyper-parameters contain ``num_members`` is an EDM ensemble
     (:class:`~edm_lightning.models.EnsembleModule`), served behind ``config.router``; one with ``arch``
     only is a single target (:class:`~edm_lightning.models.ClassifierModule`), served by a fixed router.
+    The file is read once; the nets are rebuilt from its hyper-parameters and given its weights (no
+    LightningModule is built, so this is safe while LightningCLI instantiates the DataModule that calls it).
+
+    Raises:
+        CheckpointNotFoundError: no file at ``config.checkpoint``.
+        ConfigError: an unreadable, foreign or inconsistent checkpoint, or a router it cannot be served behind.
     """
     path = Path(config.checkpoint)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"Victim checkpoint {str(path)!r} does not exist. Train it first (python main.py fit --config ...).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint may come from anyone
-    except Exception as err:
-        raise ConfigError(f"Victim checkpoint {str(path)!r} is not a readable Lightning checkpoint: {unreadable_file_reason(err)}") from None
-    hparams = state.get("hyper_parameters", {})
+    state = read_checkpoint(path, "Victim")
+    hparams = state["hyper_parameters"]
     if "num_members" in hparams:
         model = _load_ensemble(path, state, config)
     elif "arch" in hparams:
@@ -94,23 +79,18 @@ def _load_defended(config: VictimConfig) -> DefendedModel:
 
 
 def _load_target(path: Path, state: dict, config: VictimConfig) -> DefendedModel:
-    from edm_lightning.models.classifier import ClassifierModule
-
     if config.router != "fixed" or config.member != 0:
         raise ConfigError(
             f"{str(path)!r} is a single-model checkpoint: router must be 'fixed' with member 0, "
             f"got router={config.router!r}, member={config.member}"
         )
     _check_weights(path, state, "net.", expected_members=None)
-    module = ClassifierModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    hp = module.hparams
-    model = DefendedModel([module.net], FixedRouter(1), hp.input_shape, hp.num_classes)
-    return model.eval()
+    hp = state["hyper_parameters"]
+    net = classifier_net(hp, _weights(state, "net."))
+    return DefendedModel([net], FixedRouter(1), tuple(hp["input_shape"]), int(hp["num_classes"])).eval()
 
 
 def _load_ensemble(path: Path, state: dict, config: VictimConfig) -> DefendedModel:
-    from edm_lightning.models.ensemble import EnsembleModule
-
     hp = state["hyper_parameters"]
     num_members = int(hp["num_members"])
     if config.router == "fixed" and not 0 <= config.member < num_members:
@@ -121,15 +101,16 @@ def _load_ensemble(path: Path, state: dict, config: VictimConfig) -> DefendedMod
         hash_checkpoint=config.hash_checkpoint, input_shape=tuple(hp["input_shape"]),
     )
     _check_weights(path, state, "members.", expected_members=num_members)
-    module = EnsembleModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    model = DefendedModel(list(module.members), router, tuple(hp["input_shape"]), int(hp["num_classes"]))
-    return model.eval()
+    members = [classifier_net(hp, _weights(state, f"members.{index}.")) for index in range(num_members)]
+    return DefendedModel(members, router, tuple(hp["input_shape"]), int(hp["num_classes"])).eval()
+
+
+def _weights(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
 
 
 def _check_weights(path: Path, state: dict, prefix: str, expected_members: int | None) -> None:
     """The weights must have the shape the hyper-parameters describe; say both sides when they do not."""
-    from edm_lightning.nets import build_net
-
     hp = state["hyper_parameters"]
     weights = {k[len(prefix):]: v for k, v in state.get("state_dict", {}).items() if k.startswith(prefix)}
     if expected_members is not None:

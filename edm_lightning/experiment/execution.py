@@ -22,7 +22,6 @@ from typing import IO
 
 import torch
 
-from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import ClusterSpec
 from edm_lightning.experiment.plan import Plan, Stage
 from edm_lightning.experiment.stages import StageStore
@@ -43,15 +42,14 @@ def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1, execu
         plan: the stages, dependencies first.
         store: where results are kept.
         log: where the progress lines go.
-        workers: stages run at once, each in a process of its own (1: in this process, in plan order).
+        workers: stages run at once, each in a process of its own (1: in this process, in plan order);
+            :func:`~.validation.validate` has checked it is a positive integer.
         executor: ``local``, or ``slurm`` / ``submitit_local`` (submitit jobs, one array per level).
         cluster: the submitit jobs' resources.
 
     Raises:
         StageFailed: after every runnable stage ran, if any failed.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be a positive integer (stages run at once), got {workers!r}")
     tracker = _Tracker(plan, store, log)
     if executor != "local":
         _run_submitit(plan, store, tracker, executor, cluster or ClusterSpec(), workers)
@@ -195,7 +193,7 @@ class _Tracker:
         self.plan, self.log = plan, log
         self.results: dict[str, dict] = {}
         self.failed: dict[str, str] = {}
-        self.skipped: list[Stage] = []
+        self.skipped: set[str] = set()
         self.position = {stage.id: k for k, stage in enumerate(plan.stages, 1)}
         self.start = time.perf_counter()
         self.estimated = self.measured = 0.0  # of the stages run here, to rescale the estimates of the rest
@@ -212,7 +210,7 @@ class _Tracker:
         return stage.id not in self.results and all(need in self.results for need in stage.needs)
 
     def blocked(self, stage: Stage) -> bool:
-        return any(need in self.failed or need in {s.id for s in self.skipped} for need in stage.needs)
+        return any(need in self.failed or need in self.skipped for need in stage.needs)
 
     def started(self, stage: Stage) -> None:
         scale = self.measured / self.estimated if self.estimated > 0 else 1.0
@@ -234,7 +232,7 @@ class _Tracker:
         self._print(stage, f"done in {format_seconds(result['stage_wall_time_s'])}")
 
     def skip(self, stage: Stage) -> None:
-        self.skipped.append(stage)
+        self.skipped.add(stage.id)
         self.left -= stage.estimate_s
         self._print(stage, "skipped: a stage it needs failed")
 

@@ -179,14 +179,14 @@ class _Builder:
         what = " + ".join(f"{p['class_path']}({', '.join(f'{k}={v}' for k, v in p['init_args'].items() if k != 'misinformation_model')})"
                           for p in posts)
         label = f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router" + (f" + {what}" if what else "")
-        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        plain = _served_model(victim)
         return self.add(Stage("served", key, label, functools.partial(jobs.served_accuracy, self.config, victim=plain),
                               needs=(victim["trained"], *extra), estimate_s=2.0))
 
     def diagnose(self, victim: dict, surrogate: str | None) -> Stage:
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": surrogate,
                "ood_dataset": self.config.edm.ood_dataset, "test_size": self.config.test_size}
-        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        plain = _served_model(victim)
         return self.add(Stage(
             "diagnostics", key, f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router",
             functools.partial(jobs.diagnostics, self.config, victim=plain, surrogate=surrogate),
@@ -197,7 +197,7 @@ class _Builder:
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": attack.surrogate, "seed": seed,
                "query_copies": int(options["query_copies"]), "copy_noise": float(options.get("copy_noise", 0)),
                "copy_shift": int(options.get("copy_shift", 0)), "images": 1000}
-        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        plain = _served_model(victim)
         return self.add(Stage(
             "spread", key, f"{attack.title} copies behind the {victim['router']} router (seed {seed})",
             functools.partial(jobs.routing_spread, self.config, victim=plain, attack=attack, seed=seed),
@@ -237,7 +237,7 @@ class _Builder:
         setting = ", ".join(part for part in (weight is not None and f"lambda={weight:g}",
                                               strength is not None and f"strength={strength:g}") if part)
         label = f"{spec.title} vs {defense}{f' ({setting})' if setting else ''} ({budget:,} queries, seed {seed})"
-        plain = {k: v for k, v in victim.items() if k not in ("trained", "served")}
+        plain = _served_model(victim)
         info = {"attack": spec.title, "defense": defense, "diversity_weight": weight,
                 "strength_name": self.strength_names.get(defense), "strength": strength, "budget": budget, "seed": seed,
                 "served": victim["served"]}
@@ -247,6 +247,11 @@ class _Builder:
                                estimate_s=_attack_s(spec, budget)))
         self.runs.append((stage.id, info))
         return stage
+
+
+def _served_model(victim: dict) -> dict:
+    """What a job needs to build a planned victim (checkpoint, router, post-processors), without its stage ids."""
+    return {k: v for k, v in victim.items() if k not in ("trained", "served")}
 
 
 # Seconds per training image and epoch of a LeNet-5-sized model on the 2-core CPU the defaults were

@@ -57,13 +57,13 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
 
 def describe_plan(plan: Plan, store: StageStore) -> str:
     """One line per stage (done or to run, estimated time), and the estimated total of what is left."""
-    lines, left = [], 0.0
+    lines, left, finished = [], 0.0, 0
     for k, stage in enumerate(plan.stages, 1):
         done = store.cached(stage.kind, stage.key) is not None
         left += 0.0 if done else stage.estimate_s
+        finished += done
         state = "done" if done else f"~{format_seconds(stage.estimate_s)}"
         lines.append(f"[{k}/{len(plan.stages)}] {stage.kind} {stage.label}: {state}")
-    finished = sum(store.cached(stage.kind, stage.key) is not None for stage in plan.stages)
     lines.append(f"{len(plan.stages)} stages, {finished} already done; about {format_seconds(left)} of work left "
                  f"(estimates for a 2-core CPU) in {plan.root}")
     return "\n".join(lines)
