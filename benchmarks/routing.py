@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from edm_lightning.data import load_images  # noqa: E402
-from edm_lightning.defense import build_router  # noqa: E402
+from edm_lightning.routing import build_router  # noqa: E402
 
 
 def main(

@@ -1,6 +1,6 @@
 """Serving cost of EDM: throughput of the defended model (N = 5, each router) over one undefended member.
 
-Every model answers the same stream of batches of 256 random images through ``DefendedModel`` (input
+Every model answers the same stream of batches of 256 random images through ``Victim`` (input
 validation, routing, per-member dispatch, softmax); the undefended model is one member behind a fixed
 router. Figures are printed, never asserted: timings depend on the machine.
 
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from edm_lightning.defense import DefendedModel, FixedRouter, KeyedHashRouter, NeuralHashRouter  # noqa: E402
-from edm_lightning.defense.routing import balance_logit_bias  # noqa: E402
+from edm_lightning.defense import Victim  # noqa: E402
+from edm_lightning.routing import FixedRouter, KeyedHashRouter, NeuralHashRouter  # noqa: E402
+from edm_lightning.routing import balance_logit_bias  # noqa: E402
 from edm_lightning.nets import build_net  # noqa: E402
 
 SETTINGS = (("lenet5", (1, 28, 28)), ("resnet18", (3, 32, 32)))
@@ -58,7 +59,7 @@ def main(batches: int = 8, batch_size: int = 256, repeats: int = 3, num_members:
             print(f"{arch:9s} {'x'.join(map(str, shape)):8s} {name:28s} {rate:10.0f} img/s  ratio {base / seconds:.2f}x")
 
 
-def served_models(arch, shape, num_members, stream, device, hash_archs) -> dict[str, DefendedModel]:
+def served_models(arch, shape, num_members, stream, device, hash_archs) -> dict[str, Victim]:
     members = [build_net(arch, shape, 10).to(device).eval() for _ in range(num_members)]
     routers = {
         "undefended": (members[:1], FixedRouter(1)),
@@ -70,10 +71,10 @@ def served_models(arch, shape, num_members, stream, device, hash_archs) -> dict[
         with torch.no_grad():
             bias = balance_logit_bias(torch.cat([hash_net(x) for x in stream]).cpu()).to(device)
         routers[f"neural, {hash_arch} hash (N={num_members})"] = (members, NeuralHashRouter(hash_net, num_members, bias).to(device))
-    return {name: DefendedModel(m, r, shape, 10).eval() for name, (m, r) in routers.items()}
+    return {name: Victim(m, r, shape, 10).eval() for name, (m, r) in routers.items()}
 
 
-def time_stream(model: DefendedModel, stream: list[torch.Tensor]) -> float:
+def time_stream(model: Victim, stream: list[torch.Tensor]) -> float:
     model(stream[0])  # warm-up (allocator, cuDNN autotuning)
     sync(stream[0].device)
     start = time.perf_counter()

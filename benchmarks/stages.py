@@ -8,7 +8,7 @@ For each training kind (target, hash network, EDM ensemble, clone) one epoch run
 plain loop over the same uint8 tensors, model, batch size and optimiser (Adam); the ratio is the share of
 a bare loop's throughput the project keeps (1.0: no overhead). The first epoch of each is a warm-up and is
 not timed. Then queries per second of buying a transfer set (KnockoffNets through the oracle) and of
-serving (``DefendedModel``), for the undefended target and EDM behind both routers. Everything is measured
+serving (``Victim``), for the undefended target and EDM behind both routers. Everything is measured
 with 1 thread and with the machine's default thread count, in this one run; the untrained models here
 are timed, never evaluated (their answers are not results). Figures are printed, never asserted.
 """
@@ -31,8 +31,9 @@ from edm_lightning.attacks.knockoff import build_transfer_set  # noqa: E402
 from edm_lightning.attacks.oracle import BlackBoxOracle  # noqa: E402
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, load_images  # noqa: E402
 from edm_lightning.data.images import BatchTensorDataset, batch_loader  # noqa: E402
-from edm_lightning.defense.defended import DefendedModel, FixedRouter  # noqa: E402
-from edm_lightning.defense.routing import KeyedHashRouter, NeuralHashRouter  # noqa: E402
+from edm_lightning.defense import Victim  # noqa: E402
+from edm_lightning.routing import FixedRouter  # noqa: E402
+from edm_lightning.routing import KeyedHashRouter, NeuralHashRouter  # noqa: E402
 from edm_lightning.losses import diversity_loss  # noqa: E402
 from edm_lightning.models import ClassifierModule, CloneModule, EnsembleModule, OptimConfig  # noqa: E402
 from edm_lightning.models.clone import clone_loss  # noqa: E402
@@ -185,9 +186,9 @@ def _query_rates(arch: str, hash_arch: str, members: int, data: ClassificationDa
     nets = [build_net(arch, shape, classes, data.mean, data.std).eval() for _ in range(members)]
     hash_net = build_net(hash_arch, shape, 10).eval()
     served = {
-        "undefended": DefendedModel(nets[:1], FixedRouter(1), shape, classes),
-        "EDM, neural router": DefendedModel(nets, NeuralHashRouter(hash_net, members), shape, classes),
-        "EDM, keyed router": DefendedModel(nets, KeyedHashRouter(members, "benchmark-only-key"), shape, classes),
+        "undefended": Victim(nets[:1], FixedRouter(1), shape, classes),
+        "EDM, neural router": Victim(nets, NeuralHashRouter(hash_net, members), shape, classes),
+        "EDM, keyed router": Victim(nets, KeyedHashRouter(members, "benchmark-only-key"), shape, classes),
     }
     print(f"{'served model':<22}{'buying q/s':>12}{'serving q/s (batch 256)':>26}")
     for name, model in served.items():

@@ -14,6 +14,7 @@ from torchvision import models
 from torchvision.transforms import v2
 
 from edm_lightning.errors import ConfigError
+from edm_lightning.registry import Registry
 
 __all__ = ["ARCHITECTURES", "LeNet5", "build_net", "cifar_resnet18", "cifar_vgg16_bn", "small_cnn"]
 
@@ -69,6 +70,11 @@ def cifar_vgg16_bn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return net
 
 
+#: Architectures by config name: ``(input_shape, num_classes) -> nn.Module`` returning logits.
+ARCHITECTURES: Registry[Callable[[tuple[int, int, int], int], nn.Module]] = Registry("architecture")
+
+
+@ARCHITECTURES.register("lenet5")
 def _lenet5(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     channels, height, width = input_shape
     if height != width or height < 12:
@@ -76,12 +82,19 @@ def _lenet5(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     return LeNet5(channels, num_classes, height)
 
 
-ARCHITECTURES: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
-    "lenet5": _lenet5,
-    "small_cnn": lambda shape, classes: small_cnn(shape[0], classes),
-    "resnet18": lambda shape, classes: cifar_resnet18(shape[0], classes),
-    "vgg16_bn": lambda shape, classes: cifar_vgg16_bn(shape[0], classes),
-}
+@ARCHITECTURES.register("small_cnn")
+def _small_cnn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    return small_cnn(input_shape[0], num_classes)
+
+
+@ARCHITECTURES.register("resnet18")
+def _resnet18(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    return cifar_resnet18(input_shape[0], num_classes)
+
+
+@ARCHITECTURES.register("vgg16_bn")
+def _vgg16_bn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    return cifar_vgg16_bn(input_shape[0], num_classes)
 
 
 def build_net(
@@ -91,9 +104,12 @@ def build_net(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> nn.Sequential:
-    """``Normalize(mean, std)`` followed by architecture ``arch``; unknown names list the known ones."""
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"Unknown architecture {arch!r}. Known: {', '.join(sorted(ARCHITECTURES))}.")
+    """``Normalize(mean, std)`` followed by architecture ``arch``: images in [0, 1] in, logits out.
+
+    Raises:
+        ConfigError: an unknown ``arch`` (the known ones listed), or a shape or statistics it cannot take.
+    """
+    build = ARCHITECTURES.get(arch)
     if len(input_shape) != 3:
         raise ConfigError(f"input_shape must be (channels, height, width), got {input_shape}")
     channels = input_shape[0]
@@ -101,4 +117,4 @@ def build_net(
     std = tuple(std) if std is not None else (0.5,) * channels
     if len(mean) != channels or len(std) != channels:
         raise ConfigError(f"mean/std need one value per channel ({channels}), got mean={mean}, std={std}")
-    return nn.Sequential(v2.Normalize(list(mean), list(std)), ARCHITECTURES[arch](tuple(input_shape), num_classes))
+    return nn.Sequential(v2.Normalize(list(mean), list(std)), build(tuple(input_shape), num_classes))

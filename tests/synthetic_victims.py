@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from edm_lightning.defense import DefendedModel, FixedRouter
+from edm_lightning.defense import Victim
+from edm_lightning.routing import FixedRouter
 
 SHAPE = (1, 28, 28)  # FashionMNIST's shape, so the registry's spec for "fashionmnist" fits the fakes
 CLASSES = 10
@@ -18,7 +19,7 @@ EVAL_SIZE = 300  # the fake victim test split; its victim labels are computed di
 class CountingVictim(nn.Module):
     """A victim that records every row it answers: the ground truth the oracle's count is checked against."""
 
-    def __init__(self, victim: DefendedModel, fail_after_calls: int | None = None):
+    def __init__(self, victim: Victim, fail_after_calls: int | None = None):
         super().__init__()
         self.victim = victim
         self.input_shape, self.num_classes = victim.input_shape, victim.num_classes
@@ -41,7 +42,7 @@ def prototypes(seed: int = 0) -> Tensor:
     return nn.functional.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False)
 
 
-def linear_victim(seed: int = 0) -> DefendedModel:
+def linear_victim(seed: int = 0) -> Victim:
     """A fixed linear classifier scoring each class by its prototype (a nearest-prototype rule)."""
     protos = prototypes(seed).flatten(1)
     net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, CLASSES))
@@ -49,7 +50,7 @@ def linear_victim(seed: int = 0) -> DefendedModel:
         centred = protos - protos.mean(dim=0)
         net[1].weight.copy_(centred * 20)
         net[1].bias.zero_()
-    return DefendedModel([net], FixedRouter(1), SHAPE, CLASSES).eval()
+    return Victim([net], FixedRouter(1), SHAPE, CLASSES).eval()
 
 
 def synthetic_images(n: int, seed: int, mix: bool = False) -> tuple[Tensor, Tensor]:
@@ -81,7 +82,7 @@ def fake_data(monkeypatch):
         n, seed, mix = sizes[(name, train)]
         return synthetic_images(n, seed, mix)
 
-    monkeypatch.setattr("edm_lightning.attacks.base.load_images", load_images)
+    monkeypatch.setattr("edm_lightning.attacks.datamodule.load_images", load_images)
     return sizes
 
 

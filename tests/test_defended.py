@@ -1,9 +1,10 @@
-"""DefendedModel: the routed member's softmax out, bad queries refused, checkpoints loaded or refused clearly."""
+"""Victim: the routed member's softmax out, bad queries refused, checkpoints loaded or refused clearly."""
 
 import pytest
 import torch
 
-from edm_lightning.defense import DefendedModel, FixedRouter, KeyedHashRouter, VictimConfig
+from edm_lightning.defense import Victim, VictimConfig
+from edm_lightning.routing import FixedRouter, KeyedHashRouter
 from edm_lightning.models import ClassifierModule, EnsembleModule
 from edm_lightning.nets import build_net
 
@@ -12,7 +13,7 @@ from edm_lightning.nets import build_net
 def defended():
     torch.manual_seed(0)
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    return DefendedModel(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10)
+    return Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10)
 
 
 def test_output_equals_the_chosen_members_softmax(defended):
@@ -156,6 +157,6 @@ def test_a_member_with_non_finite_answers_is_refused_by_name():
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(2)]
     with torch.no_grad():
         members[1][1].classifier[-1].bias.fill_(float("nan"))
-    model = DefendedModel(members, FixedRouter(2, member=1), (1, 28, 28), 10)
+    model = Victim(members, FixedRouter(2, member=1), (1, 28, 28), 10)
     with pytest.raises(RuntimeError, match="member 1 produced non-finite answers for 4 of its 4 queries"):
         model(torch.rand(4, 1, 28, 28))

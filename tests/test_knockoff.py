@@ -189,10 +189,11 @@ def test_averaging_over_a_keyed_hash_recovers_the_members_mean():
     """Why the attack matters: a byte hash sends each noisy copy to a random member, so the mean answer
     tends to the ensemble's average; one plain query sees one member."""
     from edm_lightning.attacks.knockoff import noisy_copies
-    from edm_lightning.defense import DefendedModel, KeyedHashRouter
+    from edm_lightning.defense import Victim
+    from edm_lightning.routing import KeyedHashRouter
 
     members = [linear_victim(seed).members[0] for seed in (0, 1, 2)]
-    ensemble = DefendedModel(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval()
+    ensemble = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval()
     x = torch.rand(20, 1, 28, 28)
     with torch.no_grad():
         mean_of_members = torch.stack([m(x).softmax(-1) for m in members]).mean(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edm_lightning.defense.postprocess import (
+from edm_lightning.defense.postprocessors import (
     AdaptiveMisinformation,
     PredictionPoisoning,
     ReverseSigmoid,
@@ -176,7 +176,7 @@ def test_mad_works_inside_inference_mode_as_lightning_evaluates():
     assert (out - random_probs(4)).abs().sum(dim=-1).max() == pytest.approx(0.5, abs=1e-5)
 
 
-def test_mad_fresh_surrogate_is_seeded():
+def test_mad_fresh_proxy_is_seeded():
     a = PredictionPoisoning(0.5, None, num_classes=10, input_shape=(1, 28, 28), seed=3)
     b = PredictionPoisoning(0.5, None, num_classes=10, input_shape=(1, 28, 28), seed=3)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
@@ -215,7 +215,7 @@ def test_misinformation_loss_is_minus_log_of_the_wrong_classes_mass():
         (lambda: PredictionPoisoning(-0.1, tiny_net()), r"epsilon .* must be in \[0, 2\]"),
         (lambda: PredictionPoisoning(1.5, tiny_net(), norm="l2"), r"must be in \[0, 1.414\]"),
         (lambda: PredictionPoisoning(0.1, tiny_net(), norm="linf"), "norm must be 'l1' or 'l2'"),
-        (lambda: PredictionPoisoning(0.1, None), "fresh surrogate .* needs num_classes"),
+        (lambda: PredictionPoisoning(0.1, None), "fresh proxy .* needs num_classes"),
         (lambda: PredictionPoisoning(0.1, tiny_net(classes=3), num_classes=K, input_shape=SHAPE), "predicts 3 classes"),
         (lambda: AdaptiveMisinformation(-0.1, 10.0, tiny_net()), r"tau .* must be in \[0, 1\], got -0.1"),
         (lambda: AdaptiveMisinformation(0.5, 0.0, tiny_net()), "nu .* must be > 0"),
@@ -265,8 +265,8 @@ def test_misinformation_config_trains_a_model_that_avoids_the_true_class(fake_ro
 
 SPECS = {
     "rs": {"class_path": "ReverseSigmoid", "init_args": {"beta": 0.8, "gamma": 1.0}},
-    "round": {"class_path": "edm_lightning.defense.postprocess.Rounding", "init_args": {"decimals": 1}},
-    "top1": {"class_path": "edm_lightning.defense.postprocess.TopLabel"},
+    "round": {"class_path": "edm_lightning.defense.postprocessors.Rounding", "init_args": {"decimals": 1}},
+    "top1": {"class_path": "edm_lightning.defense.postprocessors.TopLabel"},
 }
 
 

@@ -14,12 +14,13 @@ from edm_lightning.experiment.results import (
     write_csv,
     write_markdown,
 )
-from edm_lightning.experiment.stages import StageStore, config_key
+from edm_lightning.experiment.stages import StageStore
+from edm_lightning.files import digest
 
 
 def test_config_key_is_stable_and_order_independent():
-    assert config_key({"a": 1, "b": [1, 2]}) == config_key({"b": [1, 2], "a": 1})
-    assert config_key({"a": 1}) != config_key({"a": 2})
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    assert digest({"a": 1}) != digest({"a": 2})
 
 
 def test_a_finished_stage_is_not_run_again(tmp_path: Path):

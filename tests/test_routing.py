@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm_lightning.defense import FixedRouter, KeyedHashRouter, NeuralHashRouter, build_router
-from edm_lightning.defense.routing import balance_logit_bias, neural_hash_index, quantise
+from edm_lightning.routing import FixedRouter, KeyedHashRouter, NeuralHashRouter, build_router
+from edm_lightning.routing import balance_logit_bias, neural_hash_index, quantise
 from edm_lightning.models import ClassifierModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
 ROUTE_IN_CHILD = """
 import json, sys, torch
-from edm_lightning.defense import build_router
+from edm_lightning.routing import build_router
 x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
 routes = {kind: build_router(kind, 5, key="secret", hash_checkpoint=sys.argv[1], input_shape=(1, 28, 28))(x).tolist()
           for kind in ("keyed", "neural")}

@@ -7,8 +7,8 @@ import torch
 
 from edm_lightning.attacks.knockoff import TransferSet, build_transfer_set
 from edm_lightning.defense import VictimConfig
-from edm_lightning.defense.checkpoints import load_classifier_net
-from edm_lightning.defense.routing import load_hash_net
+from edm_lightning.checkpoints import load_classifier_net
+from edm_lightning.routing import load_hash_net
 from edm_lightning.errors import ConfigError
 
 

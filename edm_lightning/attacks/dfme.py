@@ -19,14 +19,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from edm_lightning.attacks.base import AttackDataModule, require_single_process, run_attack
+from edm_lightning.attacks.datamodule import AttackDataModule
+from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
-from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.optim import OptimConfig, build_optimizer
@@ -129,7 +131,7 @@ class DFMEModule(CloneModule):
             return [clone["optimizer"], generator], [clone["lr_scheduler"]["scheduler"]]
         return [clone, generator]
 
-    def report(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
         return {"attack": "dfme"}
 
     def _noise(self, size: int) -> Tensor:
@@ -255,8 +257,6 @@ def run_dfme(
     
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
-    import lightning as L
-
     L.seed_everything(seed, verbose=False)
     datamodule = DataFreeDataModule(victim, dataset=dataset, budget=budget, label_only=label_only,
                                     steps_per_epoch=steps_per_epoch, root=root, batch_size=batch_size,

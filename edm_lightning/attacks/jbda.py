@@ -19,13 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
-from edm_lightning.attacks.base import AttackDataModule, atomic_save, require_single_process, run_attack
+from edm_lightning.attacks.datamodule import AttackDataModule
+from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.data.images import BatchTensorDataset
-from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.defense import VictimConfig
+from edm_lightning.files import save_atomic
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.optim import OptimConfig
@@ -101,7 +104,7 @@ class JBDAModule(CloneModule):
         if round_ < hp.rounds:
             datamodule.augment(round_ + 1, self._siblings, tag=self._tag())
 
-    def report(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
         return {"attack": "jbda-tr" if self.hparams.targeted else "jbda", "rounds": self.history}
 
     def _siblings(self, x: Tensor, answers: Tensor, generator: torch.Generator) -> Tensor:
@@ -183,7 +186,7 @@ class JBDADataModule(AttackDataModule):
         while len(answers) < len(x):
             batch = x[len(answers): len(answers) + self.hparams.batch_size]
             answers = torch.cat([answers, self.oracle(batch)])
-            atomic_save({"x": x, "answers": answers}, path)
+            save_atomic({"x": x, "answers": answers}, path)
         if self.substitute_x is None:
             self.substitute_x, self.substitute_y = x, answers
         else:
@@ -191,7 +194,7 @@ class JBDADataModule(AttackDataModule):
             self.substitute_y = torch.cat([self.substitute_y, answers])
         return len(x)
 
-    def report(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
         return {"seed_size": self.hparams.seed_size, "train_size": 0 if self.substitute_x is None else len(self.substitute_x)}
 
     def _round_path(self, round_: int, tag: str) -> Path:
@@ -254,8 +257,6 @@ def run_jbda(
     
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
-    import lightning as L
-
     L.seed_everything(seed, verbose=False)
     datamodule = JBDADataModule(victim, dataset=dataset, seed_size=seed_size, budget=budget or seed_size * 2**rounds,
                                 label_only=label_only, root=root, batch_size=batch_size, test_size=test_size,

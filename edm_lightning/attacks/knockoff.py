@@ -33,14 +33,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from filelock import FileLock
 from torch import Tensor
 
-from edm_lightning.attacks.base import AttackDataModule, atomic_save, run_attack
+from edm_lightning.attacks.datamodule import AttackDataModule
+from edm_lightning.attacks.run import run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.data.images import BatchTensorDataset
-from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.defense import VictimConfig
+from edm_lightning.files import save_atomic
 from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.models.clone import CloneModule, clone_loss
 from edm_lightning.models.optim import OptimConfig
@@ -161,7 +164,7 @@ class KnockoffDataModule(AttackDataModule):
             x = images[self.transfer.indices].float().div_(255)
             self.train_set = BatchTensorDataset(x, self.transfer.answers)
 
-    def report(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
         hp = self.hparams
         items = len(self.transfer or ())
         return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
@@ -226,7 +229,7 @@ class TransferSet:
                            lost=self.lost)
 
     def save(self, path: Path) -> None:
-        atomic_save({"indices": self.indices, "answers": self.answers, "state": self.state, "lost": self.lost,
+        save_atomic({"indices": self.indices, "answers": self.answers, "state": self.state, "lost": self.lost,
                      "query_copies": self.query_copies, "copy_noise": self.copy_noise, "copy_shift": self.copy_shift}, path)
 
     @classmethod
@@ -344,7 +347,7 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
         count = min(per_call, items - done)
         chosen = sampler.draw(done, count)
         x = images[chosen].float().div_(255)
-        atomic_save({"items": done, "queries": count * query_copies}, pending)  # before the victim answers
+        save_atomic({"items": done, "queries": count * query_copies}, pending)  # before the victim answers
         spent = oracle.queries_spent
         try:
             if query_copies == 1 and copy_noise == 0 and copy_shift == 0:
@@ -425,8 +428,6 @@ def run_knockoff(
     
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
-    import lightning as L
-
     L.seed_everything(seed, verbose=False)
     datamodule = KnockoffDataModule(
         victim, dataset=dataset, surrogate=surrogate, strategy=strategy, budget=budget, label_only=label_only,

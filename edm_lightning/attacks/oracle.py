@@ -10,14 +10,37 @@ answers are detached copies, and the oracle itself is not an ``nn.Module``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from edm_lightning.errors import ConfigError
 
-__all__ = ["BlackBoxOracle", "QueryBudgetExceeded"]
+__all__ = ["BlackBoxOracle", "QueryBudgetExceeded", "Servable", "check_budget_covers_batch"]
+
+
+class Servable(Protocol):
+    """What the oracle needs of a victim (:class:`~edm_lightning.defense.Victim` is one): a callable
+    from images ``(N, *input_shape)`` in [0, 1] to probabilities ``(N, num_classes)`` that validates its inputs."""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def check_budget_covers_batch(budget: int, batch_size: int, where: str = "") -> None:
+    """Refuse a budget smaller than one query batch: the attack could not make a single query.
+
+    Raises:
+        ConfigError: ``budget < batch_size`` (the message names ``where`` and both remedies).
+    """
+    if budget < batch_size:
+        raise ConfigError(
+            f"{where}budget={budget} is smaller than one query batch (batch_size={batch_size}): the attack could not "
+            "make a single query. Raise the budget or lower batch_size."
+        )
 
 
 class QueryBudgetExceeded(RuntimeError):
@@ -35,7 +58,7 @@ class BlackBoxOracle:
     """A victim behind a prediction API that counts queries (one query = one input row).
 
     Args:
-        victim: the served model (a :class:`~edm_lightning.defense.DefendedModel`); it must expose
+        victim: the served model (a :class:`~edm_lightning.defense.Victim`, or any :class:`Servable`); it must expose
             ``input_shape`` and ``num_classes`` and validate its inputs.
         budget: most queries ever answered (``None``: unlimited, for evaluation harnesses only).
         label_only: answer with the top-1 label only, as a one-hot float vector. One-hot (not an index)
@@ -45,10 +68,10 @@ class BlackBoxOracle:
             against ``budget``.
     """
 
-    def __init__(self, victim: nn.Module, budget: int | None, label_only: bool = False, spent: int = 0):
+    def __init__(self, victim: Servable, budget: int | None, label_only: bool = False, spent: int = 0):
         for attribute in ("input_shape", "num_classes"):
             if not hasattr(victim, attribute):
-                raise TypeError(f"the victim must expose {attribute!r} (a DefendedModel does); got {type(victim).__name__}")
+                raise TypeError(f"the victim must expose {attribute!r} (a Victim does); got {type(victim).__name__}")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
             raise ConfigError(f"budget must be a positive whole number of queries (or None for unlimited), got {budget!r}")
         if isinstance(spent, bool) or not isinstance(spent, int) or spent < 0 or (budget is not None and spent > budget):

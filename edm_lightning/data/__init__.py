@@ -4,7 +4,7 @@ from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModu
 from edm_lightning.data.edm import EDMDataModule
 from edm_lightning.data.fetch import FetchError, fetch
 from edm_lightning.data.images import ImageTensorDataset, convert_images, load_images
-from edm_lightning.data.registry import DATASETS, DatasetNotFoundError, DatasetSpec, get_spec, open_dataset
+from edm_lightning.data.datasets import DATASETS, DatasetNotFoundError, DatasetSpec, get_spec, open_dataset
 
 __all__ = [
     "DATASETS",

@@ -7,7 +7,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from edm_lightning.data.fetch import FetchError, fetch
-from edm_lightning.data.registry import DATASETS
+from edm_lightning.data.datasets import DATASETS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.subcommand == "list":
-        for spec in DATASETS.values():
+        for _, spec in DATASETS.items():
             offline = f"  offline: {spec.offline_source}" if spec.offline_source else ""
             print(f"{spec.name:15s} {'x'.join(map(str, spec.input_shape)):8s} {spec.num_classes:4d} classes{offline}")
         return 0

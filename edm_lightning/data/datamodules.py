@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from edm_lightning.data.images import ImageTensorDataset, batch_loader, load_images
-from edm_lightning.data.registry import DatasetSpec, get_spec
+from edm_lightning.data.datasets import DatasetSpec, get_spec
 from edm_lightning.errors import ConfigError
 
 __all__ = ["ClassificationDataModule", "LinkedSpec", "OODDataModule", "seeded_indices"]

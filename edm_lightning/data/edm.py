@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from edm_lightning.data.datamodules import ClassificationDataModule, LinkedSpec, OODDataModule
-from edm_lightning.data.registry import get_spec
+from edm_lightning.data.datasets import get_spec
 from edm_lightning.errors import ConfigError
 
 __all__ = ["EDMDataModule"]

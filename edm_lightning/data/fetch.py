@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edm_lightning.data.registry import DatasetNotFoundError, get_spec, open_dataset
+from edm_lightning.data.datasets import DatasetNotFoundError, get_spec, open_dataset
 from edm_lightning.errors import ConfigError, UserError
 
 __all__ = ["FetchError", "fetch"]

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from edm_lightning.data.registry import open_dataset
+from edm_lightning.data.datasets import open_dataset
 from edm_lightning.errors import ConfigError
 
-__all__ = ["BatchTensorDataset", "ImageTensorDataset", "batch_loader", "convert_images", "load_images"]
+__all__ = ["BatchTensorDataset", "ImageTensorDataset", "batch_loader", "check_convertible", "convert_images", "load_images"]
 
 
 class ImageTensorDataset(Dataset):
@@ -120,10 +120,7 @@ def convert_images(images: Tensor, input_shape: tuple[int, int, int], chunk: int
     have = images.shape[1]
     if have == channels and tuple(images.shape[2:]) == (height, width):
         return images
-    if have != channels and {have, channels} != {1, 3}:
-        raise ConfigError(
-            f"Cannot convert {have}-channel images to {channels} channels; only 1 <-> 3 is supported."
-        )
+    check_convertible(have, channels, f"{have}-channel images")
     out = []
     for part in images.split(chunk):
         if have == 1 and channels == 3:
@@ -134,6 +131,22 @@ def convert_images(images: Tensor, input_shape: tuple[int, int, int], chunk: int
             part = TF.resize(part, [height, width], antialias=True)
         out.append(part.contiguous())
     return torch.cat(out)
+
+
+def check_convertible(have: int, want: int, what: str) -> None:
+    """Refuse a channel change :func:`convert_images` cannot make (only 1 <-> 3 exists).
+
+    Args:
+        have: channels of the images.
+        want: channels wanted.
+        what: the images, for the message ("surrogate 'cifar100'").
+
+    Raises:
+        ConfigError: ``have != want`` and the pair is not {1, 3}.
+    """
+    if have != want and {have, want} != {1, 3}:
+        raise ConfigError(f"{what} have {have} channel(s); {want} are needed and only 1 <-> 3 channel conversion "
+                          f"exists. Choose images with {want} channel(s).")
 
 
 def _materialise(dataset: Dataset) -> tuple[Tensor, Tensor]:

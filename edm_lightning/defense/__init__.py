@@ -1,31 +1,29 @@
-"""What a defender serves: routing over ensemble members, output post-processors, the DefendedModel."""
+"""What a defender serves: the victim (members behind a router), its loader, and the output post-processors."""
 
-from edm_lightning.defense.defended import DefendedModel, FixedRouter, Router, validate_inputs
-from edm_lightning.defense.postprocess import (
+from edm_lightning.defense.loader import VictimConfig, load_victim
+from edm_lightning.defense.postprocessors import (
+    POSTPROCESSORS,
     AdaptiveMisinformation,
+    Postprocessor,
     PredictionPoisoning,
     ReverseSigmoid,
     Rounding,
     TopLabel,
     build_postprocessors,
 )
-from edm_lightning.defense.routing import KeyedHashRouter, NeuralHashRouter, build_router
-from edm_lightning.defense.victim import VictimConfig, load_defended
+from edm_lightning.defense.victim import Victim, validate_inputs
 
 __all__ = [
+    "POSTPROCESSORS",
     "AdaptiveMisinformation",
-    "DefendedModel",
-    "FixedRouter",
-    "KeyedHashRouter",
-    "NeuralHashRouter",
+    "Postprocessor",
     "PredictionPoisoning",
     "ReverseSigmoid",
     "Rounding",
-    "Router",
     "TopLabel",
+    "Victim",
     "VictimConfig",
     "build_postprocessors",
-    "build_router",
-    "load_defended",
+    "load_victim",
     "validate_inputs",
 ]

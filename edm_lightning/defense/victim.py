@@ -1,138 +1,118 @@
-"""Building the served model from checkpoints: the one way attacks and evaluations get a victim."""
+"""The victim: the model an oracle serves, members behind a router, then post-processors.
+
+An undefended target is the same thing with one member and a fixed router, so every attack and
+every measurement treats both alike; "defended" only ever means "behind a defense".
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Sequence
 
-from edm_lightning.defense.checkpoints import classifier_net, read_checkpoint
-from edm_lightning.defense.defended import DefendedModel, FixedRouter
-from edm_lightning.defense.postprocess import build_postprocessors, resolve_postprocessor
-from edm_lightning.defense.routing import build_router
-from edm_lightning.errors import ConfigError
-from edm_lightning.nets import build_net
+import torch
+from torch import Tensor, nn
 
-__all__ = ["VictimConfig", "load_defended"]
+from edm_lightning.defense.postprocessors.base import Postprocessor
+from edm_lightning.routing import Router, answer_routed
+
+__all__ = ["Victim", "validate_inputs"]
 
 
-@dataclass
-class VictimConfig:
-    """The model an oracle serves, as configs name it.
+class Victim(nn.Module):
+    """Members + router (+ post-processors): images in [0, 1] in, probability vectors out.
+
+    Each member runs only on the inputs routed to it, so a batch costs about one member plus the
+    router, not N members. Post-processors (output-perturbation defenses) are applied in order,
+    each as ``probs = p(x, probs)``. Queries are validated first (shape, floating point, finite, in range,
+    real data), then cast to the members' dtype; a large call is answered ``chunk_size`` rows at a time, so
+    its memory does not grow with the call. A member or post-processor that produces a non-finite answer
+    is refused by name: a broken model must not serve NaN probabilities.
 
     Args:
-        checkpoint: a target (``ClassifierModule``) or EDM ensemble checkpoint.
-        router: how an ensemble picks the answering member: ``fixed`` (always ``member``), ``neural``
-            (the paper's hash network) or ``keyed`` (keyed hash of the quantised input).
-        hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
-        key: secret key of the ``keyed`` router.
-        member: the member that answers under ``router: fixed``.
-        postprocessors: output-perturbation defenses applied to every answer, in this order, each as
-            ``{class_path: ReverseSigmoid, init_args: {beta: 0.3}}`` (a name from
-            :mod:`edm_lightning.defense.postprocess` or a dotted path). The served model's
-            ``num_classes`` and ``input_shape`` are passed to those that take them. So "EDM + Adaptive
-            Misinformation" is this list on an ensemble checkpoint; the undefended target + the same
-            list is the defense alone.
-    """
-
-    checkpoint: str
-    router: str = "fixed"
-    hash_checkpoint: str | None = None
-    key: str = "edm-lightning"
-    member: int = 0
-    postprocessors: list[dict[str, Any]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.postprocessors, (list, tuple)):
-            raise ConfigError(f"postprocessors must be a list of {{class_path, init_args}} mappings, got {self.postprocessors!r}")
-        for position, spec in enumerate(self.postprocessors):
-            resolve_postprocessor(spec, position)  # a misspelt class fails here, before any checkpoint is read
-
-    def build(self) -> DefendedModel:
-        return load_defended(self)
-
-
-def load_defended(config: VictimConfig) -> DefendedModel:
-    """A DefendedModel in eval mode on CPU from ``config``; unreadable, foreign or inconsistent checkpoints fail clearly.
-
-    A checkpoint whose hyper-parameters contain ``num_members`` is an EDM ensemble
-    (:class:`~edm_lightning.models.EnsembleModule`), served behind ``config.router``; one with ``arch``
-    only is a single target (:class:`~edm_lightning.models.ClassifierModule`), served by a fixed router.
-    The file is read once; the nets are rebuilt from its hyper-parameters and given its weights (no
-    LightningModule is built, so this is safe while LightningCLI instantiates the DataModule that calls it).
+        members: classifiers returning logits, all with the same input shape and class count.
+        router: chooses the member that answers each input.
+        input_shape: (channels, height, width) every query must have.
+        num_classes: length of every answer.
+        postprocessors: optional output perturbations applied after routing.
+        input_range: closed interval every input value must lie in.
+        chunk_size: most rows answered at once.
 
     Raises:
-        CheckpointNotFoundError: no file at ``config.checkpoint``.
-        ConfigError: an unreadable, foreign or inconsistent checkpoint, or a router it cannot be served behind.
+        ValueError: a query batch the model must not answer (the message says what was expected).
+        RuntimeError: a member or post-processor produced non-finite values.
     """
-    path = Path(config.checkpoint)
-    state = read_checkpoint(path, "Victim")
-    hparams = state["hyper_parameters"]
-    if "num_members" in hparams:
-        model = _load_ensemble(path, state, config)
-    elif "arch" in hparams:
-        model = _load_target(path, state, config)
-    else:
-        raise ConfigError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hparams)})")
-    model.postprocessors.extend(build_postprocessors(config.postprocessors, model.num_classes, model.input_shape))
-    return model.eval()
+
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        router: Router,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        postprocessors: Sequence[Postprocessor] = (),
+        input_range: tuple[float, float] = (0.0, 1.0),
+        chunk_size: int = 4096,
+    ):
+        super().__init__()
+        if len(members) == 0:
+            raise ValueError("a Victim needs at least one member")
+        if router.num_members != len(members):
+            raise ValueError(f"router routes to {router.num_members} members but {len(members)} were given")
+        self.members = nn.ModuleList(members)
+        self.router = router
+        self.postprocessors = nn.ModuleList(postprocessors)
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.num_classes = int(num_classes)
+        self.input_range = (float(input_range[0]), float(input_range[1]))
+        self.chunk_size = int(chunk_size)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Probabilities ``(N, num_classes)`` for images ``x`` ``(N, C, H, W)`` in ``input_range``."""
+        validate_inputs(x, self.input_shape, self.input_range)
+        dtype = next((p.dtype for p in self.members.parameters()), torch.float32)
+        x = x.to(dtype)  # after validation: a float64 batch is checked as sent, then answered in the members' dtype
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.num_classes))
+        return torch.cat([self._answer(part) for part in x.split(self.chunk_size)])
+
+    def _answer(self, x: Tensor) -> Tensor:
+        probs = self.route_and_answer(x)
+        for post in self.postprocessors:
+            probs = post(x, probs)
+            if not torch.isfinite(probs).all():
+                raise RuntimeError(f"post-processor {type(post).__name__} produced non-finite answers; refusing to serve them")
+        return probs
+
+    def route_and_answer(self, x: Tensor) -> Tensor:
+        """Softmax of the routed member for each input (no validation, no post-processing)."""
+        return answer_routed(self.members, self.router(x), x, self.num_classes)
 
 
-def _load_target(path: Path, state: dict, config: VictimConfig) -> DefendedModel:
-    if config.router != "fixed" or config.member != 0:
-        raise ConfigError(
-            f"{str(path)!r} is a single-model checkpoint: router must be 'fixed' with member 0, "
-            f"got router={config.router!r}, member={config.member}"
-        )
-    _check_weights(path, state, "net.", expected_members=None)
-    hp = state["hyper_parameters"]
-    net = classifier_net(hp, _weights(state, "net."))
-    return DefendedModel([net], FixedRouter(1), tuple(hp["input_shape"]), int(hp["num_classes"])).eval()
+def validate_inputs(x: Tensor, input_shape: tuple[int, int, int], input_range: tuple[float, float]) -> None:
+    """Refuse, with a message saying what was expected, any batch a deployed model should not answer.
 
-
-def _load_ensemble(path: Path, state: dict, config: VictimConfig) -> DefendedModel:
-    hp = state["hyper_parameters"]
-    num_members = int(hp["num_members"])
-    if config.router == "fixed" and not 0 <= config.member < num_members:
-        raise ConfigError(f"member must be in [0, {num_members}) for the {num_members}-member ensemble {str(path)!r}, got {config.member}")
-    # Build the router first: a missing or mismatched hash network fails before the members load.
-    router = build_router(
-        config.router, num_members, member=config.member, key=config.key,
-        hash_checkpoint=config.hash_checkpoint, input_shape=tuple(hp["input_shape"]),
-    )
-    _check_weights(path, state, "members.", expected_members=num_members)
-    members = [classifier_net(hp, _weights(state, f"members.{index}.")) for index in range(num_members)]
-    return DefendedModel(members, router, tuple(hp["input_shape"]), int(hp["num_classes"])).eval()
-
-
-def _weights(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
-
-
-def _check_weights(path: Path, state: dict, prefix: str, expected_members: int | None) -> None:
-    """The weights must have the shape the hyper-parameters describe; say both sides when they do not."""
-    hp = state["hyper_parameters"]
-    weights = {k[len(prefix):]: v for k, v in state.get("state_dict", {}).items() if k.startswith(prefix)}
-    if expected_members is not None:
-        found = sorted({int(k.split(".", 1)[0]) for k in weights})
-        if len(found) != expected_members:
-            raise ConfigError(
-                f"{str(path)!r} is inconsistent: its hyper-parameters say num_members={expected_members}, "
-                f"its weights hold {len(found)} members"
-            )
-        weights = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("0.")}
-    try:
-        reference = build_net(hp["arch"], tuple(hp["input_shape"]), int(hp["num_classes"]), hp.get("mean"), hp.get("std"))
-    except ValueError as err:
-        raise ConfigError(f"{str(path)!r} has unusable hyper-parameters: {err}") from None
-    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != found:
-        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-        first = differ[0]
-        raise ConfigError(
-            f"{str(path)!r} is inconsistent: its hyper-parameters describe arch={hp['arch']!r}, "
-            f"num_classes={hp['num_classes']}, input_shape={tuple(hp['input_shape'])} "
-            f"({first}: {expected.get(first, 'absent')}), but its weights have {first}: {found.get(first, 'absent')} "
-            f"({len(differ)} tensor(s) differ)"
+    Raises:
+        ValueError: ``x`` is not a tensor, lives on the meta device, has another shape than
+            ``(N, *input_shape)``, is not floating point, or holds non-finite or out-of-range values.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"queries must be a torch.Tensor of shape (N, {', '.join(map(str, input_shape))}), got "
+                         f"{type(x).__name__}; convert with torch.as_tensor(x, dtype=torch.float32)")
+    if x.device.type == "meta":
+        raise ValueError("queries must hold data: got a tensor on the meta device")
+    if x.ndim != 4:
+        raise ValueError(f"queries must be a batch of shape (N, {', '.join(map(str, input_shape))}), got rank {x.ndim} {tuple(x.shape)}")
+    if x.shape[1] != input_shape[0]:
+        raise ValueError(f"queries must have {input_shape[0]} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"queries must have shape (N, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"queries must be floating point images in [{input_range[0]}, {input_range[1]}], got dtype {x.dtype}")
+    if x.numel() == 0:
+        return
+    if not torch.isfinite(x).all():
+        raise ValueError("queries contain NaN or Inf values")
+    low, high = x.min().item(), x.max().item()
+    if low < input_range[0] or high > input_range[1]:
+        raise ValueError(  # full precision: 1.0000001 must not read as 1
+            f"query values must lie in [{input_range[0]!r}, {input_range[1]!r}] (images as floats), got [{low!r}, {high!r}]"
         )

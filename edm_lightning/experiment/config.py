@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edm_lightning.defense.postprocess import AdaptiveMisinformation, resolve_postprocessor
+from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve_postprocessor
 from edm_lightning.models import OptimConfig
 
 __all__ = [

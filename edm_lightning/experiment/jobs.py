@@ -8,7 +8,7 @@ caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -20,12 +20,13 @@ from edm_lightning.attacks.knockoff import noisy_copies
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, get_spec
 from edm_lightning.data.images import convert_images, load_images
 from edm_lightning.defense import VictimConfig
-from edm_lightning.defense.routing import HashBalanceCallback
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import AttackSpec, ExperimentConfig, TrainSpec
 from edm_lightning.losses import coherence
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
+from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
+from edm_lightning.registry import Registry
 from edm_lightning.tracking import finish_wandb_run
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
@@ -85,7 +86,7 @@ def train_misinformation(config: ExperimentConfig, folder: Path, seed: int) -> d
 
 
 def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dict:
-    """The defender's accuracy as served (router and post-processors on), on the test set, through DefendedModel."""
+    """The defender's accuracy as served (router and post-processors on), on the test set, through the Victim."""
     model = victim_config(config, victim).build()
     images, labels = load_images(config.dataset, config.root, train=False)
     images, labels = images[: config.test_size], labels[: config.test_size]
@@ -161,12 +162,33 @@ def attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, victim: dic
 
 
 def _run_attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
-    if spec.name == "knockoff":
-        return run_knockoff(target, surrogate=spec.surrogate, max_epochs=spec.epochs, cache_dir=str(transfer_dir(config)),
-                            **common, **spec.options)
-    if spec.name in ("jbda", "jbda_tr"):
-        return run_jbda(target, targeted=spec.name == "jbda_tr", epochs_per_round=spec.epochs,
-                        cache_dir=str(folder / "cache"), **common, **spec.options)
+    return ATTACK_RUNNERS.get(spec.name)(config, folder, spec, target, common)
+
+
+#: How the runner calls each attack of ``AttackSpec.name``: ``(config, folder, spec, victim, common) -> result``.
+ATTACK_RUNNERS: Registry[Callable[..., dict]] = Registry("attack")
+
+
+@ATTACK_RUNNERS.register("knockoff")
+def _knockoff(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
+    return run_knockoff(target, surrogate=spec.surrogate, max_epochs=spec.epochs, cache_dir=str(transfer_dir(config)),
+                        **common, **spec.options)
+
+
+@ATTACK_RUNNERS.register("jbda")
+def _jbda(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
+    return run_jbda(target, targeted=False, epochs_per_round=spec.epochs, cache_dir=str(folder / "cache"),
+                    **common, **spec.options)
+
+
+@ATTACK_RUNNERS.register("jbda_tr")
+def _jbda_tr(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
+    return run_jbda(target, targeted=True, epochs_per_round=spec.epochs, cache_dir=str(folder / "cache"),
+                    **common, **spec.options)
+
+
+@ATTACK_RUNNERS.register("dfme")
+def _dfme(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
     return run_dfme(target, max_epochs=spec.epochs, cache_dir=str(folder / "cache"), **common, **spec.options)
 
 

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from edm_lightning.experiment import results as tables
 from edm_lightning.experiment.config import ExperimentConfig, curve_attacks
-from edm_lightning.experiment.stages import config_key
+from edm_lightning.files import digest
 from edm_lightning.progress import stage_log
 from edm_lightning.tracking import finish_wandb_run
 
@@ -44,7 +44,7 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
         f"Dataset {config.dataset}; target {config.target.arch}; EDM N={config.edm.num_members}, lambda={main_weight:g}, "
         f"OOD set {config.edm.ood_dataset}, routers {', '.join(config.edm.routers)}; seeds {config.seeds}; mean ± std over seeds.",
         f"Each attack at its largest budget. All stages took {compute / 60:.1f} min when they ran; this invocation "
-        f"took {wall_time / 60:.1f} min (cached stages cost nothing). Configuration key {config_key(config)}.",
+        f"took {wall_time / 60:.1f} min (cached stages cost nothing). Configuration key {digest(config)}.",
     ]
     edm_stats = [v for (defense, w, _, _), v in victims.items() if defense == f"edm-{config.edm.routers[0]}" and w == main_weight]
     if edm_stats and "id/coherence" in edm_stats[0]:

@@ -33,7 +33,7 @@ from edm_lightning.experiment.config import (
     needs_misinformation,
     postprocessor_specs,
 )
-from edm_lightning.experiment.stages import config_key
+from edm_lightning.files import digest
 
 __all__ = ["Plan", "Stage", "build_plan"]
 
@@ -61,7 +61,7 @@ class Stage:
 
     @property
     def id(self) -> str:
-        return f"{self.kind}-{config_key(self.key)}"
+        return f"{self.kind}-{digest(self.key)}"
 
 
 @dataclass

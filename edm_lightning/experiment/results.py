@@ -17,7 +17,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Iterable, Sequence
 
-from edm_lightning.experiment.stages import write_atomic
+from edm_lightning.files import write_atomic
 
 __all__ = ["METRICS", "ResultRow", "best_within", "plot_budget_curve", "plot_coherence", "plot_routing_shares",
            "plot_tradeoff", "setting", "summarise", "write_csv", "write_markdown"]

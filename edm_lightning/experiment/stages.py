@@ -7,23 +7,16 @@ code inside resumes from its own query cache instead of spending queries twice).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from filelock import FileLock
 
-__all__ = ["StageStore", "config_key", "write_atomic"]
+from edm_lightning.files import digest, to_plain, write_atomic
 
-
-def config_key(config: Any) -> str:
-    """A stable 12-hex-digit key of a JSON-able (or dataclass) configuration."""
-    canonical = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+__all__ = ["StageStore"]
 
 
 class StageStore:
@@ -37,7 +30,7 @@ class StageStore:
         self.root = Path(root)
 
     def folder(self, kind: str, config: Any) -> Path:
-        return self.root / f"{kind}-{config_key(config)}"
+        return self.root / f"{kind}-{digest(config)}"
 
     def cached(self, kind: str, config: Any) -> dict | None:
         """The stage's result if it finished in an earlier run, else ``None``."""
@@ -63,29 +56,9 @@ class StageStore:
             result = self.cached(kind, config)  # another runner may have finished it while we waited
             if result is not None:
                 return result, False
-            (folder / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
+            (folder / "config.json").write_text(json.dumps(to_plain(config), indent=2, sort_keys=True))
             start = time.perf_counter()
             result = fn(folder)
             result = {**result, "stage_wall_time_s": round(time.perf_counter() - start, 1)}
             write_atomic(folder / "result.json", json.dumps(result, indent=2, sort_keys=True))
             return result, True
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``path`` through a temporary file and a rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
-
-
-def _plain(config: Any) -> Any:
-    if is_dataclass(config):
-        return _plain(asdict(config))
-    if isinstance(config, dict):
-        return {str(k): _plain(v) for k, v in config.items()}
-    if isinstance(config, (list, tuple)):
-        return [_plain(v) for v in config]
-    if isinstance(config, Path):
-        return str(config)
-    return config

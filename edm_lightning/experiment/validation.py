@@ -14,8 +14,10 @@ import warnings
 
 import torch
 
+from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.data import get_spec
-from edm_lightning.defense.postprocess import build_postprocessor
+from edm_lightning.data.images import check_convertible
+from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import ExperimentConfig, postprocessor_specs
 
@@ -52,15 +54,10 @@ def validate(config: ExperimentConfig, log=None) -> None:
         if not attack.budgets or any(b <= 0 for b in attack.budgets):
             raise ConfigError(f"attack {attack.name}: budgets must be positive integers, got {attack.budgets}")
         batch = int(attack.options.get("batch_size", 256 if attack.name == "dfme" else 128))
-        if min(attack.budgets) < batch:
-            raise ConfigError(
-                f"attack {attack.name}: budget {min(attack.budgets)} is smaller than one query batch ({batch}); "
-                "raise the budget or lower options.batch_size"
-            )
+        check_budget_covers_batch(min(attack.budgets), batch, where=f"attack {attack.name} (options.batch_size): ")
         if attack.name == "knockoff":
-            surrogate = get_spec(attack.surrogate)
-            if surrogate.input_shape[0] != spec.input_shape[0] and {surrogate.input_shape[0], spec.input_shape[0]} != {1, 3}:
-                raise ConfigError(f"surrogate {attack.surrogate!r} cannot be converted to {spec.input_shape}")
+            check_convertible(get_spec(attack.surrogate).input_shape[0], spec.input_shape[0],
+                              f"attack knockoff: surrogate {attack.surrogate!r} images")
             if attack.surrogate == config.edm.ood_dataset:
                 message = (
                     f"WARNING: the attacker's surrogate set ({attack.surrogate!r}) is the defender's OOD set: EDM was "

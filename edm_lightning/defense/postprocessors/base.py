@@ -1,0 +1,152 @@
+"""What every output-perturbation defense is, and how configs name and build them.
+
+A post-processor changes a served model's answers, never its weights. Each is a :class:`Postprocessor`
+called as ``probs = post(x, probs)`` by :class:`~edm_lightning.defense.Victim` after routing, so the
+same defense applies to an undefended target and to an EDM ensemble, and several compose in a
+configured order (:class:`~edm_lightning.defense.VictimConfig` ``postprocessors``). Every one
+
+* checks its strength parameter at construction (:class:`~edm_lightning.errors.ConfigError` naming the
+  expected range), and
+* returns valid probability vectors: non-negative rows that sum to 1 (within float rounding).
+
+The defenses, one file each (as ART's ``defences/postprocessor/``), register themselves in
+:data:`POSTPROCESSORS`: :class:`TopLabel`, :class:`Rounding` (Tramer et al. 2016),
+:class:`ReverseSigmoid` (Lee et al. 2019), :class:`PredictionPoisoning` (MAD, Orekondy et al. 2020),
+:class:`AdaptiveMisinformation` (Kariyappa and Qureshi 2020).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from edm_lightning.checkpoints import load_classifier_net
+from edm_lightning.errors import ConfigError
+from edm_lightning.registry import Registry
+
+__all__ = [
+    "POSTPROCESSORS",
+    "Postprocessor",
+    "build_postprocessor",
+    "build_postprocessors",
+    "check_classes",
+    "frozen_classifier",
+    "resolve_postprocessor",
+]
+
+#: Post-processor classes by config name (the class name).
+POSTPROCESSORS: Registry[type["Postprocessor"]] = Registry("post-processor")
+
+
+class Postprocessor(nn.Module):
+    """An output-perturbation defense: ``forward(x, probs) -> probs'``.
+
+    Contract of :meth:`forward`:
+
+    * ``x``: the queries as served, ``(N, C, H, W)`` floats in [0, 1], already validated;
+    * ``probs``: the answers so far, ``(N, K)``, non-negative rows summing to 1;
+    * returns ``(N, K)`` probability rows of ``probs``' dtype and device, each row depending only on its
+      own query and answer (never on the rest of the batch), with ``N = 0`` answered by an empty batch.
+
+    Constructors take their strength parameters and, where they need them, ``num_classes`` and
+    ``input_shape``, which the victim loader fills in from the served model.
+    """
+
+    def forward(self, x: Tensor, probs: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def build_postprocessors(
+    specs: Sequence[dict[str, Any]], num_classes: int, input_shape: tuple[int, int, int]
+) -> list[Postprocessor]:
+    """The post-processors ``specs`` describe, in order (see :func:`build_postprocessor`)."""
+    return [build_postprocessor(spec, num_classes, input_shape, position=i) for i, spec in enumerate(specs)]
+
+
+def build_postprocessor(
+    spec: dict[str, Any], num_classes: int, input_shape: tuple[int, int, int], position: int = 0
+) -> Postprocessor:
+    """One post-processor from ``{"class_path": ..., "init_args": {...}}``, as LightningCLI configs write classes.
+
+    ``class_path`` is a name of :data:`POSTPROCESSORS` (``ReverseSigmoid``) or a dotted path to a
+    :class:`Postprocessor` subclass. The served model's ``num_classes`` and ``input_shape``
+    are passed to classes that take them, as LightningCLI links data to model: a config never types
+    them, and a value that disagrees with the served model is refused.
+    """
+    cls, init_args = resolve_postprocessor(spec, position)
+    signature = inspect.signature(cls)
+    where = f"postprocessors[{position}] ({cls.__name__})"
+    for key, value in (("num_classes", int(num_classes)), ("input_shape", tuple(input_shape))):
+        if key not in signature.parameters:
+            continue
+        given = init_args.get(key)
+        if given is not None and (tuple(given) if key == "input_shape" else int(given)) != value:
+            raise ConfigError(f"{where}: {key}={given!r} but the served model has {key}={value!r}; leave it out")
+        init_args[key] = value
+    try:
+        signature.bind(**init_args)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}. Its arguments: {', '.join(signature.parameters)}") from None
+    return cls(**init_args)
+
+
+def resolve_postprocessor(spec: Any, position: int = 0) -> tuple[type[Postprocessor], dict[str, Any]]:
+    """The class and a copy of the init args a spec names; a malformed spec fails with what was expected."""
+    where = f"postprocessors[{position}]"
+    if not isinstance(spec, dict) or "class_path" not in spec or not set(spec) <= {"class_path", "init_args"}:
+        raise ConfigError(
+            f"{where} must be a mapping with class_path (one of {', '.join(POSTPROCESSORS)} or a dotted path) "
+            f"and optional init_args, got {spec!r}"
+        )
+    path, init_args = str(spec["class_path"]), spec.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise ConfigError(f"{where}: init_args must be a mapping of argument names to values, got {init_args!r}")
+    cls = POSTPROCESSORS.get(path) if path in POSTPROCESSORS else None
+    if cls is None and "." in path:
+        module_name, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError):
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, Postprocessor)):
+        raise ConfigError(
+            f"{where}: unknown post-processor {path!r}. Known: {', '.join(POSTPROCESSORS)} "
+            "(or a dotted path to a Postprocessor subclass)."
+        )
+    return cls, dict(init_args)
+
+
+def frozen_classifier(model: nn.Module | str | Path, what: str, num_classes: int | None,
+                input_shape: tuple[int, int, int] | None) -> nn.Module:
+    """A frozen classifier from a module or checkpoint path; a class count other than the served model's fails now.
+
+    Raises:
+        ConfigError: not a module or a readable single-classifier checkpoint, or another input shape or class count.
+    """
+    if isinstance(model, (str, Path)):
+        net, hp, _ = load_classifier_net(model, what)
+        have_classes, have_shape = int(hp["num_classes"]), tuple(hp["input_shape"])
+        if input_shape is not None and have_shape != tuple(input_shape):
+            raise ConfigError(f"{what} {str(model)!r} takes inputs {have_shape}, the served model {tuple(input_shape)}")
+    elif isinstance(model, nn.Module):
+        net = model.eval().requires_grad_(False)
+        have_classes = None
+        if input_shape is not None:
+            with torch.no_grad():
+                have_classes = int(net(torch.zeros(1, *input_shape)).shape[-1])
+    else:
+        raise ConfigError(f"{what} must be an nn.Module or a checkpoint path, got {type(model).__name__}")
+    if num_classes is not None and have_classes is not None:
+        check_classes(have_classes, int(num_classes), what, error=ConfigError)
+    return net
+
+
+def check_classes(have: int, want: int, what: str, error: type[Exception] = ValueError) -> None:
+    if have != want:
+        raise error(f"{what} predicts {have} classes but the served model {want}: train it on the victim's task")
