@@ -67,7 +67,7 @@ def _launch_rank() -> int:
 def finish_wandb_run() -> None:
     """End the current W&B run, if any, so the next job in this process starts a new one."""
     if "wandb" in sys.modules:
-        import wandb
+        import wandb  # already imported by whoever started a run; importing it here otherwise costs seconds
 
         if wandb.run is not None:
             wandb.finish()

@@ -1,7 +1,6 @@
-"""Shared fixtures: tiny synthetic datasets in torchvision's on-disk layout, and the real-data root.
+"""Shared fixtures: tiny synthetic datasets and victims, the real-data root, checkpoints.
 
-Synthetic data lives only here (and in ``tests/synthetic_victims.py``), for unit tests; integration tests use real datasets fetched by the
-project's own fetch command (offline sources where there is no internet).
+The helpers behind them live in ``tests/helpers``; test modules import helpers from there, never from here.
 """
 
 from __future__ import annotations
@@ -12,31 +11,12 @@ from pathlib import Path
 # Tests never talk to a W&B server; the W&B tests opt into offline mode themselves.
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import lightning
-import numpy as np
-import pytest
-import torch
+import lightning  # noqa: E402
+import pytest  # noqa: E402
 
-from edm_lightning.data.fetch import _write_idx, fetch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-pytest_plugins = ["tests.synthetic_victims"]  # tiny victims and datasets for the attack tests
-
-
-def write_fake_mnist_like(root: Path, folder: str, n_train: int = 240, n_test: int = 60, classes: int = 10, seed: int = 0) -> Path:
-    """An MNIST-layout dataset whose class is a bright bar at a class-dependent row: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, classes, size=n)
-        images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):
-            row = 2 + int(label) * 24 // classes
-            images[i, row : row + 2, 4:24] = 255
-        _write_idx(raw, prefix, images, labels)
-    return root
+from edm_lightning.data.fetch import fetch  # noqa: E402
+from tests.helpers.files import REPO_ROOT, save_checkpoint, write_fake_mnist_like  # noqa: E402
+from tests.helpers.victims import EVAL_SIZE, CountingVictim, linear_victim, synthetic_images  # noqa: E402
 
 
 @pytest.fixture
@@ -61,44 +41,28 @@ def real_data_root() -> Path:
     return root
 
 
-def localise_config(config: str | Path, tmp_path: Path, data_root: Path) -> Path:
-    """A copy of a committed config whose outputs go under ``tmp_path`` and data comes from ``data_root``.
-
-    Every string value starting with ``runs/`` is moved under ``tmp_path``; every ``root: data`` points
-    at ``data_root``. Tests run the real configs, only writing where pytest cleans up.
-    """
-    import yaml
-
-    def rewrite(node):
-        if isinstance(node, dict):
-            return {k: (str(data_root) if k == "root" and v == "data" else rewrite(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [rewrite(v) for v in node]
-        if isinstance(node, str) and node.startswith("runs/"):
-            return str(tmp_path / node)
-        return node
-
-    with open(REPO_ROOT / config) as f:
-        data = rewrite(yaml.safe_load(f))
-    out = tmp_path / Path(config).name
-    with open(out, "w") as f:
-        yaml.safe_dump(data, f)
-    return out
-
-def save_checkpoint(module: lightning.LightningModule, path: Path, **hparam_overrides) -> Path:
-    """A checkpoint in Lightning's format (what ModelCheckpoint writes minus optimiser state)."""
-    hparams = dict(module.hparams)
-    hparams.update(hparam_overrides)
-    torch.save(
-        {"state_dict": module.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": lightning.__version__},
-        path,
-    )
-    return path
-
-
 @pytest.fixture
 def checkpoint_factory(tmp_path):
     def make(module: lightning.LightningModule, name: str = "model.ckpt", **hparam_overrides) -> str:
         return str(save_checkpoint(module, tmp_path / name, **hparam_overrides))
 
     return make
+
+
+@pytest.fixture
+def victim() -> CountingVictim:
+    return CountingVictim(linear_victim())
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """Serve synthetic images for every dataset name the attacks load (victim test/train, surrogate)."""
+    sizes = {("fashionmnist", True): (600, 1, False), ("fashionmnist", False): (EVAL_SIZE, 2, False),
+             ("mnist", True): (800, 3, True), ("mnist", False): (100, 4, True)}
+
+    def load_images(name, root, train, input_shape=None):
+        n, seed, mix = sizes[(name, train)]
+        return synthetic_images(n, seed, mix)
+
+    monkeypatch.setattr("edm_lightning.attacks.datamodule.load_images", load_images)
+    return sizes

@@ -16,7 +16,7 @@ def test_every_attack_config_builds_its_attacker_and_victim_side(config, tmp_pat
     import yaml
 
     from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
-    from tests.conftest import REPO_ROOT, localise_config, save_checkpoint
+    from tests.helpers.files import REPO_ROOT, localise_config, save_checkpoint
 
     local = localise_config(config, tmp_path, REPO_ROOT / "data")
     victim = yaml.safe_load(local.read_text())["data"]["init_args"]["victim"]

@@ -5,10 +5,7 @@ from pathlib import Path
 import pytest
 
 from edm_lightning.cli import main
-from tests.conftest import localise_config
-
-QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+from tests.helpers.files import QUICK, localise_config
 
 
 def test_fit_then_test_from_checkpoint(fake_root: Path, tmp_path: Path):

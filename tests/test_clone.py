@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from edm_lightning.models import CloneModule, OptimConfig
 from edm_lightning.models.clone import clone_loss
-from tests.synthetic_victims import linear_victim, synthetic_images
+from tests.helpers.victims import linear_victim, synthetic_images
 
 
 def test_soft_loss_equals_cross_entropy_for_one_hot_and_rewards_matching():

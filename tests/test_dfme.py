@@ -6,7 +6,7 @@ import torch
 from edm_lightning.attacks import BlackBoxOracle, run_dfme
 from edm_lightning.attacks.dfme import Generator, to_images, victim_logits, zeroth_order_gradient
 from edm_lightning.nets import build_net
-from tests.synthetic_victims import EVAL_SIZE, linear_victim
+from tests.helpers.victims import EVAL_SIZE, linear_victim
 
 
 def test_zeroth_order_estimate_follows_the_true_gradient_and_costs_m_plus_one_per_input():

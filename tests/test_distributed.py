@@ -13,8 +13,8 @@ import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from edm_lightning.cli import main
-from tests.conftest import REPO_ROOT, localise_config
-from tests.test_cli import QUICK
+from tests.helpers.files import REPO_ROOT, localise_config
+from tests.helpers.files import QUICK
 
 _LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK")
 
@@ -41,7 +41,7 @@ def validate_on_one_and_two_processes(common: list[str], ckpt: Path, out: Path) 
     single process, DDP rank 0 and DDP rank 1."""
     single, double = out / "single", out / "ddp"
     for folder, extra in ((single, []), (double, ["--config", "configs/trainer/cpu_ddp2.yaml"])):
-        run_cli(["validate", *common, *extra, "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.helpers.DumpMetrics",
+        run_cli(["validate", *common, *extra, "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.helpers.callbacks.DumpMetrics",
                  f"--trainer.callbacks.dir={folder}"], clean_env())
     return read_metrics(single), read_metrics(double, 0), read_metrics(double, 1)
 
@@ -65,7 +65,7 @@ def test_ddp_fit_of_the_ensemble_routes_identically_on_every_rank(fake_root: Pat
     common = ["--config", str(config), "--data.init_args.val_size", "40", "--data.init_args.batch_size", "10",
               "--model.init_args.num_members", "3", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
     run_cli(["fit", *common, "--config", "configs/trainer/cpu_ddp2.yaml", "--trainer.max_epochs", "1",
-             "--trainer.limit_train_batches", "4", "--trainer.callbacks+=tests.helpers.RecordRouting",
+             "--trainer.limit_train_batches", "4", "--trainer.callbacks+=tests.helpers.callbacks.RecordRouting",
              f"--trainer.callbacks.dir={tmp_path / 'routing'}"], clean_env())
     rank0 = json.loads((tmp_path / "routing/routing-rank0.json").read_text())
     rank1 = json.loads((tmp_path / "routing/routing-rank1.json").read_text())
@@ -86,7 +86,7 @@ def test_ddp_knockoff_spends_its_budget_once(fake_root: Path, tmp_path: Path):
     run_cli(["fit", "--config", str(attack), "--config", "configs/trainer/cpu_ddp2.yaml", "--trainer.logger", "false",
              f"--data.init_args.victim.checkpoint={victim}", "--data.init_args.budget", "160",
              "--data.init_args.batch_size", "16", "--data.init_args.test_size", "40", "--trainer.max_epochs", "1",
-             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.helpers.DumpQueries",
+             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.helpers.callbacks.DumpQueries",
              f"--trainer.callbacks.dir={tmp_path / 'queries'}"], clean_env())
     ranks = [json.loads((tmp_path / f"queries/queries-rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["opened_oracle"] for r in ranks] == [True, False]  # only rank 0 ever held the victim's door open
@@ -159,7 +159,7 @@ def test_requeued_slurm_job_resumes_from_the_hpc_checkpoint(monkeypatch, fake_ro
     args = ["fit", "--config", str(config), "--data.init_args.val_size", "40", "--data.init_args.batch_size", "16",
             "--trainer.default_root_dir", str(root),
             "--trainer.logger", "false", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.helpers.DumpMetrics",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=tests.helpers.callbacks.DumpMetrics",
             f"--trainer.callbacks.dir={tmp_path / 'metrics'}"]
     first = main([*args, "--trainer.max_epochs", "1"])
     first.trainer.save_checkpoint(root / "hpc_ckpt_1.ckpt")  # what the SIGUSR1 handler writes before requeueing

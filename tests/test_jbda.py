@@ -5,7 +5,7 @@ import torch
 
 from edm_lightning.attacks import JBDADataModule, jacobian_augmentation, run_jbda
 from edm_lightning.nets import build_net
-from tests.synthetic_victims import EVAL_SIZE, linear_victim, untrained_agreement
+from tests.helpers.victims import EVAL_SIZE, linear_victim, untrained_agreement
 
 
 def jbda(victim, tmp_path, **overrides):

@@ -6,7 +6,7 @@ import torch
 from edm_lightning.attacks import BlackBoxOracle, KnockoffDataModule, build_transfer_set, run_knockoff
 from edm_lightning.attacks.knockoff import TransferSet
 from edm_lightning.defense import VictimConfig
-from tests.synthetic_victims import EVAL_SIZE, CountingVictim, linear_victim, untrained_agreement
+from tests.helpers.victims import EVAL_SIZE, CountingVictim, linear_victim, untrained_agreement
 
 
 def knockoff(victim, tmp_path, **overrides):

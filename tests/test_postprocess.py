@@ -248,7 +248,7 @@ def test_class_count_is_linked_from_the_served_model(checkpoint_factory):
 
 def test_misinformation_config_trains_a_model_that_avoids_the_true_class(fake_root, tmp_path):
     from edm_lightning.cli import main
-    from tests.conftest import localise_config
+    from tests.helpers.files import localise_config
 
     config = localise_config("configs/misinformation.yaml", tmp_path, fake_root)
     cli = main(["fit", "--config", str(config), "--data.init_args.batch_size", "16", "--data.init_args.val_size", "40",

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from edm_lightning.cli import main
-from tests.conftest import REPO_ROOT, localise_config
+from tests.helpers.files import REPO_ROOT, localise_config
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the sweeps package still uses pydantic v1 names

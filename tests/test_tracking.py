@@ -8,8 +8,8 @@ import yaml
 
 from edm_lightning import tracking
 from edm_lightning.cli import main
-from tests.conftest import localise_config
-from tests.test_cli import QUICK
+from tests.helpers.files import localise_config
+from tests.helpers.files import QUICK
 
 
 @pytest.fixture(autouse=True)

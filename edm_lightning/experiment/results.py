@@ -15,7 +15,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
 
 from edm_lightning.files import write_atomic
 
@@ -205,8 +208,6 @@ def plot_routing_shares(diagnostics: dict[str, Sequence[dict]], path: Path) -> b
     routers = [router for router, seeds in diagnostics.items() if seeds]
     if not routers:
         return False
-    import numpy as np
-
     fig, axes = _figure(ncols=len(routers), sharey=True)
     for ax, router in zip(np.atleast_1d(axes), routers, strict=True):
         seeds = diagnostics[router]
@@ -234,8 +235,6 @@ def plot_coherence(seeds: Sequence[dict], path: Path) -> bool:
     (summed over seeds): EDM wants the first near 1 (members agree) and the second near 0. False if empty."""
     if not seeds or "coherence_edges" not in seeds[0]:
         return False
-    import numpy as np
-
     edges = np.asarray(seeds[0]["coherence_edges"])
     fig, ax = _figure()
     for key, label in (("coherence_id", "in-distribution (test)"), ("coherence_ood", "out-of-distribution (held out)")):
@@ -262,20 +261,14 @@ def _pm(row: dict, metric: str, scale: float) -> str:
     return f"{'0.0' if mean_text == '-0.0' else mean_text} ± {row[f'{metric}_std'] * scale:.1f}"  # float noise below 0
 
 
-def _figure(ncols: int = 1, **kwargs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(1, ncols, figsize=(6 * ncols if ncols > 1 else 6, 4.2), dpi=120, **kwargs)
+def _figure(ncols: int = 1, **kwargs) -> tuple[Figure, Any]:
+    # matplotlib's object API, not pyplot: no global figure state, no GUI backend, safe in worker processes.
+    fig = Figure(figsize=(6 * ncols if ncols > 1 else 6, 4.2), dpi=120)
+    return fig, fig.subplots(1, ncols, **kwargs)
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def _save(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     write_atomic(path, buffer.getvalue())

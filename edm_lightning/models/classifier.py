@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from edm_lightning.models.optim import OptimConfig, build_optimizer
+from edm_lightning.models.base import NetModule
+from edm_lightning.models.optim import OptimConfig
 from edm_lightning.models.step_logs import log_training_step
-from edm_lightning.nets import build_net
 
 __all__ = ["ClassifierModule", "accuracy_metrics"]
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(NetModule):
     """A single classifier: the undefended victim, and the hash network of EDM's neural router.
 
     ``num_classes``, ``input_shape``, ``mean`` and ``std`` are linked from the DataModule by the CLI.
@@ -38,17 +37,12 @@ class ClassifierModule(L.LightningModule):
         std: tuple[float, ...] | None = None,
         optim: OptimConfig | None = None,
     ):
-        super().__init__()
+        super().__init__(arch, num_classes, input_shape, mean, std, optim)
         self.save_hyperparameters()
-        self.optim = optim or OptimConfig()
-        self.net = build_net(arch, input_shape, num_classes, mean, std)
         metrics = accuracy_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -67,22 +61,16 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self(batch[0]).softmax(dim=-1)
-
-    def configure_optimizers(self):
-        return build_optimizer(self.parameters(), self.optim, self.trainer.max_epochs)
-
     def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
         """The training loss (subclasses that learn another objective override it)."""
         return F.cross_entropy(logits, y)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, split: str) -> None:
         x, y = batch
         logits = self(x)
         metrics(logits, y)
-        self.log(f"{stage}/loss", self.criterion(logits, y), sync_dist=True)
-        self.log_dict(metrics, prog_bar=stage == "val")
+        self.log(f"{split}/loss", self.criterion(logits, y), sync_dist=True)
+        self.log_dict(metrics, prog_bar=split == "val")
 
 
 def accuracy_metrics(num_classes: int) -> MetricCollection:

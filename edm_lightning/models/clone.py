@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from edm_lightning.errors import ConfigError
-from edm_lightning.models.optim import OptimConfig, build_optimizer
+from edm_lightning.models.base import NetModule
+from edm_lightning.models.optim import OptimConfig
 from edm_lightning.models.step_logs import log_training_step
-from edm_lightning.nets import build_net
 
 __all__ = ["CloneModule", "clone_loss", "clone_metrics"]
 
 
-class CloneModule(L.LightningModule):
+class CloneModule(NetModule):
     """A clone trained on (input, victim answer) pairs, evaluated by accuracy and agreement.
 
     Training batches are ``(x, target)``: ``target`` is either the victim's probability vectors
@@ -48,16 +47,11 @@ class CloneModule(L.LightningModule):
         std: tuple[float, ...] | None = None,
         optim: OptimConfig | None = None,
     ):
-        super().__init__()
+        super().__init__(arch, num_classes, input_shape, mean, std, optim)
         self.save_hyperparameters()
-        self.optim = optim or OptimConfig()
-        self.net = build_net(arch, input_shape, num_classes, mean, std)
         metrics = clone_metrics(num_classes)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, target = batch
@@ -76,20 +70,13 @@ class CloneModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
-    def predict_step(self, batch, batch_idx: int) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(x).softmax(dim=-1)
-
-    def configure_optimizers(self):
-        return build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)
-
-    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], metrics: dict, stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], metrics: dict, split: str) -> None:
         x, label, victim_label = batch
         logits = self(x)
         metrics["acc"].update(logits, label)
         metrics["agreement"].update(logits, victim_label)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, label), sync_dist=True)
-        self.log_dict(metrics, prog_bar=stage == "val")
+        self.log(f"{split}/loss", F.cross_entropy(logits, label), sync_dist=True)
+        self.log_dict(metrics, prog_bar=split == "val")
 
 
 def clone_loss(logits: Tensor, target: Tensor) -> Tensor:

@@ -176,7 +176,7 @@ class EnsembleModule(L.LightningModule):
 
 
 class EnsembleMetrics(nn.Module):
-    """One stage's torchmetrics: routed and per-member accuracy, coherence in and out of distribution."""
+    """One evaluation split's torchmetrics (val or test): routed and per-member accuracy, coherence in and out of distribution."""
 
     def __init__(self, num_members: int, num_classes: int, prefix: str):
         super().__init__()

@@ -1,14 +1,15 @@
 """Tiny synthetic victims and datasets for the attack tests: seconds on CPU, no files needed.
 
-Loaded as a pytest plugin by conftest.py, so its fixtures serve every test module."""
+The ``victim`` and ``fake_data`` fixtures built from them are in ``tests/conftest.py``."""
 
 from __future__ import annotations
 
-import pytest
+import lightning as L
 import torch
 from torch import Tensor, nn
 
 from edm_lightning.defense import Victim
+from edm_lightning.models.clone import CloneModule
 from edm_lightning.routing import FixedRouter
 
 SHAPE = (1, 28, 28)  # FashionMNIST's shape, so the registry's spec for "fashionmnist" fits the fakes
@@ -67,31 +68,8 @@ def synthetic_images(n: int, seed: int, mix: bool = False) -> tuple[Tensor, Tens
     return (images * 255).round().to(torch.uint8), labels
 
 
-@pytest.fixture
-def victim() -> CountingVictim:
-    return CountingVictim(linear_victim())
-
-
-@pytest.fixture
-def fake_data(monkeypatch):
-    """Serve synthetic images for every dataset name the attacks load (victim test/train, surrogate)."""
-    sizes = {("fashionmnist", True): (600, 1, False), ("fashionmnist", False): (EVAL_SIZE, 2, False),
-             ("mnist", True): (800, 3, True), ("mnist", False): (100, 4, True)}
-
-    def load_images(name, root, train, input_shape=None):
-        n, seed, mix = sizes[(name, train)]
-        return synthetic_images(n, seed, mix)
-
-    monkeypatch.setattr("edm_lightning.attacks.datamodule.load_images", load_images)
-    return sizes
-
-
 def untrained_agreement(datamodule, arch: str = "lenet5", seed: int = 0) -> float:
     """Agreement of a clone that never saw an answer: the floor every attack must clear."""
-    import lightning as L
-
-    from edm_lightning.models.clone import CloneModule
-
     L.seed_everything(seed, verbose=False)
     module = CloneModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")

@@ -1,4 +1,4 @@
-"""Callbacks that tests add from the command line (``--trainer.callbacks+=tests.helpers.X``)."""
+"""Callbacks that tests add from the command line (``--trainer.callbacks+=tests.helpers.callbacks.X``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class DumpMetrics(L.Callback):
@@ -41,8 +42,6 @@ class RecordRouting(L.Callback):
         self.size = size
 
     def on_fit_end(self, trainer, pl_module):
-        import torch
-
         shape = tuple(pl_module.hparams.input_shape)
         x = torch.rand((self.size, *shape), generator=torch.Generator().manual_seed(0)).to(pl_module.device)
         self.dir.mkdir(parents=True, exist_ok=True)
