@@ -25,9 +25,13 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from edm_lightning.defense import Victim  # noqa: E402
-from edm_lightning.routing import FixedRouter, KeyedHashRouter, NeuralHashRouter  # noqa: E402
-from edm_lightning.routing import balance_logit_bias  # noqa: E402
 from edm_lightning.nets import build_net  # noqa: E402
+from edm_lightning.routing import (  # noqa: E402
+    FixedRouter,
+    KeyedHashRouter,
+    NeuralHashRouter,
+    balance_logit_bias,  # noqa: E402
+)
 
 SETTINGS = (("lenet5", (1, 28, 28)), ("resnet18", (3, 32, 32)))
 
@@ -70,7 +74,8 @@ def served_models(arch, shape, num_members, stream, device, hash_archs) -> dict[
         hash_net = build_net(hash_arch, shape, 10).to(device).eval()
         with torch.no_grad():
             bias = balance_logit_bias(torch.cat([hash_net(x) for x in stream]).cpu()).to(device)
-        routers[f"neural, {hash_arch} hash (N={num_members})"] = (members, NeuralHashRouter(hash_net, num_members, bias).to(device))
+        router = NeuralHashRouter(hash_net, num_members, bias).to(device)
+        routers[f"neural, {hash_arch} hash (N={num_members})"] = (members, router)
     return {name: Victim(m, r, shape, 10).eval() for name, (m, r) in routers.items()}
 
 

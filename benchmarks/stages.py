@@ -32,12 +32,15 @@ from edm_lightning.attacks.oracle import BlackBoxOracle  # noqa: E402
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, load_images  # noqa: E402
 from edm_lightning.data.images import BatchTensorDataset, batch_loader  # noqa: E402
 from edm_lightning.defense import Victim  # noqa: E402
-from edm_lightning.routing import FixedRouter  # noqa: E402
-from edm_lightning.routing import KeyedHashRouter, NeuralHashRouter  # noqa: E402
 from edm_lightning.losses import diversity_loss  # noqa: E402
 from edm_lightning.models import ClassifierModule, CloneModule, EnsembleModule, OptimConfig  # noqa: E402
 from edm_lightning.models.clone import clone_loss  # noqa: E402
 from edm_lightning.nets import build_net  # noqa: E402
+from edm_lightning.routing import (  # noqa: E402
+    FixedRouter,  # noqa: E402
+    KeyedHashRouter,
+    NeuralHashRouter,
+)
 
 
 def main(num_members: int = 5, arch: str = "lenet5", hash_arch: str = "small_cnn", dataset: str = "fashionmnist",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 from edm_lightning.errors import exit_if_user_error
 from edm_lightning.tracking import LogConfigCallback, finish_wandb_run, resolve_wandb_mode
@@ -18,10 +19,12 @@ class EDMLightningCLI(LightningCLI):
     model receives them by ``link_arguments``, so no config types them twice.
     """
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in ("num_classes", "input_shape", "mean", "std"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
+    @override
     def before_instantiate_classes(self) -> None:
         resolve_wandb_mode()  # before any WandbLogger exists: offline when there are no credentials
 

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 __all__ = [
     "DiversityLoss",
@@ -95,8 +96,10 @@ class DiversityLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
+    @override
     def forward(self, probs: Tensor) -> Tensor:
         return diversity_loss(probs, self.temperature)
 
+    @override
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

@@ -7,11 +7,12 @@ small (32x32) inputs, as is usual for CIFAR, rather than re-typed.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 from torchvision import models
 from torchvision.transforms import v2
+from typing_extensions import override
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.registry import Registry
@@ -34,6 +35,7 @@ class LeNet5(nn.Module):
             nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
         )
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
@@ -53,7 +55,7 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 
 
 def cifar_resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
-    """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 inputs."""
+    """Torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 inputs."""
     net = models.resnet18(num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
@@ -61,7 +63,7 @@ def cifar_resnet18(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
 
 
 def cifar_vgg16_bn(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
-    """torchvision's VGG-16-BN with a single 512 -> classes head, the usual CIFAR variant."""
+    """Torchvision's VGG-16-BN with a single 512 -> classes head, the usual CIFAR variant."""
     net = models.vgg16_bn(num_classes=num_classes)
     if in_channels != 3:
         net.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)

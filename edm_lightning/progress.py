@@ -14,11 +14,13 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import lightning as L
 from tqdm import tqdm
+from typing_extensions import override
 
 __all__ = ["EpochLines", "Progress", "console", "format_seconds", "interactive", "stage_log"]
 
@@ -78,7 +80,7 @@ class Progress:
         elif self.done != self._shown:
             self._line(time.perf_counter())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -101,9 +103,11 @@ class EpochLines(L.Callback):
         self.stream = stream
         self._start = 0.0
 
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return

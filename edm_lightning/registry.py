@@ -7,7 +7,8 @@ definition with ``@REGISTRY.register("name")``, so adding one never means editin
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from edm_lightning.errors import ConfigError
 

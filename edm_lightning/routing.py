@@ -16,11 +16,11 @@ training code: :class:`~edm_lightning.models.EnsembleModule` measures its routed
 from __future__ import annotations
 
 import hashlib
-
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from edm_lightning.checkpoints import load_classifier_net
 from edm_lightning.errors import ConfigError
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Router builders by config name: ``(num_members, member, key, hash_checkpoint, input_shape) -> Router``.
-ROUTERS: Registry[Callable[..., "Router"]] = Registry("router")
+ROUTERS: Registry[Callable[..., Router]] = Registry("router")
 BALANCE_KEY = "hash_balance"  # checkpoint entry written by models.hashnet.HashBalanceCallback
 
 
@@ -55,6 +55,7 @@ class Router(nn.Module):
 
     num_members: int
 
+    @override
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -73,6 +74,7 @@ class FixedRouter(Router):
         self.num_members = num_members
         self.member = member
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return torch.full((x.shape[0],), self.member, dtype=torch.long, device=x.device)
 
@@ -108,7 +110,8 @@ class NeuralHashRouter(Router):
     class 31%), which put 36% of them on one member (1.82x the fair share). The fix keeps the
     formula: ``p = softmax(H(x) + b)`` with per-class offsets ``b`` fitted (:func:`balance_logit_bias`)
     on the defender's own training images so that H's classes are used equally, stored in the hash
-    checkpoint by :class:`~edm_lightning.models.hashnet.HashBalanceCallback`. ``b`` is constant, so nearby inputs still share a member.
+    checkpoint by :class:`~edm_lightning.models.hashnet.HashBalanceCallback`. ``b`` is constant, so nearby
+    inputs still share a member.
 
     Args:
         hash_net: classifier taking the ensemble's inputs (images in [0, 1]) and returning logits.
@@ -136,11 +139,13 @@ class NeuralHashRouter(Router):
         self.num_bins = num_bins
         self.multiplier = multiplier
 
-    def train(self, mode: bool = True) -> "NeuralHashRouter":
+    @override
+    def train(self, mode: bool = True) -> NeuralHashRouter:
         super().train(mode)
         self.hash_net.eval()  # a hash must not change with the caller's mode (BatchNorm, dropout)
         return self
 
+    @override
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         probs = (self.hash_net(x).float() + self.logit_bias).softmax(dim=-1)
@@ -163,6 +168,7 @@ class KeyedHashRouter(Router):
         self.num_members = num_members
         self._key = key
 
+    @override
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         rows = quantise(x).reshape(x.shape[0], -1).cpu().numpy()
@@ -173,6 +179,7 @@ class KeyedHashRouter(Router):
         ]
         return torch.tensor(members, dtype=torch.long, device=x.device)
 
+    @override
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}"  # never print the key
 
@@ -231,7 +238,8 @@ def load_hash_net(
     hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None
 ) -> tuple[nn.Module, Tensor | None]:
     """The frozen net of a ``ClassifierModule`` checkpoint trained with ``configs/hashnet.yaml``, and its
-    balancing logit offsets (``None`` if the checkpoint was saved without :class:`~edm_lightning.models.hashnet.HashBalanceCallback`).
+    balancing logit offsets (``None`` if the checkpoint was saved without
+    :class:`~edm_lightning.models.hashnet.HashBalanceCallback`).
 
     Raises:
         ConfigError: no checkpoint named, not a readable classifier checkpoint, or inputs of another shape.

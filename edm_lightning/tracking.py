@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
+from typing_extensions import override
 
 __all__ = ["LogConfigCallback", "finish_wandb_run", "resolve_wandb_mode", "wandb_has_credentials"]
 
@@ -80,6 +81,7 @@ class LogConfigCallback(SaveConfigCallback):
         kwargs["overwrite"] = True
         super().__init__(*args, **kwargs)
 
+    @override
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         config = self.config.as_dict()
         for logger in trainer.loggers:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from edm_lightning.defense import Victim, VictimConfig
-from edm_lightning.routing import FixedRouter, KeyedHashRouter
 from edm_lightning.models import ClassifierModule, EnsembleModule
 from edm_lightning.nets import build_net
+from edm_lightning.routing import FixedRouter, KeyedHashRouter
 
 
 @pytest.fixture

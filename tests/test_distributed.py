@@ -13,8 +13,7 @@ import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from edm_lightning.cli import main
-from tests.helpers.files import REPO_ROOT, localise_config
-from tests.helpers.files import QUICK
+from tests.helpers.files import QUICK, REPO_ROOT, localise_config
 
 _LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK")
 
@@ -27,7 +26,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "main.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, "main.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -41,7 +41,8 @@ def validate_on_one_and_two_processes(common: list[str], ckpt: Path, out: Path) 
     single process, DDP rank 0 and DDP rank 1."""
     single, double = out / "single", out / "ddp"
     for folder, extra in ((single, []), (double, ["--config", "configs/trainer/cpu_ddp2.yaml"])):
-        run_cli(["validate", *common, *extra, "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.helpers.callbacks.DumpMetrics",
+        run_cli(["validate", *common, *extra, "--ckpt_path", str(ckpt),
+                 "--trainer.callbacks+=tests.helpers.callbacks.DumpMetrics",
                  f"--trainer.callbacks.dir={folder}"], clean_env())
     return read_metrics(single), read_metrics(double, 0), read_metrics(double, 1)
 

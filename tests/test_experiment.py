@@ -169,7 +169,7 @@ def test_defenses_are_served_attacked_and_reported_per_strength(fake_root: Path,
     spread = {json.loads((f / "config.json").read_text())["router"]: json.loads((f / "result.json").read_text())
               for f in runs.glob("spread-*")}
     assert set(spread) == {"neural", "keyed"}
-    for router, result in spread.items():
+    for result in spread.values():
         assert 1 <= result["distinct_members"] <= 2 and 0 <= result["share_on_plain_member"] <= 1  # N=2 members
         assert f"reach {result['distinct_members']:.2f} distinct members" in text
     for name in ("tradeoff.png", "tradeoff_knockoff-avg4.png"):

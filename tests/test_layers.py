@@ -96,7 +96,8 @@ def test_no_import_hides_in_a_function_except_commented_optional_dependencies():
                 continue
             if target.startswith("edm_lightning") or "#" not in source:
                 hidden.append(f"{path.relative_to(REPO_ROOT)}:{line}: {source.strip()}")
-    assert not hidden, "function-local imports (package modules, or third-party ones without a comment saying why):\n" + "\n".join(hidden)
+    why = "function-local imports (package modules, or third-party ones without a comment saying why):\n"
+    assert not hidden, why + "\n".join(hidden)
 
 
 def test_module_level_imports_form_no_cycle():
@@ -123,7 +124,7 @@ def test_every_module_imports_in_a_fresh_interpreter_most_dependent_first():
     """Importing the top of each chain first is the order in which a cycle breaks an import."""
     names = [name for name in modules() if not name.endswith("__main__")]
     names.sort(key=lambda name: (-layer_of(name) if "." in name else 0, name))
-    code = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % names
+    code = f"import importlib\nfor name in {names!r}:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

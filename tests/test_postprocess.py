@@ -83,7 +83,10 @@ def test_rounding_rounds_then_renormalises():
 def test_reverse_sigmoid_follows_lee_et_al_equations_3_and_4():
     y = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
     beta, gamma = 0.4, 2.0
-    sig = lambda z: 1 / (1 + math.exp(-z))
+
+    def sig(z):
+        return 1 / (1 + math.exp(-z))
+
     r = [beta * (sig(gamma * math.log(v / (1 - v))) - 0.5) for v in y[0].tolist()]
     unnormalised = [v - ri for v, ri in zip(y[0].tolist(), r)]
     expected = torch.tensor([[u / sum(unnormalised) for u in unnormalised]], dtype=torch.float64)
@@ -105,7 +108,8 @@ def explicit_jacobian(net: nn.Module, x: torch.Tensor, last_only: bool = True) -
     for p in params:
         p.requires_grad_(True)
     log_probs = net(x.unsqueeze(0)).log_softmax(dim=-1)[0]
-    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(log_probs[k], params, retain_graph=True)]) for k in range(len(log_probs))]
+    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(log_probs[k], params, retain_graph=True)])
+            for k in range(len(log_probs))]
     return torch.stack(rows).double()
 
 
@@ -219,7 +223,8 @@ def test_misinformation_loss_is_minus_log_of_the_wrong_classes_mass():
         (lambda: PredictionPoisoning(0.1, tiny_net(classes=3), num_classes=K, input_shape=SHAPE), "predicts 3 classes"),
         (lambda: AdaptiveMisinformation(-0.1, 10.0, tiny_net()), r"tau .* must be in \[0, 1\], got -0.1"),
         (lambda: AdaptiveMisinformation(0.5, 0.0, tiny_net()), "nu .* must be > 0"),
-        (lambda: AdaptiveMisinformation(0.5, 10.0, tiny_net(classes=7), num_classes=K, input_shape=SHAPE), "predicts 7 classes but the served model 5"),
+        (lambda: AdaptiveMisinformation(0.5, 10.0, tiny_net(classes=7), num_classes=K, input_shape=SHAPE),
+         "predicts 7 classes but the served model 5"),
     ],
 )
 def test_bad_parameters_fail_at_construction_with_the_expected_range(make, message):

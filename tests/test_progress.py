@@ -38,7 +38,7 @@ def test_stage_log_takes_lightning_records_and_warnings_then_gives_them_back(tmp
     handlers = logger.handlers[:]
     with stage_log(tmp_path / "stage.log"):
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False")
-        warnings.warn("a deprecation nobody asked to see", DeprecationWarning)
+        warnings.warn("a deprecation nobody asked to see", DeprecationWarning, stacklevel=1)
     text = (tmp_path / "stage.log").read_text()
     assert "GPU available: False" in text and "a deprecation nobody asked to see" in text
     assert "GPU available" not in capsys.readouterr().err

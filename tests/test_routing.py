@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm_lightning.routing import FixedRouter, KeyedHashRouter, NeuralHashRouter, build_router
-from edm_lightning.routing import balance_logit_bias, neural_hash_index, quantise
 from edm_lightning.models import ClassifierModule
+from edm_lightning.routing import (
+    FixedRouter,
+    KeyedHashRouter,
+    NeuralHashRouter,
+    balance_logit_bias,
+    build_router,
+    neural_hash_index,
+    quantise,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -90,7 +90,8 @@ def test_one_edm_proposal_runs_end_to_end_with_wandb_disabled(monkeypatch, fake_
     args = command_line(config, params)
     args[args.index("configs/edm.yaml")] = str(localise_config("configs/edm.yaml", tmp_path, fake_root))
     cli = main([*args, "--data.init_args.val_size", "40", "--data.init_args.batch_size", "16", "--trainer.max_epochs", "1",
-                "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
+                "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                "--trainer.enable_progress_bar", "false"])
     assert cli.model.hparams.diversity_weight == params["model.init_args.diversity_weight"]
     assert cli.model.hparams.num_members == params["model.init_args.num_members"]
     assert cli.trainer.state.finished

@@ -8,8 +8,7 @@ import yaml
 
 from edm_lightning import tracking
 from edm_lightning.cli import main
-from tests.helpers.files import localise_config
-from tests.helpers.files import QUICK
+from tests.helpers.files import QUICK, localise_config
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +84,8 @@ def test_offline_run_logs_config_and_metrics_and_each_job_gets_its_own_run(
 ):
     _Snapshot.runs.clear()
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
-    args = ["fit", "--config", str(config), "--data.init_args.val_size", "40", "--trainer.callbacks+=tests.test_tracking._Snapshot", *QUICK]
+    args = ["fit", "--config", str(config), "--data.init_args.val_size", "40",
+            "--trainer.callbacks+=tests.test_tracking._Snapshot", *QUICK]
     main(args)
     main(args)
     first, second = _Snapshot.runs

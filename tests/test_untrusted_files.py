@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from edm_lightning.attacks.knockoff import TransferSet, build_transfer_set
-from edm_lightning.defense import VictimConfig
 from edm_lightning.checkpoints import load_classifier_net
-from edm_lightning.routing import load_hash_net
+from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
+from edm_lightning.routing import load_hash_net
 
 
 class _Payload:

@@ -6,11 +6,11 @@ evaluation set) and a LightningModule (the attacker's clone and what else it lea
 """
 
 from edm_lightning.attacks.datamodule import AttackDataModule
-from edm_lightning.attacks.run import run_attack
 from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, run_dfme
 from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, run_jbda
 from edm_lightning.attacks.knockoff import KnockoffDataModule, build_transfer_set, run_knockoff
 from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
+from edm_lightning.attacks.run import run_attack
 
 __all__ = [
     "AttackDataModule",

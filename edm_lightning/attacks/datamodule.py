@@ -20,11 +20,12 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from edm_lightning.attacks.oracle import BlackBoxOracle, check_budget_covers_batch
 from edm_lightning.data.datamodules import LinkedSpec
-from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_convertible, convert_images, load_images
 from edm_lightning.data.datasets import get_spec
+from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_convertible, convert_images, load_images
 from edm_lightning.defense import Victim, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, file_digest, state_digest
@@ -110,14 +111,17 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         """Queries bought so far, saved in Lightning checkpoints: a resumed run is charged them again."""
         return {"queries_spent": self.queries_spent}
 
+    @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._oracle is None:
             self._prepaid = max(self._prepaid, int(state.get("queries_spent", 0)))
 
     @property
     def cache_dir(self) -> Path:
+        """Where this attack keeps what it bought (``cache_dir``)."""
         return Path(self.hparams.cache_dir)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.test_set is None:
             images, labels = load_images(self.hparams.dataset, self.hparams.root, train=False)
@@ -127,6 +131,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
             self.test_set = BatchTensorDataset(x, labels[: len(x)], victim_labels(self._victim_for_evaluation, x))
             self._victim_for_evaluation = None
 
+    @override
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise RuntimeError("the attack has no training data yet: setup('fit') has not run")

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
-from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
@@ -77,9 +78,11 @@ class DFMEModule(CloneModule):
         self.generator = Generator(latent_dim, input_shape)
 
     def queries_per_iteration(self, batch_size: int) -> int:
+        """Queries one training iteration spends: ``batch_size * ((directions + 1) * generator_steps + clone_steps)``."""
         hp = self.hparams
         return batch_size * ((hp.directions + 1) * hp.generator_steps + hp.clone_steps)
 
+    @override
     def on_fit_start(self) -> None:
         require_single_process(self.trainer, "DFME")
         datamodule = self.trainer.datamodule
@@ -92,6 +95,7 @@ class DFMEModule(CloneModule):
                 f"generator_steps + clone_steps)) but the budget is {left}: raise the budget or lower batch_size."
             )
 
+    @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         datamodule = self.trainer.datamodule
         oracle: BlackBoxOracle = datamodule.oracle
@@ -119,11 +123,13 @@ class DFMEModule(CloneModule):
         self.log("train/generator_loss", generator_loss)
         self.log("attack/queries", float(oracle.queries_spent))
 
+    @override
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
             scheduler.step()
 
+    @override
     def configure_optimizers(self):
         clone = build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)
         generator = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.generator_lr)
@@ -132,6 +138,7 @@ class DFMEModule(CloneModule):
         return [clone, generator]
 
     def figures(self) -> dict[str, Any]:
+        """The attack's name for the results."""
         return {"attack": "dfme"}
 
     def _noise(self, size: int) -> Tensor:
@@ -169,6 +176,7 @@ class DataFreeDataModule(AttackDataModule):
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.arange(self.hparams.steps_per_epoch)), batch_size=1)
 
@@ -196,6 +204,7 @@ class Generator(nn.Module):
             nn.Conv2d(width, channels, 3, padding=1), nn.BatchNorm2d(channels, affine=False),
         )
 
+    @override
     def forward(self, z: Tensor) -> Tensor:
         return self.blocks(self.project(z).view(z.shape[0], -1, *self.start))
 
@@ -254,7 +263,7 @@ def run_dfme(
 
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/dfme.yaml``;
     ``options`` go to :class:`DFMEModule` (``directions``, ``grad_epsilon``, ``generator_lr``, ...).
-    
+
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
     L.seed_everything(seed, verbose=False)

@@ -16,20 +16,22 @@ points and answers are saved, so a killed run resumes without buying a round twi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
-from edm_lightning.files import save_atomic
 from edm_lightning.errors import ConfigError
+from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.optim import OptimConfig
 
@@ -73,6 +75,7 @@ class JBDAModule(CloneModule):
         self.save_hyperparameters()
         self.history: list[dict[str, float]] = []
 
+    @override
     def on_fit_start(self) -> None:
         require_single_process(self.trainer, "JBDA")
         datamodule = self.trainer.datamodule
@@ -86,6 +89,7 @@ class JBDAModule(CloneModule):
             )
         self.trainer.reload_dataloaders_every_n_epochs = 1  # the substitute set grows between rounds
 
+    @override
     def on_train_epoch_end(self) -> None:
         hp = self.hparams
         if (self.current_epoch + 1) % hp.epochs_per_round:
@@ -105,6 +109,7 @@ class JBDAModule(CloneModule):
             datamodule.augment(round_ + 1, self._siblings, tag=self._tag())
 
     def figures(self) -> dict[str, Any]:
+        """The attack's name and its per-round history (substitute set size, clone accuracy)."""
         return {"attack": "jbda-tr" if self.hparams.targeted else "jbda", "rounds": self.history}
 
     def _siblings(self, x: Tensor, answers: Tensor, generator: torch.Generator) -> Tensor:
@@ -153,11 +158,13 @@ class JBDADataModule(AttackDataModule):
         self.substitute_x: Tensor | None = None
         self.substitute_y: Tensor | None = None
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.substitute_x is None:
             self.augment(0, self._seed_set, tag="seed")
 
+    @override
     def train_dataloader(self):
         self.train_set = BatchTensorDataset(self.substitute_x, self.substitute_y)
         return super().train_dataloader()
@@ -195,6 +202,7 @@ class JBDADataModule(AttackDataModule):
         return len(x)
 
     def figures(self) -> dict[str, Any]:
+        """Seed images and the final substitute set's size."""
         return {"seed_size": self.hparams.seed_size, "train_size": 0 if self.substitute_x is None else len(self.substitute_x)}
 
     def _round_path(self, round_: int, tag: str) -> Path:
@@ -254,7 +262,7 @@ def run_jbda(
     """JBDA (``targeted=False``) or JBDA-TR end to end from Python; ``budget`` defaults to ``seed_size * 2**rounds``.
 
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/jbda.yaml``.
-    
+
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
     L.seed_everything(seed, verbose=False)

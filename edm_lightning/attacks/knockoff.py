@@ -37,14 +37,15 @@ import lightning as L
 import torch
 from filelock import FileLock
 from torch import Tensor
+from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
-from edm_lightning.attacks.run import run_attack
 from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.run import run_attack
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
-from edm_lightning.files import save_atomic
 from edm_lightning.errors import ConfigError, unreadable_file_reason
+from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule, clone_loss
 from edm_lightning.models.optim import OptimConfig
 from edm_lightning.nets import build_net
@@ -124,6 +125,7 @@ class KnockoffDataModule(AttackDataModule):
 
     @property
     def cache_path(self) -> Path:
+        """The transfer set's file, keyed by victim, seed and sampling setting (never by budget)."""
         hp = self.hparams
         attack = {"attack": "knockoff", "surrogate": hp.surrogate, "strategy": hp.strategy}
         if hp.strategy == "adaptive":
@@ -135,6 +137,7 @@ class KnockoffDataModule(AttackDataModule):
             attack.update(copy_shift=hp.copy_shift)
         return self.cache_dir / f"knockoff-{self.cache_key(**attack)}.pt"
 
+    @override
     def prepare_data(self) -> None:
         if self.transfer is not None:
             return
@@ -150,6 +153,7 @@ class KnockoffDataModule(AttackDataModule):
             copy_shift=hp.copy_shift, query_batch_size=hp.query_batch_size,
         )
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.train_set is None:
@@ -165,6 +169,7 @@ class KnockoffDataModule(AttackDataModule):
             self.train_set = BatchTensorDataset(x, self.transfer.answers)
 
     def figures(self) -> dict[str, Any]:
+        """The attack's name (strategy, averaging) and the transfer set's size in items and queries."""
         hp = self.hparams
         items = len(self.transfer or ())
         return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
@@ -197,6 +202,7 @@ class TransferSet:
 
     @property
     def setting(self) -> tuple[int, float, int]:
+        """``(query_copies, copy_noise, copy_shift)``: how each item was queried; a cache of another setting is refused."""
         return self.query_copies, self.copy_noise, self.copy_shift
 
     def __len__(self) -> int:
@@ -224,16 +230,18 @@ class TransferSet:
                 paid, lower = paid + events[j][1], events[j][0]
         return max(0, best)
 
-    def head(self, n: int) -> "TransferSet":
+    def head(self, n: int) -> TransferSet:
+        """The first ``n`` items (a smaller budget's transfer set), with the sampler state only if nothing was cut."""
         return TransferSet(self.indices[:n], self.answers[:n], self.state if n >= len(self) else None, *self.setting,
                            lost=self.lost)
 
     def save(self, path: Path) -> None:
+        """Write the set atomically (a kill leaves the old file or the new one)."""
         save_atomic({"indices": self.indices, "answers": self.answers, "state": self.state, "lost": self.lost,
                      "query_copies": self.query_copies, "copy_noise": self.copy_noise, "copy_shift": self.copy_shift}, path)
 
     @classmethod
-    def load(cls, path: Path) -> "TransferSet":
+    def load(cls, path: Path) -> TransferSet:
         """Read a set written by :meth:`save`; a file that is not one (truncated, or a pickle of anything else:
         a cache folder may hold files from anyone) is refused without running any of its code.
 
@@ -286,7 +294,15 @@ def build_transfer_set(
             (capped at ``budget``), so a resumed run can never spend more than ``budget`` in all.
         images: the surrogate's uint8 images, already in the victim's input shape.
         labels: the surrogate's labels (the adaptive strategy's arms).
+        budget: most queries, over this run and every earlier one on the same cache.
+        cache_path: the transfer set's file (with its lock and pending record beside it).
+        strategy: ``random`` (uniform sampling) or ``adaptive`` (KnockoffNets' gradient bandit over ``labels``).
+        reward: the adaptive strategy's reward: ``cert`` (certainty), ``div`` (diversity), ``loss`` or ``all``.
+        batch_size: queries per adaptive step.
+        seed: seed of the sampling.
         policy: the adaptive strategy's online clone (trained one step per batch for the loss reward).
+        policy_lr: that clone's learning rate.
+        diversity_window: answers the diversity reward compares against.
         query_copies: K, copies per image (the oracle counts each).
         copy_noise: std of the Gaussian noise on each copy.
         copy_shift: largest random shift of each copy, in pixels.
@@ -425,7 +441,7 @@ def run_knockoff(
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/knockoff.yaml``.
     ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ``query_copies``, ``copy_noise``,
     ``copy_shift`` ...).
-    
+
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
     """
     L.seed_everything(seed, verbose=False)

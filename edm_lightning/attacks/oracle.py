@@ -10,7 +10,8 @@ answers are detached copies, and the oracle itself is not an ``nn.Module``.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,12 +23,15 @@ __all__ = ["BlackBoxOracle", "QueryBudgetExceeded", "Servable", "check_budget_co
 
 class Servable(Protocol):
     """What the oracle needs of a victim (:class:`~edm_lightning.defense.Victim` is one): a callable
-    from images ``(N, *input_shape)`` in [0, 1] to probabilities ``(N, num_classes)`` that validates its inputs."""
+    from images ``(N, *input_shape)`` in [0, 1] to probabilities ``(N, num_classes)`` that validates its inputs.
+    """
 
     input_shape: tuple[int, int, int]
     num_classes: int
 
-    def __call__(self, x: Tensor) -> Tensor: ...
+    def __call__(self, x: Tensor) -> Tensor:
+        """Probabilities ``(N, num_classes)`` for images ``x`` ``(N, *input_shape)``."""
+        ...
 
 
 def check_budget_covers_batch(budget: int, batch_size: int, where: str = "") -> None:
@@ -91,6 +95,7 @@ class BlackBoxOracle:
 
     @property
     def remaining(self) -> int | None:
+        """Queries left (``None``: unlimited)."""
         return None if self.budget is None else self.budget - self._spent
 
     def __call__(self, x: Tensor) -> Tensor:

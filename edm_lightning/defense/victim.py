@@ -6,7 +6,7 @@ every measurement treats both alike; "defended" only ever means "behind a defens
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +100,8 @@ def validate_inputs(x: Tensor, input_shape: tuple[int, int, int], input_range: t
     if x.device.type == "meta":
         raise ValueError("queries must hold data: got a tensor on the meta device")
     if x.ndim != 4:
-        raise ValueError(f"queries must be a batch of shape (N, {', '.join(map(str, input_shape))}), got rank {x.ndim} {tuple(x.shape)}")
+        raise ValueError(f"queries must be a batch of shape (N, {', '.join(map(str, input_shape))}), "
+                         f"got rank {x.ndim} {tuple(x.shape)}")
     if x.shape[1] != input_shape[0]:
         raise ValueError(f"queries must have {input_shape[0]} channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
     if tuple(x.shape[1:]) != tuple(input_shape):

@@ -120,6 +120,7 @@ class AttackSpec:
 
     @property
     def title(self) -> str:
+        """The attack's name in tables: its ``label``, or its ``name``."""
         return self.label or self.name
 
 
@@ -250,14 +251,17 @@ def curve_attacks(config: ExperimentConfig) -> list[str]:
 
 
 def averaging_attacks(config: ExperimentConfig) -> list[AttackSpec]:
+    """The KnockoffNets variants that average several noisy copies of each query (EDM's adaptive attacker)."""
     return [a for a in config.attacks if a.name == "knockoff" and int(a.options.get("query_copies", 1)) > 1]
 
 
 def defense_label(defense: DefenseSpec, base: str) -> str:
+    """The table row name of ``defense`` on ``base`` (``none``: the defense alone; else ``base+defense``)."""
     return defense.name if base == "none" else f"{base}+{defense.name}"
 
 
 def needs_misinformation(config: ExperimentConfig) -> bool:
+    """Whether a defense needs the experiment to train a misinformation model (none was given)."""
     return any(is_adaptive_misinformation(d) and "misinformation_model" not in d.options for d in config.defenses)
 
 

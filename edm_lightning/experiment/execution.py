@@ -71,7 +71,7 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // workers)
 
 
-def _run_pool(plan: Plan, store: StageStore, tracker: "_Tracker", workers: int) -> None:
+def _run_pool(plan: Plan, store: StageStore, tracker: _Tracker, workers: int) -> None:
     context = get_context("spawn")  # a fresh interpreter per worker: no inherited threads or CUDA state
     devices = context.Queue()
     gpus = _visible_gpus()
@@ -105,7 +105,7 @@ def _run_pool(plan: Plan, store: StageStore, tracker: "_Tracker", workers: int) 
                     tracker.finished(stage, None, False, f"worker failed: {type(err).__name__}: {err}")
 
 
-def _run_submitit(plan: Plan, store: StageStore, tracker: "_Tracker", executor: str, cluster: ClusterSpec,
+def _run_submitit(plan: Plan, store: StageStore, tracker: _Tracker, executor: str, cluster: ClusterSpec,
                   workers: int) -> None:
     """One job array per level of the plan (the stages whose needs are done), waited for before the next."""
     import submitit  # optional: the [cluster] extra (validate() has checked it is installed)

@@ -7,8 +7,9 @@ caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -99,7 +100,8 @@ def diagnostics(config: ExperimentConfig, folder: Path, victim: dict, surrogate:
                 bins: int = 20) -> dict:
     """Why EDM works or fails behind a router: each member's share of the defender's test images and of the
     attacker's surrogate images (fair: 1/N each), and histograms of the ensemble's coherence on the test
-    images and on held-out OOD images (in [0, 1]: 1 when all members agree)."""
+    images and on held-out OOD images (in [0, 1]: 1 when all members agree).
+    """
     model = victim_config(config, victim).build()
     test = load_images(config.dataset, config.root, train=False)[0][: config.test_size]
     ood = load_images(config.edm.ood_dataset, config.root, train=False, input_shape=model.input_shape)[0][:images]
@@ -130,7 +132,8 @@ def _pixels(images: torch.Tensor, chunk: int = 1024):
 def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack: AttackSpec, seed: int,
                    images: int = 1000) -> dict:
     """How many distinct members the K copies of one surrogate image reach behind ``victim``'s router, and
-    the share of copies answered by the member the unperturbed image gets (on ``images`` surrogate images)."""
+    the share of copies answered by the member the unperturbed image gets (on ``images`` surrogate images).
+    """
     options = attack.options
     copies, noise, shift = int(options["query_copies"]), float(options.get("copy_noise", 0)), int(options.get("copy_shift", 0))
     model = victim_config(config, victim).build()

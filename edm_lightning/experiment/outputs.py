@@ -27,6 +27,7 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
     """Write the results files of ``config`` under ``<results_dir>/<name>/`` and print ``results.md``.
 
     Args:
+        config: the experiment.
         records: one dict per attack run (see :mod:`.results`).
         victims: ``(defense, lambda, strength, seed) -> figures`` of each served model (training and serving stages).
         spreads: ``(averaging attack, router) -> [per-seed routing spread]``.
@@ -42,7 +43,8 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
         rows += tables.summarise([r for r in records if r["attack"] == attack.title], max(attack.budgets), main_weight)
     notes = [
         f"Dataset {config.dataset}; target {config.target.arch}; EDM N={config.edm.num_members}, lambda={main_weight:g}, "
-        f"OOD set {config.edm.ood_dataset}, routers {', '.join(config.edm.routers)}; seeds {config.seeds}; mean ± std over seeds.",
+        f"OOD set {config.edm.ood_dataset}, routers {', '.join(config.edm.routers)}; seeds {config.seeds}; "
+        "mean ± std over seeds.",
         f"Each attack at its largest budget. All stages took {compute / 60:.1f} min when they ran; this invocation "
         f"took {wall_time / 60:.1f} min (cached stages cost nothing). Configuration key {digest(config)}.",
     ]
@@ -77,7 +79,8 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
 
 def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) -> list[str]:
     """The two questions users ask: which defense costs at most 1 point and stops the clone most, and how
-    much of EDM's protection survives query averaging (and at how many extra queries)."""
+    much of EDM's protection survives query averaging (and at how many extra queries).
+    """
     notes = []
     first = config.attacks[0]
     for title in curve_attacks(config) if config.defenses else []:

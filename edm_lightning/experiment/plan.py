@@ -18,9 +18,10 @@ defense's attacks at their largest budget against every strength, and against ev
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edm_lightning.data import get_spec
 from edm_lightning.experiment import jobs
@@ -61,6 +62,7 @@ class Stage:
 
     @property
     def id(self) -> str:
+        """``<kind>-<digest of key>``: the stage's folder name, the same in every run of the same config."""
         return f"{self.kind}-{digest(self.key)}"
 
 
@@ -76,6 +78,7 @@ class Plan:
     attack_runs: list[tuple[str, dict]]  # (attack stage id, where it ran), one per results record
 
     def folder(self, stage: Stage) -> Path:
+        """Where ``stage`` writes its outputs."""
         return self.root / stage.id
 
     def __getitem__(self, stage_id: str) -> Stage:
@@ -176,7 +179,7 @@ class _Builder:
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size}
         if posts:
             key["postprocessors"] = posts
-        what = " + ".join(f"{p['class_path']}({', '.join(f'{k}={v}' for k, v in p['init_args'].items() if k != 'misinformation_model')})"
+        what = " + ".join(f"{p['class_path']}({_shown_args(p['init_args'])})"
                           for p in posts)
         label = f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router" + (f" + {what}" if what else "")
         plain = _served_model(victim)
@@ -280,3 +283,7 @@ def _train_images(config: ExperimentConfig) -> int:
     """Training images of the defender's dataset after validation is held out (60,000 for the MNIST family)."""
     sizes = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257, "emnist-letters": 124_800}
     return sizes.get(config.dataset, 60_000) - config.target.val_size
+
+
+def _shown_args(init_args: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in init_args.items() if k != "misinformation_model")

@@ -13,9 +13,10 @@ import csv
 import io
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -30,7 +31,8 @@ METRICS = ("defender_acc", "clone_acc", "agreement", "queries", "wall_time_s")
 
 class ResultRow(dict):
     """One (attack, defense, strength) line: ``<metric>_mean``/``<metric>_std`` over seeds, and the
-    drops against the undefended row of the same attack."""
+    drops against the undefended row of the same attack.
+    """
 
 
 def summarise(records: Sequence[dict], budget: int | None = None, diversity_weight: float | None = None) -> list[ResultRow]:
@@ -56,7 +58,8 @@ def summarise(records: Sequence[dict], budget: int | None = None, diversity_weig
         if defense != "none":
             undefended = {r["seed"]: r for r in groups.get((attack, "none", None), [])}
             paired = [(undefended[r["seed"]], r) for r in group if r["seed"] in undefended]
-            row["clone_acc_drop_mean"], row["clone_acc_drop_std"] = _mean_std([u["clone_acc"] - r["clone_acc"] for u, r in paired])
+            drops = [u["clone_acc"] - r["clone_acc"] for u, r in paired]
+            row["clone_acc_drop_mean"], row["clone_acc_drop_std"] = _mean_std(drops)
             row["defender_acc_loss_mean"], row["defender_acc_loss_std"] = _mean_std(
                 [u["defender_acc"] - r["defender_acc"] for u, r in paired])
         rows.append(row)
@@ -87,6 +90,7 @@ def _row_order(key: tuple, attacks: list[str]) -> tuple:
 
 
 def write_csv(rows: Iterable[dict], path: Path) -> None:
+    """Write ``rows`` as CSV (columns in first-seen order), atomically."""
     rows = list(rows)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
@@ -125,7 +129,9 @@ def plot_budget_curve(records: Sequence[dict], attack: str, diversity_weight: fl
     for defense in dict.fromkeys(r["defense"] for r in sorted(plain, key=lambda r: r["defense"] != "none")):
         points = defaultdict(list)
         for r in plain:
-            if r["attack"] == attack and r["defense"] == defense and (defense == "none" or r["diversity_weight"] == diversity_weight):
+            if r["attack"] == attack and r["defense"] == defense and (
+                defense == "none" or r["diversity_weight"] == diversity_weight
+            ):
                 points[r["budget"]].append(r["clone_acc"] * 100)
         if points:
             series[defense] = sorted(points.items())
@@ -154,7 +160,8 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path)
     """Defender accuracy (x) against clone accuracy (y) under ``attack``: one curve per defense as its
     strength varies (EDM alone: as lambda varies), the undefended model as a star, error bars the spread
     over seeds. The right panel zooms on the defenses that cost at most 1 point of defender accuracy, where
-    they crowd, and names each point's strength. False if nothing to draw."""
+    they crowd, and names each point's strength. False if nothing to draw.
+    """
     curves: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r["attack"] == attack and r["budget"] == budget:
@@ -204,7 +211,8 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path)
 
 def plot_routing_shares(diagnostics: dict[str, Sequence[dict]], path: Path) -> bool:
     """Each member's share of the defender's test images and of the attacker's surrogate images, one panel per
-    router (mean over seeds; the dashed line is the fair share 1/N). False if there is nothing to draw."""
+    router (mean over seeds; the dashed line is the fair share 1/N). False if there is nothing to draw.
+    """
     routers = [router for router, seeds in diagnostics.items() if seeds]
     if not routers:
         return False
@@ -232,7 +240,8 @@ def plot_routing_shares(diagnostics: dict[str, Sequence[dict]], path: Path) -> b
 
 def plot_coherence(seeds: Sequence[dict], path: Path) -> bool:
     """Histograms of the ensemble's coherence on in-distribution test images and on held-out OOD images
-    (summed over seeds): EDM wants the first near 1 (members agree) and the second near 0. False if empty."""
+    (summed over seeds): EDM wants the first near 1 (members agree) and the second near 0. False if empty.
+    """
     if not seeds or "coherence_edges" not in seeds[0]:
         return False
     edges = np.asarray(seeds[0]["coherence_edges"])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from filelock import FileLock
 
@@ -30,6 +31,7 @@ class StageStore:
         self.root = Path(root)
 
     def folder(self, kind: str, config: Any) -> Path:
+        """``<root>/<kind>-<digest of config>``."""
         return self.root / f"{kind}-{digest(config)}"
 
     def cached(self, kind: str, config: Any) -> dict | None:

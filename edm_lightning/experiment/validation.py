@@ -91,7 +91,8 @@ def _validate_executor(config: ExperimentConfig) -> None:
 
 def _validate_trainer(config: ExperimentConfig) -> None:
     """A device the machine has, checked before any stage starts (names are checked by the parser); more workers
-    than GPUs share them in turn."""
+    than GPUs share them in turn.
+    """
     accelerator = config.trainer.accelerator
     available = {
         "gpu": torch.cuda.is_available, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 from torch import Tensor
+from typing_extensions import override
 
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.nets import build_net
@@ -55,5 +56,6 @@ class NetModule(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).softmax(dim=-1)
 
+    @override
     def configure_optimizers(self):
         return build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)

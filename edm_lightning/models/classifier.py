@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from edm_lightning.models.base import NetModule
 from edm_lightning.models.optim import OptimConfig
@@ -44,6 +45,7 @@ class ClassifierModule(NetModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
@@ -52,12 +54,15 @@ class ClassifierModule(NetModule):
         log_training_step(self, {"train/loss": loss})
         return loss
 
+    @override
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics)  # the epoch's training accuracy (computed and reset by Lightning)
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.base import NetModule
@@ -53,20 +54,24 @@ class CloneModule(NetModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, target = batch
         loss = clone_loss(self(x), target)
         log_training_step(self, {"train/loss": loss})
         return loss
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
 
+    @override
     def on_validation_epoch_end(self) -> None:
         queries = getattr(self.trainer.datamodule, "queries_spent", None)  # an attack's DataModule counts them
         if queries is not None:
             self.log("attack/queries", float(queries))
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 

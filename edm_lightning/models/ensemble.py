@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
@@ -97,6 +98,7 @@ class EnsembleModule(L.LightningModule):
         """Every member's logits, ``(members, batch, classes)``."""
         return torch.stack([member(x) for member in self.members])
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         (x, y), x_ood = batch["id"], batch["ood"]
         id_logits, ood_logits = self.member_logits(x, x_ood)
@@ -117,9 +119,11 @@ class EnsembleModule(L.LightningModule):
         logits = self(torch.cat([x, x_ood]))
         return logits[:, : len(x)], logits[:, len(x):]
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, self.val_metrics)
 
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, self.test_metrics)
 
@@ -128,6 +132,7 @@ class EnsembleModule(L.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return answer_routed(self.members, self.route(x), x, self.hparams.num_classes)
 
+    @override
     def configure_optimizers(self):
         return build_optimizer(self.parameters(), self.optim, self.trainer.max_epochs)
 
@@ -158,7 +163,7 @@ class EnsembleModule(L.LightningModule):
                 + "; ".join(f"{key}: checkpoint {saved.get(key)!r}, config {self.hparams[key]!r}" for key in differ)
             )
 
-    def _evaluate(self, batch: Any, dataloader_idx: int, metrics: "EnsembleMetrics") -> None:
+    def _evaluate(self, batch: Any, dataloader_idx: int, metrics: EnsembleMetrics) -> None:
         if dataloader_idx == 0:
             x, y = batch
             logits = self(x)
@@ -182,7 +187,9 @@ class EnsembleMetrics(nn.Module):
         super().__init__()
         self.prefix = prefix
         self.routed = accuracy_metrics(num_classes)["acc"].clone()
-        self.members = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(num_members))
+        self.members = nn.ModuleList(
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(num_members)
+        )
         self.route_share = nn.ModuleList(MeanMetric() for _ in range(num_members))
         self.coherence = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})
         self.coherent_share = nn.ModuleDict({split: MeanMetric() for split in ("id", "ood")})

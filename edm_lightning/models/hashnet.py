@@ -1,11 +1,13 @@
 """Training the neural router's hash network: a :class:`~edm_lightning.models.ClassifierModule` plus the
-callback that stores, in each of its checkpoints, the logit offsets balancing its classes."""
+callback that stores, in each of its checkpoints, the logit offsets balancing its classes.
+"""
 
 from __future__ import annotations
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.data.images import load_images
@@ -33,6 +35,7 @@ class HashBalanceCallback(Callback):
         self.dataset, self.root, self.size, self.seed = dataset, root, size, seed
         self._images: Tensor | None = None
 
+    @override
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         input_shape = tuple(pl_module.hparams.input_shape)
         if self._images is None:

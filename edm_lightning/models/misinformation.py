@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor
+from typing_extensions import override
 
 from edm_lightning.losses import misinformation_loss
 from edm_lightning.models.classifier import ClassifierModule
@@ -20,5 +21,6 @@ class MisinformationModule(ClassifierModule):
     and ``val/loss`` (monitored by ``configs/misinformation.yaml``) towards 0.
     """
 
+    @override
     def criterion(self, logits: Tensor, y: Tensor) -> Tensor:
         return misinformation_loss(logits, y)

@@ -22,7 +22,8 @@ QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--t
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def write_fake_mnist_like(root: Path, folder: str, n_train: int = 240, n_test: int = 60, classes: int = 10, seed: int = 0) -> Path:
+def write_fake_mnist_like(root: Path, folder: str, n_train: int = 240, n_test: int = 60, classes: int = 10,
+                          seed: int = 0) -> Path:
     """An MNIST-layout dataset whose class is a bright bar at a class-dependent row: learnable in a few steps."""
     rng = np.random.default_rng(seed)
     raw = root / folder / "raw"

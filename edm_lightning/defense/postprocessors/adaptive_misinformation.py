@@ -1,10 +1,12 @@
 """Adaptive Misinformation (Kariyappa and Qureshi, CVPR 2020, "Defending Against Model Stealing Attacks
-with Adaptive Misinformation")."""
+with Adaptive Misinformation").
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from edm_lightning.defense.postprocessors.base import POSTPROCESSORS, Postprocessor, check_classes, frozen_classifier
 from edm_lightning.errors import ConfigError
@@ -54,6 +56,7 @@ class AdaptiveMisinformation(Postprocessor):
                                                 num_classes, input_shape)
         self.tau, self.nu = float(tau), float(nu)
 
+    @override
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:
         if x.shape[0] == 0:
             return probs
@@ -66,5 +69,6 @@ class AdaptiveMisinformation(Postprocessor):
         """``a = sigmoid(nu * (tau - max p))`` per answer ``(N, 1)``: the share of misinformation."""
         return torch.sigmoid(self.nu * (self.tau - probs.double().amax(dim=-1, keepdim=True)))
 
+    @override
     def extra_repr(self) -> str:
         return f"tau={self.tau}, nu={self.nu}"

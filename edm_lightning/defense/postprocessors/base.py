@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from edm_lightning.checkpoints import load_classifier_net
 from edm_lightning.errors import ConfigError
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 #: Post-processor classes by config name (the class name).
-POSTPROCESSORS: Registry[type["Postprocessor"]] = Registry("post-processor")
+POSTPROCESSORS: Registry[type[Postprocessor]] = Registry("post-processor")
 
 
 class Postprocessor(nn.Module):
@@ -58,6 +59,7 @@ class Postprocessor(nn.Module):
     ``input_shape``, which the victim loader fills in from the served model.
     """
 
+    @override
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -148,5 +150,10 @@ def frozen_classifier(model: nn.Module | str | Path, what: str, num_classes: int
 
 
 def check_classes(have: int, want: int, what: str, error: type[Exception] = ValueError) -> None:
+    """Refuse a model of another class count than the served one.
+
+    Raises:
+        error: ``have != want`` (``ValueError`` at query time, ``ConfigError`` at construction).
+    """
     if have != want:
         raise error(f"{what} predicts {have} classes but the served model {want}: train it on the victim's task")

@@ -1,5 +1,6 @@
 """MAD (Orekondy et al., ICLR 2020, "Prediction Poisoning: Towards Defenses Against DNN Model Stealing
-Attacks"): the defense and its solver."""
+Attacks"): the defense and its solver.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from edm_lightning.defense.postprocessors.base import POSTPROCESSORS, Postprocessor, check_classes, frozen_classifier
 from edm_lightning.errors import ConfigError
@@ -95,6 +97,7 @@ class PredictionPoisoning(Postprocessor):
         self.epsilon, self.norm = float(epsilon), norm
         self.preserve_argmax, self.gradient_params = bool(preserve_argmax), gradient_params
 
+    @override
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:
         if self.epsilon == 0 or x.shape[0] == 0:
             return probs
@@ -128,6 +131,7 @@ class PredictionPoisoning(Postprocessor):
                 grams.append(g @ g.transpose(1, 2))
         return torch.cat(grams)
 
+    @override
     def extra_repr(self) -> str:
         return (f"epsilon={self.epsilon}, norm={self.norm!r}, preserve_argmax={self.preserve_argmax}, "
                 f"gradient_params={self.gradient_params!r}")

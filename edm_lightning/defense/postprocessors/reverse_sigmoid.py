@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from edm_lightning.defense.postprocessors.base import POSTPROCESSORS, Postprocessor
 from edm_lightning.errors import ConfigError
@@ -40,11 +41,13 @@ class ReverseSigmoid(Postprocessor):
             raise ConfigError(f"ReverseSigmoid: gamma (sigmoid slope) must be > 0, got {gamma!r}")
         self.beta, self.gamma = float(beta), float(gamma)
 
+    @override
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:
         y = probs.double()
         r = self.beta * (torch.sigmoid(self.gamma * torch.logit(y, eps=1e-9)) - 0.5)
         perturbed = (y - r).clamp(min=0)
         return (perturbed / perturbed.sum(dim=-1, keepdim=True)).to(probs.dtype)
 
+    @override
     def extra_repr(self) -> str:
         return f"beta={self.beta}, gamma={self.gamma}"

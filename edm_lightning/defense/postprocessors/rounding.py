@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from edm_lightning.defense.postprocessors.base import POSTPROCESSORS, Postprocessor
 from edm_lightning.errors import ConfigError
@@ -29,11 +30,13 @@ class Rounding(Postprocessor):
             raise ConfigError(f"Rounding: decimals must be an integer >= 0 (places kept), got {decimals!r}")
         self.decimals = decimals
 
+    @override
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:
         rounded = probs.round(decimals=self.decimals)
         total = rounded.sum(dim=-1, keepdim=True)
         top = nn.functional.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
         return torch.where(total > 0, rounded / total.clamp(min=torch.finfo(probs.dtype).tiny), top)
 
+    @override
     def extra_repr(self) -> str:
         return f"decimals={self.decimals}"

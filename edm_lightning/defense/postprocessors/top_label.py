@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 from edm_lightning.defense.postprocessors.base import POSTPROCESSORS, Postprocessor
 
@@ -17,5 +18,6 @@ class TopLabel(Postprocessor):
     post-processors and with the oracle like any probability answer.
     """
 
+    @override
     def forward(self, x: Tensor, probs: Tensor) -> Tensor:
         return nn.functional.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
