@@ -40,6 +40,17 @@ def coherence(probs: Tensor, temperature: float = 1.0) -> Tensor:
     members agree, exactly 0 when every pair is orthogonal (one-hot answers on different classes),
     and tends to the maximum as ``t`` grows. With ``t = 1`` it differs from the paper's value by the
     constant ``log P`` only, so its gradient (and hence training) is the paper's exactly.
+
+    Raises:
+        ValueError: ``temperature <= 0``.
+
+    Example:
+        >>> agree = torch.tensor([[[0.9, 0.1]], [[0.9, 0.1]], [[0.9, 0.1]]])  # 3 members, 1 input
+        >>> coherence(agree)
+        tensor([1.])
+        >>> disagree = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]])
+        >>> coherence(disagree).abs() < 1e-6
+        tensor([True])
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

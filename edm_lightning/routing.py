@@ -185,14 +185,33 @@ class KeyedHashRouter(Router):
 
 
 def neural_hash_index(probs: Tensor, num_members: int, num_bins: int = 10, multiplier: int = 2) -> Tensor:
-    """``(m * argmax p + floor((M * max p - 1) * m / (M - 1))) mod N`` for each row of ``probs``."""
+    """``(m * argmax p + floor((M * max p - 1) * m / (M - 1))) mod N`` for each row of ``probs`` ``(B, M)``.
+
+    The EDM paper's neural hash: the hash network's top class sets the base ``m * argmax p``, its confidence
+    adds an offset (for ``M = 10``, ``m = 2``: 0 below 0.55, 1 from 0.55, 2 at exactly 1).
+
+    Returns:
+        Member indices ``(B,)`` in ``[0, num_members)``.
+
+    Example:
+        >>> probs = torch.tensor([[0.50, 0.50] + [0.0] * 8,   # class 0, unsure  -> 2*0 + 0 = 0
+        ...                       [0.00, 0.90] + [0.1] + [0.0] * 7,  # class 1, sure -> 2*1 + 1 = 3
+        ...                       [0.0] * 9 + [1.0]])         # class 9, certain -> (18 + 2) mod 5 = 0
+        >>> neural_hash_index(probs, num_members=5)
+        tensor([0, 3, 0])
+    """
     confidence, label = probs.max(dim=-1)
     offset = torch.floor((num_bins * confidence - 1) * multiplier / (num_bins - 1)).long()
     return torch.remainder(multiplier * label + offset, num_members)
 
 
 def quantise(x: Tensor) -> Tensor:
-    """Images in [0, 1] as uint8 pixels, the representation a byte hash must see."""
+    """Images in [0, 1] as uint8 pixels, the representation a byte hash must see.
+
+    Example:
+        >>> quantise(torch.tensor([0.0, 0.001, 0.5, 1.0]))
+        tensor([  0,   0, 128, 255], dtype=torch.uint8)
+    """
     return (x.detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -66,7 +66,14 @@ class AdaptiveMisinformation(Postprocessor):
         return ((1 - a) * probs.double() + a * misinformation.double()).to(probs.dtype)
 
     def blend_weight(self, probs: Tensor) -> Tensor:
-        """``a = sigmoid(nu * (tau - max p))`` per answer ``(N, 1)``: the share of misinformation."""
+        """``a = sigmoid(nu * (tau - max p))`` per answer ``(N, 1)``: the share of misinformation.
+
+        Example:
+            >>> defense = AdaptiveMisinformation(tau=0.5, nu=1000.0, misinformation_model=nn.Linear(4, 3))
+            >>> defense.blend_weight(torch.tensor([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3]])).round(decimals=3)
+            tensor([[0.],
+                    [1.]], dtype=torch.float64)
+        """
         return torch.sigmoid(self.nu * (self.tau - probs.double().amax(dim=-1, keepdim=True)))
 
     @override

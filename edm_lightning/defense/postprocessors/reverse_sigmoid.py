@@ -31,6 +31,10 @@ class ReverseSigmoid(Postprocessor):
     Args:
         beta: perturbation strength, >= 0 (0 answers unchanged).
         gamma: sigmoid slope, > 0 (the paper tunes it per dataset).
+
+    Example:
+        >>> ReverseSigmoid(beta=0.5)(None, torch.tensor([[0.64, 0.26, 0.10]], dtype=torch.float64))
+        tensor([[0.4560, 0.3040, 0.2400]], dtype=torch.float64)
     """
 
     def __init__(self, beta: float, gamma: float = 1.0):

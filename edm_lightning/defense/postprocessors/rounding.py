@@ -22,6 +22,10 @@ class Rounding(Postprocessor):
 
     Args:
         decimals: places kept, >= 0 (0 keeps only probabilities >= 0.5).
+
+    Example:
+        >>> Rounding(decimals=1)(None, torch.tensor([[0.64, 0.26, 0.10]]))
+        tensor([[0.6000, 0.3000, 0.1000]])
     """
 
     def __init__(self, decimals: int = 2):

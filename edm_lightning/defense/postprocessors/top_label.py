@@ -16,6 +16,11 @@ class TopLabel(Postprocessor):
 
     One-hot rather than an index keeps every answer the same shape, so it composes with the other
     post-processors and with the oracle like any probability answer.
+
+    Example:
+        >>> import torch
+        >>> TopLabel()(None, torch.tensor([[0.64, 0.26, 0.10]]))
+        tensor([[1., 0., 0.]])
     """
 
     @override
