@@ -7,7 +7,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from edm_lightning.errors import exit_if_user_error
-from edm_lightning.tracking import LogConfigCallback, finish_wandb_run, resolve_wandb_mode
+from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
 __all__ = ["EDMLightningCLI", "main"]
 
@@ -27,6 +27,7 @@ class EDMLightningCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         resolve_wandb_mode()  # before any WandbLogger exists: offline when there are no credentials
+        fill_wandb_defaults(self.config[self.subcommand] if self.subcommand else self.config)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:

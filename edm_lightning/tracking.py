@@ -1,11 +1,12 @@
 """Weights & Biases around LightningCLI: offline fallback, the resolved config, one run per job.
 
-W&B is the experiment tracker of every committed config. Three behaviours Lightning does not give:
+W&B is composed into any job with ``--config configs/logger/wandb.yaml``. Four behaviours Lightning does not give:
 - without credentials (CI, air-gapped clusters) ``wandb.init`` fails; we log offline and say so once;
 - ``WandbLogger`` never calls ``wandb.finish()``, so a second job in one process would reuse the first
   run; :func:`finish_wandb_run` ends it;
 - the full resolved configuration (trainer, data, model) is logged with the run, not only the model's
-  hyper-parameters (:class:`LogConfigCallback`).
+  hyper-parameters (:class:`LogConfigCallback`);
+- one logger block serves every job: what depends on the job is filled in (:func:`fill_wandb_defaults`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import netrc
 import os
 import sys
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from typing_extensions import override
 
-__all__ = ["LogConfigCallback", "finish_wandb_run", "resolve_wandb_mode", "wandb_has_credentials"]
+__all__ = ["LogConfigCallback", "fill_wandb_defaults", "finish_wandb_run", "resolve_wandb_mode", "wandb_has_credentials"]
+
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 
 _told_offline = False
 
@@ -63,6 +68,41 @@ def _launch_rank() -> int:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 0
+
+
+def fill_wandb_defaults(config: Any) -> None:
+    """Give a ``WandbLogger`` composed from ``configs/logger/wandb.yaml`` what depends on the job, in place.
+
+    Unset ``init_args`` become: ``save_dir`` the trainer's ``default_root_dir``; ``job_type`` the name of
+    the job's first config file (``edm`` for ``configs/edm.yaml``); ``group`` the data's ``dataset``;
+    ``tags`` the dataset and the model's ``arch``. A value set in a config or on the command line wins.
+
+    Args:
+        config: one subcommand's parsed LightningCLI namespace (``trainer``, ``model``, ``data``, ``config``).
+    """
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    data = getattr(config.data, "init_args", None) or {}
+    model = getattr(config.model, "init_args", None) or {}
+    dataset, arch = _get(data, "dataset"), _get(model, "arch")
+    job_configs = [Path(str(path)) for path in (config.get("config") or [])]
+    job_configs = [path for path in job_configs if path.parent.name not in ("logger", "trainer")]
+    derived = {
+        "save_dir": config.trainer.default_root_dir,
+        "job_type": job_configs[0].stem if job_configs else None,
+        "group": dataset,
+        "tags": [str(tag) for tag in (dataset, arch) if tag is not None] or None,
+    }
+    for logger in loggers:
+        if getattr(logger, "class_path", None) != WANDB_LOGGER:
+            continue
+        for key, value in derived.items():
+            unset = (None, ".") if key == "save_dir" else (None,)  # "." is WandbLogger's own default
+            if value is not None and _get(logger.init_args, key) in unset:
+                logger.init_args[key] = value
+
+
+def _get(namespace: Any, key: str) -> Any:
+    return namespace.get(key) if hasattr(namespace, "get") else getattr(namespace, key, None)
 
 
 def finish_wandb_run() -> None:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # DDP without SLURM: run on every node (NODE_RANK 0..NNODES-1), the same MASTER_ADDR on all of them.
-#   NNODES=1 GPUS=8 bash scripts/torchrun.sh --config configs/edm.yaml
+#   NNODES=1 GPUS=8 bash scripts/torchrun.sh --config configs/edm.yaml [--config configs/logger/wandb.yaml]
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 GPUS=8 bash scripts/torchrun.sh --config configs/edm.yaml
 # Lightning detects torchrun's environment (TorchElasticEnvironment) and takes ranks from it.
 set -euo pipefail

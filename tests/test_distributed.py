@@ -100,7 +100,7 @@ def test_ddp_fit_creates_one_wandb_run(fake_root: Path, tmp_path: Path):
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
     env = clean_env(WANDB_MODE="offline")
     run_cli(["fit", "--config", str(config), "--config", "configs/trainer/cpu_ddp2.yaml",
-             "--data.init_args.val_size", "40", *QUICK], env)
+             "--config", "configs/logger/wandb.yaml", "--data.init_args.val_size", "40", *QUICK], env)
     assert len(list((tmp_path / "runs/baseline/wandb").glob("offline-run-*"))) == 1
     assert (tmp_path / "runs/baseline/checkpoints/last.ckpt").is_file()
 

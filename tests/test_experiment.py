@@ -11,12 +11,12 @@ import pytest
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment import (
-    AttackSpec,
-    DefenseSpec,
-    EDMSpec,
+    AttackConfig,
+    DefenseConfig,
+    EDMConfig,
     ExperimentConfig,
-    HashNetSpec,
-    TrainSpec,
+    HashNetConfig,
+    TrainConfig,
     run_experiment,
 )
 from edm_lightning.experiment.__main__ import main as experiment_main
@@ -30,9 +30,9 @@ def tiny_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
     config = ExperimentConfig(
         name="tiny", dataset="fashionmnist", root=str(root), seeds=[0], test_size=40, wandb_project=None,
         runs_dir=str(out / "runs"), results_dir=str(out / "results"),
-        target=TrainSpec(epochs=1, batch_size=32, val_size=40), hashnet=HashNetSpec(epochs=1, batch_size=32, val_size=40),
-        edm=EDMSpec(epochs=1, batch_size=32, val_size=40, num_members=2, tradeoff_weights=[0.0]),
-        attacks=[AttackSpec(name="knockoff", budgets=[64, 128], epochs=1, options={"batch_size": 32})],
+        target=TrainConfig(epochs=1, batch_size=32, val_size=40), hashnet=HashNetConfig(epochs=1, batch_size=32, val_size=40),
+        edm=EDMConfig(epochs=1, batch_size=32, val_size=40, num_members=2, tradeoff_weights=[0.0]),
+        attacks=[AttackConfig(name="knockoff", budgets=[64, 128], epochs=1, options={"batch_size": 32})],
     )
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -105,26 +105,27 @@ def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_
 
 
 def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
-    bad_budget = tiny_config(fake_root, tmp_path, attacks=[AttackSpec(name="knockoff", budgets=[10], options={"batch_size": 32})])
+    attacks = [AttackConfig(name="knockoff", budgets=[10], options={"batch_size": 32})]
+    bad_budget = tiny_config(fake_root, tmp_path, attacks=attacks)
     with pytest.raises(ConfigError, match="smaller than one query batch"):
         run_experiment(bad_budget)
     with pytest.raises(ConfigError, match="Unknown dataset"):
         run_experiment(tiny_config(fake_root, tmp_path, dataset="fashion"))
     with pytest.raises(ConfigError, match="must not be the victim's own dataset"):
-        run_experiment(tiny_config(fake_root, tmp_path, attacks=[AttackSpec(surrogate="fashionmnist", budgets=[128])]))
+        run_experiment(tiny_config(fake_root, tmp_path, attacks=[AttackConfig(surrogate="fashionmnist", budgets=[128])]))
     assert not (tmp_path / "runs").exists()
 
 
 def defended_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
     """The tiny experiment with two defenses (one composed with EDM) and a query-averaging attack."""
-    averaging = AttackSpec(name="knockoff", label="knockoff-avg4", budgets=[128], epochs=1,
+    averaging = AttackConfig(name="knockoff", label="knockoff-avg4", budgets=[128], epochs=1,
                            options={"batch_size": 32, "query_copies": 4, "copy_noise": 0.01, "copy_shift": 1})
-    config = tiny_config(root, out, misinformation=TrainSpec(epochs=1, batch_size=32, val_size=40), **overrides)
-    config.attacks = [AttackSpec(name="knockoff", budgets=[128], epochs=1, options={"batch_size": 32}), averaging]
+    config = tiny_config(root, out, misinformation=TrainConfig(epochs=1, batch_size=32, val_size=40), **overrides)
+    config.attacks = [AttackConfig(name="knockoff", budgets=[128], epochs=1, options={"batch_size": 32}), averaging]
     config.defenses = [
-        DefenseSpec(name="reverse-sigmoid", postprocessor="ReverseSigmoid", strength="beta", values=[0.2, 0.9],
+        DefenseConfig(name="reverse-sigmoid", postprocessor="ReverseSigmoid", strength="beta", values=[0.2, 0.9],
                     options={"gamma": 0.5}, defends=["none", "edm-neural"]),
-        DefenseSpec(name="adaptive-misinformation", postprocessor="AdaptiveMisinformation", strength="tau", values=[0.9],
+        DefenseConfig(name="adaptive-misinformation", postprocessor="AdaptiveMisinformation", strength="tau", values=[0.9],
                     options={"nu": 1000.0}, defends=["edm-keyed"], attacks=["knockoff", "knockoff-avg4"]),
     ]
     return config
@@ -196,7 +197,7 @@ def test_bad_defense_settings_fail_before_training(fake_root: Path, tmp_path: Pa
 
 
 def test_surrogate_equal_to_the_defenders_ood_set_is_flagged_loudly(fake_root: Path, tmp_path: Path, capsys):
-    config = tiny_config(fake_root, tmp_path, attacks=[AttackSpec(surrogate="animal-mnist", budgets=[128])])
+    config = tiny_config(fake_root, tmp_path, attacks=[AttackConfig(surrogate="animal-mnist", budgets=[128])])
     with pytest.warns(UserWarning, match="makes the defense look better than it is"):
         validate(config)
     assert "WARNING" in capsys.readouterr().err

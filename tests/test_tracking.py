@@ -8,7 +8,7 @@ import yaml
 
 from edm_lightning import tracking
 from edm_lightning.cli import main
-from tests.helpers.files import QUICK, localise_config
+from tests.helpers.files import QUICK, REPO_ROOT, localise_config
 
 
 @pytest.fixture(autouse=True)
@@ -57,16 +57,33 @@ def _wandb_loggers(node):
             yield from _wandb_loggers(value)
 
 
-def test_committed_configs_log_to_wandb_without_hard_coding_the_mode():
+def test_wandb_is_one_logger_config_that_every_job_composes():
     root = Path(__file__).resolve().parents[1]
-    configs = sorted([*root.glob("configs/*.yaml"), *root.glob("configs/attack/*.yaml")])
-    assert configs
-    for config in configs:
-        loggers = list(_wandb_loggers(yaml.safe_load(config.read_text())))
-        assert loggers, f"{config} does not log to W&B"
-        for init_args in loggers:
-            assert "mode" not in init_args, f"{config}: a committed `mode` beats WANDB_MODE"
-            assert {"project", "job_type", "group", "tags"} <= set(init_args), config
+    jobs = sorted([*root.glob("configs/*.yaml"), *root.glob("configs/attack/*.yaml")])
+    assert jobs
+    for config in jobs:
+        assert not list(_wandb_loggers(yaml.safe_load(config.read_text()))), f"{config}: compose configs/logger/wandb.yaml"
+        assert "--config configs/logger/wandb.yaml" in config.read_text(), f"{config} does not say how to log to W&B"
+    (init_args,) = _wandb_loggers(yaml.safe_load((root / "configs/logger/wandb.yaml").read_text()))
+    assert "mode" not in init_args, "a committed `mode` beats WANDB_MODE"
+    assert init_args["project"] == "edm-lightning"
+    for sweep in sorted(root.glob("configs/sweeps/*.yaml")):
+        assert "configs/logger/wandb.yaml" in yaml.safe_load(sweep.read_text())["command"], sweep
+    assert "--config configs/logger/wandb.yaml" in (root / "scripts/slurm/train.sbatch").read_text()
+
+
+def test_the_job_fills_in_what_the_logger_config_leaves_open_and_explicit_values_win(monkeypatch, fake_root, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = localise_config("configs/edm.yaml", tmp_path, fake_root)
+    logger = str(REPO_ROOT / "configs/logger/wandb.yaml")
+    cli = main(["--config", str(config), "--config", logger], run=False)
+    init = cli.trainer.logger._wandb_init
+    assert init["job_type"] == "edm" and init["group"] == "fashionmnist" and init["tags"] == ["fashionmnist", "lenet5"]
+    assert init["dir"] == str(tmp_path / "runs/edm")  # save_dir: the trainer's default_root_dir
+    cli = main(["--config", str(config), "--config", logger, "--trainer.logger.init_args.job_type", "mine",
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "elsewhere")], run=False)
+    assert cli.trainer.logger._wandb_init["job_type"] == "mine"
+    assert cli.trainer.logger._wandb_init["dir"] == str(tmp_path / "elsewhere")
 
 
 class _Snapshot(L.Callback):
@@ -76,7 +93,8 @@ class _Snapshot(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         run = trainer.logger.experiment
-        _Snapshot.runs.append({"id": run.id, "config": dict(run.config), "summary": dict(run.summary)})
+        _Snapshot.runs.append({"id": run.id, "config": dict(run.config), "summary": dict(run.summary),
+                               "job_type": run.job_type, "group": run.group, "tags": list(run.tags)})
 
 
 def test_offline_run_logs_config_and_metrics_and_each_job_gets_its_own_run(
@@ -84,12 +102,13 @@ def test_offline_run_logs_config_and_metrics_and_each_job_gets_its_own_run(
 ):
     _Snapshot.runs.clear()
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
-    args = ["fit", "--config", str(config), "--data.init_args.val_size", "40",
-            "--trainer.callbacks+=tests.test_tracking._Snapshot", *QUICK]
+    args = ["fit", "--config", str(config), "--config", str(REPO_ROOT / "configs/logger/wandb.yaml"),
+            "--data.init_args.val_size", "40", "--trainer.callbacks+=tests.test_tracking._Snapshot", *QUICK]
     main(args)
     main(args)
     first, second = _Snapshot.runs
     assert first["id"] != second["id"]  # wandb.finish() ran between the two jobs
+    assert (first["job_type"], first["group"], first["tags"]) == ("baseline", "fashionmnist", ["fashionmnist", "lenet5"])
     cli_config = first["config"]["cli"]
     assert cli_config["data"]["init_args"]["dataset"] == "fashionmnist"
     assert cli_config["model"]["init_args"]["arch"] == "lenet5"

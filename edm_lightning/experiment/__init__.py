@@ -1,15 +1,15 @@
 """The experiment runner: one command from data to the results table (``python -m edm_lightning.experiment``)."""
 
 from edm_lightning.experiment.config import (
-    AttackSpec,
-    DefenseSpec,
-    EDMSpec,
+    AttackConfig,
+    DefenseConfig,
+    EDMConfig,
     ExperimentConfig,
-    HashNetSpec,
-    TrainSpec,
+    HashNetConfig,
+    TrainConfig,
 )
 from edm_lightning.experiment.plan import Plan, Stage, build_plan
 from edm_lightning.experiment.runner import run_experiment
 
-__all__ = ["AttackSpec", "DefenseSpec", "EDMSpec", "ExperimentConfig", "HashNetSpec", "Plan", "Stage", "TrainSpec",
+__all__ = ["AttackConfig", "DefenseConfig", "EDMConfig", "ExperimentConfig", "HashNetConfig", "Plan", "Stage", "TrainConfig",
            "build_plan", "run_experiment"]

@@ -13,26 +13,26 @@ from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve
 from edm_lightning.models import OptimConfig
 
 __all__ = [
-    "AttackSpec",
-    "ClusterSpec",
-    "DefenseSpec",
-    "EDMSpec",
+    "AttackConfig",
+    "ClusterConfig",
+    "DefenseConfig",
+    "EDMConfig",
     "ExperimentConfig",
-    "HashNetSpec",
-    "TrainSpec",
-    "TrainerSpec",
+    "HashNetConfig",
+    "TrainConfig",
+    "TrainerConfig",
     "averaging_attacks",
     "curve_attacks",
     "defense_label",
     "needs_misinformation",
-    "postprocessor_specs",
+    "postprocessor_configs",
 ]
 
 ATTACKS = ("knockoff", "jbda", "jbda_tr", "dfme")
 
 
 @dataclass
-class TrainSpec:
+class TrainConfig:
     """How a classifier is trained.
 
     Args:
@@ -55,7 +55,7 @@ class TrainSpec:
 
 
 @dataclass
-class HashNetSpec(TrainSpec):
+class HashNetConfig(TrainConfig):
     """The neural router's hash network (trained on ``dataset``, balanced on the defender's own data).
 
     Args:
@@ -70,7 +70,7 @@ class HashNetSpec(TrainSpec):
 
 
 @dataclass
-class EDMSpec(TrainSpec):
+class EDMConfig(TrainConfig):
     """The EDM ensemble.
 
     Args:
@@ -93,7 +93,7 @@ class EDMSpec(TrainSpec):
 
 
 @dataclass
-class AttackSpec:
+class AttackConfig:
     """One attack, run against the undefended target and against EDM.
 
     Args:
@@ -125,7 +125,7 @@ class AttackSpec:
 
 
 @dataclass
-class DefenseSpec:
+class DefenseConfig:
     """An output-perturbation defense (a post-processor), swept over its strength, alone and on EDM.
 
     Args:
@@ -152,7 +152,7 @@ class DefenseSpec:
 
 
 @dataclass
-class TrainerSpec:
+class TrainerConfig:
     """Where every stage's Trainer runs (the runner always uses one device per stage; ``workers`` run stages at once).
 
     Args:
@@ -170,7 +170,7 @@ class TrainerSpec:
 
 
 @dataclass
-class ClusterSpec:
+class ClusterConfig:
     """Stages as submitit jobs (``executor: slurm``, or ``submitit_local`` to try the same path on this machine).
 
     Each level of the plan (the stages whose needs are done) is one job array; a job killed by
@@ -232,17 +232,17 @@ class ExperimentConfig:
     runs_dir: str = "runs/experiments"
     results_dir: str = "results"
     wandb_project: str | None = "edm-lightning"
-    target: TrainSpec = field(default_factory=TrainSpec)
-    hashnet: HashNetSpec = field(default_factory=HashNetSpec)
-    edm: EDMSpec = field(default_factory=EDMSpec)
-    attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
-    defenses: list[DefenseSpec] = field(default_factory=list)
-    misinformation: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=5))
-    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    target: TrainConfig = field(default_factory=TrainConfig)
+    hashnet: HashNetConfig = field(default_factory=HashNetConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
+    attacks: list[AttackConfig] = field(default_factory=lambda: [AttackConfig()])
+    defenses: list[DefenseConfig] = field(default_factory=list)
+    misinformation: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dry_run: bool = False
     workers: int = 1
     executor: Literal["local", "slurm", "submitit_local"] = "local"
-    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def curve_attacks(config: ExperimentConfig) -> list[str]:
@@ -250,12 +250,12 @@ def curve_attacks(config: ExperimentConfig) -> list[str]:
     return list(dict.fromkeys([config.attacks[0].title] + [title for d in config.defenses for title in d.attacks]))
 
 
-def averaging_attacks(config: ExperimentConfig) -> list[AttackSpec]:
+def averaging_attacks(config: ExperimentConfig) -> list[AttackConfig]:
     """The KnockoffNets variants that average several noisy copies of each query (EDM's adaptive attacker)."""
     return [a for a in config.attacks if a.name == "knockoff" and int(a.options.get("query_copies", 1)) > 1]
 
 
-def defense_label(defense: DefenseSpec, base: str) -> str:
+def defense_label(defense: DefenseConfig, base: str) -> str:
     """The table row name of ``defense`` on ``base`` (``none``: the defense alone; else ``base+defense``)."""
     return defense.name if base == "none" else f"{base}+{defense.name}"
 
@@ -265,11 +265,11 @@ def needs_misinformation(config: ExperimentConfig) -> bool:
     return any(is_adaptive_misinformation(d) and "misinformation_model" not in d.options for d in config.defenses)
 
 
-def is_adaptive_misinformation(defense: DefenseSpec) -> bool:
+def is_adaptive_misinformation(defense: DefenseConfig) -> bool:
     return resolve_postprocessor({"class_path": defense.postprocessor})[0] is AdaptiveMisinformation
 
 
-def postprocessor_specs(defense: DefenseSpec, value: float | None, misinformation: dict | None) -> list[dict]:
+def postprocessor_configs(defense: DefenseConfig, value: float | None, misinformation: dict | None) -> list[dict]:
     """The ``VictimConfig.postprocessors`` entry of ``defense`` at strength ``value``."""
     init_args = dict(defense.options)
     if defense.strength is not None:

@@ -22,7 +22,7 @@ from typing import IO
 
 import torch
 
-from edm_lightning.experiment.config import ClusterSpec
+from edm_lightning.experiment.config import ClusterConfig
 from edm_lightning.experiment.plan import Plan, Stage
 from edm_lightning.experiment.stages import StageStore
 from edm_lightning.progress import format_seconds, stage_log
@@ -35,7 +35,7 @@ class StageFailed(RuntimeError):
 
 
 def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1, executor: str = "local",
-            cluster: ClusterSpec | None = None) -> dict[str, dict]:
+            cluster: ClusterConfig | None = None) -> dict[str, dict]:
     """Run every stage of ``plan`` not already done; each stage's result by stage id.
 
     Args:
@@ -52,7 +52,7 @@ def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1, execu
     """
     tracker = _Tracker(plan, store, log)
     if executor != "local":
-        _run_submitit(plan, store, tracker, executor, cluster or ClusterSpec(), workers)
+        _run_submitit(plan, store, tracker, executor, cluster or ClusterConfig(), workers)
     elif workers == 1:
         for stage in plan.stages:
             if tracker.ready(stage):
@@ -105,7 +105,7 @@ def _run_pool(plan: Plan, store: StageStore, tracker: _Tracker, workers: int) ->
                     tracker.finished(stage, None, False, f"worker failed: {type(err).__name__}: {err}")
 
 
-def _run_submitit(plan: Plan, store: StageStore, tracker: _Tracker, executor: str, cluster: ClusterSpec,
+def _run_submitit(plan: Plan, store: StageStore, tracker: _Tracker, executor: str, cluster: ClusterConfig,
                   workers: int) -> None:
     """One job array per level of the plan (the stages whose needs are done), waited for before the next."""
     import submitit  # optional: the [cluster] extra (validate() has checked it is installed)

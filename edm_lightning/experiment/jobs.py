@@ -22,7 +22,7 @@ from edm_lightning.data import ClassificationDataModule, EDMDataModule, get_spec
 from edm_lightning.data.images import convert_images, load_images
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
-from edm_lightning.experiment.config import AttackSpec, ExperimentConfig, TrainSpec
+from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
 from edm_lightning.losses import coherence
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.models.hashnet import HashBalanceCallback
@@ -38,37 +38,37 @@ def train_target(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The undefended target: its best checkpoint and test accuracy."""
     L.seed_everything(seed, verbose=False)  # before the model exists: its initial weights follow the seed, not
     #                                         whatever ran earlier in this process (a resumed run, a worker)
-    spec = config.target
-    data = _classification_data(config, config.dataset, spec, test_size=config.test_size)
-    model = ClassifierModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
-    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "target")
+    settings = config.target
+    data = _classification_data(config, config.dataset, settings, test_size=config.test_size)
+    model = ClassifierModule(settings.arch, data.num_classes, data.input_shape, data.mean, data.std, settings.optim)
+    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "target")
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
 
 
 def train_hashnet(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The neural router's hash network, trained on ``hashnet.dataset`` and balanced on the defender's data."""
     L.seed_everything(seed, verbose=False)
-    spec = config.hashnet
-    data = _classification_data(config, spec.dataset, spec)
+    settings = config.hashnet
+    data = _classification_data(config, settings.dataset, settings)
     target_shape = get_spec(config.dataset).input_shape
     if tuple(data.input_shape) != tuple(target_shape):
-        raise ConfigError(f"hashnet.dataset {spec.dataset!r} has shape {data.input_shape}, the target {target_shape}")
-    model = ClassifierModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
+        raise ConfigError(f"hashnet.dataset {settings.dataset!r} has shape {data.input_shape}, the target {target_shape}")
+    model = ClassifierModule(settings.arch, data.num_classes, data.input_shape, data.mean, data.std, settings.optim)
     balance = HashBalanceCallback(dataset=config.dataset, root=config.root)
-    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "hashnet", callbacks=[balance])
+    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "hashnet", callbacks=[balance])
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
 
 
 def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, hash_checkpoint: str | None) -> dict:
     """One EDM ensemble at diversity weight ``weight``: routed accuracy, coherence, members' shares."""
     L.seed_everything(seed, verbose=False)
-    spec = config.edm
-    data = EDMDataModule(config.dataset, spec.ood_dataset, config.root, spec.batch_size, val_size=spec.val_size,
-                         train_size=spec.train_size, test_size=config.test_size, augment=spec.augment)
-    model = EnsembleModule(spec.arch, spec.num_members, data.num_classes, data.input_shape, data.mean, data.std,
-                           spec.optim, diversity_weight=weight, router=spec.routers[0], router_key=spec.router_key,
+    settings = config.edm
+    data = EDMDataModule(config.dataset, settings.ood_dataset, config.root, settings.batch_size, val_size=settings.val_size,
+                         train_size=settings.train_size, test_size=config.test_size, augment=settings.augment)
+    model = EnsembleModule(settings.arch, settings.num_members, data.num_classes, data.input_shape, data.mean, data.std,
+                           settings.optim, diversity_weight=weight, router=settings.routers[0], router_key=settings.router_key,
                            hash_checkpoint=hash_checkpoint)
-    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "ensemble")
+    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "ensemble")
     keep = ("test/acc", "test/id/coherence", "test/ood/coherence", "test/id/coherent_share", "test/ood/coherent_share")
     shares = {k: v for k, v in metrics.items() if k.startswith("test/member_")}
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"], "hash_checkpoint": hash_checkpoint,
@@ -79,10 +79,10 @@ def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, 
 def train_misinformation(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """Adaptive Misinformation's misinformation model: trained on the defender's data to be confidently wrong."""
     L.seed_everything(seed, verbose=False)
-    spec = config.misinformation
-    data = _classification_data(config, config.dataset, spec, test_size=config.test_size)
-    model = MisinformationModule(spec.arch, data.num_classes, data.input_shape, data.mean, data.std, spec.optim)
-    metrics = fit_and_test(model, data, spec.epochs, folder, seed, config, "misinformation", monitor=("val/loss", "min"))
+    settings = config.misinformation
+    data = _classification_data(config, config.dataset, settings, test_size=config.test_size)
+    model = MisinformationModule(settings.arch, data.num_classes, data.input_shape, data.mean, data.std, settings.optim)
+    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "misinformation", monitor=("val/loss", "min"))
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
 
 
@@ -129,7 +129,7 @@ def _pixels(images: torch.Tensor, chunk: int = 1024):
             yield part.float().div(255)
 
 
-def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack: AttackSpec, seed: int,
+def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack: AttackConfig, seed: int,
                    images: int = 1000) -> dict:
     """How many distinct members the K copies of one surrogate image reach behind ``victim``'s router, and
     the share of copies answered by the member the unperturbed image gets (on ``images`` surrogate images).
@@ -147,7 +147,7 @@ def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack:
             "share_on_plain_member": float((routes == plain[:, None]).double().mean())}
 
 
-def attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, victim: dict, budget: int, seed: int) -> dict:
+def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victim: dict, budget: int, seed: int) -> dict:
     """One attack against one victim at one budget: clone accuracy, agreement, queries.
 
     KnockoffNets keeps its transfer sets in the experiment's shared ``transfers/`` folder (keyed by victim,
@@ -155,44 +155,44 @@ def attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, victim: dic
     bought once; JBDA and DFME query as their clone learns, so their caches stay in the stage folder.
     """
     trainer = config.trainer.options() | {"logger": _logger(config, "attack", folder, seed)}
-    common = dict(dataset=config.dataset, budget=budget, label_only=spec.label_only, arch=spec.arch,
+    common = dict(dataset=config.dataset, budget=budget, label_only=settings.label_only, arch=settings.arch,
                   root=config.root, test_size=config.test_size, seed=seed, trainer=trainer)
     target = victim_config(config, victim)
     try:
-        return _run_attack(config, folder, spec, target, common)
+        return _run_attack(config, folder, settings, target, common)
     finally:
         finish_wandb_run()
 
 
-def _run_attack(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
-    return ATTACK_RUNNERS.get(spec.name)(config, folder, spec, target, common)
+def _run_attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
+    return ATTACK_RUNNERS.get(settings.name)(config, folder, settings, target, common)
 
 
-#: How the runner calls each attack of ``AttackSpec.name``: ``(config, folder, spec, victim, common) -> result``.
+#: How the runner calls each attack of ``AttackConfig.name``: ``(config, folder, settings, victim, common) -> result``.
 ATTACK_RUNNERS: Registry[Callable[..., dict]] = Registry("attack")
 
 
 @ATTACK_RUNNERS.register("knockoff")
-def _knockoff(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
-    return run_knockoff(target, surrogate=spec.surrogate, max_epochs=spec.epochs, cache_dir=str(transfer_dir(config)),
-                        **common, **spec.options)
+def _knockoff(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
+    return run_knockoff(target, surrogate=settings.surrogate, max_epochs=settings.epochs, cache_dir=str(transfer_dir(config)),
+                        **common, **settings.options)
 
 
 @ATTACK_RUNNERS.register("jbda")
-def _jbda(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
-    return run_jbda(target, targeted=False, epochs_per_round=spec.epochs, cache_dir=str(folder / "cache"),
-                    **common, **spec.options)
+def _jbda(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
+    return run_jbda(target, targeted=False, epochs_per_round=settings.epochs, cache_dir=str(folder / "cache"),
+                    **common, **settings.options)
 
 
 @ATTACK_RUNNERS.register("jbda_tr")
-def _jbda_tr(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
-    return run_jbda(target, targeted=True, epochs_per_round=spec.epochs, cache_dir=str(folder / "cache"),
-                    **common, **spec.options)
+def _jbda_tr(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
+    return run_jbda(target, targeted=True, epochs_per_round=settings.epochs, cache_dir=str(folder / "cache"),
+                    **common, **settings.options)
 
 
 @ATTACK_RUNNERS.register("dfme")
-def _dfme(config: ExperimentConfig, folder: Path, spec: AttackSpec, target: VictimConfig, common: dict) -> dict:
-    return run_dfme(target, max_epochs=spec.epochs, cache_dir=str(folder / "cache"), **common, **spec.options)
+def _dfme(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
+    return run_dfme(target, max_epochs=settings.epochs, cache_dir=str(folder / "cache"), **common, **settings.options)
 
 
 def transfer_dir(config: ExperimentConfig) -> Path:
@@ -230,10 +230,10 @@ def fit_and_test(model: L.LightningModule, data: L.LightningDataModule, epochs: 
     return merged
 
 
-def _classification_data(config: ExperimentConfig, dataset: str, spec: TrainSpec, test_size: int | None = None
+def _classification_data(config: ExperimentConfig, dataset: str, settings: TrainConfig, test_size: int | None = None
                          ) -> ClassificationDataModule:
-    return ClassificationDataModule(dataset, config.root, spec.batch_size, val_size=spec.val_size,
-                                    train_size=spec.train_size, test_size=test_size, augment=spec.augment)
+    return ClassificationDataModule(dataset, config.root, settings.batch_size, val_size=settings.val_size,
+                                    train_size=settings.train_size, test_size=test_size, augment=settings.augment)
 
 
 def _logger(config: ExperimentConfig, job_type: str, folder: Path, seed: int) -> Any:

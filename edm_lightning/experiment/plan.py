@@ -26,13 +26,13 @@ from typing import Any
 from edm_lightning.data import get_spec
 from edm_lightning.experiment import jobs
 from edm_lightning.experiment.config import (
-    AttackSpec,
+    AttackConfig,
     ExperimentConfig,
     averaging_attacks,
     curve_attacks,
     defense_label,
     needs_misinformation,
-    postprocessor_specs,
+    postprocessor_configs,
 )
 from edm_lightning.files import digest
 
@@ -127,24 +127,25 @@ class _Builder:
                                                     "trained": target.id, "served": target.id}
         hashnet = None
         if "neural" in config.edm.routers:
-            spec = config.hashnet
+            settings = config.hashnet
             hashnet = self.add(Stage(
-                "hashnet", {"dataset": spec.dataset, "balanced_on": config.dataset, "seed": seed, "spec": asdict(spec),
+                "hashnet", {"dataset": settings.dataset, "balanced_on": config.dataset, "seed": seed, "spec": asdict(settings),
                             "input_shape": get_spec(config.dataset).input_shape},
-                f"on {spec.dataset} (seed {seed})", work(jobs.train_hashnet, config, seed=seed),
-                estimate_s=_training_s(spec, 9_000)))
+                f"on {settings.dataset} (seed {seed})", work(jobs.train_hashnet, config, seed=seed),
+                estimate_s=_training_s(settings, 9_000)))
         hash_checkpoint = hashnet and self.output(hashnet)
         for weight in self.weights:
-            spec = config.edm
+            settings = config.edm
             edm = self.add(Stage(
                 "edm", {"dataset": config.dataset, "seed": seed, "diversity_weight": weight,
-                        "spec": asdict(spec) | {"tradeoff_weights": None, "diversity_weight": None, "routers": spec.routers[:1]},
+                        "spec": asdict(settings) | {"tradeoff_weights": None, "diversity_weight": None,
+                                                    "routers": settings.routers[:1]},
                         "hashnet": hash_checkpoint, "test_size": config.test_size},
-                f"N={spec.num_members} lambda={weight:g} (seed {seed})",
+                f"N={settings.num_members} lambda={weight:g} (seed {seed})",
                 work(jobs.train_edm, config, seed=seed, weight=weight, hash_checkpoint=hash_checkpoint),
                 needs=(hashnet.id,) if hashnet else (),
-                estimate_s=_training_s(spec, self.train_images) * spec.num_members * _ENSEMBLE_STEP))
-            for router in spec.routers:  # one ensemble, served behind each router
+                estimate_s=_training_s(settings, self.train_images) * settings.num_members * _ENSEMBLE_STEP))
+            for router in settings.routers:  # one ensemble, served behind each router
                 victim = {"checkpoint": self.output(edm), "router": router, "hash_checkpoint": hash_checkpoint,
                           "trained": edm.id}
                 self.victims[(f"edm-{router}", weight, None, seed)] = {**victim, "served": self.serve(victim).id}
@@ -162,7 +163,7 @@ class _Builder:
                 for value in defense.values:
                     model = misinformation and {"checkpoint": self.output(misinformation)}
                     victim = {**self.victims[(base, weight, None, seed)],
-                              "postprocessors": postprocessor_specs(defense, value, model)}
+                              "postprocessors": postprocessor_configs(defense, value, model)}
                     served = self.serve(victim, extra=(misinformation.id,) if misinformation else ())
                     self.victims[(defense_label(defense, base), weight, value, seed)] = {**victim, "served": served.id}
         surrogate = next((a.surrogate for a in config.attacks if a.name == "knockoff"), None)
@@ -195,7 +196,7 @@ class _Builder:
             functools.partial(jobs.diagnostics, self.config, victim=plain, surrogate=surrogate),
             needs=(victim["trained"],), estimate_s=3.0))
 
-    def spread(self, victim: dict, attack: AttackSpec, seed: int) -> Stage:
+    def spread(self, victim: dict, attack: AttackConfig, seed: int) -> Stage:
         options = attack.options
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": attack.surrogate, "seed": seed,
                "query_copies": int(options["query_copies"]), "copy_noise": float(options.get("copy_noise", 0)),
@@ -228,26 +229,27 @@ class _Builder:
                             runs += [(attack, defense_label(defense, base), weight, v, budget, seed) for v in defense.values]
         return runs
 
-    def attack(self, spec: AttackSpec, defense: str, weight: float | None, strength: float | None, budget: int,
+    def attack(self, settings: AttackConfig, defense: str, weight: float | None, strength: float | None, budget: int,
                seed: int) -> Stage:
         victim = self.victims[(defense, weight, strength, seed)]
         # The label only names the attack in the results; budgets stays in the key as None, as it always was,
         # so stages of earlier runs keep their keys.
-        key = {"attack": {k: v for k, v in asdict(spec).items() if k != "label"} | {"budgets": None}, "budget": budget,
+        key = {"attack": {k: v for k, v in asdict(settings).items() if k != "label"} | {"budgets": None}, "budget": budget,
                "seed": seed, "victim": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size}
         if victim.get("postprocessors"):
             key["postprocessors"] = victim["postprocessors"]
         setting = ", ".join(part for part in (weight is not None and f"lambda={weight:g}",
                                               strength is not None and f"strength={strength:g}") if part)
-        label = f"{spec.title} vs {defense}{f' ({setting})' if setting else ''} ({budget:,} queries, seed {seed})"
+        label = f"{settings.title} vs {defense}{f' ({setting})' if setting else ''} ({budget:,} queries, seed {seed})"
         plain = _served_model(victim)
-        info = {"attack": spec.title, "defense": defense, "diversity_weight": weight,
+        info = {"attack": settings.title, "defense": defense, "diversity_weight": weight,
                 "strength_name": self.strength_names.get(defense), "strength": strength, "budget": budget, "seed": seed,
                 "served": victim["served"]}
         stage = self.add(Stage("attack", key, label,
-                               functools.partial(jobs.attack, self.config, spec=spec, victim=plain, budget=budget, seed=seed),
+                               functools.partial(jobs.attack, self.config, settings=settings, victim=plain, budget=budget,
+                                                 seed=seed),
                                needs=tuple(dict.fromkeys((victim["trained"], victim["served"]))),
-                               estimate_s=_attack_s(spec, budget)))
+                               estimate_s=_attack_s(settings, budget)))
         self.runs.append((stage.id, info))
         return stage
 
@@ -265,18 +267,18 @@ _ENSEMBLE_STEP = 1.6  # an EDM member also sees an OOD batch: its step costs mor
 _SECONDS_PER_QUERY = 5e-5  # buying: the served model's answer, the transfer set's save
 
 
-def _training_s(spec, images: int) -> float:
-    return spec.epochs * (spec.train_size or images) * _SECONDS_PER_IMAGE_EPOCH.get(spec.arch, 1e-3)
+def _training_s(settings, images: int) -> float:
+    return settings.epochs * (settings.train_size or images) * _SECONDS_PER_IMAGE_EPOCH.get(settings.arch, 1e-3)
 
 
-def _attack_s(spec: AttackSpec, budget: int) -> float:
-    per_image = _SECONDS_PER_IMAGE_EPOCH.get(spec.arch, 1e-3)
-    if spec.name == "knockoff":
-        items = budget // int(spec.options.get("query_copies", 1))
-        return budget * _SECONDS_PER_QUERY + spec.epochs * items * per_image + 3.0
-    if spec.name == "dfme":
+def _attack_s(settings: AttackConfig, budget: int) -> float:
+    per_image = _SECONDS_PER_IMAGE_EPOCH.get(settings.arch, 1e-3)
+    if settings.name == "knockoff":
+        items = budget // int(settings.options.get("query_copies", 1))
+        return budget * _SECONDS_PER_QUERY + settings.epochs * items * per_image + 3.0
+    if settings.name == "dfme":
         return budget * _SECONDS_PER_QUERY * 35  # a generator and a clone step per few hundred queries
-    return budget * _SECONDS_PER_QUERY * 10 + spec.epochs * budget * per_image * 6  # JBDA: a clone per round
+    return budget * _SECONDS_PER_QUERY * 10 + settings.epochs * budget * per_image * 6  # JBDA: a clone per round
 
 
 def _train_images(config: ExperimentConfig) -> int:

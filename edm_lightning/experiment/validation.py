@@ -19,7 +19,7 @@ from edm_lightning.data import get_spec
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
-from edm_lightning.experiment.config import ExperimentConfig, postprocessor_specs
+from edm_lightning.experiment.config import ExperimentConfig, postprocessor_configs
 
 __all__ = ["validate"]
 
@@ -126,5 +126,5 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
         # Adaptive Misinformation's model is trained later: a stand-in of the right shape lets its ranges be checked now.
         stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(spec.input_shape), spec.num_classes))
         for value in defense.values:  # out-of-range strengths fail here, not after hours of training
-            post = postprocessor_specs(defense, value, {"checkpoint": stand_in})[0]
+            post = postprocessor_configs(defense, value, {"checkpoint": stand_in})[0]
             build_postprocessor(post, spec.num_classes, spec.input_shape)
