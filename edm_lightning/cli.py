@@ -35,6 +35,12 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
 
     Errors that are the user's to fix (missing data, values out of range) end the run with their
     message and exit status 2, like jsonargparse's own configuration errors, not with a traceback.
+
+    Returns:
+        The CLI object (its ``model``, ``datamodule``, ``trainer``), e.g. for tests.
+
+    Raises:
+        SystemExit: status 2 for a user error, with its message.
     """
     try:
         return EDMLightningCLI(

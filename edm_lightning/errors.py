@@ -22,6 +22,9 @@ def exit_if_user_error(err: BaseException) -> None:
     """Print the UserError behind ``err`` (jsonargparse wraps the errors of the classes it builds) and exit 2.
 
     Returns without doing anything when no UserError is behind ``err``: the caller re-raises it.
+
+    Raises:
+        SystemExit: status 2, when a UserError is behind ``err``.
     """
     seen = set()
     cause: BaseException | None = err
@@ -39,6 +42,9 @@ def unreadable_file_reason(err: BaseException) -> str:
     A file holding Python objects other than tensors and plain data is refused on purpose (unpickling it
     could run code); torch's own message suggests turning that protection off, which is exactly what must
     not be done with a file from someone else, so it is replaced by this line.
+
+    Returns:
+        One line, without torch's advice to load unsafely.
     """
     if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
         return "it holds Python objects other than tensors and plain data; refused, because loading it could run code"

@@ -43,6 +43,9 @@ def digest(value: Any, length: int = 12) -> str:
 
     ``value`` may hold dataclasses, mappings, sequences and paths; anything else is written as ``str``.
 
+    Returns:
+        ``length`` lowercase hex digits.
+
     Example:
         >>> digest({"b": 1, "a": [1, 2]}) == digest({"a": [1, 2], "b": 1})
         True

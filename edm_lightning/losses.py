@@ -41,6 +41,9 @@ def coherence(probs: Tensor, temperature: float = 1.0) -> Tensor:
     and tends to the maximum as ``t`` grows. With ``t = 1`` it differs from the paper's value by the
     constant ``log P`` only, so its gradient (and hence training) is the paper's exactly.
 
+    Returns:
+        Coherence per input ``(batch,)``, in [0, 1] for probability inputs.
+
     Raises:
         ValueError: ``temperature <= 0``.
 
@@ -69,6 +72,9 @@ def max_pairwise_similarity(probs: Tensor) -> Tensor:
 
     The share of inputs where it exceeds 0.5 says how often at least two members still agree, which
     is what a re-querying attacker could exploit; it does not depend on a temperature.
+
+    Returns:
+        The largest pairwise cosine similarity per input ``(batch,)``.
     """
     return pairwise_similarity(probs).amax(dim=-1)
 
@@ -91,6 +97,12 @@ def misinformation_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
     Computed as ``logsumexp(z) - logsumexp(z without the true class)``, i.e. ``-log sum_{k != y} p_k``,
     which stays finite where ``1 - p_true`` underflows.
+
+    Returns:
+        The batch mean, a scalar.
+
+    Raises:
+        ValueError: logits not ``(N, K)`` or targets not ``(N,)``.
     """
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits must be (N, K) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}")

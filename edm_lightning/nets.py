@@ -46,6 +46,9 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     The hash network runs on every query, so its cost adds to the served model's; a LeNet-5 hash costs
     about as much as a LeNet-5 member (serving at 0.47x of one member), this one about a fifth of it.
     Any input size works (adaptive pooling to 4x4).
+
+    Returns:
+        The net, images to logits ``(N, num_classes)``.
     """
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, 5, stride=2, padding=2), nn.ReLU(),
@@ -107,6 +110,9 @@ def build_net(
     std: tuple[float, ...] | None = None,
 ) -> nn.Sequential:
     """``Normalize(mean, std)`` followed by architecture ``arch``: images in [0, 1] in, logits out.
+
+    Returns:
+        ``nn.Sequential(Normalize, net)``.
 
     Raises:
         ConfigError: an unknown ``arch`` (the known ones listed), or a shape or statistics it cannot take.

@@ -43,6 +43,9 @@ class Registry(Generic[T]):
     def register(self, name: str | None = None) -> Callable[[T], T]:
         """Decorator adding the decorated object under ``name`` (default: its ``__name__``).
 
+        Returns:
+            The decorator; it returns the object unchanged.
+
         Raises:
             ValueError: ``name`` is already registered (two definitions would silently shadow each other).
         """
@@ -58,6 +61,9 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The entry called ``name``.
+
+        Returns:
+            The registered object.
 
         Raises:
             ConfigError: no entry has that name (the message lists the known names).

@@ -84,6 +84,9 @@ def answer_routed(members: Sequence[nn.Module], route: Tensor, x: Tensor, num_cl
 
     Each member runs only on the inputs routed to it, so a batch costs about one member, not N.
 
+    Returns:
+        Probabilities ``(N, num_classes)`` in ``x``'s dtype.
+
     Raises:
         RuntimeError: a member produced non-finite values (a broken model must not answer NaN).
     """
@@ -208,6 +211,9 @@ def neural_hash_index(probs: Tensor, num_members: int, num_bins: int = 10, multi
 def quantise(x: Tensor) -> Tensor:
     """Images in [0, 1] as uint8 pixels, the representation a byte hash must see.
 
+    Returns:
+        uint8 pixels, ``x``'s shape.
+
     Example:
         >>> quantise(torch.tensor([0.0, 0.001, 0.5, 1.0]))
         tensor([  0,   0, 128, 255], dtype=torch.uint8)
@@ -228,6 +234,9 @@ def build_router(
 
     ``input_shape``, when given, is checked against the hash network's, so a hash net trained for other
     inputs fails here rather than at the first query.
+
+    Returns:
+        The router.
 
     Raises:
         ConfigError: an unknown ``kind`` (the known ones listed), or settings that kind cannot use.
@@ -260,6 +269,9 @@ def load_hash_net(
     balancing logit offsets (``None`` if the checkpoint was saved without
     :class:`~edm_lightning.models.hashnet.HashBalanceCallback`).
 
+    Returns:
+        ``(net, logit_bias or None)``.
+
     Raises:
         ConfigError: no checkpoint named, not a readable classifier checkpoint, or inputs of another shape.
         CheckpointNotFoundError: no file at ``hash_checkpoint``.
@@ -285,6 +297,9 @@ def balance_logit_bias(logits: Tensor, max_iter: int = 200) -> Tensor:
 
     The minimiser of the convex ``mean_x logsumexp(logits_x + b) - mean(b)`` (its gradient is the mean
     softmax minus 1/M), found with L-BFGS; ``b`` is centred to zero mean.
+
+    Returns:
+        ``b`` ``(M,)``, float32, zero mean.
     """
     logits = logits.detach().float()
     bias = torch.zeros(logits.shape[-1], requires_grad=True)

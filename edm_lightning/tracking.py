@@ -44,6 +44,9 @@ def resolve_wandb_mode() -> str:
     """The W&B mode this process will use; without credentials and without ``WANDB_MODE``, ``offline``.
 
     Committed configs never set ``mode`` (it would beat ``WANDB_MODE``); the environment decides.
+
+    Returns:
+        ``online``, ``offline``, ``disabled`` or whatever ``WANDB_MODE`` says.
     """
     global _told_offline
     mode = os.environ.get("WANDB_MODE")

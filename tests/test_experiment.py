@@ -267,6 +267,25 @@ def test_the_default_config_plans_exactly_the_main_question():
     assert plan["edm-" + plan.stages[2].id.split("-", 1)[1]].needs == (plan.stages[1].id,)  # EDM needs the hash net
 
 
+#: The main job's stage folders, as the README's table was measured with. A refactoring must not change them
+#: (a finished user's run would train and buy everything again); a deliberate change re-measures the README.
+MAIN_JOB_STAGES = [
+    "attack-6a6031e2cfb2", "attack-997e0b3270a3", "attack-a328c74851ad", "attack-a8f0d5321e39", "attack-c122684229a2",
+    "attack-ec00ab7ae89e", "attack-f2807869e584", "attack-f2c57f6b0417", "attack-f5b8c2e362ca",
+    "diagnostics-4e793539c5a5", "diagnostics-7faf22ca625f", "edm-74f640c85ee1", "hashnet-e2fad736a6ff",
+    "served-16f9f37f1119", "served-4aa55f35f282", "target-b4f490e37ae2",
+]
+
+
+def test_the_main_jobs_stage_keys_stay_those_of_its_committed_results():
+    from jsonargparse import auto_cli
+
+    from edm_lightning.experiment import build_plan
+
+    config = auto_cli(ExperimentConfig, args=["--config", str(REPO_ROOT / "configs/experiment/fashionmnist.yaml")])
+    assert sorted(stage.id for stage in build_plan(config).stages) == MAIN_JOB_STAGES
+
+
 def test_the_full_cpu_config_holds_everything_the_default_left_out():
     from jsonargparse import auto_cli
 

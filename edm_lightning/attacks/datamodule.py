@@ -154,6 +154,12 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         """uint8 images of another dataset converted to the victim's input shape, with their labels.
 
         ``check_only`` refuses an inconvertible dataset (from its registry entry) without loading it.
+
+        Returns:
+            ``(images, labels)``: uint8 ``(N, *input_shape)`` and int64 ``(N,)``; ``None`` with ``check_only``.
+
+        Raises:
+            ConfigError: the dataset's channels cannot be converted to the victim's.
         """
         check_convertible(get_spec(name).input_shape[0], self.input_shape[0], f"surrogate {name!r} images")
         if check_only:

@@ -227,6 +227,9 @@ def zeroth_order_gradient(
 
     Costs ``len(pre) * (directions + 1)`` oracle queries (each point and its probes). Returns the
     estimate (to backpropagate into the generator) and the generator loss at the unperturbed points.
+
+    Returns:
+        ``(gradient estimate like pre, generator loss)``.
     """
     with torch.no_grad():
         n, dim = pre.shape[0], pre[0].numel()
@@ -265,6 +268,9 @@ def run_dfme(
     ``options`` go to :class:`DFMEModule` (``directions``, ``grad_epsilon``, ``generator_lr``, ...).
 
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+
+    Returns:
+        The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
     """
     L.seed_everything(seed, verbose=False)
     datamodule = DataFreeDataModule(victim, dataset=dataset, budget=budget, label_only=label_only,

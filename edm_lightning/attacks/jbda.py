@@ -177,6 +177,9 @@ class JBDADataModule(AttackDataModule):
         bought; what was read counts against the budget all the same. Once this run has queried,
         later cached rounds are stale (they grew from other points) and are bought afresh. When the
         budget cannot pay for a whole round, a random part of it is bought. Returns the points added.
+
+        Returns:
+            The points added this round ``(n, C, H, W)``.
         """
         path = self._round_path(round_, tag)
         if path.is_file() and self._oracle is None:
@@ -223,6 +226,9 @@ def jacobian_augmentation(
 
     Untargeted: gradient of the clone's logit for ``labels``. Targeted (JBDA-TR): gradient of the
     clone's log-probability of ``targets``. Results are clipped to the valid image range [0, 1].
+
+    Returns:
+        The new points, ``x``'s shape, in [0, 1].
     """
     was_training = net.training
     net.eval()
@@ -264,6 +270,9 @@ def run_jbda(
     Same DataModule and LightningModule as ``python main.py fit --config configs/attack/jbda.yaml``.
 
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+
+    Returns:
+        The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own (rounds).
     """
     L.seed_everything(seed, verbose=False)
     datamodule = JBDADataModule(victim, dataset=dataset, seed_size=seed_size, budget=budget or seed_size * 2**rounds,

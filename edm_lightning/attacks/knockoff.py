@@ -31,7 +31,7 @@ budget B buys B // K images, K times the queries per transfer-set item, and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import torch
@@ -51,7 +51,7 @@ from edm_lightning.models.optim import OptimConfig
 from edm_lightning.nets import build_net
 from edm_lightning.progress import Progress
 
-__all__ = ["KnockoffDataModule", "TransferSet", "build_transfer_set", "noisy_copies", "run_knockoff"]
+__all__ = ["KnockoffDataModule", "Sampler", "TransferSet", "build_transfer_set", "noisy_copies", "run_knockoff"]
 
 Strategy = Literal["random", "adaptive"]
 Reward = Literal["cert", "div", "loss", "all"]
@@ -245,6 +245,9 @@ class TransferSet:
         """Read a set written by :meth:`save`; a file that is not one (truncated, or a pickle of anything else:
         a cache folder may hold files from anyone) is refused without running any of its code.
 
+        Returns:
+            The transfer set the file holds.
+
         Raises:
             ConfigError: the file is not a readable transfer set; the message names it and says to delete it.
         """
@@ -307,6 +310,9 @@ def build_transfer_set(
         copy_noise: std of the Gaussian noise on each copy.
         copy_shift: largest random shift of each copy, in pixels.
         query_batch_size: queries per oracle call of the random strategy (``None``: ``batch_size``).
+
+    Returns:
+        The transfer set: at most ``budget`` queries' worth of surrogate indices and the victim's answers.
     """
     _check_copies(query_copies, copy_noise, budget, copy_shift)
     cache_path = Path(cache_path)
@@ -345,6 +351,7 @@ def _extend_transfer_set(open_oracle, images: Tensor, labels: Tensor, budget: in
     oracle: BlackBoxOracle = open_oracle(cached.charged(items) + min(len(cached), items) * query_copies)
     if len(cached) >= items:
         return cached.head(items)
+    sampler: Sampler
     if strategy == "random":
         sampler = _RandomSampler(len(images), seed)
     elif strategy == "adaptive":
@@ -400,6 +407,9 @@ def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int
     ``clamp(copy + noise * eps, 0, 1)`` with Gaussian ``eps``. Both are drawn per image from
     ``(seed, start + i)``, so item ``i`` of a transfer set always gets the same copies, however the run
     was split into batches.
+
+    Returns:
+        The copies ``(N * copies, C, H, W)`` in [0, 1].
     """
     out = x.repeat_interleave(copies, dim=0)
     if noise == 0 and shift == 0:
@@ -443,6 +453,9 @@ def run_knockoff(
     ``copy_shift`` ...).
 
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+
+    Returns:
+        The figures of :func:`~edm_lightning.attacks.run_attack` plus the transfer set's size.
     """
     L.seed_everything(seed, verbose=False)
     datamodule = KnockoffDataModule(
@@ -463,6 +476,26 @@ def _check_copies(query_copies: int, copy_noise: float, budget: int, copy_shift:
         raise ConfigError(f"copy_shift must be an integer in [0, 8] (largest shift of a copy, in pixels), got {copy_shift!r}")
     if budget < query_copies:
         raise ConfigError(f"budget={budget} cannot buy one image sent as query_copies={query_copies} copies: raise the budget")
+
+
+class Sampler(Protocol):
+    """How KnockoffNets picks the next surrogate images to query; resumable from its ``state_dict``."""
+
+    def draw(self, start: int, count: int) -> Tensor:
+        """Surrogate indices ``(count,)`` of the transfer set's items ``start .. start + count - 1``."""
+        ...
+
+    def update(self, x: Tensor, answers: Tensor) -> None:
+        """Learn from the victim's ``answers`` ``(n, K)`` to the queried images ``x`` ``(n, C, H, W)``."""
+        ...
+
+    def state_dict(self) -> dict | None:
+        """What a resumed run needs to continue the same draws (``None``: nothing)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved :meth:`state_dict`."""
+        ...
 
 
 class _RandomSampler:

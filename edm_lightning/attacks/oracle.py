@@ -101,6 +101,9 @@ class BlackBoxOracle:
     def __call__(self, x: Tensor) -> Tensor:
         """Answers ``(N, num_classes)`` for images ``x`` ``(N, C, H, W)`` in [0, 1]; counts N queries.
 
+        Returns:
+            Probabilities (or one-hot top-1 labels) ``(N, num_classes)``, detached, on ``x``'s device.
+
         Raises:
             ValueError: ``x`` is not a tensor (a numpy array, a list, ``None``), or the victim refused it.
             QueryBudgetExceeded: the batch would take the oracle past its budget; nothing was answered.
@@ -131,6 +134,9 @@ def _sealed(victim: nn.Module) -> Callable[[Tensor], Tensor]:
 
     Queries go to the victim's device and answers come back on the caller's, so a clone on a GPU can
     query a victim served on the CPU (or the other way round).
+
+    Returns:
+        ``x -> answers``, holding the victim in its closure.
     """
     victim = victim.eval()
     device = next((p.device for p in victim.parameters()), torch.device("cpu"))

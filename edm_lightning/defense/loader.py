@@ -61,6 +61,9 @@ def load_victim(config: VictimConfig) -> Victim:
     The file is read once; the nets are rebuilt from its hyper-parameters and given its weights (no
     LightningModule is built, so this is safe while LightningCLI instantiates the DataModule that calls it).
 
+    Returns:
+        The victim, ready to answer queries.
+
     Raises:
         CheckpointNotFoundError: no file at ``config.checkpoint``.
         ConfigError: an unreadable, foreign or inconsistent checkpoint, or a router it cannot be served behind.

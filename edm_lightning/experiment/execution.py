@@ -47,6 +47,9 @@ def execute(plan: Plan, store: StageStore, log: IO[str], workers: int = 1, execu
         executor: ``local``, or ``slurm`` / ``submitit_local`` (submitit jobs, one array per level).
         cluster: the submitit jobs' resources.
 
+    Returns:
+        Stage id -> its result dict, for every stage of the plan.
+
     Raises:
         StageFailed: after every runnable stage ran, if any failed.
     """

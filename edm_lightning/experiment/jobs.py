@@ -101,6 +101,9 @@ def diagnostics(config: ExperimentConfig, folder: Path, victim: dict, surrogate:
     """Why EDM works or fails behind a router: each member's share of the defender's test images and of the
     attacker's surrogate images (fair: 1/N each), and histograms of the ensemble's coherence on the test
     images and on held-out OOD images (in [0, 1]: 1 when all members agree).
+
+    Returns:
+        ``share_test`` (and ``share_surrogate``) per member, and the coherence histograms with their edges.
     """
     model = victim_config(config, victim).build()
     test = load_images(config.dataset, config.root, train=False)[0][: config.test_size]
@@ -133,6 +136,9 @@ def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack:
                    images: int = 1000) -> dict:
     """How many distinct members the K copies of one surrogate image reach behind ``victim``'s router, and
     the share of copies answered by the member the unperturbed image gets (on ``images`` surrogate images).
+
+    Returns:
+        ``distinct_members``, ``distinct_if_random`` (the same for a uniform random router) and ``share_on_plain_member``.
     """
     options = attack.options
     copies, noise, shift = int(options["query_copies"]), float(options.get("copy_noise", 0)), int(options.get("copy_shift", 0))
@@ -153,6 +159,9 @@ def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victi
     KnockoffNets keeps its transfer sets in the experiment's shared ``transfers/`` folder (keyed by victim,
     seed and sampling setting, never by budget), so every budget of a curve reads a prefix of one set
     bought once; JBDA and DFME query as their clone learns, so their caches stay in the stage folder.
+
+    Returns:
+        The attack's figures (:func:`~edm_lightning.attacks.run_attack`).
     """
     trainer = config.trainer.options() | {"logger": _logger(config, "attack", folder, seed)}
     common = dict(dataset=config.dataset, budget=budget, label_only=settings.label_only, arch=settings.arch,
@@ -211,6 +220,9 @@ def fit_and_test(model: L.LightningModule, data: L.LightningDataModule, epochs: 
     """Fit (resuming from ``last.ckpt`` if an earlier run was killed), then test the best checkpoint by ``monitor``.
 
     Lightning's own bar when standard error is a terminal, one line per epoch when it is not.
+
+    Returns:
+        The best checkpoint's test metrics, one dict over all test loaders.
     """
     L.seed_everything(seed, verbose=False)
     checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor[0], mode=monitor[1], save_last=True)

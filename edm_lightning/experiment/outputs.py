@@ -80,6 +80,9 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
 def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) -> list[str]:
     """The two questions users ask: which defense costs at most 1 point and stops the clone most, and how
     much of EDM's protection survives query averaging (and at how many extra queries).
+
+    Returns:
+        Markdown lines, one per attack.
     """
     notes = []
     first = config.attacks[0]

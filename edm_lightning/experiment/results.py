@@ -41,6 +41,9 @@ def summarise(records: Sequence[dict], budget: int | None = None, diversity_weig
     ``clone_acc_drop`` is the undefended clone accuracy minus the defended one and ``defender_acc_loss``
     the undefended model's test accuracy minus the defended one, both paired by seed, so their spread is
     that of the difference, not of two independent means.
+
+    Returns:
+        One dict per row, with ``*_mean`` and ``*_std`` columns.
     """
     chosen = [r for r in records if (budget is None or r["budget"] == budget)
               and (diversity_weight is None or r.get("diversity_weight") in (None, diversity_weight))]
@@ -161,6 +164,9 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path)
     strength varies (EDM alone: as lambda varies), the undefended model as a star, error bars the spread
     over seeds. The right panel zooms on the defenses that cost at most 1 point of defender accuracy, where
     they crowd, and names each point's strength. False if nothing to draw.
+
+    Returns:
+        Whether a plot was written to ``path``.
     """
     curves: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -212,6 +218,9 @@ def plot_tradeoff(records: Sequence[dict], attack: str, budget: int, path: Path)
 def plot_routing_shares(diagnostics: dict[str, Sequence[dict]], path: Path) -> bool:
     """Each member's share of the defender's test images and of the attacker's surrogate images, one panel per
     router (mean over seeds; the dashed line is the fair share 1/N). False if there is nothing to draw.
+
+    Returns:
+        Whether a plot was written to ``path``.
     """
     routers = [router for router, seeds in diagnostics.items() if seeds]
     if not routers:
@@ -241,6 +250,9 @@ def plot_routing_shares(diagnostics: dict[str, Sequence[dict]], path: Path) -> b
 def plot_coherence(seeds: Sequence[dict], path: Path) -> bool:
     """Histograms of the ensemble's coherence on in-distribution test images and on held-out OOD images
     (summed over seeds): EDM wants the first near 1 (members agree) and the second near 0. False if empty.
+
+    Returns:
+        Whether a plot was written to ``path``.
     """
     if not seeds or "coherence_edges" not in seeds[0]:
         return False

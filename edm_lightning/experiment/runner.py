@@ -31,6 +31,9 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
 
     With ``config.dry_run`` only print the plan and return ``[]``.
 
+    Returns:
+        One record per attack run (what ``records.csv`` holds).
+
     Raises:
         ConfigError: a configuration that cannot finish, before any stage starts.
         StageFailed: stages failed (after every stage that did not need them ran); no results are written.

@@ -48,6 +48,9 @@ class StageStore:
 
         The stage's folder is locked while it runs: a second runner on the same folder waits, then reuses
         the result instead of running (and paying for) the stage again.
+
+        Returns:
+            ``(result, ran_here)``.
         """
         result = self.cached(kind, config)
         if result is not None:

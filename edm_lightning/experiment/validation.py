@@ -92,6 +92,9 @@ def _validate_executor(config: ExperimentConfig) -> None:
 def _validate_trainer(config: ExperimentConfig) -> None:
     """A device the machine has, checked before any stage starts (names are checked by the parser); more workers
     than GPUs share them in turn.
+
+    Raises:
+        ConfigError: the accelerator or device count is not available here.
     """
     accelerator = config.trainer.accelerator
     available = {

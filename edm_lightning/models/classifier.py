@@ -82,5 +82,8 @@ def accuracy_metrics(num_classes: int) -> MetricCollection:
     """Top-1 accuracy over all inputs (micro average), the figure the model-stealing literature reports.
 
     Inputs come from this package's own models, so torchmetrics' per-update argument checks are skipped.
+
+    Returns:
+        A collection with one metric, ``acc``.
     """
     return MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)})

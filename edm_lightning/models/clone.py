@@ -89,6 +89,12 @@ def clone_loss(logits: Tensor, target: Tensor) -> Tensor:
 
     With soft targets this is KnockoffNets' training loss, ``-sum_k y_k log softmax(z)_k``; one-hot
     targets (a label-only oracle) reduce it to the usual cross-entropy.
+
+    Returns:
+        The batch mean, a scalar.
+
+    Raises:
+        ConfigError: soft targets of another shape than the logits.
     """
     if target.is_floating_point():
         if target.shape != logits.shape:
@@ -101,6 +107,9 @@ def clone_metrics(num_classes: int) -> MetricCollection:
     """Clone accuracy on the true labels and agreement (argmax match) with the victim, both micro-averaged.
 
     Each is updated with its own target, so the collection is updated metric by metric.
+
+    Returns:
+        A collection of ``acc`` and ``agreement``.
     """
     return MetricCollection(
         {

@@ -113,6 +113,9 @@ class EnsembleModule(L.LightningModule):
 
         Members without BatchNorm see both batches in one forward pass (the same maths, half the calls, and
         larger matrix products); with BatchNorm, whose statistics would mix the two, in two.
+
+        Returns:
+            ``(in-distribution logits, OOD logits)``.
         """
         if self._mixes_batch:
             return self(x), self(x_ood)

@@ -68,6 +68,9 @@ class AdaptiveMisinformation(Postprocessor):
     def blend_weight(self, probs: Tensor) -> Tensor:
         """``a = sigmoid(nu * (tau - max p))`` per answer ``(N, 1)``: the share of misinformation.
 
+        Returns:
+            ``a`` ``(N, 1)`` in [0, 1], float64.
+
         Example:
             >>> defense = AdaptiveMisinformation(tau=0.5, nu=1000.0, misinformation_model=nn.Linear(4, 3))
             >>> defense.blend_weight(torch.tensor([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3]])).round(decimals=3)

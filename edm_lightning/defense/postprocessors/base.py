@@ -80,6 +80,13 @@ def build_postprocessor(
     :class:`Postprocessor` subclass. The served model's ``num_classes`` and ``input_shape``
     are passed to classes that take them, as LightningCLI links data to model: a config never types
     them, and a value that disagrees with the served model is refused.
+
+    Returns:
+        The post-processor.
+
+    Raises:
+        ConfigError: a malformed config, an unknown class, arguments it does not take, or a
+            ``num_classes`` / ``input_shape`` other than the served model's.
     """
     cls, init_args = resolve_postprocessor(spec, position)
     signature = inspect.signature(cls)
@@ -127,6 +134,9 @@ def resolve_postprocessor(spec: Any, position: int = 0) -> tuple[type[Postproces
 def frozen_classifier(model: nn.Module | str | Path, what: str, num_classes: int | None,
                 input_shape: tuple[int, int, int] | None) -> nn.Module:
     """A frozen classifier from a module or checkpoint path; a class count other than the served model's fails now.
+
+    Returns:
+        The classifier in eval mode, gradients off.
 
     Raises:
         ConfigError: not a module or a readable single-classifier checkpoint, or another input shape or class count.

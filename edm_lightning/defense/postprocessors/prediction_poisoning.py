@@ -115,6 +115,9 @@ class PredictionPoisoning(Postprocessor):
 
         Works inside ``no_grad`` and inference mode (a served model runs there): ``torch.func`` transforms
         differentiate regardless of the outer grad mode.
+
+        Returns:
+            ``G G^T`` ``(N, K, K)``, float64.
         """
         named = dict(self.proxy.named_parameters())
         params = {name: named[name].detach() for name in self._gradient_names}
@@ -142,6 +145,9 @@ def mad_target(gram: Tensor, y: Tensor, preserve_argmax: bool = False) -> Tensor
 
     With ``M = G G^T`` the objective of a candidate ``v`` is ``2 - 2 cos(G^T v, G^T y)`` and
     ``cos = v^T M y / sqrt(v^T M v * y^T M y)``, so only ``M`` is needed.
+
+    Returns:
+        The chosen vertex per input ``(N, K)``, a probability vector.
     """
     k = y.shape[-1]
     if not preserve_argmax:
