@@ -224,7 +224,7 @@ def test_misinformation_loss_is_minus_log_of_the_wrong_classes_mass():
         (lambda: AdaptiveMisinformation(-0.1, 10.0, tiny_net()), r"tau .* must be in \[0, 1\], got -0.1"),
         (lambda: AdaptiveMisinformation(0.5, 0.0, tiny_net()), "nu .* must be > 0"),
         (lambda: AdaptiveMisinformation(0.5, 10.0, tiny_net(classes=7), num_classes=K, input_shape=SHAPE),
-         "predicts 7 classes but the served model 5"),
+         "predicts 7 classes but the victim 5"),
     ],
 )
 def test_bad_parameters_fail_at_construction_with_the_expected_range(make, message):
@@ -243,7 +243,7 @@ def test_class_count_is_linked_from_the_served_model(checkpoint_factory):
     ckpt = checkpoint_factory(MisinformationModule("lenet5", num_classes=4, input_shape=(1, 28, 28)), "mis.ckpt")
     spec = {"class_path": "AdaptiveMisinformation", "init_args": {"tau": 0.5, "nu": 10.0, "misinformation_model": ckpt}}
     assert build_postprocessor(spec, 4, (1, 28, 28)).tau == 0.5
-    with pytest.raises(ConfigError, match="predicts 4 classes but the served model 10"):
+    with pytest.raises(ConfigError, match="predicts 4 classes but the victim 10"):
         build_postprocessor(spec, 10, (1, 28, 28))
     with pytest.raises(ConfigError, match="unknown post-processor 'Sharpen'"):
         build_postprocessor({"class_path": "Sharpen"}, 10, (1, 28, 28))

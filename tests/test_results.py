@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from edm_lightning.experiment.results import (
+from edm_lightning.experiment.stages import StageStore
+from edm_lightning.experiment.tables import (
     best_within,
     plot_budget_curve,
     plot_tradeoff,
@@ -14,7 +15,6 @@ from edm_lightning.experiment.results import (
     write_csv,
     write_markdown,
 )
-from edm_lightning.experiment.stages import StageStore
 from edm_lightning.files import digest
 
 

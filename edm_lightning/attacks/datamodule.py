@@ -41,7 +41,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
     budget compared with one query batch.
 
     Args:
-        victim: the served model, as configs name it (checkpoint, router, ...). From Python an already
+        victim: the victim, as configs name it (checkpoint, router, ...). From Python an already
             built :class:`~edm_lightning.defense.Victim` is accepted too.
         dataset: the victim's in-distribution dataset (registry name): its shape, class count and
             normalisation are linked into the clone, its test split measures the clone.

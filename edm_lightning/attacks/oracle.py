@@ -62,7 +62,7 @@ class BlackBoxOracle:
     """A victim behind a prediction API that counts queries (one query = one input row).
 
     Args:
-        victim: the served model (a :class:`~edm_lightning.defense.Victim`, or any :class:`Servable`); it must expose
+        victim: what to serve (a :class:`~edm_lightning.defense.Victim`, or any :class:`Servable`); it must expose
             ``input_shape`` and ``num_classes`` and validate its inputs.
         budget: most queries ever answered (``None``: unlimited, for evaluation harnesses only).
         label_only: answer with the top-1 label only, as a one-hot float vector. One-hot (not an index)

@@ -28,7 +28,7 @@ class VictimConfig:
         member: the member that answers under ``router: fixed``.
         postprocessors: output-perturbation defenses applied to every answer, in this order, each as
             ``{class_path: ReverseSigmoid, init_args: {beta: 0.3}}`` (a name from
-            :data:`~edm_lightning.defense.postprocessors.POSTPROCESSORS` or a dotted path). The served model's
+            :data:`~edm_lightning.defense.postprocessors.POSTPROCESSORS` or a dotted path). The victim's
             ``num_classes`` and ``input_shape`` are passed to those that take them. So "EDM + Adaptive
             Misinformation" is this list on an ensemble checkpoint; the undefended target + the same
             list is the defense alone.

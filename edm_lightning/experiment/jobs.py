@@ -1,4 +1,4 @@
-"""The work of each stage kind: train a model, measure a served model, run an attack, in a stage folder.
+"""The work of each stage kind: train a model, measure a victim, run an attack, in a stage folder.
 
 Each function takes the experiment's configuration and the stage's own parameters, works in ``folder``
 and returns the stage's figures as a JSON-able dict (the stage's ``result.json``). They know nothing of
@@ -210,7 +210,7 @@ def transfer_dir(config: ExperimentConfig) -> Path:
 
 
 def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
-    """The served model a planned victim stands for (checkpoint, router, post-processors)."""
+    """The VictimConfig a planned victim stands for (checkpoint, router, post-processors)."""
     return VictimConfig(victim["checkpoint"], router=victim["router"], hash_checkpoint=victim.get("hash_checkpoint"),
                         key=config.edm.router_key, postprocessors=victim.get("postprocessors", []))
 

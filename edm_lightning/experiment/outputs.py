@@ -1,6 +1,6 @@
 """The results files of one experiment: ``results.md`` / ``.csv``, ``records.csv``, plots, and their W&B run.
 
-Written once every stage has run, each file atomically (:mod:`.results` holds the tables and plots;
+Written once every stage has run, each file atomically (:mod:`.tables` holds the tables and plots;
 this module decides which of them an experiment gets and the notes that explain them).
 """
 
@@ -13,7 +13,7 @@ from statistics import mean
 
 from lightning.pytorch.loggers import WandbLogger
 
-from edm_lightning.experiment import results as tables
+from edm_lightning.experiment import tables
 from edm_lightning.experiment.config import ExperimentConfig, curve_attacks
 from edm_lightning.files import digest
 from edm_lightning.progress import stage_log
@@ -28,8 +28,8 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
 
     Args:
         config: the experiment.
-        records: one dict per attack run (see :mod:`.results`).
-        victims: ``(defense, lambda, strength, seed) -> figures`` of each served model (training and serving stages).
+        records: one dict per attack run (see :mod:`.tables`).
+        victims: ``(defense, lambda, strength, seed) -> figures`` of each victim (training and serving stages).
         spreads: ``(averaging attack, router) -> [per-seed routing spread]``.
         diagnostics: ``router -> [per-seed member shares and coherence histograms]``.
         wall_time: seconds this invocation took.

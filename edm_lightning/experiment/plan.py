@@ -264,7 +264,7 @@ def _served_model(victim: dict) -> dict:
 # what the finished stages of this run really took, so only the ratios between stages matter.
 _SECONDS_PER_IMAGE_EPOCH = {"lenet5": 6e-5, "small_cnn": 5e-5, "resnet18": 6e-3, "vgg16_bn": 5e-3}
 _ENSEMBLE_STEP = 1.6  # an EDM member also sees an OOD batch: its step costs more than a target's
-_SECONDS_PER_QUERY = 5e-5  # buying: the served model's answer, the transfer set's save
+_SECONDS_PER_QUERY = 5e-5  # buying: the victim's answer, the transfer set's save
 
 
 def _training_s(settings, images: int) -> float:

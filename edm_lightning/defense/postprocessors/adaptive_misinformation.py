@@ -34,9 +34,9 @@ class AdaptiveMisinformation(Postprocessor):
             (also more benign ones), the defense's strength.
         nu: sharpness of the switch, > 0 (large, e.g. 1000: nearly a hard threshold at tau).
         misinformation_model: an ``nn.Module`` returning logits or a checkpoint path of a
-            ``MisinformationModule``; it must have the served model's class count.
-        num_classes: the served model's class count (set by the victim loader): checked against the model.
-        input_shape: the served model's input shape (set by the victim loader).
+            ``MisinformationModule``; it must have the victim's class count.
+        num_classes: the victim's class count (set by the victim loader): checked against the model.
+        input_shape: the victim's input shape (set by the victim loader).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """What every output-perturbation defense is, and how configs name and build them.
 
-A post-processor changes a served model's answers, never its weights. Each is a :class:`Postprocessor`
+A post-processor changes a victim's answers, never its weights. Each is a :class:`Postprocessor`
 called as ``probs = post(x, probs)`` by :class:`~edm_lightning.defense.Victim` after routing, so the
 same defense applies to an undefended target and to an EDM ensemble, and several compose in a
 configured order (:class:`~edm_lightning.defense.VictimConfig` ``postprocessors``). Every one
@@ -56,7 +56,7 @@ class Postprocessor(nn.Module):
       own query and answer (never on the rest of the batch), with ``N = 0`` answered by an empty batch.
 
     Constructors take their strength parameters and, where they need them, ``num_classes`` and
-    ``input_shape``, which the victim loader fills in from the served model.
+    ``input_shape``, which the victim loader fills in from the victim.
     """
 
     @override
@@ -77,16 +77,16 @@ def build_postprocessor(
     """One post-processor from ``{"class_path": ..., "init_args": {...}}``, as LightningCLI configs write classes.
 
     ``class_path`` is a name of :data:`POSTPROCESSORS` (``ReverseSigmoid``) or a dotted path to a
-    :class:`Postprocessor` subclass. The served model's ``num_classes`` and ``input_shape``
+    :class:`Postprocessor` subclass. The victim's ``num_classes`` and ``input_shape``
     are passed to classes that take them, as LightningCLI links data to model: a config never types
-    them, and a value that disagrees with the served model is refused.
+    them, and a value that disagrees with the victim is refused.
 
     Returns:
         The post-processor.
 
     Raises:
         ConfigError: a malformed config, an unknown class, arguments it does not take, or a
-            ``num_classes`` / ``input_shape`` other than the served model's.
+            ``num_classes`` / ``input_shape`` other than the victim's.
     """
     cls, init_args = resolve_postprocessor(spec, position)
     signature = inspect.signature(cls)
@@ -96,7 +96,7 @@ def build_postprocessor(
             continue
         given = init_args.get(key)
         if given is not None and (tuple(given) if key == "input_shape" else int(given)) != value:
-            raise ConfigError(f"{where}: {key}={given!r} but the served model has {key}={value!r}; leave it out")
+            raise ConfigError(f"{where}: {key}={given!r} but the victim has {key}={value!r}; leave it out")
         init_args[key] = value
     try:
         signature.bind(**init_args)
@@ -133,7 +133,7 @@ def resolve_postprocessor(spec: Any, position: int = 0) -> tuple[type[Postproces
 
 def frozen_classifier(model: nn.Module | str | Path, what: str, num_classes: int | None,
                 input_shape: tuple[int, int, int] | None) -> nn.Module:
-    """A frozen classifier from a module or checkpoint path; a class count other than the served model's fails now.
+    """A frozen classifier from a module or checkpoint path; a class count other than the victim's fails now.
 
     Returns:
         The classifier in eval mode, gradients off.
@@ -145,7 +145,7 @@ def frozen_classifier(model: nn.Module | str | Path, what: str, num_classes: int
         net, hp, _ = load_classifier_net(model, what)
         have_classes, have_shape = int(hp["num_classes"]), tuple(hp["input_shape"])
         if input_shape is not None and have_shape != tuple(input_shape):
-            raise ConfigError(f"{what} {str(model)!r} takes inputs {have_shape}, the served model {tuple(input_shape)}")
+            raise ConfigError(f"{what} {str(model)!r} takes inputs {have_shape}, the victim {tuple(input_shape)}")
     elif isinstance(model, nn.Module):
         net = model.eval().requires_grad_(False)
         have_classes = None
@@ -166,4 +166,4 @@ def check_classes(have: int, want: int, what: str, error: type[Exception] = Valu
         error: ``have != want`` (``ValueError`` at query time, ``ConfigError`` at construction).
     """
     if have != want:
-        raise error(f"{what} predicts {have} classes but the served model {want}: train it on the victim's task")
+        raise error(f"{what} predicts {have} classes but the victim {want}: train it on the victim's task")

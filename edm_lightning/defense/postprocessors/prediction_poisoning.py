@@ -56,8 +56,8 @@ class PredictionPoisoning(Postprocessor):
         gradient_params: ``last`` (last weight matrix) or ``all`` parameters of the proxy.
         proxy_arch: architecture of the fresh proxy when ``proxy`` is ``None``.
         seed: initialisation seed of that fresh proxy.
-        num_classes: the served model's class count (set by the victim loader): checked against the proxy.
-        input_shape: the served model's input shape (set by the victim loader).
+        num_classes: the victim's class count (set by the victim loader): checked against the proxy.
+        input_shape: the victim's input shape (set by the victim loader).
     """
 
     def __init__(
@@ -113,7 +113,7 @@ class PredictionPoisoning(Postprocessor):
     def gram(self, x: Tensor, chunk: int = 64) -> Tensor:
         """``G G^T`` per input ``(N, K, K)``, ``G`` the proxy's log-softmax Jacobian w.r.t. the chosen weights.
 
-        Works inside ``no_grad`` and inference mode (a served model runs there): ``torch.func`` transforms
+        Works inside ``no_grad`` and inference mode (a victim runs there): ``torch.func`` transforms
         differentiate regardless of the outer grad mode.
 
         Returns:
