@@ -38,7 +38,7 @@ SETTINGS = (("lenet5", (1, 28, 28)), ("resnet18", (3, 32, 32)))
 
 def main(batches: int = 8, batch_size: int = 256, repeats: int = 3, num_members: int = 5, device: str = "cpu",
          hash_archs: tuple[str, ...] = ("small_cnn", "lenet5")) -> None:
-    """Print images/s of each served model and its ratio to the undefended single member.
+    """Print images/s of each victim and its ratio to the undefended single member.
 
     Args:
         batches: batches in the stream.

@@ -193,7 +193,7 @@ def _query_rates(arch: str, hash_arch: str, members: int, data: ClassificationDa
         "EDM, neural router": Victim(nets, NeuralHashRouter(hash_net, members), shape, classes),
         "EDM, keyed router": Victim(nets, KeyedHashRouter(members, "benchmark-only-key"), shape, classes),
     }
-    print(f"{'served model':<22}{'buying q/s':>12}{'serving q/s (batch 256)':>26}")
+    print(f"{'victim':<22}{'buying q/s':>12}{'serving q/s (batch 256)':>26}")
     for name, model in served.items():
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

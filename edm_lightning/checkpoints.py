@@ -86,8 +86,8 @@ def checkpoint_nets(state: dict[str, Any], path: str | Path, what: str) -> list[
     if is_ensemble(state):
         count = int(hp["num_members"])
         members = _strip(weights, "members.")
-        found = sorted({key.split(".", 1)[0] for key in members})
-        if found != [str(i) for i in range(count)]:
+        found = sorted({key.split(".", 1)[0] for key in members}, key=lambda index: (len(index), index))
+        if found != [str(i) for i in range(count)]:  # numeric order: "10" after "9"
             raise ConfigError(f"{what} {str(path)!r} is inconsistent: its hyper-parameters say num_members={count}, "
                               f"its weights hold {len(found)} members")
         parts = [_strip(members, f"{index}.") for index in range(count)]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from edm_lightning.errors import exit_if_user_error
+from edm_lightning.routing import refuse_keys_on_command_line
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
 __all__ = ["EDMLightningCLI", "main"]
@@ -25,9 +28,16 @@ class EDMLightningCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        self._command_line = sys.argv[1:] if args is None else [str(a) for a in args] if isinstance(args, list) else []
+        super().parse_arguments(parser, args)
+
+    @override
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        refuse_keys_on_command_line(config, self._command_line)
         resolve_wandb_mode()  # before any WandbLogger exists: offline when there are no credentials
-        fill_wandb_defaults(self.config[self.subcommand] if self.subcommand else self.config)
+        fill_wandb_defaults(config)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:

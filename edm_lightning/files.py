@@ -17,7 +17,30 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["digest", "file_digest", "save_atomic", "state_digest", "to_plain", "write_atomic"]
+__all__ = ["Secret", "digest", "file_digest", "save_atomic", "state_digest", "to_plain", "write_atomic"]
+
+
+class Secret:
+    """A value a digest must depend on but no file may show: :func:`digest` hashes ``value``,
+    :func:`to_plain` (what ``config.json`` files hold) writes ``label`` instead.
+
+    Args:
+        value: the secret, as hashed.
+        label: what files show in its place (a fingerprint, never the value).
+    """
+
+    def __init__(self, value: str, label: str):
+        self._value, self.label = value, label
+
+    def reveal(self) -> str:
+        """The secret itself (for digests only)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.label!r})"
+
+    def __deepcopy__(self, memo: dict) -> Secret:
+        return self
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
@@ -38,10 +61,12 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def digest(value: Any, length: int = 12) -> str:
+def digest(value: Any, length: int = 12, separators: tuple[str, str] = (",", ":")) -> str:
     """The first ``length`` hex digits of the SHA-256 of ``value``'s canonical JSON (sorted keys, no spaces).
 
     ``value`` may hold dataclasses, mappings, sequences and paths; anything else is written as ``str``.
+    ``separators`` are json's: attack caches were named with json's default ``(", ", ": ")`` and keep it, so
+    a cache bought by an earlier version is found (and charged) instead of bought again.
 
     Returns:
         ``length`` lowercase hex digits.
@@ -52,7 +77,7 @@ def digest(value: Any, length: int = 12) -> str:
         >>> len(digest("x", length=16))
         16
     """
-    canonical = json.dumps(to_plain(value), sort_keys=True, separators=(",", ":"), default=str)
+    canonical = json.dumps(to_plain(value, reveal=True), sort_keys=True, separators=separators, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
@@ -74,14 +99,24 @@ def state_digest(module: nn.Module) -> str:
     return sha.hexdigest()
 
 
-def to_plain(value: Any) -> Any:
-    """``value`` as JSON-able data: dataclasses as dicts, tuples as lists, paths as strings."""
+def to_plain(value: Any, reveal: bool = False) -> Any:
+    """``value`` as JSON-able data: dataclasses as dicts, tuples as lists, paths as strings.
+
+    Args:
+        value: the data.
+        reveal: write each :class:`Secret` as its value (for digests) instead of its label (for files).
+
+    Returns:
+        Dicts, lists and scalars only (anything else is left for ``json.dumps(default=str)``).
+    """
+    if isinstance(value, Secret):
+        return value.reveal() if reveal else value.label
     if is_dataclass(value) and not isinstance(value, type):
-        return to_plain(asdict(value))
+        return to_plain(asdict(value), reveal)
     if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
+        return {str(k): to_plain(v, reveal) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
+        return [to_plain(v, reveal) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value

@@ -16,9 +16,14 @@ training code: :class:`~edm_lightning.models.EnsembleModule` measures its routed
 from __future__ import annotations
 
 import hashlib
+import os
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import is_dataclass
+from typing import Any
 
 import torch
+from jsonargparse.typing import SecretStr
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -28,18 +33,29 @@ from edm_lightning.registry import Registry
 
 __all__ = [
     "BALANCE_KEY",
+    "DEFAULT_ROUTER_KEY",
     "ROUTERS",
     "FixedRouter",
     "KeyedHashRouter",
     "NeuralHashRouter",
     "Router",
     "answer_routed",
+    "as_secret",
     "balance_logit_bias",
     "build_router",
+    "key_fingerprint",
     "load_hash_net",
     "neural_hash_index",
     "quantise",
+    "refuse_keys_on_command_line",
+    "resolve_router_key",
 ]
+
+DEFAULT_ROUTER_KEY = "edm-lightning"  # public: experiments only (a warning says so)
+ROUTER_KEY_ENV = "EDM_ROUTER_KEY"
+ROUTER_KEY_FILE_ENV = "EDM_ROUTER_KEY_FILE"
+SECRET_MASK = "**********"  # what jsonargparse writes for a SecretStr
+_warned_public_key = False
 
 #: Router builders by config name: ``(num_members, member, key, hash_checkpoint, input_shape) -> Router``.
 ROUTERS: Registry[Callable[..., Router]] = Registry("router")
@@ -159,17 +175,19 @@ class KeyedHashRouter(Router):
     """Member ``= BLAKE2b_key(uint8 bytes of the input) mod N``: a secret, process-independent byte hash.
 
     Inputs are quantised to 8-bit pixels first (``round(255 * x)``), so float noise below half a grey
-    level does not change the member, but anything coarser usually does.
+    level does not change the member, but anything coarser usually does. The key is resolved by
+    :func:`resolve_router_key` (argument, ``EDM_ROUTER_KEY``, ``EDM_ROUTER_KEY_FILE``, or the public
+    default with a loud warning) and is never printed: ``repr`` shows its :func:`key_fingerprint`.
+
+    Raises:
+        ConfigError: ``num_members < 1``, or an unusable key (see :func:`resolve_router_key`).
     """
 
-    def __init__(self, num_members: int, key: str | bytes = "edm-lightning"):
+    def __init__(self, num_members: int, key: str | bytes | SecretStr | None = None):
         super().__init__()
         _check_members(num_members)
-        key = key.encode() if isinstance(key, str) else bytes(key)
-        if not 0 < len(key) <= hashlib.blake2b.MAX_KEY_SIZE:
-            raise ConfigError(f"keyed router key must be 1 to {hashlib.blake2b.MAX_KEY_SIZE} bytes, got {len(key)}")
         self.num_members = num_members
-        self._key = key
+        self._key = resolve_router_key(key)
 
     @override
     @torch.no_grad()
@@ -184,7 +202,113 @@ class KeyedHashRouter(Router):
 
     @override
     def extra_repr(self) -> str:
-        return f"num_members={self.num_members}"  # never print the key
+        return f"num_members={self.num_members}, key_fingerprint={key_fingerprint(self._key)!r}"  # never the key
+
+
+def resolve_router_key(key: str | bytes | SecretStr | None = None) -> bytes:
+    """The keyed router's secret key as bytes: ``key`` if given, else ``$EDM_ROUTER_KEY``, else the contents of
+    the file ``$EDM_ROUTER_KEY_FILE``, else the public default :data:`DEFAULT_ROUTER_KEY` with a loud warning.
+
+    Configs type the key as jsonargparse's ``SecretStr``, so config dumps, ``--print_config`` and logged
+    configs show ``**********`` instead; a key read back from such a dump is refused rather than used.
+
+    Returns:
+        The key, 1 to 64 bytes.
+
+    Raises:
+        ConfigError: an empty or too long key, a key file that cannot be read, or the mask of a saved config.
+    """
+    if isinstance(key, SecretStr):
+        key = key.get_secret_value()
+    source = "the config"
+    if key is None and os.environ.get(ROUTER_KEY_ENV):
+        key, source = os.environ[ROUTER_KEY_ENV], f"${ROUTER_KEY_ENV}"
+    elif key is None and os.environ.get(ROUTER_KEY_FILE_ENV):
+        path = os.environ[ROUTER_KEY_FILE_ENV]
+        try:
+            key, source = open(path, "rb").read().strip(), f"the key file {path!r}"
+        except OSError as err:
+            raise ConfigError(f"cannot read the router key file {path!r} (${ROUTER_KEY_FILE_ENV}): {err.strerror}") from None
+    elif key is None:
+        _warn_public_key()
+        key, source = DEFAULT_ROUTER_KEY, "the public default"
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    if raw == SECRET_MASK.encode():
+        raise ConfigError(
+            f"the router key from {source} is {SECRET_MASK!r}, the mask a saved config shows in place of the key: "
+            f"give the real key through ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} (or --...router_key)"
+        )
+    if not 0 < len(raw) <= hashlib.blake2b.MAX_KEY_SIZE:
+        raise ConfigError(f"the router key from {source} must be 1 to {hashlib.blake2b.MAX_KEY_SIZE} bytes, got {len(raw)}")
+    return raw
+
+
+def as_secret(key: str | bytes | SecretStr | None) -> SecretStr | None:
+    """``key`` wrapped so that ``repr``, ``str`` and config dumps never show it (``None`` stays ``None``).
+
+    Returns:
+        A ``SecretStr``, or ``None``.
+    """
+    if key is None or isinstance(key, SecretStr):
+        return key
+    return SecretStr(key.decode("latin-1") if isinstance(key, bytes) else str(key))
+
+
+def key_fingerprint(key: str | bytes | SecretStr | None) -> str:
+    """A short public name of a router key (a keyed hash of a fixed text), to tell runs apart without the key.
+
+    Returns:
+        8 hex digits; equal keys give equal fingerprints.
+    """
+    raw = resolve_router_key(key) if not isinstance(key, bytes) else key
+    return hashlib.blake2b(b"edm-lightning router key fingerprint", digest_size=4, key=raw).hexdigest()
+
+
+def _warn_public_key() -> None:
+    global _warned_public_key
+    if _warned_public_key:
+        return
+    _warned_public_key = True
+    message = (f"WARNING: the keyed router uses the public default key {DEFAULT_ROUTER_KEY!r}: anyone can compute "
+               f"which member answers a query. Set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a random key "
+               "(e.g. `python -c \"import secrets; print(secrets.token_hex(32))\"`) before serving a real model.")
+    warnings.warn(message, PublicRouterKeyWarning, stacklevel=3)
+
+
+def refuse_keys_on_command_line(config: Any, argv: Sequence[str]) -> None:
+    """Refuse a run whose parsed ``config`` holds a secret (a ``SecretStr``) that was typed in ``argv``.
+
+    A command line is kept by the shell's history, shown by ``ps`` to every user of the machine and recorded
+    by W&B with the run, so a router key must come from ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE`` or a
+    config file the user keeps private.
+
+    Raises:
+        ConfigError: a secret's value appears in ``argv``.
+    """
+    secrets = [value.get_secret_value() for value in _secrets(config)]
+    if any(secret and secret != SECRET_MASK and secret in arg for secret in secrets for arg in argv):
+        raise ConfigError(
+            f"a router key was given on the command line, where the shell history, `ps` and W&B's run metadata "
+            f"keep it: set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_FILE_ENV} to a file only you can read) instead"
+        )
+
+
+def _secrets(node: Any) -> list[SecretStr]:
+    if isinstance(node, SecretStr):
+        return [node]
+    if is_dataclass(node) and not isinstance(node, type):
+        node = vars(node)
+    elif hasattr(node, "as_dict") and not isinstance(node, dict):  # a jsonargparse Namespace
+        node = vars(node)
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in _secrets(value)]
+    if isinstance(node, (list, tuple)):
+        return [s for value in node for s in _secrets(value)]
+    return []
+
+
+class PublicRouterKeyWarning(UserWarning):
+    """The keyed router runs with the public default key (fine for experiments, not for a deployment)."""
 
 
 def neural_hash_index(probs: Tensor, num_members: int, num_bins: int = 10, multiplier: int = 2) -> Tensor:
@@ -226,7 +350,7 @@ def build_router(
     num_members: int,
     *,
     member: int = 0,
-    key: str = "edm-lightning",
+    key: str | bytes | SecretStr | None = None,
     hash_checkpoint: str | None = None,
     input_shape: tuple[int, int, int] | None = None,
 ) -> Router:
@@ -251,7 +375,7 @@ def _fixed(num_members: int, *, member: int, **_: object) -> Router:
 
 
 @ROUTERS.register("keyed")
-def _keyed(num_members: int, *, key: str, **_: object) -> Router:
+def _keyed(num_members: int, *, key: str | bytes | SecretStr | None, **_: object) -> Router:
     return KeyedHashRouter(num_members, key)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from typing_extensions import override
 
@@ -126,6 +127,7 @@ class LogConfigCallback(SaveConfigCallback):
 
     @override
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        config = self.config.as_dict()
+        # The parser's own dump, as config.yaml holds it: secrets (router keys) are masked, never logged.
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"cli": config})

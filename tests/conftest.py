@@ -42,6 +42,16 @@ def real_data_root() -> Path:
 
 
 @pytest.fixture
+def fresh_wandb_session():
+    """W&B reads its environment once per process session; tear it down so each test sees its own."""
+    import wandb
+
+    wandb.teardown()  # an earlier test may have started a (disabled) session in this process
+    yield
+    wandb.teardown()
+
+
+@pytest.fixture
 def checkpoint_factory(tmp_path):
     def make(module: lightning.LightningModule, name: str = "model.ckpt", **hparam_overrides) -> str:
         return str(save_checkpoint(module, tmp_path / name, **hparam_overrides))

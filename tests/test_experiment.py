@@ -13,30 +13,16 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.experiment import (
     AttackConfig,
     DefenseConfig,
-    EDMConfig,
     ExperimentConfig,
-    HashNetConfig,
     TrainConfig,
     run_experiment,
 )
 from edm_lightning.experiment.__main__ import main as experiment_main
 from edm_lightning.experiment.validation import validate
+from tests.helpers.experiment import tiny_config
 
 jobs = importlib.import_module("edm_lightning.experiment.jobs")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
-    config = ExperimentConfig(
-        name="tiny", dataset="fashionmnist", root=str(root), seeds=[0], test_size=40, wandb_project=None,
-        runs_dir=str(out / "runs"), results_dir=str(out / "results"),
-        target=TrainConfig(epochs=1, batch_size=32, val_size=40), hashnet=HashNetConfig(epochs=1, batch_size=32, val_size=40),
-        edm=EDMConfig(epochs=1, batch_size=32, val_size=40, num_members=2, tradeoff_weights=[0.0]),
-        attacks=[AttackConfig(name="knockoff", budgets=[64, 128], epochs=1, options={"batch_size": 32})],
-    )
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
 
 
 def test_runs_every_stage_and_writes_the_measured_values(fake_root: Path, tmp_path: Path, capsys):
@@ -457,3 +443,10 @@ def test_slurm_without_sbatch_on_the_machine_is_refused_before_anything_starts(f
     with pytest.raises(ConfigError, match="needs SLURM's sbatch on this machine"):
         run_experiment(config)
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_attack_the_config_accepts_has_a_runner():
+    from typing import get_args, get_type_hints
+
+    accepted = set(get_args(get_type_hints(AttackConfig)["name"]))
+    assert accepted == set(jobs.ATTACK_RUNNERS.names())

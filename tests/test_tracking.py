@@ -10,15 +10,7 @@ from edm_lightning import tracking
 from edm_lightning.cli import main
 from tests.helpers.files import QUICK, REPO_ROOT, localise_config
 
-
-@pytest.fixture(autouse=True)
-def fresh_wandb_session():
-    """W&B reads its environment once per process session; tear it down so each test sees its own."""
-    import wandb
-
-    wandb.teardown()  # an earlier test module may have started a (disabled) session in this process
-    yield
-    wandb.teardown()
+pytestmark = pytest.mark.usefixtures("fresh_wandb_session")
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_co
 from edm_lightning.defense import Victim, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, file_digest, state_digest
+from edm_lightning.routing import DEFAULT_ROUTER_KEY, as_secret, resolve_router_key
 
 __all__ = ["AttackDataModule", "victim_labels"]
 
@@ -76,7 +77,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         check_budget_covers_batch(budget, batch_size)
-        victim_model, self.victim_id = _build_victim(victim)
+        victim_model, self._victim_id = _build_victim(victim)  # hashed into cache names, never shown
         if tuple(victim_model.input_shape) != tuple(self.spec.input_shape) or victim_model.num_classes != self.spec.num_classes:
             raise ConfigError(
                 f"the victim takes inputs {tuple(victim_model.input_shape)} with {victim_model.num_classes} classes, but "
@@ -147,8 +148,8 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
 
     def cache_key(self, **attack: Any) -> str:
         """A short digest of everything that decides what the victim answers and what the attacker asks."""
-        return digest({"victim": self.victim_id, "label_only": self.hparams.label_only,
-                       "seed": self.hparams.seed, **attack}, length=16)
+        return digest({"victim": self._victim_id, "label_only": self.hparams.label_only,
+                       "seed": self.hparams.seed, **attack}, length=16, separators=(", ", ": "))
 
     def load_attacker_images(self, name: str, train: bool = True, check_only: bool = False) -> tuple[Tensor, Tensor] | None:
         """uint8 images of another dataset converted to the victim's input shape, with their labels.
@@ -185,7 +186,10 @@ def _build_victim(victim: VictimConfig | Victim | dict) -> tuple[nn.Module, str]
     if not isinstance(victim, VictimConfig):
         raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...) or a Victim, got {type(victim).__name__}")
     model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
-    parts = [file_digest(victim.checkpoint), victim.router, str(victim.member), victim.key]
+    # The key is only hashed into cache names (as it always was: caches bought by earlier runs keep their names).
+    key = resolve_router_key(victim.key) if victim.router == "keyed" else (victim.key or as_secret(DEFAULT_ROUTER_KEY))
+    key = key.decode("latin-1") if isinstance(key, bytes) else key.get_secret_value()
+    parts = [file_digest(victim.checkpoint), victim.router, str(victim.member), key]
     if victim.hash_checkpoint:
         parts.append(file_digest(victim.hash_checkpoint))
     if victim.postprocessors:  # their settings and weights (MAD's proxy, misinformation model) change every answer

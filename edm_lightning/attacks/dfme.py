@@ -153,7 +153,7 @@ class DataFreeDataModule(AttackDataModule):
 
     Args:
         victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed:
-            see :class:`~edm_lightning.attacks.base.AttackDataModule`; ``batch_size`` is the query batch.
+            see :class:`~edm_lightning.attacks.AttackDataModule`; ``batch_size`` is the query batch.
         steps_per_epoch: attack iterations between two evaluations.
     """
 

@@ -9,7 +9,7 @@ label it, trains a substitute (the clone), and then for T rounds doubles the set
 * JBDA-TR (the targeted "T-RND" variant of PRADA, also used by Adaptive Misinformation): ``s`` is the
   clone's log-probability of a random *other* class, so each sibling moves towards a random target.
 
-Literature setting: 150 seeds, 6 rounds, epsilon 0.1 (9,600 queries in all). The clone keeps training
+Literature setting: 150 seed images, 6 rounds, epsilon 0.1 (9,600 queries in all). The clone keeps training
 across rounds (warm start) for ``epochs_per_round`` epochs on the current set. Each round's new
 points and answers are saved, so a killed run resumes without buying a round twice.
 """
@@ -130,7 +130,7 @@ class JBDADataModule(AttackDataModule):
 
     Args:
         victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed:
-            see :class:`~edm_lightning.attacks.base.AttackDataModule`.
+            see :class:`~edm_lightning.attacks.AttackDataModule`.
         seed_size: in-distribution images the attacker starts from (drawn from the victim dataset's
             training split, which the victim's test-set evaluation never touches).
     """

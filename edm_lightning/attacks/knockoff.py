@@ -65,7 +65,7 @@ class KnockoffDataModule(AttackDataModule):
 
     Args:
         victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed:
-            see :class:`~edm_lightning.attacks.base.AttackDataModule`; ``budget`` is the transfer-set size.
+            see :class:`~edm_lightning.attacks.AttackDataModule`; ``budget`` is the transfer-set size.
         surrogate: registry name of the attacker's natural images (converted to the victim's shape).
         strategy: ``random`` or ``adaptive`` sampling.
         reward: the adaptive strategy's reward: ``cert``, ``div``, ``loss`` or ``all``.

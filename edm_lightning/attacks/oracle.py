@@ -4,8 +4,14 @@ Model-stealing threat models (Tramer et al. 2016; Orekondy et al. 2019) give the
 prediction API and nothing else: inputs in, answers out, each answer paid for. The oracle is that
 API. It answers with probability vectors (or top-1 labels), counts every query row against a budget
 and refuses to go past it *before* the victim sees the batch, so no code path can spend more than
-was allowed. Weights, logits and gradients stay behind the door: the victim is held in a closure,
-answers are detached copies, and the oracle itself is not an ``nn.Module``.
+was allowed. Answers are detached copies, and the oracle is not an ``nn.Module`` (no ``parameters()``,
+no ``state_dict()``).
+
+What it protects against, and what not: it keeps *honest* attack code to the threat model (every
+attack in this package reaches the victim only through it, and the budget holds). It is not a security
+boundary: code in the same process can reach the victim through the closure that holds it, or through
+the DataModule that built it. A real attacker sits behind a network API, where only the answers cross;
+that is where a deployed model's secrets (weights, router key) are out of reach.
 """
 
 from __future__ import annotations

@@ -65,7 +65,11 @@ def run_attack(
 
 
 def require_single_process(trainer: L.Trainer, attack: str) -> None:
-    """Refuse DDP for attacks that query inside their training loop: every process would spend the budget."""
+    """Refuse DDP for attacks that query inside their training loop: every process would spend the budget.
+
+    Raises:
+        ConfigError: ``trainer.world_size > 1``.
+    """
     if trainer.world_size > 1:
         raise ConfigError(
             f"{attack} queries the victim inside its training loop: under DDP each of the {trainer.world_size} "

@@ -173,6 +173,9 @@ def seeded_indices(n: int, first: int, second: int | None, seed: int) -> tuple[T
     """Two disjoint random index sets of ``range(n)``: ``first`` indices, then ``second`` (``None``: the rest).
 
     Drawn from a generator of its own, so the split does not depend on the global training seed.
+
+    Returns:
+        ``(first_indices, second_indices)``, int64 tensors.
     """
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     rest = perm[first:]

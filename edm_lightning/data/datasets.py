@@ -126,7 +126,11 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def open_dataset(name: str, root: str | Path, train: bool) -> Dataset:
-    """Open a fetched dataset split, never downloading; a missing one names the fetch command."""
+    """Open a fetched dataset split, never downloading; a missing one names the fetch command.
+
+    Raises:
+        DatasetNotFoundError: the root or the split's files are missing or unreadable.
+    """
     spec = get_spec(name)
     root = Path(root)
     if not root.is_dir():

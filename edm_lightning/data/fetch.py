@@ -45,6 +45,13 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
 
     ``source``: ``auto`` (already there, else torchvision's download, else the offline source),
     ``torchvision`` or ``offline``.
+
+    Returns:
+        How: ``already present``, ``torchvision download`` or the offline source used.
+
+    Raises:
+        ConfigError: an unknown ``source`` or dataset name.
+        FetchError: no source could provide it (the message says what each one answered).
     """
     if source not in {"auto", "torchvision", "offline"}:
         raise ConfigError(f"source must be 'auto', 'torchvision' or 'offline', got {source!r}")

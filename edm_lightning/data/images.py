@@ -80,6 +80,9 @@ def batch_loader(
 
     Lightning rebuilds it with a ``DistributedSampler`` under DDP and keeps ``collate_fn``, so each
     process still gets whole batches of its own share.
+
+    Returns:
+        The loader.
     """
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
@@ -115,6 +118,12 @@ def convert_images(images: Tensor, input_shape: tuple[int, int, int], chunk: int
 
     Grey to colour repeats the channel; colour to grey uses ITU-R 601 luminance (torchvision's);
     resizing is bilinear with antialiasing. Any other channel change is refused.
+
+    Returns:
+        uint8 ``(N, *input_shape)`` (``images`` itself when nothing changes).
+
+    Raises:
+        ConfigError: a channel change other than 1 <-> 3.
     """
     channels, height, width = (int(v) for v in input_shape)
     have = images.shape[1]

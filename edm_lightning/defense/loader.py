@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jsonargparse.typing import SecretStr
+
 from edm_lightning.checkpoints import checkpoint_nets, is_ensemble, read_checkpoint
 from edm_lightning.defense.postprocessors import build_postprocessors, resolve_postprocessor
 from edm_lightning.defense.victim import Victim
 from edm_lightning.errors import ConfigError
-from edm_lightning.routing import FixedRouter, build_router
+from edm_lightning.routing import FixedRouter, as_secret, build_router
 
 __all__ = ["VictimConfig", "load_victim"]
 
@@ -24,7 +26,8 @@ class VictimConfig:
         router: how an ensemble picks the answering member: ``fixed`` (always ``member``), ``neural``
             (the paper's hash network) or ``keyed`` (keyed hash of the quantised input).
         hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
-        key: secret key of the ``keyed`` router.
+        key: secret key of the ``keyed`` router (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or the
+            public default with a warning); never written, shown as ``**********`` in config dumps.
         member: the member that answers under ``router: fixed``.
         postprocessors: output-perturbation defenses applied to every answer, in this order, each as
             ``{class_path: ReverseSigmoid, init_args: {beta: 0.3}}`` (a name from
@@ -37,15 +40,16 @@ class VictimConfig:
     checkpoint: str
     router: str = "fixed"
     hash_checkpoint: str | None = None
-    key: str = "edm-lightning"
+    key: SecretStr | None = None
     member: int = 0
     postprocessors: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.key = as_secret(self.key)  # a plain string from Python is hidden too (repr, logs)
         if not isinstance(self.postprocessors, (list, tuple)):
             raise ConfigError(f"postprocessors must be a list of {{class_path, init_args}} mappings, got {self.postprocessors!r}")
-        for position, spec in enumerate(self.postprocessors):
-            resolve_postprocessor(spec, position)  # a misspelt class fails here, before any checkpoint is read
+        for position, config in enumerate(self.postprocessors):
+            resolve_postprocessor(config, position)  # a misspelt class fails here, before any checkpoint is read
 
     def build(self) -> Victim:
         """The victim this config names (:func:`load_victim`)."""

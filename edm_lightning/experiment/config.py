@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from jsonargparse.typing import SecretStr
+
 from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve_postprocessor
 from edm_lightning.models import OptimConfig
+from edm_lightning.routing import as_secret
 
 __all__ = [
     "AttackConfig",
@@ -27,8 +30,6 @@ __all__ = [
     "needs_misinformation",
     "postprocessor_configs",
 ]
-
-ATTACKS = ("knockoff", "jbda", "jbda_tr", "dfme")
 
 
 @dataclass
@@ -81,7 +82,8 @@ class EDMConfig(TrainConfig):
         routers: the routers EDM is served behind, each a defense of its own in the results: ``neural``
             (the paper's hash network) and ``keyed`` (keyed hash of the input bytes); the first is the
             main one (trade-off curve, routed validation accuracy).
-        router_key: secret key of the keyed router.
+        router_key: secret key of the keyed router (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or
+            the public default with a warning); written nowhere, shown as ``**********`` in printed configs.
     """
 
     num_members: int = 5
@@ -89,7 +91,10 @@ class EDMConfig(TrainConfig):
     tradeoff_weights: list[float] = field(default_factory=list)
     ood_dataset: str = "animal-mnist"
     routers: list[Literal["neural", "keyed"]] = field(default_factory=lambda: ["neural", "keyed"])
-    router_key: str = "edm-lightning"
+    router_key: SecretStr | None = None
+
+    def __post_init__(self) -> None:
+        self.router_key = as_secret(self.router_key)  # a plain string from Python is hidden too (repr, logs)
 
 
 @dataclass
@@ -130,7 +135,7 @@ class DefenseConfig:
 
     Args:
         name: its name in the results (``reverse-sigmoid``); on EDM it reads ``edm-neural+reverse-sigmoid``.
-        postprocessor: a class of :mod:`edm_lightning.defense.postprocess` (``ReverseSigmoid``) or a dotted path.
+        postprocessor: a name of :data:`~edm_lightning.defense.POSTPROCESSORS` (``ReverseSigmoid``) or a dotted path.
         strength: the init argument swept (``beta``); ``None`` for a defense without one (``TopLabel``).
         values: the strengths, weakest first.
         options: its other init arguments. ``AdaptiveMisinformation`` gets the experiment's own

@@ -34,7 +34,8 @@ from edm_lightning.experiment.config import (
     needs_misinformation,
     postprocessor_configs,
 )
-from edm_lightning.files import digest
+from edm_lightning.files import Secret, digest
+from edm_lightning.routing import DEFAULT_ROUTER_KEY, key_fingerprint, resolve_router_key
 
 __all__ = ["Plan", "Stage", "build_plan"]
 
@@ -108,11 +109,21 @@ class _Builder:
         self.weights = [config.edm.diversity_weight] + [
             w for w in config.edm.tradeoff_weights if w != config.edm.diversity_weight]
         self.train_images = _train_images(config)
+        # The keyed router's key decides its routes, so it is part of every stage behind it, as a Secret: hashed
+        # into the stage's folder name, shown as a fingerprint in its config.json. The public default key is
+        # left out of the keys of served and attack stages, so stages of earlier runs keep their folders.
+        key = resolve_router_key(config.edm.router_key) if "keyed" in config.edm.routers else DEFAULT_ROUTER_KEY.encode()
+        self.router_key = Secret(key.decode("latin-1"), f"<router key, fingerprint {key_fingerprint(key)}>")
+        self.key_identity = {} if key == DEFAULT_ROUTER_KEY.encode() else {"router_key": self.router_key}
 
     def add(self, stage: Stage) -> Stage:
         if all(stage.id != other.id for other in self.stages):
             self.stages.append(stage)
         return stage
+
+    def keyed(self, victim: dict) -> dict:
+        """The router key's part of a stage key behind ``victim`` (nothing for the public default key)."""
+        return self.key_identity if victim["router"] == "keyed" else {}
 
     def output(self, stage: Stage) -> str:
         return str(self.root / stage.id / "best.ckpt")
@@ -139,7 +150,7 @@ class _Builder:
             edm = self.add(Stage(
                 "edm", {"dataset": config.dataset, "seed": seed, "diversity_weight": weight,
                         "spec": asdict(settings) | {"tradeoff_weights": None, "diversity_weight": None,
-                                                    "routers": settings.routers[:1]},
+                                                    "routers": settings.routers[:1], "router_key": self.router_key},
                         "hashnet": hash_checkpoint, "test_size": config.test_size},
                 f"N={settings.num_members} lambda={weight:g} (seed {seed})",
                 work(jobs.train_edm, config, seed=seed, weight=weight, hash_checkpoint=hash_checkpoint),
@@ -177,20 +188,21 @@ class _Builder:
 
     def serve(self, victim: dict, extra: tuple[str, ...] = ()) -> Stage:
         posts = victim.get("postprocessors", [])
-        key = {"ensemble": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size}
+        key = {"ensemble": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size,
+               **self.keyed(victim)}
         if posts:
             key["postprocessors"] = posts
         what = " + ".join(f"{p['class_path']}({_shown_args(p['init_args'])})"
                           for p in posts)
         label = f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router" + (f" + {what}" if what else "")
-        plain = _served_model(victim)
+        plain = _victim_dict(victim)
         return self.add(Stage("served", key, label, functools.partial(jobs.served_accuracy, self.config, victim=plain),
                               needs=(victim["trained"], *extra), estimate_s=2.0))
 
     def diagnose(self, victim: dict, surrogate: str | None) -> Stage:
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": surrogate,
-               "ood_dataset": self.config.edm.ood_dataset, "test_size": self.config.test_size}
-        plain = _served_model(victim)
+               "ood_dataset": self.config.edm.ood_dataset, "test_size": self.config.test_size, **self.keyed(victim)}
+        plain = _victim_dict(victim)
         return self.add(Stage(
             "diagnostics", key, f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router",
             functools.partial(jobs.diagnostics, self.config, victim=plain, surrogate=surrogate),
@@ -200,8 +212,8 @@ class _Builder:
         options = attack.options
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": attack.surrogate, "seed": seed,
                "query_copies": int(options["query_copies"]), "copy_noise": float(options.get("copy_noise", 0)),
-               "copy_shift": int(options.get("copy_shift", 0)), "images": 1000}
-        plain = _served_model(victim)
+               "copy_shift": int(options.get("copy_shift", 0)), "images": 1000, **self.keyed(victim)}
+        plain = _victim_dict(victim)
         return self.add(Stage(
             "spread", key, f"{attack.title} copies behind the {victim['router']} router (seed {seed})",
             functools.partial(jobs.routing_spread, self.config, victim=plain, attack=attack, seed=seed),
@@ -235,13 +247,14 @@ class _Builder:
         # The label only names the attack in the results; budgets stays in the key as None, as it always was,
         # so stages of earlier runs keep their keys.
         key = {"attack": {k: v for k, v in asdict(settings).items() if k != "label"} | {"budgets": None}, "budget": budget,
-               "seed": seed, "victim": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size}
+               "seed": seed, "victim": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size,
+               **self.keyed(victim)}
         if victim.get("postprocessors"):
             key["postprocessors"] = victim["postprocessors"]
         setting = ", ".join(part for part in (weight is not None and f"lambda={weight:g}",
                                               strength is not None and f"strength={strength:g}") if part)
         label = f"{settings.title} vs {defense}{f' ({setting})' if setting else ''} ({budget:,} queries, seed {seed})"
-        plain = _served_model(victim)
+        plain = _victim_dict(victim)
         info = {"attack": settings.title, "defense": defense, "diversity_weight": weight,
                 "strength_name": self.strength_names.get(defense), "strength": strength, "budget": budget, "seed": seed,
                 "served": victim["served"]}
@@ -254,7 +267,7 @@ class _Builder:
         return stage
 
 
-def _served_model(victim: dict) -> dict:
+def _victim_dict(victim: dict) -> dict:
     """What a job needs to build a planned victim (checkpoint, router, post-processors), without its stage ids."""
     return {k: v for k, v in victim.items() if k not in ("trained", "served")}
 

@@ -25,7 +25,11 @@ __all__ = ["validate"]
 
 
 def validate(config: ExperimentConfig, log=None) -> None:
-    """Everything that can be checked before training starts: names, sizes, budgets, honesty of the setup."""
+    """Everything that can be checked before training starts: names, sizes, budgets, honesty of the setup.
+
+    Raises:
+        ConfigError: the first thing found wrong, with what was expected.
+    """
     log = log or sys.stderr
     spec = get_spec(config.dataset)
     get_spec(config.edm.ood_dataset)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import SecretStr
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -18,7 +19,7 @@ from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
-from edm_lightning.routing import answer_routed, build_router
+from edm_lightning.routing import answer_routed, as_secret, build_router
 
 __all__ = ["EnsembleModule"]
 
@@ -57,7 +58,8 @@ class EnsembleModule(L.LightningModule):
         temperature: smooth-max temperature of the coherence (1: the paper's log-sum-exp).
         router: router of the routed accuracy: ``keyed``, ``neural`` (needs ``hash_checkpoint``) or ``fixed``
             (member 0).
-        router_key: secret key of the ``keyed`` router.
+        router_key: secret key of the ``keyed`` router (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``,
+            or the public default with a warning); never saved, shown as ``**********`` in config dumps.
         hash_checkpoint: hash network checkpoint of the ``neural`` router.
     """
 
@@ -73,7 +75,7 @@ class EnsembleModule(L.LightningModule):
         diversity_weight: float = 1.0,
         temperature: float = 1.0,
         router: Literal["keyed", "neural", "fixed"] = "keyed",
-        router_key: str = "edm-lightning",
+        router_key: SecretStr | None = None,
         hash_checkpoint: str | None = None,
     ):
         super().__init__()
@@ -86,7 +88,7 @@ class EnsembleModule(L.LightningModule):
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
         # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
         self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint"])
-        self.router_kind, self.router_key, self.hash_checkpoint = router, router_key, hash_checkpoint
+        self.router_kind, self.router_key, self.hash_checkpoint = router, as_secret(router_key), hash_checkpoint
         self.optim = optim or OptimConfig()
         self.members = nn.ModuleList(build_net(arch, input_shape, num_classes, mean, std) for _ in range(num_members))
         self.diversity = DiversityLoss(temperature)

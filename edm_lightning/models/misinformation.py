@@ -15,7 +15,7 @@ class MisinformationModule(ClassifierModule):
     """The misinformation function ``f_mis`` of Kariyappa and Qureshi (CVPR 2020), trained with ``-log(1 - p_true)``.
 
     Trained on the defender's in-distribution data, it puts its mass on wrong classes, so blending its
-    answer into out-of-distribution queries (:class:`~edm_lightning.defense.postprocess.AdaptiveMisinformation`)
+    answer into out-of-distribution queries (:class:`~edm_lightning.defense.AdaptiveMisinformation`)
     feeds an attacker labels that are wrong yet look like a classifier's. Same arguments and checkpoint
     layout as :class:`ClassifierModule` (``net.*``); ``train/acc`` / ``val/acc`` should fall to about 0
     and ``val/loss`` (monitored by ``configs/misinformation.yaml``) towards 0.

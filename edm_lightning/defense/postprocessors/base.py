@@ -65,14 +65,14 @@ class Postprocessor(nn.Module):
 
 
 def build_postprocessors(
-    specs: Sequence[dict[str, Any]], num_classes: int, input_shape: tuple[int, int, int]
+    configs: Sequence[dict[str, Any]], num_classes: int, input_shape: tuple[int, int, int]
 ) -> list[Postprocessor]:
-    """The post-processors ``specs`` describe, in order (see :func:`build_postprocessor`)."""
-    return [build_postprocessor(spec, num_classes, input_shape, position=i) for i, spec in enumerate(specs)]
+    """The post-processors ``configs`` describe, in order (see :func:`build_postprocessor`)."""
+    return [build_postprocessor(config, num_classes, input_shape, position=i) for i, config in enumerate(configs)]
 
 
 def build_postprocessor(
-    spec: dict[str, Any], num_classes: int, input_shape: tuple[int, int, int], position: int = 0
+    config: dict[str, Any], num_classes: int, input_shape: tuple[int, int, int], position: int = 0
 ) -> Postprocessor:
     """One post-processor from ``{"class_path": ..., "init_args": {...}}``, as LightningCLI configs write classes.
 
@@ -88,7 +88,7 @@ def build_postprocessor(
         ConfigError: a malformed config, an unknown class, arguments it does not take, or a
             ``num_classes`` / ``input_shape`` other than the victim's.
     """
-    cls, init_args = resolve_postprocessor(spec, position)
+    cls, init_args = resolve_postprocessor(config, position)
     signature = inspect.signature(cls)
     where = f"postprocessors[{position}] ({cls.__name__})"
     for key, value in (("num_classes", int(num_classes)), ("input_shape", tuple(input_shape))):
@@ -105,15 +105,22 @@ def build_postprocessor(
     return cls(**init_args)
 
 
-def resolve_postprocessor(spec: Any, position: int = 0) -> tuple[type[Postprocessor], dict[str, Any]]:
-    """The class and a copy of the init args a spec names; a malformed spec fails with what was expected."""
+def resolve_postprocessor(config: Any, position: int = 0) -> tuple[type[Postprocessor], dict[str, Any]]:
+    """The class and a copy of the init args a config names; a malformed config fails with what was expected.
+
+    Returns:
+        ``(class, init_args)``.
+
+    Raises:
+        ConfigError: not a ``{class_path, init_args}`` mapping, or a class that is no known post-processor.
+    """
     where = f"postprocessors[{position}]"
-    if not isinstance(spec, dict) or "class_path" not in spec or not set(spec) <= {"class_path", "init_args"}:
+    if not isinstance(config, dict) or "class_path" not in config or not set(config) <= {"class_path", "init_args"}:
         raise ConfigError(
             f"{where} must be a mapping with class_path (one of {', '.join(POSTPROCESSORS)} or a dotted path) "
-            f"and optional init_args, got {spec!r}"
+            f"and optional init_args, got {config!r}"
         )
-    path, init_args = str(spec["class_path"]), spec.get("init_args") or {}
+    path, init_args = str(config["class_path"]), config.get("init_args") or {}
     if not isinstance(init_args, dict):
         raise ConfigError(f"{where}: init_args must be a mapping of argument names to values, got {init_args!r}")
     cls = POSTPROCESSORS.get(path) if path in POSTPROCESSORS else None
@@ -160,7 +167,7 @@ def frozen_classifier(model: nn.Module | str | Path, what: str, num_classes: int
 
 
 def check_classes(have: int, want: int, what: str, error: type[Exception] = ValueError) -> None:
-    """Refuse a model of another class count than the served one.
+    """Refuse a model of another class count than the victim.
 
     Raises:
         error: ``have != want`` (``ValueError`` at query time, ``ConfigError`` at construction).

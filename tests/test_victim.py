@@ -55,6 +55,15 @@ def ensemble_checkpoint(checkpoint_factory):
     return checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
 
 
+def test_an_ensemble_of_more_than_ten_members_loads_with_every_member_in_order(checkpoint_factory):
+    module = EnsembleModule(arch="small_cnn", num_members=12)
+    path = checkpoint_factory(module, "edm12.ckpt")
+    model = VictimConfig(path, router="fixed", member=11).build()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), module.members[11](x).softmax(-1))
+
+
 @pytest.mark.parametrize("router, member", [("fixed", 2), ("keyed", 0)])
 def test_ensemble_checkpoint_is_served_behind_the_configured_router(ensemble_checkpoint, router, member):
     model = VictimConfig(ensemble_checkpoint, router=router, member=member, key="k").build()

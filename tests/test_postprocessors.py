@@ -237,7 +237,7 @@ def test_missing_misinformation_checkpoint_says_how_to_make_it(tmp_path):
         AdaptiveMisinformation(0.5, 10.0, str(tmp_path / "missing.ckpt"))
 
 
-def test_class_count_is_linked_from_the_served_model(checkpoint_factory):
+def test_class_count_is_linked_from_the_victim(checkpoint_factory):
     from edm_lightning.models import MisinformationModule
 
     ckpt = checkpoint_factory(MisinformationModule("lenet5", num_classes=4, input_shape=(1, 28, 28)), "mis.ckpt")

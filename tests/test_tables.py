@@ -18,7 +18,7 @@ from edm_lightning.experiment.tables import (
 from edm_lightning.files import digest
 
 
-def test_config_key_is_stable_and_order_independent():
+def test_digest_is_stable_and_order_independent():
     assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
     assert digest({"a": 1}) != digest({"a": 2})
 
