@@ -17,7 +17,19 @@ from torch import nn
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
 from edm_lightning.nets import build_net
 
-__all__ = ["checkpoint_nets", "is_ensemble", "load_classifier_net", "read_checkpoint"]
+#: Checkpoint entry where this package's LightningModules record their class (``NetModule``, ``EnsembleModule``).
+CLASS_KEY = "edm_lightning_class"
+
+__all__ = [
+    "CLASS_KEY",
+    "check_structure",
+    "checkpoint_class",
+    "checkpoint_nets",
+    "is_ensemble",
+    "load_classifier_net",
+    "read_checkpoint",
+    "trained_on",
+]
 
 
 def read_checkpoint(path: str | Path, what: str, train_hint: str = "python main.py fit --config ...") -> dict[str, Any]:
@@ -52,6 +64,47 @@ def read_checkpoint(path: str | Path, what: str, train_hint: str = "python main.
 def is_ensemble(state: dict[str, Any]) -> bool:
     """Whether a checkpoint read by :func:`read_checkpoint` holds an EDM ensemble (its hyper-parameters have ``num_members``)."""
     return "num_members" in state["hyper_parameters"]
+
+
+def checkpoint_class(state: dict[str, Any]) -> str | None:
+    """The LightningModule class a checkpoint was trained as, as LightningCLI or the module itself recorded it.
+
+    Returns:
+        The class name (``EnsembleModule``), or ``None`` for a checkpoint that does not say (an older one).
+    """
+    class_path = state["hyper_parameters"].get("_class_path") or state.get(CLASS_KEY)
+    return str(class_path).rpartition(".")[2] if class_path else None
+
+
+def trained_on(state: dict[str, Any]) -> str | None:
+    """The dataset a checkpoint was trained on, when its DataModule's hyper-parameters were saved with it.
+
+    Returns:
+        The registry name (``fashionmnist``), or ``None`` if the checkpoint does not say.
+    """
+    data = state.get("datamodule_hyper_parameters")
+    return str(data["dataset"]) if isinstance(data, dict) and data.get("dataset") else None
+
+
+def check_structure(saved: dict[str, Any], configured: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    """Refuse a checkpoint whose weights have another shape than the model they would be loaded into.
+
+    Args:
+        saved: the checkpoint's hyper-parameters.
+        configured: the model's.
+        keys: the hyper-parameters that fix the weights' shapes (``arch``, ``num_classes``, ...).
+        what: the model, for the message.
+
+    Raises:
+        ConfigError: a key differs (each difference named, checkpoint vs config).
+    """
+    def plain(value: Any) -> Any:  # YAML gives lists where code gives tuples
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    differ = [key for key in keys if plain(saved.get(key)) != plain(configured.get(key))]
+    if differ:
+        raise ConfigError(f"the checkpoint does not match the configured {what}: " + "; ".join(
+            f"{key}: checkpoint {saved.get(key)!r}, config {configured.get(key)!r}" for key in differ))
 
 
 def checkpoint_nets(state: dict[str, Any], path: str | Path, what: str) -> list[nn.Module]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from edm_lightning.errors import exit_if_user_error
+from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ensemble, read_checkpoint, trained_on
+from edm_lightning.data import get_spec
+from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.routing import refuse_keys_on_command_line
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
@@ -31,6 +34,21 @@ class EDMLightningCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self._command_line = sys.argv[1:] if args is None else [str(a) for a in args] if isinstance(args, list) else []
         super().parse_arguments(parser, args)
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the configured model and data instead of letting it rewrite them.
+
+        Lightning's own version reads the checkpoint's hyper-parameters into the config, so a checkpoint of
+        another class or shape silently replaces the configured model. Here the file is read safely and a
+        checkpoint that does not fit the configured model (class, architecture, members, dataset) is refused.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):  # Lightning's names for its own files
+            return
+        state = read_checkpoint(ckpt_path, "--ckpt_path", "python main.py fit --config ... writes checkpoints/best.ckpt")
+        check_checkpoint_fits(state, str(ckpt_path), self.config[subcommand])
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -70,3 +88,38 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
     finally:
         finish_wandb_run()
 
+
+def check_checkpoint_fits(state: dict, path: str, config: Any) -> None:
+    """Refuse a checkpoint that is not of the configured model's class, architecture, members or dataset.
+
+    Args:
+        state: the checkpoint, read safely (:func:`~edm_lightning.checkpoints.read_checkpoint`).
+        path: the file, for messages.
+        config: one subcommand's parsed config (``model``, ``data``).
+
+    Raises:
+        ConfigError: the checkpoint belongs to another model or dataset; the message says which config fits it.
+    """
+    configured = str(config.model.class_path).rpartition(".")[2] if getattr(config.model, "class_path", None) else None
+    saved = checkpoint_class(state) or ("EnsembleModule" if is_ensemble(state) else None)
+    if configured and saved and saved != configured:
+        raise ConfigError(f"--ckpt_path {path!r} holds a checkpoint of {saved}, but the config builds {configured}: "
+                          "use the config that trained it (its config.yaml sits beside the checkpoints)")
+    if configured and saved is None and is_ensemble(state) != (configured == "EnsembleModule"):
+        kind = "an EDM ensemble" if is_ensemble(state) else "a single classifier"
+        raise ConfigError(f"--ckpt_path {path!r} holds {kind}, but the config builds {configured}")
+    hp, init_args = state["hyper_parameters"], getattr(config.model, "init_args", None) or {}
+    configured_values = {key: init_args.get(key) for key in ("arch", "num_members")}
+    compared = tuple(key for key, value in configured_values.items() if key in hp and value is not None)
+    check_structure(hp, configured_values, compared, f"model ({path!r})")
+    data = getattr(config.data, "init_args", None) or {}
+    dataset = data.get("dataset") if hasattr(data, "get") else None
+    if dataset is None:
+        return
+    trained = trained_on(state)
+    if trained is not None and trained != dataset:
+        raise ConfigError(f"--ckpt_path {path!r} was trained on {trained!r}, but the config's data is {dataset!r}: "
+                          "evaluate it on its own dataset, or name the checkpoint trained on this one")
+    spec = get_spec(dataset)
+    check_structure(hp, {"num_classes": spec.num_classes, "input_shape": spec.input_shape},
+                    tuple(key for key in ("num_classes", "input_shape") if key in hp), f"data {dataset!r} ({path!r})")

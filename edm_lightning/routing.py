@@ -27,7 +27,7 @@ from jsonargparse.typing import SecretStr
 from torch import Tensor, nn
 from typing_extensions import override
 
-from edm_lightning.checkpoints import load_classifier_net
+from edm_lightning.checkpoints import checkpoint_class, load_classifier_net
 from edm_lightning.errors import ConfigError
 from edm_lightning.registry import Registry
 
@@ -406,6 +406,9 @@ def load_hash_net(
             "`python main.py fit --config configs/hashnet.yaml` and pass runs/hashnet/checkpoints/best.ckpt"
         )
     net, hp, state = load_classifier_net(hash_checkpoint, "Hash network", "python main.py fit --config configs/hashnet.yaml")
+    if checkpoint_class(state) not in (None, "ClassifierModule"):
+        raise ConfigError(f"hash network {str(hash_checkpoint)!r} is a {checkpoint_class(state)} checkpoint; train the hash "
+                          "network with `python main.py fit --config configs/hashnet.yaml`")
     have = tuple(hp["input_shape"])
     if input_shape is not None and have != tuple(input_shape):
         raise ConfigError(

@@ -83,6 +83,12 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
                 f"the victim takes inputs {tuple(victim_model.input_shape)} with {victim_model.num_classes} classes, but "
                 f"dataset {dataset!r} has {self.spec.input_shape} with {self.spec.num_classes}: name the victim's own dataset."
             )
+        trained = getattr(victim_model, "trained_on", None)
+        if trained is not None and trained != dataset:
+            raise ConfigError(
+                f"the victim's checkpoint was trained on {trained!r}, but the attack measures it on {dataset!r}: a "
+                f"hash network or another dataset's model is not this task's victim. Name the victim trained on {dataset!r}."
+            )
         self._victim_for_evaluation: nn.Module | None = victim_model  # dropped once the test labels exist
         self._victim_to_serve: nn.Module | None = victim_model  # handed to the oracle, then dropped
         self._oracle: BlackBoxOracle | None = None

@@ -8,7 +8,7 @@ from typing import Any
 
 from jsonargparse.typing import SecretStr
 
-from edm_lightning.checkpoints import checkpoint_nets, is_ensemble, read_checkpoint
+from edm_lightning.checkpoints import checkpoint_class, checkpoint_nets, is_ensemble, read_checkpoint, trained_on
 from edm_lightning.defense.postprocessors import build_postprocessors, resolve_postprocessor
 from edm_lightning.defense.victim import Victim
 from edm_lightning.errors import ConfigError
@@ -77,6 +77,10 @@ def load_victim(config: VictimConfig) -> Victim:
     hp = state["hyper_parameters"]
     if not {"arch", "input_shape", "num_classes"} <= hp.keys():
         raise ConfigError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hp)})")
+    kind = checkpoint_class(state)
+    if kind is not None and kind not in VICTIM_CLASSES:
+        raise ConfigError(f"{str(path)!r} is a {kind} checkpoint; a victim is a target (ClassifierModule, "
+                          "configs/baseline.yaml) or an EDM ensemble (EnsembleModule, configs/edm.yaml)")
     input_shape, num_classes = tuple(hp["input_shape"]), int(hp["num_classes"])
     if is_ensemble(state):
         num_members = int(hp["num_members"])
@@ -86,6 +90,8 @@ def load_victim(config: VictimConfig) -> Victim:
         # The router first: a missing or mismatched hash network fails before the members load.
         router = build_router(config.router, num_members, member=config.member, key=config.key,
                               hash_checkpoint=config.hash_checkpoint, input_shape=input_shape)
+        if config.router == "neural":
+            _check_hash_data(config.hash_checkpoint, trained_on(state))
     else:
         if config.router != "fixed" or config.member != 0:
             raise ConfigError(
@@ -95,4 +101,20 @@ def load_victim(config: VictimConfig) -> Victim:
         router = FixedRouter(1)
     members = checkpoint_nets(state, path, "Victim")
     postprocessors = build_postprocessors(config.postprocessors, num_classes, input_shape)
-    return Victim(members, router, input_shape, num_classes, postprocessors).eval()
+    victim = Victim(members, router, input_shape, num_classes, postprocessors).eval()
+    victim.trained_on = trained_on(state)
+    return victim
+
+
+#: The LightningModules whose checkpoints can be served (as their class names record them).
+VICTIM_CLASSES = ("ClassifierModule", "EnsembleModule")
+
+
+def _check_hash_data(hash_checkpoint: str | None, ensemble_data: str | None) -> None:
+    """A hash network is trained on an auxiliary dataset; one trained on the ensemble's own data is its target."""
+    hash_data = trained_on(read_checkpoint(hash_checkpoint, "Hash network")) if hash_checkpoint else None
+    if hash_data is not None and hash_data == ensemble_data:
+        raise ConfigError(
+            f"hash network {str(hash_checkpoint)!r} was trained on {hash_data!r}, the ensemble's own data: that is a "
+            "target, not a hash network. Train the hash network on an auxiliary dataset (configs/hashnet.yaml)."
+        )

@@ -63,6 +63,7 @@ class Victim(nn.Module):
         self.num_classes = int(num_classes)
         self.input_range = (float(input_range[0]), float(input_range[1]))
         self.chunk_size = int(chunk_size)
+        self.trained_on: str | None = None  # the dataset its checkpoint says it was trained on (set by the loader)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:

@@ -8,6 +8,8 @@ import lightning as L
 from torch import Tensor
 from typing_extensions import override
 
+from edm_lightning.checkpoints import CLASS_KEY, check_structure
+from edm_lightning.errors import ConfigError
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.nets import build_net
 
@@ -59,3 +61,16 @@ class NetModule(L.LightningModule):
     @override
     def configure_optimizers(self):
         return build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CLASS_KEY] = type(self).__name__  # what the checkpoint holds, for loaders that must refuse others
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, before any weight is copied, an ensemble's checkpoint or one of another architecture or shape."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        if "num_members" in saved:
+            raise ConfigError(f"the checkpoint is an EDM ensemble ({saved['num_members']} members); this model is a "
+                              f"single {type(self).__name__}: use configs/edm.yaml for an ensemble")
+        check_structure(saved, dict(self.hparams), ("arch", "num_classes", "input_shape"), type(self).__name__)

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from edm_lightning.checkpoints import CLASS_KEY, check_structure
 from edm_lightning.errors import ConfigError
 from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
 from edm_lightning.models.classifier import accuracy_metrics
@@ -152,21 +153,21 @@ class EnsembleModule(L.LightningModule):
             self.__dict__["_router"] = router  # bypasses nn.Module registration: not a parameter, not saved
         return router.to(x.device)(x)
 
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CLASS_KEY] = type(self).__name__  # what the checkpoint holds, for loaders that must refuse others
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, before any weight is copied, a checkpoint whose ensemble has another shape than this one."""
-        saved = checkpoint.get("hyper_parameters", {})
+        saved = checkpoint.get("hyper_parameters") or {}
         if "num_members" not in saved:
             raise ConfigError(
-                f"checkpoint is not an EDM ensemble (hyper-parameters: {sorted(saved)}); "
+                f"the checkpoint is not an EDM ensemble (hyper-parameters: {sorted(saved)}); "
                 "this model is an ensemble of "
                 + ", ".join(f"{key}={self.hparams[key]}" for key in STRUCTURE)
             )
-        differ = [key for key in STRUCTURE if _norm(saved.get(key)) != _norm(self.hparams[key])]
-        if differ:
-            raise ConfigError(
-                "checkpoint does not match the configured ensemble: "
-                + "; ".join(f"{key}: checkpoint {saved.get(key)!r}, config {self.hparams[key]!r}" for key in differ)
-            )
+        check_structure(saved, dict(self.hparams), STRUCTURE, "ensemble")
 
     def _evaluate(self, batch: Any, dataloader_idx: int, metrics: EnsembleMetrics) -> None:
         if dataloader_idx == 0:
@@ -224,7 +225,3 @@ class EnsembleMetrics(nn.Module):
         self.coherence[split].update(coherence(probs))
         self.coherent_share[split].update((max_pairwise_similarity(probs) > 0.5).float())
 
-
-def _norm(value: Any) -> Any:
-    """Hyper-parameter values as comparable plain data (YAML gives lists where code gives tuples)."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value
