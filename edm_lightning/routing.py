@@ -132,12 +132,18 @@ class NeuralHashRouter(Router):
     checkpoint by :class:`~edm_lightning.models.hashnet.HashBalanceCallback`. ``b`` is constant, so nearby
     inputs still share a member.
 
+    Batch independence: a float network's output for one input moves in the last bits with the batch it is
+    computed in (the kernels change with the batch size), so an input near a member boundary could be sent
+    to two members by an attacker who controls batching. H therefore always runs on blocks of exactly
+    ``block_size`` rows (the last block padded), and an input's member depends on that input alone.
+
     Args:
         hash_net: classifier taking the ensemble's inputs (images in [0, 1]) and returning logits.
         num_members: N, the number of ensemble members.
         logit_bias: per-class offsets added to H's logits (``None``: zeros, the paper's router).
         num_bins: M in the formula (the paper: 10, the hash network's class count).
         multiplier: m in the formula (the paper: 2).
+        block_size: rows per hash-network call (every call, whatever the batch).
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class NeuralHashRouter(Router):
         logit_bias: Tensor | None = None,
         num_bins: int = 10,
         multiplier: int = 2,
+        block_size: int = 64,
     ):
         super().__init__()
         _check_members(num_members)
@@ -157,6 +164,9 @@ class NeuralHashRouter(Router):
         self.num_members = num_members
         self.num_bins = num_bins
         self.multiplier = multiplier
+        if block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
 
     @override
     def train(self, mode: bool = True) -> NeuralHashRouter:
@@ -167,8 +177,18 @@ class NeuralHashRouter(Router):
     @override
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        probs = (self.hash_net(x).float() + self.logit_bias).softmax(dim=-1)
+        probs = (self.logits(x).float() + self.logit_bias).softmax(dim=-1)
         return neural_hash_index(probs, self.num_members, self.num_bins, self.multiplier)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """H's logits ``(N, M)``, computed in blocks of exactly ``block_size`` rows (see the class docstring)."""
+        blocks = []
+        for block in x.split(self.block_size):
+            rows = block.shape[0]
+            if rows < self.block_size:
+                block = torch.cat([block, block.new_zeros((self.block_size - rows, *block.shape[1:]))])
+            blocks.append(self.hash_net(block)[:rows])
+        return torch.cat(blocks) if blocks else self.hash_net(x)
 
 
 class KeyedHashRouter(Router):

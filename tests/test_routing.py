@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from edm_lightning.models import ClassifierModule
+from edm_lightning.nets import build_net
 from edm_lightning.routing import (
     FixedRouter,
     KeyedHashRouter,
@@ -124,3 +125,36 @@ def test_hash_net_for_other_inputs_is_refused(hash_checkpoint):
 def shares(route, members):
     """Each member's share of the inputs over its fair share (1.0 = perfectly balanced)."""
     return route.bincount(minlength=members).float() / len(route) * members
+
+
+def _boundary_inputs(router, count: int, seed: int = 0) -> torch.Tensor:
+    """Inputs on a member boundary: bisect the blend of two inputs routed to different members to float resolution."""
+    g = torch.Generator().manual_seed(seed)
+    found = []
+    while len(found) < count:
+        a, b = torch.rand(2, 1, 1, 28, 28, generator=g)
+        member_a = router(a).item()
+        if router(b).item() == member_a:
+            continue
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            middle = (low + high) / 2
+            if router((1 - middle) * a + middle * b).item() == member_a:
+                low = middle
+            else:
+                high = middle
+        found.append((1 - low) * a + low * b)
+    return torch.cat(found)
+
+
+def test_an_inputs_member_does_not_depend_on_the_batch_it_arrives_in():
+    """An attacker who controls batching must not get two members' answers for one input (even one on a boundary)."""
+    torch.manual_seed(0)
+    router = NeuralHashRouter(build_net("small_cnn", (1, 28, 28), 10), 5)
+    g = torch.Generator().manual_seed(1)
+    for x in _boundary_inputs(router, 30):
+        alone = router(x[None])[0]
+        for size in (2, 7, 64, 1024):
+            batch = torch.rand(size, 1, 28, 28, generator=g)
+            batch[-1] = x
+            assert router(batch)[-1] == alone, f"member changed in a batch of {size}"
