@@ -11,11 +11,34 @@ from typing_extensions import override
 
 from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ensemble, read_checkpoint, trained_on
 from edm_lightning.data import get_spec
-from edm_lightning.errors import ConfigError, exit_if_user_error
+from edm_lightning.errors import ConfigError, exit_if_user_error, prepare_command_line
 from edm_lightning.routing import refuse_keys_on_command_line
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
-__all__ = ["EDMLightningCLI", "main"]
+__all__ = ["EDMLightningCLI", "Trainer", "check_checkpoint_fits", "main"]
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer, with a whole number of batches parsed as a count.
+
+    Lightning annotates ``limit_*_batches``, ``overfit_batches`` and ``val_check_interval`` as ``float | int``,
+    so the CLI parsed ``--trainer.limit_train_batches=1`` as ``1.0``, i.e. the whole epoch; here ``1`` is
+    one batch and ``0.25`` a quarter, as Lightning documents.
+    """
+
+    def __init__(
+        self,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        overfit_batches: int | float = 0.0,
+        val_check_interval: int | float | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
+                         limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches,
+                         overfit_batches=overfit_batches, val_check_interval=val_check_interval, **kwargs)
 
 
 class EDMLightningCLI(LightningCLI):
@@ -71,6 +94,10 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
         SystemExit: status 2 for a user error, with its message.
     """
     try:
+        if args is None:  # from the command line: LightningCLI reads sys.argv (and warns if also given args)
+            sys.argv[1:] = prepare_command_line(sys.argv[1:])
+        else:
+            args = prepare_command_line([str(a) for a in args])
         return EDMLightningCLI(
             L.LightningModule,
             L.LightningDataModule,
@@ -78,6 +105,7 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
             subclass_mode_data=True,
             seed_everything_default=0,
             save_config_callback=LogConfigCallback,
+            trainer_class=Trainer,
             args=args,
             run=run,
             auto_configure_optimizers=False,

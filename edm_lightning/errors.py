@@ -2,8 +2,16 @@
 
 import pickle
 import sys
+from pathlib import Path
 
-__all__ = ["CheckpointNotFoundError", "ConfigError", "UserError", "exit_if_user_error", "unreadable_file_reason"]
+__all__ = [
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "UserError",
+    "exit_if_user_error",
+    "prepare_command_line",
+    "unreadable_file_reason",
+]
 
 
 class UserError(Exception):
@@ -50,3 +58,34 @@ def unreadable_file_reason(err: BaseException) -> str:
         return "it holds Python objects other than tensors and plain data; refused, because loading it could run code"
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def prepare_command_line(argv: list[str]) -> list[str]:
+    """A command line as the CLIs parse it: W&B sweeps' ``None`` read as ``null``, empty config files refused.
+
+    W&B renders a swept ``null`` as ``--key=None``, which jsonargparse would take as the string ``"None"``
+    and refuse for an optional number; every ``None`` value becomes ``null``. A ``--config`` file that is
+    empty would otherwise fail with jsonargparse's bare "Unexpected config".
+
+    Returns:
+        The arguments to parse.
+
+    Raises:
+        ConfigError: a ``--config`` / ``-c`` file that exists but holds nothing.
+    """
+    args = []
+    for position, arg in enumerate(argv):
+        if arg.startswith("--") and arg.endswith("=None"):
+            arg = arg[: -len("None")] + "null"
+        elif arg == "None" and position > 0 and argv[position - 1].startswith("--") and "=" not in argv[position - 1]:
+            arg = "null"
+        args.append(arg)
+    for position, arg in enumerate(args):
+        path = None
+        if arg in ("--config", "-c") and position + 1 < len(args):
+            path = args[position + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path is not None and Path(path).is_file() and not Path(path).read_text().strip():
+            raise ConfigError(f"config file {path!r} is empty: expected a YAML mapping such as the files under configs/")
+    return args

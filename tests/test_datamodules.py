@@ -57,7 +57,7 @@ def test_exposes_what_the_model_is_linked_to():
     [
         ({"dataset": "nope"}, "Unknown dataset"),
         ({"batch_size": 0}, "batch_size must be a positive"),
-        ({"val_size": -1}, "val_size must be >= 0"),
+        ({"val_size": -1}, "val_size must be a whole number >= 0"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):

@@ -113,6 +113,11 @@ class KnockoffDataModule(AttackDataModule):
         if isinstance(query_batch_size, bool) or not isinstance(query_batch_size, int) or query_batch_size < 1:
             raise ConfigError(f"query_batch_size must be a positive integer (queries per oracle call), got {query_batch_size!r}")
         _check_copies(query_copies, copy_noise, budget, copy_shift)
+        if surrogate == dataset:
+            raise ConfigError(
+                f"the surrogate set must not be the victim's own dataset {dataset!r}: KnockoffNets' attacker has no "
+                "in-distribution data (that is JBDA's setting). Choose natural images of another dataset (mnist, cifar100)."
+            )
         super().__init__(victim, dataset, budget, label_only, root, batch_size, test_size, cache_dir, num_workers, seed)
         self.save_hyperparameters(ignore=["victim"])
         self.load_attacker_images(surrogate, train=True, check_only=True)  # shape convertibility, before any query

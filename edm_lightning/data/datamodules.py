@@ -72,8 +72,8 @@ class ClassificationDataModule(LinkedSpec, L.LightningDataModule):
         super().__init__()
         self.spec = get_spec(dataset)  # unknown names fail here, before any training starts
         _check_positive(batch_size=batch_size, train_size=train_size, test_size=test_size)
-        if val_size < 0:
-            raise ConfigError(f"val_size must be >= 0, got {val_size}")
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise ConfigError(f"val_size must be a whole number >= 0 (0: no validation split), got {val_size!r}")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
 

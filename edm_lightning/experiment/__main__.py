@@ -6,7 +6,7 @@ import sys
 
 from jsonargparse import auto_cli
 
-from edm_lightning.errors import exit_if_user_error
+from edm_lightning.errors import exit_if_user_error, prepare_command_line
 from edm_lightning.experiment.config import ExperimentConfig
 from edm_lightning.experiment.execution import StageFailed
 from edm_lightning.experiment.runner import run_experiment
@@ -15,9 +15,14 @@ from edm_lightning.routing import refuse_keys_on_command_line
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse an experiment config (YAML plus overrides), run it, and return its attack records."""
+    try:
+        argv = prepare_command_line(sys.argv[1:] if argv is None else list(argv))
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
     config = auto_cli(ExperimentConfig, args=argv, prog="python -m edm_lightning.experiment")
     try:
-        refuse_keys_on_command_line(config, sys.argv[1:] if argv is None else argv)
+        refuse_keys_on_command_line(config, argv)
         return run_experiment(config)
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run the same command again to resume.", file=sys.stderr)

@@ -225,7 +225,8 @@ def fit_and_test(model: L.LightningModule, data: L.LightningDataModule, epochs: 
         The best checkpoint's test metrics, one dict over all test loaders.
     """
     L.seed_everything(seed, verbose=False)
-    checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor[0], mode=monitor[1], save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor[0], mode=monitor[1], save_last=True,
+                                 enable_version_counter=False)  # a resumed stage replaces best.ckpt, never best-v1.ckpt
     bar = interactive()
     trainer = L.Trainer(max_epochs=epochs, **config.trainer.options(), logger=_logger(config, job_type, folder, seed),
                         default_root_dir=folder, callbacks=[checkpoint, *callbacks, *([] if bar else [EpochLines()])],

@@ -1,0 +1,79 @@
+"""Configuration mistakes are refused (or read as meant) before anything runs: the CLI, sweeps, SLURM, the runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from edm_lightning.attacks import KnockoffDataModule
+from edm_lightning.cli import main
+from edm_lightning.errors import ConfigError
+from edm_lightning.experiment.__main__ import main as experiment_main
+from tests.helpers.files import QUICK, REPO_ROOT, localise_config
+from tests.helpers.victims import linear_victim
+
+
+def test_a_whole_number_of_batches_is_a_count_not_the_whole_epoch(fake_root, tmp_path):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    cli = main(["--config", str(config), "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0.5",
+                "--trainer.logger=false"], run=False)
+    assert cli.trainer.limit_train_batches == 1 and isinstance(cli.trainer.limit_train_batches, int)
+    assert cli.trainer.limit_val_batches == 0.5
+
+
+def test_a_swept_null_arrives_as_null_not_the_string_none(fake_root, tmp_path):
+    """W&B renders a swept null as --key=None (its own create_sweep_command_args does)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    rendered = create_sweep_command_args({"args": {"data.init_args.test_size": {"value": None}}})["args"]
+    assert rendered == ["--data.init_args.test_size=None"]
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    cli = main(["--config", str(config), *rendered, "--data.init_args.train_size", "None", "--trainer.logger=false"],
+               run=False)
+    assert cli.datamodule.hparams.test_size is None and cli.datamodule.hparams.train_size is None
+    with pytest.raises(SystemExit) as exit_info:  # null where no null is allowed: refused, not a TypeError later
+        main(["--config", str(config), "--data.init_args.val_size=None", "--trainer.logger=false"], run=False)
+    assert exit_info.value.code == 2
+
+
+def test_an_empty_config_file_is_named(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    for entry in (lambda: main(["fit", "--config", str(empty)]), lambda: experiment_main(["--config", str(empty)])):
+        with pytest.raises(SystemExit) as exit_info:
+            entry()
+        assert exit_info.value.code == 2
+        assert f"config file {str(empty)!r} is empty" in capsys.readouterr().err
+
+
+def test_knockoff_refuses_the_victims_own_dataset_as_surrogate(tmp_path):
+    with pytest.raises(ConfigError, match="must not be the victim's own dataset 'fashionmnist'"):
+        KnockoffDataModule(linear_victim(), dataset="fashionmnist", surrogate="fashionmnist", cache_dir=str(tmp_path))
+
+
+def test_a_rerun_replaces_best_ckpt_instead_of_writing_best_v1(fake_root, tmp_path):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    args = ["fit", "--config", str(config), "--data.init_args.val_size", "40", "--trainer.logger=false", *QUICK]
+    main(args)
+    first = (tmp_path / "runs/baseline/checkpoints/best.ckpt").stat().st_mtime_ns
+    main(args)
+    files = sorted(path.name for path in (tmp_path / "runs/baseline/checkpoints").iterdir())
+    assert files == ["best.ckpt", "last.ckpt"]
+    assert (tmp_path / "runs/baseline/checkpoints/best.ckpt").stat().st_mtime_ns > first
+
+
+def test_the_slurm_script_refuses_fewer_tasks_than_nodes_times_tasks_per_node(tmp_path):
+    env = {**os.environ, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NAME": "test", "SLURM_JOB_ID": "1",
+           "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    (tmp_path / "srun").write_text("#!/bin/sh\necho srun-called\n")
+    (tmp_path / "srun").chmod(0o755)
+    script = REPO_ROOT / "scripts/slurm/train.sbatch"
+    refused = subprocess.run(["bash", str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "SLURM_NTASKS=1 but 1 node(s) x 2 tasks per node" in refused.stderr
+    assert "srun-called" not in refused.stdout
+    accepted = subprocess.run(["bash", str(script)], cwd=REPO_ROOT, env={**env, "SLURM_NTASKS": "2"},
+                              capture_output=True, text=True)
+    assert accepted.returncode == 0 and "srun-called" in accepted.stdout
