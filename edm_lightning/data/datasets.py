@@ -15,6 +15,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from edm_lightning.data.integrity import verify_manifest
 from edm_lightning.errors import UserError
 from edm_lightning.registry import Registry
 
@@ -63,8 +64,12 @@ class AnimalMNIST(tvd.MNIST):
 
 
 def _emnist_letters(root: str, train: bool, download: bool) -> Dataset:
-    # EMNIST letters are labelled 1..26; shift to 0..25 so the class count is honest.
-    return tvd.EMNIST(root, split="letters", train=train, download=download, target_transform=_minus_one)
+    # EMNIST letters are labelled 1..26; shift to 0..25 so the class count is honest. Its files store each
+    # image transposed (column-major) and torchvision reads them as they are: transpose back to MNIST's
+    # orientation, so an EMNIST surrogate looks to a model like the MNIST-style images it classifies.
+    dataset = tvd.EMNIST(root, split="letters", train=train, download=download, target_transform=_minus_one)
+    dataset.data = dataset.data.transpose(1, 2).contiguous()
+    return dataset
 
 
 def _minus_one(label: int) -> int:
@@ -130,6 +135,7 @@ def open_dataset(name: str, root: str | Path, train: bool) -> Dataset:
 
     Raises:
         DatasetNotFoundError: the root or the split's files are missing or unreadable.
+        DatasetCorruptError: a file changed since ``fetch`` recorded its checksum.
     """
     spec = get_spec(name)
     root = Path(root)
@@ -138,6 +144,7 @@ def open_dataset(name: str, root: str | Path, train: bool) -> Dataset:
             f"Data root {str(root)!r} does not exist. Fetch the data first: "
             f"python -m edm_lightning.data fetch {name} --root {root}"
         )
+    verify_manifest(name, root / spec.folder, root)  # once per process and file: a changed file is refused
     try:
         return spec.opener(str(root), train, False)
     except (RuntimeError, FileNotFoundError, OSError) as err:

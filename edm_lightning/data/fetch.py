@@ -17,17 +17,20 @@ looks like a dataset.
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from edm_lightning.data.datasets import DatasetNotFoundError, get_spec, open_dataset
+from edm_lightning.data.integrity import KNOWN, MANIFEST, DatasetCorruptError, corrupt_files, write_manifest
 from edm_lightning.errors import ConfigError, UserError
 
 __all__ = ["FetchError", "fetch"]
@@ -58,17 +61,27 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
     spec = get_spec(name)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    if source == "auto" and _readable(name, root):
+    folder = root / spec.folder
+    corrupt = _corrupt(name, folder)
+    if source == "auto" and not corrupt and _readable(name, root):
+        if not (folder / MANIFEST).is_file():
+            write_manifest(folder)  # data fetched before manifests existed: record it now
         return "already present"
+    note = ""
+    if corrupt:
+        shutil.rmtree(folder)
+        note = f" (the files found were corrupt: {', '.join(corrupt)}; fetched again)"
     errors = []
     if source in {"auto", "torchvision"}:
         folder_existed = (root / spec.folder).exists()
         try:
             spec.opener(str(root), True, True)
             spec.opener(str(root), False, True)
-            return "torchvision download"
+            write_manifest(folder)
+            return "torchvision download" + note
         except Exception as err:  # torchvision raises bare RuntimeError/URLError when offline
-            errors.append(f"torchvision download failed: {str(err).splitlines()[0]}")
+            detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+            errors.append(f"torchvision download failed: {detail}")  # the URL and the cause, not just the first line
             if not folder_existed:
                 shutil.rmtree(root / spec.folder, ignore_errors=True)  # torchvision leaves empty folders behind
     if source in {"auto", "offline"}:
@@ -77,16 +90,24 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
             errors.append(f"no offline source is known for {name!r} (only for: {', '.join(sorted(_OFFLINE))})")
         else:
             try:
-                converter(root / spec.folder)
-            except (OSError, subprocess.CalledProcessError, ValueError, zipfile.BadZipFile) as err:
-                detail = getattr(err, "stderr", None) or err
+                converter(folder)
+            except (OSError, EOFError, zlib.error, pickle.UnpicklingError, subprocess.CalledProcessError, ValueError,
+                    zipfile.BadZipFile) as err:  # a truncated .gz raises EOFError, a damaged one zlib.error
+                detail = getattr(err, "stderr", None) or f"{type(err).__name__}: {err}"
                 if isinstance(detail, bytes):
                     detail = detail.decode(errors="replace").strip()
                 errors.append(f"offline source ({spec.offline_source}) failed: {detail}")
             else:
-                if _readable(name, root):
-                    return f"offline: {spec.offline_source}"
-                errors.append(f"offline source ({spec.offline_source}) produced unreadable files")
+                unexpected = corrupt_files(folder, KNOWN.get(name, {}))
+                if unexpected:
+                    shutil.rmtree(folder)
+                    errors.append(f"offline source ({spec.offline_source}) gave other content than expected: "
+                                  f"{', '.join(unexpected)} (SHA-256 mismatch)")
+                elif _readable(name, root):
+                    write_manifest(folder)
+                    return f"offline: {spec.offline_source}" + note
+                else:
+                    errors.append(f"offline source ({spec.offline_source}) produced unreadable files")
     raise FetchError(
         f"Could not fetch {name!r} into {str(root)!r}.\n  - "
         + "\n  - ".join(errors)
@@ -95,11 +116,27 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
     )
 
 
+def _corrupt(name: str, folder: Path) -> list[str]:
+    """Files of an existing dataset folder that differ from its manifest or, without one, from the known content."""
+    if not folder.is_dir():
+        return []
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            expected = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            return [MANIFEST]
+        return corrupt_files(folder, expected) if isinstance(expected, dict) else [MANIFEST]
+    known = KNOWN.get(name, {})
+    present = {relative: checksum for relative, checksum in known.items() if (folder / relative).is_file()}
+    return corrupt_files(folder, present)
+
+
 def _readable(name: str, root: Path) -> bool:
     try:
         open_dataset(name, root, train=True)
         open_dataset(name, root, train=False)
-    except DatasetNotFoundError:
+    except (DatasetNotFoundError, DatasetCorruptError):
         return False
     return True
 
