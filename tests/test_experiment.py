@@ -102,6 +102,22 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.edm, "diversity_weight", -1.0), "must be >= 0"),
+    (lambda c: setattr(c.edm, "num_members", 1), "num_members must be an integer >= 2"),
+    (lambda c: setattr(c.edm, "arch", "foo"), "edm: Unknown architecture 'foo'"),
+    (lambda c: setattr(c.attacks[0], "arch", "bar"), "attack knockoff: Unknown architecture 'bar'"),
+    (lambda c: setattr(c.attacks[0], "surrogate", "kmnist"), "python -m edm_lightning.data fetch kmnist"),
+], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched"])
+def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
+    """Not after the target and the hash network (or all training) as before: nothing may run."""
+    config = tiny_config(fake_root, tmp_path)
+    change(config)
+    with pytest.raises(Exception, match=message):
+        run_experiment(config)
+    assert not (tmp_path / "runs").exists()
+
+
 def defended_config(root: Path, out: Path, **overrides) -> ExperimentConfig:
     """The tiny experiment with two defenses (one composed with EDM) and a query-averaging attack."""
     averaging = AttackConfig(name="knockoff", label="knockoff-avg4", budgets=[128], epochs=1,
@@ -204,7 +220,7 @@ def test_committed_experiment_configs_parse(capsys):
 
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/experiment/*.yaml")):
         config = auto_cli(ExperimentConfig, args=["--config", str(path)])
-        validate(config)
+        validate(config, check_data=False)  # CIFAR-10 / EMNIST are not fetched on an offline machine
         assert config.attacks and config.seeds
 
 

@@ -15,17 +15,20 @@ import warnings
 import torch
 
 from edm_lightning.attacks.oracle import check_budget_covers_batch
-from edm_lightning.data import get_spec
+from edm_lightning.data import get_spec, open_dataset
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import ExperimentConfig, postprocessor_configs
+from edm_lightning.nets import build_net
 
 __all__ = ["validate"]
 
 
-def validate(config: ExperimentConfig, log=None) -> None:
+def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> None:
     """Everything that can be checked before training starts: names, sizes, budgets, honesty of the setup.
+
+    ``check_data=False`` skips opening the datasets (for checking a config on a machine without them).
 
     Raises:
         ConfigError: the first thing found wrong, with what was expected.
@@ -45,6 +48,18 @@ def validate(config: ExperimentConfig, log=None) -> None:
     for where, part in trained.items():
         if isinstance(part.epochs, bool) or not isinstance(part.epochs, int) or part.epochs < 1:
             raise ConfigError(f"{where}: epochs must be a positive integer, got {part.epochs!r}")
+        shape = get_spec(config.hashnet.dataset if where == "hashnet" else config.dataset).input_shape
+        try:  # an unknown architecture, or one that cannot take these inputs, fails now rather than after training
+            build_net(part.arch, shape, 10)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    if isinstance(config.edm.num_members, bool) or not isinstance(config.edm.num_members, int) or config.edm.num_members < 2:
+        raise ConfigError(f"edm.num_members must be an integer >= 2 (an ensemble), got {config.edm.num_members!r}")
+    for weight in [config.edm.diversity_weight, *config.edm.tradeoff_weights]:
+        if not weight >= 0:
+            raise ConfigError(f"edm.diversity_weight and edm.tradeoff_weights must be >= 0 (lambda), got {weight!r}")
+    if check_data:
+        _validate_data(config)
     if not config.attacks:
         raise ConfigError("attacks must name at least one attack")
     titles = [attack.title for attack in config.attacks]
@@ -72,6 +87,15 @@ def validate(config: ExperimentConfig, log=None) -> None:
             if attack.surrogate == config.dataset:
                 raise ConfigError(f"attack knockoff: the surrogate must not be the victim's own dataset {config.dataset!r}")
     _validate_defenses(config, titles)
+
+
+def _validate_data(config: ExperimentConfig) -> None:
+    """Every dataset the plan reads must be fetched (and unchanged) before the first stage starts."""
+    needed = {config.dataset, config.edm.ood_dataset, config.hashnet.dataset}
+    needed |= {attack.surrogate for attack in config.attacks if attack.name == "knockoff"}
+    for name in sorted(needed):
+        for train in (True, False):
+            open_dataset(name, config.root, train=train)  # DatasetNotFoundError names the fetch command
 
 
 def _validate_executor(config: ExperimentConfig) -> None:
