@@ -6,9 +6,11 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from edm_lightning.attacks import KnockoffDataModule
 from edm_lightning.cli import main
+from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.__main__ import main as experiment_main
 from tests.helpers.files import QUICK, REPO_ROOT, localise_config
@@ -77,3 +79,19 @@ def test_the_slurm_script_refuses_fewer_tasks_than_nodes_times_tasks_per_node(tm
     accepted = subprocess.run(["bash", str(script)], cwd=REPO_ROOT, env={**env, "SLURM_NTASKS": "2"},
                               capture_output=True, text=True)
     assert accepted.returncode == 0 and "srun-called" in accepted.stdout
+
+
+@pytest.mark.parametrize("init_args, message", [
+    ({"betaa": 0.3}, "Option 'betaa' is not accepted. Its arguments: beta, gamma"),
+    ({"beta": "high"}, "Expected a <class 'float'>"),
+], ids=["misspelt-argument", "wrong-type"])
+def test_a_postprocessors_arguments_are_checked_when_the_config_is_parsed(tmp_path, capsys, init_args, message):
+    """Even --print_config (which builds nothing) refuses them; from Python, VictimConfig does."""
+    overlay = tmp_path / "defense.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"init_args": {"victim": {"postprocessors": [
+        {"class_path": "ReverseSigmoid", "init_args": init_args}]}}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/attack/knockoff_vs_edm_rs.yaml", "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"postprocessors\[0\] \(ReverseSigmoid\)"):
+        VictimConfig("victim.ckpt", postprocessors=[{"class_path": "ReverseSigmoid", "init_args": init_args}])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -61,14 +62,20 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
         raise AssertionError("a cached stage ran again")
 
     monkeypatch.setattr(jobs, "fit_and_test", must_not_run)
-    monkeypatch.setattr(jobs, "run_knockoff", must_not_run)
+    replace_attack_entry(monkeypatch, "knockoff", must_not_run)
     assert run_experiment(config) == first
     log = capsys.readouterr().err
     assert log.count(": cached (") == 17 and ": running" not in log
 
 
+def replace_attack_entry(monkeypatch, name: str, entry) -> None:
+    """Make the runner call ``entry`` for attack ``name`` (its registered AttackRunner is immutable)."""
+    runner = jobs.ATTACK_RUNNERS.get(name)
+    monkeypatch.setitem(jobs.ATTACK_RUNNERS._entries, name, dataclasses.replace(runner, entry=entry))
+
+
 def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
-    real = jobs.run_knockoff
+    real = jobs.ATTACK_RUNNERS.get("knockoff").entry
     calls = {"n": 0}
 
     def killed_on_third(*args, **kwargs):
@@ -77,13 +84,13 @@ def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jobs, "run_knockoff", killed_on_third)
+    replace_attack_entry(monkeypatch, "knockoff", killed_on_third)
     config = tiny_config(fake_root, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config)
     assert not (tmp_path / "results/tiny/results.md").exists()
     capsys.readouterr()
-    monkeypatch.setattr(jobs, "run_knockoff", real)
+    replace_attack_entry(monkeypatch, "knockoff", real)
     run_experiment(config)
     log = capsys.readouterr().err
     assert log.count(": running") == 5  # the killed attack and the four after it; everything before is cached
@@ -108,7 +115,10 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
     (lambda c: setattr(c.edm, "arch", "foo"), "edm: Unknown architecture 'foo'"),
     (lambda c: setattr(c.attacks[0], "arch", "bar"), "attack knockoff: Unknown architecture 'bar'"),
     (lambda c: setattr(c.attacks[0], "surrogate", "kmnist"), "python -m edm_lightning.data fetch kmnist"),
-], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched"])
+    (lambda c: c.attacks[0].options.update(query_copie=4), r"options \['query_copie'\] are not arguments"),
+    (lambda c: c.attacks[0].options.update(budget=10), r"options \['budget'\] .* set by the experiment"),
+], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched", "misspelt-option",
+        "experiment-set-option"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)

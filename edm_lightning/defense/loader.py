@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from jsonargparse.typing import SecretStr
 
 from edm_lightning.checkpoints import checkpoint_class, checkpoint_nets, is_ensemble, read_checkpoint, trained_on
-from edm_lightning.defense.postprocessors import build_postprocessors, resolve_postprocessor
+from edm_lightning.defense.postprocessors import PostprocessorConfig, build_postprocessors
 from edm_lightning.defense.victim import Victim
 from edm_lightning.errors import ConfigError
 from edm_lightning.routing import FixedRouter, as_secret, build_router
@@ -42,14 +41,16 @@ class VictimConfig:
     hash_checkpoint: str | None = None
     key: SecretStr | None = None
     member: int = 0
-    postprocessors: list[dict[str, Any]] = field(default_factory=list)
+    postprocessors: list[PostprocessorConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.key = as_secret(self.key)  # a plain string from Python is hidden too (repr, logs)
         if not isinstance(self.postprocessors, (list, tuple)):
             raise ConfigError(f"postprocessors must be a list of {{class_path, init_args}} mappings, got {self.postprocessors!r}")
-        for position, config in enumerate(self.postprocessors):
-            resolve_postprocessor(config, position)  # a misspelt class fails here, before any checkpoint is read
+        checked = []
+        for position, config in enumerate(self.postprocessors):  # misspelt classes and arguments fail here
+            checked.append(PostprocessorConfig.parse(config, position).as_dict())
+        self.postprocessors = checked  # plain {class_path, init_args} mappings from here on
 
     def build(self) -> Victim:
         """The victim this config names (:func:`load_victim`)."""

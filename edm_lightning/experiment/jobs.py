@@ -7,7 +7,9 @@ caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from edm_lightning.attacks import run_dfme, run_jbda, run_knockoff
+from edm_lightning.attacks import DFMEModule, KnockoffDataModule, run_dfme, run_jbda, run_knockoff
 from edm_lightning.attacks.knockoff import noisy_copies
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, get_spec
 from edm_lightning.data.images import convert_images, load_images
@@ -177,31 +179,55 @@ def _run_attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, 
     return ATTACK_RUNNERS.get(settings.name)(config, folder, settings, target, common)
 
 
-#: How the runner calls each attack of ``AttackConfig.name``: ``(config, folder, settings, victim, common) -> result``.
-ATTACK_RUNNERS: Registry[Callable[..., dict]] = Registry("attack")
+@dataclass(frozen=True)
+class AttackRunner:
+    """How the runner runs one attack: its Python entry, and the arguments the experiment itself sets.
+
+    Args:
+        entry: the attack's ``run_*`` function (victim first, then keyword arguments).
+        fixed: ``(config, folder, settings) -> kwargs`` the experiment sets (epochs, caches, surrogate).
+        forwards_to: the class ``entry`` passes its ``**options`` to, whose arguments ``options`` may also set.
+    """
+
+    entry: Callable[..., dict]
+    fixed: Callable[[ExperimentConfig, Path, AttackConfig], dict]
+    forwards_to: type | None = None
+
+    def __call__(self, config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig,
+                 common: dict) -> dict:
+        return self.entry(target, **self.fixed(config, folder, settings), **common, **settings.options)
+
+    def check_options(self, config: ExperimentConfig, settings: AttackConfig) -> None:
+        """Refuse ``options`` the entry does not take, or that the experiment sets itself, before any stage runs.
+
+        Raises:
+            ConfigError: an unknown or experiment-set option (the message lists the ones that can be set).
+        """
+        parameters = inspect.signature(self.entry).parameters
+        taken = {name for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD} - {"victim"}
+        if self.forwards_to is not None:
+            taken |= set(inspect.signature(self.forwards_to).parameters) - {"self", "victim"}
+        set_here = set(self.fixed(config, Path("."), settings)) | set(COMMON_ATTACK_ARGUMENTS)
+        wrong = sorted(set(settings.options) - (taken - set_here))
+        if wrong:
+            raise ConfigError(f"attack {settings.title}: options {wrong} are not arguments it takes, or are set by the "
+                              f"experiment; it takes: {', '.join(sorted(taken - set_here))}")
 
 
-@ATTACK_RUNNERS.register("knockoff")
-def _knockoff(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
-    return run_knockoff(target, surrogate=settings.surrogate, max_epochs=settings.epochs, cache_dir=str(transfer_dir(config)),
-                        **common, **settings.options)
+#: Arguments every attack gets from the experiment (``common`` in :func:`attack`), never from ``options``.
+COMMON_ATTACK_ARGUMENTS = ("dataset", "budget", "label_only", "arch", "root", "test_size", "seed", "trainer")
 
-
-@ATTACK_RUNNERS.register("jbda")
-def _jbda(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
-    return run_jbda(target, targeted=False, epochs_per_round=settings.epochs, cache_dir=str(folder / "cache"),
-                    **common, **settings.options)
-
-
-@ATTACK_RUNNERS.register("jbda_tr")
-def _jbda_tr(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
-    return run_jbda(target, targeted=True, epochs_per_round=settings.epochs, cache_dir=str(folder / "cache"),
-                    **common, **settings.options)
-
-
-@ATTACK_RUNNERS.register("dfme")
-def _dfme(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
-    return run_dfme(target, max_epochs=settings.epochs, cache_dir=str(folder / "cache"), **common, **settings.options)
+#: How the runner calls each attack of ``AttackConfig.name``.
+ATTACK_RUNNERS: Registry[AttackRunner] = Registry("attack")
+ATTACK_RUNNERS.register("knockoff")(AttackRunner(run_knockoff, lambda config, folder, settings: {
+    "surrogate": settings.surrogate, "max_epochs": settings.epochs, "cache_dir": str(transfer_dir(config))},
+    forwards_to=KnockoffDataModule))
+ATTACK_RUNNERS.register("jbda")(AttackRunner(run_jbda, lambda config, folder, settings: {
+    "targeted": False, "epochs_per_round": settings.epochs, "cache_dir": str(folder / "cache")}))
+ATTACK_RUNNERS.register("jbda_tr")(AttackRunner(run_jbda, lambda config, folder, settings: {
+    "targeted": True, "epochs_per_round": settings.epochs, "cache_dir": str(folder / "cache")}))
+ATTACK_RUNNERS.register("dfme")(AttackRunner(run_dfme, lambda config, folder, settings: {
+    "max_epochs": settings.epochs, "cache_dir": str(folder / "cache")}, forwards_to=DFMEModule))
 
 
 def transfer_dir(config: ExperimentConfig) -> Path:

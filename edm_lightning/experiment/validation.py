@@ -20,6 +20,7 @@ from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import ExperimentConfig, postprocessor_configs
+from edm_lightning.experiment.jobs import ATTACK_RUNNERS
 from edm_lightning.nets import build_net
 
 __all__ = ["validate"]
@@ -74,6 +75,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
             raise ConfigError(f"attack {attack.name}: budgets must be positive integers, got {attack.budgets}")
         batch = int(attack.options.get("batch_size", 256 if attack.name == "dfme" else 128))
         check_budget_covers_batch(min(attack.budgets), batch, where=f"attack {attack.name} (options.batch_size): ")
+        ATTACK_RUNNERS.get(attack.name).check_options(config, attack)  # a misspelt option fails now, not after training
         if attack.name == "knockoff":
             check_convertible(get_spec(attack.surrogate).input_shape[0], spec.input_shape[0],
                               f"attack knockoff: surrogate {attack.surrogate!r} images")

@@ -4,6 +4,7 @@ from edm_lightning.defense.postprocessors.adaptive_misinformation import Adaptiv
 from edm_lightning.defense.postprocessors.base import (
     POSTPROCESSORS,
     Postprocessor,
+    PostprocessorConfig,
     build_postprocessor,
     build_postprocessors,
     resolve_postprocessor,
@@ -17,6 +18,7 @@ __all__ = [
     "POSTPROCESSORS",
     "AdaptiveMisinformation",
     "Postprocessor",
+    "PostprocessorConfig",
     "PredictionPoisoning",
     "ReverseSigmoid",
     "Rounding",

@@ -17,6 +17,7 @@ The defenses, one file each (as ART's ``defences/postprocessor/``), register the
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import register_type
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -34,6 +37,7 @@ from edm_lightning.registry import Registry
 __all__ = [
     "POSTPROCESSORS",
     "Postprocessor",
+    "PostprocessorConfig",
     "build_postprocessor",
     "build_postprocessors",
     "check_classes",
@@ -105,7 +109,7 @@ def build_postprocessor(
     return cls(**init_args)
 
 
-def resolve_postprocessor(config: Any, position: int = 0) -> tuple[type[Postprocessor], dict[str, Any]]:
+def resolve_postprocessor(config: Any, position: int | None = 0) -> tuple[type[Postprocessor], dict[str, Any]]:
     """The class and a copy of the init args a config names; a malformed config fails with what was expected.
 
     Returns:
@@ -114,7 +118,7 @@ def resolve_postprocessor(config: Any, position: int = 0) -> tuple[type[Postproc
     Raises:
         ConfigError: not a ``{class_path, init_args}`` mapping, or a class that is no known post-processor.
     """
-    where = f"postprocessors[{position}]"
+    where = "post-processor" if position is None else f"postprocessors[{position}]"
     if not isinstance(config, dict) or "class_path" not in config or not set(config) <= {"class_path", "init_args"}:
         raise ConfigError(
             f"{where} must be a mapping with class_path (one of {', '.join(POSTPROCESSORS)} or a dotted path) "
@@ -136,6 +140,70 @@ def resolve_postprocessor(config: Any, position: int = 0) -> tuple[type[Postproc
             "(or a dotted path to a Postprocessor subclass)."
         )
     return cls, dict(init_args)
+
+
+class PostprocessorConfig:
+    """One ``{class_path, init_args}`` entry of ``VictimConfig.postprocessors``, checked when the config is parsed.
+
+    Registered as a jsonargparse type: a misspelt class, an argument the class does not take (``betaa``) or a
+    value of the wrong type fails while the config is parsed (``--print_config`` included), not when the
+    victim is built. ``num_classes`` and ``input_shape`` are left out: the victim loader fills them in.
+
+    Args:
+        class_path: a name of :data:`POSTPROCESSORS` or a dotted path to a :class:`Postprocessor` subclass.
+        init_args: its arguments.
+    """
+
+    def __init__(self, class_path: str, init_args: dict[str, Any] | None = None):
+        self.class_path, self.init_args = class_path, dict(init_args or {})
+
+    @classmethod
+    def parse(cls, value: Any, position: int | None = None) -> PostprocessorConfig:
+        """The checked entry (``position``: its index in the list, for messages).
+
+        Returns:
+            The entry (``value`` itself if it already is one).
+
+        Raises:
+            ConfigError: a malformed entry, an unknown class, unknown arguments or values of the wrong type.
+        """
+        if isinstance(value, cls):
+            return value
+        post, init_args = resolve_postprocessor(value, position)
+        parser = _init_args_parser(post)
+        try:
+            parser.parse_object({k: v for k, v in init_args.items() if k not in LINKED})
+        except (ArgumentError, SystemExit) as err:
+            detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            where = "post-processor" if position is None else f"postprocessors[{position}]"
+            raise ConfigError(f"{where} ({post.__name__}): {detail}. Its arguments: "
+                              f"{', '.join(p for p in inspect.signature(post).parameters if p not in LINKED)}") from None
+        return cls(value["class_path"], init_args)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": {...}}``, as configs write it."""
+        return {"class_path": self.class_path, "init_args": dict(self.init_args)}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PostprocessorConfig) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"PostprocessorConfig({self.class_path!r}, {self.init_args!r})"
+
+
+#: Arguments the victim loader gives post-processors from the victim itself; configs never set them.
+LINKED = ("num_classes", "input_shape")
+
+
+@functools.cache
+def _init_args_parser(post: type[Postprocessor]) -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(post, skip=set(LINKED))
+    return parser
+
+
+register_type(PostprocessorConfig, serializer=PostprocessorConfig.as_dict, deserializer=PostprocessorConfig.parse,
+              deserializer_exceptions=(ConfigError, ValueError, TypeError))
 
 
 def frozen_classifier(model: nn.Module | str | Path, what: str, num_classes: int | None,
