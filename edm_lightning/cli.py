@@ -77,8 +77,8 @@ class EDMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         refuse_keys_on_command_line(config, self._command_line)
-        resolve_wandb_mode()  # before any WandbLogger exists: offline when there are no credentials
-        fill_wandb_defaults(config)
+        if fill_wandb_defaults(config):
+            resolve_wandb_mode()  # before the WandbLogger exists: offline when there are no credentials
 
 
 def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:

@@ -4,6 +4,8 @@ import pickle
 import sys
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
 __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
@@ -27,7 +29,9 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
 
 
 def exit_if_user_error(err: BaseException) -> None:
-    """Print the UserError behind ``err`` (jsonargparse wraps the errors of the classes it builds) and exit 2.
+    """Print the UserError (or Lightning's MisconfigurationException) behind ``err`` and exit 2.
+
+    jsonargparse wraps the errors of the classes it builds, so the chain of causes is searched.
 
     Returns without doing anything when no UserError is behind ``err``: the caller re-raises it.
 
@@ -37,7 +41,7 @@ def exit_if_user_error(err: BaseException) -> None:
     seen = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, UserError):
+        if isinstance(cause, (UserError, MisconfigurationException)):  # Lightning's own word for a bad setting
             print(f"error: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
         seen.add(id(cause))

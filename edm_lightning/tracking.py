@@ -74,7 +74,7 @@ def _launch_rank() -> int:
     return 0
 
 
-def fill_wandb_defaults(config: Any) -> None:
+def fill_wandb_defaults(config: Any) -> bool:
     """Give a ``WandbLogger`` composed from ``configs/logger/wandb.yaml`` what depends on the job, in place.
 
     Unset ``init_args`` become: ``save_dir`` the trainer's ``default_root_dir``; ``job_type`` the name of
@@ -83,6 +83,9 @@ def fill_wandb_defaults(config: Any) -> None:
 
     Args:
         config: one subcommand's parsed LightningCLI namespace (``trainer``, ``model``, ``data``, ``config``).
+
+    Returns:
+        Whether the job logs to W&B at all.
     """
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
     data = getattr(config.data, "init_args", None) or {}
@@ -96,13 +99,16 @@ def fill_wandb_defaults(config: Any) -> None:
         "group": dataset,
         "tags": [str(tag) for tag in (dataset, arch) if tag is not None] or None,
     }
+    found = False
     for logger in loggers:
         if getattr(logger, "class_path", None) != WANDB_LOGGER:
             continue
+        found = True
         for key, value in derived.items():
             unset = (None, ".") if key == "save_dir" else (None,)  # "." is WandbLogger's own default
             if value is not None and _get(logger.init_args, key) in unset:
                 logger.init_args[key] = value
+    return found
 
 
 def _get(namespace: Any, key: str) -> Any:

@@ -95,3 +95,11 @@ def test_a_postprocessors_arguments_are_checked_when_the_config_is_parsed(tmp_pa
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"postprocessors\[0\] \(ReverseSigmoid\)"):
         VictimConfig("victim.ckpt", postprocessors=[{"class_path": "ReverseSigmoid", "init_args": init_args}])
+
+
+def test_a_setting_lightning_refuses_is_one_message(fake_root, tmp_path, capsys):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--trainer.max_epochs", "-5", "--trainer.logger=false"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "`max_epochs` must be a non-negative integer" in err and "Traceback" not in err
