@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
@@ -115,6 +116,10 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
         raise
     finally:
         finish_wandb_run()
+        # Lightning leaves the DDP process group alive; a gloo group still alive at interpreter exit can abort the
+        # process ("terminate called without an active exception") after a run that succeeded.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def check_checkpoint_fits(state: dict, path: str, config: Any) -> None:

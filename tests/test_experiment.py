@@ -14,6 +14,7 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.experiment import (
     AttackConfig,
     DefenseConfig,
+    EDMConfig,
     ExperimentConfig,
     TrainConfig,
     run_experiment,
@@ -476,3 +477,19 @@ def test_every_attack_the_config_accepts_has_a_runner():
 
     accepted = set(get_args(get_type_hints(AttackConfig)["name"]))
     assert accepted == set(jobs.ATTACK_RUNNERS.names())
+
+
+def test_the_runner_and_the_cli_jobs_share_their_defaults():
+    """A setting the experiment schema shares with a job class has the same default in both (#12: lambda was 0.5 here)."""
+    import inspect
+
+    from edm_lightning.data import ClassificationDataModule
+    from edm_lightning.models import EnsembleModule
+
+    def defaults(cls) -> dict:
+        return {name: p.default for name, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+    for schema, job in ((EDMConfig, EnsembleModule), (TrainConfig, ClassificationDataModule), (TrainConfig, EnsembleModule)):
+        shared = defaults(schema).keys() & defaults(job).keys() - {"optim"}
+        assert shared, (schema, job)
+        assert {k: defaults(schema)[k] for k in shared} == {k: defaults(job)[k] for k in shared}, (schema, job)

@@ -13,6 +13,7 @@ from jsonargparse.typing import SecretStr
 
 from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve_postprocessor
 from edm_lightning.models import OptimConfig
+from edm_lightning.models.ensemble import DIVERSITY_WEIGHT
 from edm_lightning.routing import as_secret
 
 __all__ = [
@@ -87,7 +88,7 @@ class EDMConfig(TrainConfig):
     """
 
     num_members: int = 5
-    diversity_weight: float = 0.5
+    diversity_weight: float = DIVERSITY_WEIGHT  # EnsembleModule's own default: one value, one place
     tradeoff_weights: list[float] = field(default_factory=list)
     ood_dataset: str = "animal-mnist"
     routers: list[Literal["neural", "keyed"]] = field(default_factory=lambda: ["neural", "keyed"])

@@ -24,6 +24,9 @@ from edm_lightning.routing import answer_routed, as_secret, build_router
 
 __all__ = ["EnsembleModule"]
 
+#: lambda, the diversity loss's weight, when a config does not set it (the experiment runner's default too).
+DIVERSITY_WEIGHT = 1.0
+
 #: The hyper-parameters that fix the shape of an ensemble's weights; a checkpoint must agree on all of them.
 STRUCTURE = ("num_members", "arch", "num_classes", "input_shape")
 
@@ -73,7 +76,7 @@ class EnsembleModule(L.LightningModule):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         optim: OptimConfig | None = None,
-        diversity_weight: float = 1.0,
+        diversity_weight: float = DIVERSITY_WEIGHT,
         temperature: float = 1.0,
         router: Literal["keyed", "neural", "fixed"] = "keyed",
         router_key: SecretStr | None = None,
