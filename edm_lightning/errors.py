@@ -12,6 +12,7 @@ __all__ = [
     "UserError",
     "exit_if_user_error",
     "prepare_command_line",
+    "shipped_config",
     "unreadable_file_reason",
 ]
 
@@ -65,7 +66,8 @@ def unreadable_file_reason(err: BaseException) -> str:
 
 
 def prepare_command_line(argv: list[str]) -> list[str]:
-    """A command line as the CLIs parse it: W&B sweeps' ``None`` read as ``null``, empty config files refused.
+    """A command line as the CLIs parse it: W&B sweeps' ``None`` read as ``null``, shipped configs found by
+    name (:func:`shipped_config`), empty config files refused.
 
     W&B renders a swept ``null`` as ``--key=None``, which jsonargparse would take as the string ``"None"``
     and refuse for an optional number; every ``None`` value becomes ``null``. A ``--config`` file that is
@@ -87,9 +89,38 @@ def prepare_command_line(argv: list[str]) -> list[str]:
     for position, arg in enumerate(args):
         path = None
         if arg in ("--config", "-c") and position + 1 < len(args):
-            path = args[position + 1]
+            path, where = args[position + 1], position + 1
         elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if path is not None and Path(path).is_file() and not Path(path).read_text().strip():
+            path, where = arg.split("=", 1)[1], None
+        if path is None:
+            continue
+        found = shipped_config(path)
+        if where is None:
+            args[position] = f"--config={found}"
+        else:
+            args[where] = str(found)
+        if not found.read_text().strip():
             raise ConfigError(f"config file {path!r} is empty: expected a YAML mapping such as the files under configs/")
     return args
+
+
+#: The committed configs, shipped inside the package (in a clone, a link to ``configs/``).
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def shipped_config(path: str) -> Path:
+    """``path`` itself if it is a file, else the shipped config it names (``edm.yaml``, ``configs/edm.yaml``).
+
+    Returns:
+        The file to read.
+
+    Raises:
+        ConfigError: no such file and no such shipped config (the message lists the shipped ones).
+    """
+    if Path(path).is_file():
+        return Path(path)
+    name = path.removeprefix("configs/").removeprefix("configs:")
+    if (SHIPPED_CONFIGS / name).is_file():
+        return SHIPPED_CONFIGS / name
+    shipped = sorted(str(p.relative_to(SHIPPED_CONFIGS)) for p in SHIPPED_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(f"config {path!r} is neither a file nor a shipped config. Shipped configs: {', '.join(shipped)}")

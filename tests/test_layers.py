@@ -28,6 +28,7 @@ LAYERS = [
     {"defense"},
     {"attacks"},
     {"experiment", "cli"},
+    {"__main__"},  # the edm-lightning command: dispatches to the CLI, the runner and the data tool
 ]
 
 
