@@ -27,7 +27,7 @@ from jsonargparse.typing import SecretStr
 from torch import Tensor, nn
 from typing_extensions import override
 
-from edm_lightning.checkpoints import checkpoint_class, load_classifier_net
+from edm_lightning.checkpoints import checkpoint_class, load_classifier_net, trained_on
 from edm_lightning.errors import ConfigError
 from edm_lightning.registry import Registry
 
@@ -373,11 +373,13 @@ def build_router(
     key: str | bytes | SecretStr | None = None,
     hash_checkpoint: str | None = None,
     input_shape: tuple[int, int, int] | None = None,
+    ensemble_data: str | None = None,
 ) -> Router:
     """The router a config names: ``fixed`` (``member``), ``neural`` (``hash_checkpoint``) or ``keyed`` (``key``).
 
     ``input_shape``, when given, is checked against the hash network's, so a hash net trained for other
-    inputs fails here rather than at the first query.
+    inputs fails here rather than at the first query; ``ensemble_data`` (the ensemble's training dataset),
+    when given, must not be the hash network's (see :func:`load_hash_net`).
 
     Returns:
         The router.
@@ -386,7 +388,7 @@ def build_router(
         ConfigError: an unknown ``kind`` (the known ones listed), or settings that kind cannot use.
     """
     return ROUTERS.get(kind)(num_members, member=member, key=key, hash_checkpoint=hash_checkpoint,
-                             input_shape=input_shape)
+                             input_shape=input_shape, ensemble_data=ensemble_data)
 
 
 @ROUTERS.register("fixed")
@@ -401,17 +403,20 @@ def _keyed(num_members: int, *, key: str | bytes | SecretStr | None, **_: object
 
 @ROUTERS.register("neural")
 def _neural(num_members: int, *, hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None,
-            **_: object) -> Router:
-    net, bias = load_hash_net(hash_checkpoint, input_shape)
+            ensemble_data: str | None, **_: object) -> Router:
+    net, bias = load_hash_net(hash_checkpoint, input_shape, ensemble_data)
     return NeuralHashRouter(net, num_members, bias)
 
 
 def load_hash_net(
-    hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None
+    hash_checkpoint: str | None, input_shape: tuple[int, int, int] | None = None, ensemble_data: str | None = None
 ) -> tuple[nn.Module, Tensor | None]:
     """The frozen net of a ``ClassifierModule`` checkpoint trained with ``configs/hashnet.yaml``, and its
     balancing logit offsets (``None`` if the checkpoint was saved without
     :class:`~edm_lightning.models.hashnet.HashBalanceCallback`).
+
+    A hash network is trained on an auxiliary dataset: one trained on ``ensemble_data`` (the ensemble's own
+    data, when known) is the ensemble's target, not a hash network, and is refused.
 
     Returns:
         ``(net, logit_bias or None)``.
@@ -429,6 +434,12 @@ def load_hash_net(
     if checkpoint_class(state) not in (None, "ClassifierModule"):
         raise ConfigError(f"hash network {str(hash_checkpoint)!r} is a {checkpoint_class(state)} checkpoint; train the hash "
                           "network with `python main.py fit --config configs/hashnet.yaml`")
+    hash_data = trained_on(state)
+    if hash_data is not None and hash_data == ensemble_data:
+        raise ConfigError(
+            f"hash network {str(hash_checkpoint)!r} was trained on {hash_data!r}, the ensemble's own data: that is a "
+            "target, not a hash network. Train the hash network on an auxiliary dataset (configs/hashnet.yaml)."
+        )
     have = tuple(hp["input_shape"])
     if input_shape is not None and have != tuple(input_shape):
         raise ConfigError(

@@ -90,9 +90,8 @@ def load_victim(config: VictimConfig) -> Victim:
                               f"{str(path)!r}, got {config.member}")
         # The router first: a missing or mismatched hash network fails before the members load.
         router = build_router(config.router, num_members, member=config.member, key=config.key,
-                              hash_checkpoint=config.hash_checkpoint, input_shape=input_shape)
-        if config.router == "neural":
-            _check_hash_data(config.hash_checkpoint, trained_on(state))
+                              hash_checkpoint=config.hash_checkpoint, input_shape=input_shape,
+                              ensemble_data=trained_on(state))
     else:
         if config.router != "fixed" or config.member != 0:
             raise ConfigError(
@@ -109,13 +108,3 @@ def load_victim(config: VictimConfig) -> Victim:
 
 #: The LightningModules whose checkpoints can be served (as their class names record them).
 VICTIM_CLASSES = ("ClassifierModule", "EnsembleModule")
-
-
-def _check_hash_data(hash_checkpoint: str | None, ensemble_data: str | None) -> None:
-    """A hash network is trained on an auxiliary dataset; one trained on the ensemble's own data is its target."""
-    hash_data = trained_on(read_checkpoint(hash_checkpoint, "Hash network")) if hash_checkpoint else None
-    if hash_data is not None and hash_data == ensemble_data:
-        raise ConfigError(
-            f"hash network {str(hash_checkpoint)!r} was trained on {hash_data!r}, the ensemble's own data: that is a "
-            "target, not a hash network. Train the hash network on an auxiliary dataset (configs/hashnet.yaml)."
-        )
