@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from edm_lightning.data.datasets import DatasetNotFoundError, get_spec, open_dataset
-from edm_lightning.data.integrity import KNOWN, MANIFEST, DatasetCorruptError, corrupt_files, write_manifest
+from edm_lightning.data.integrity import (
+    KNOWN,
+    MANIFEST,
+    DatasetCorruptError,
+    corrupt_files,
+    manifest_mismatches,
+    write_manifest,
+)
 from edm_lightning.errors import ConfigError, UserError
 
 __all__ = ["FetchError", "fetch"]
@@ -120,13 +127,9 @@ def _corrupt(name: str, folder: Path) -> list[str]:
     """Files of an existing dataset folder that differ from its manifest or, without one, from the known content."""
     if not folder.is_dir():
         return []
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        try:
-            expected = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            return [MANIFEST]
-        return corrupt_files(folder, expected) if isinstance(expected, dict) else [MANIFEST]
+    mismatches = manifest_mismatches(folder)
+    if mismatches is not None:
+        return mismatches
     known = KNOWN.get(name, {})
     present = {relative: checksum for relative, checksum in known.items() if (folder / relative).is_file()}
     return corrupt_files(folder, present)

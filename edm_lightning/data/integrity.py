@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edm_lightning.errors import UserError
 
-__all__ = ["MANIFEST", "DatasetCorruptError", "corrupt_files", "verify_manifest", "write_manifest"]
+__all__ = ["MANIFEST", "DatasetCorruptError", "corrupt_files", "manifest_mismatches", "verify_manifest", "write_manifest"]
 
 MANIFEST = "checksums.json"
 
@@ -69,23 +69,33 @@ def corrupt_files(folder: Path, expected: dict[str, str]) -> list[str]:
     return bad
 
 
+def manifest_mismatches(folder: Path) -> list[str] | None:
+    """The files under ``folder`` that differ from its manifest (``[MANIFEST]`` itself if it is unreadable).
+
+    Returns:
+        Relative paths, sorted (empty: all match), or ``None`` when the folder has no manifest (data fetched
+        by an older version).
+    """
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        expected = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return [MANIFEST]
+    return corrupt_files(folder, expected) if isinstance(expected, dict) else [MANIFEST]
+
+
 def verify_manifest(name: str, folder: Path, root: Path) -> None:
     """Check ``folder`` against its manifest, if it has one (data fetched by an older version has none).
 
     Raises:
         DatasetCorruptError: a file is missing or changed since it was fetched.
     """
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return
-    try:
-        expected = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        expected = None
-    if not isinstance(expected, dict):
-        raise DatasetCorruptError(f"Dataset {name!r}: its checksum manifest {str(manifest)!r} is unreadable. "
+    bad = manifest_mismatches(folder)
+    if bad == [MANIFEST]:
+        raise DatasetCorruptError(f"Dataset {name!r}: its checksum manifest {str(folder / MANIFEST)!r} is unreadable. "
                                   f"Fetch it again: python -m edm_lightning.data fetch {name} --root {root}")
-    bad = corrupt_files(folder, expected)
     if bad:
         raise DatasetCorruptError(
             f"Dataset {name!r} is corrupt: {', '.join(bad)} under {str(folder)!r} changed since it was fetched "
