@@ -1,4 +1,6 @@
-"""What every single-net LightningModule shares: one net built by name, one optimiser, softmax predictions."""
+"""What this package's LightningModules share: their checkpoints say what they hold; and, for the single-net
+ones, one net built by name, one optimiser, softmax predictions.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +15,22 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.nets import build_net
 
-__all__ = ["NetModule"]
+__all__ = ["NetModule", "RecordedModule"]
 
 
-class NetModule(L.LightningModule):
+class RecordedModule(L.LightningModule):
+    """A LightningModule whose checkpoints record its class (``checkpoints.CLASS_KEY``), whoever trains it.
+
+    LightningCLI records ``_class_path`` in the hyper-parameters, the experiment runner does not; loaders
+    that must refuse the wrong kind of checkpoint (a misinformation model as a victim) read this entry.
+    """
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CLASS_KEY] = type(self).__name__
+
+
+class NetModule(RecordedModule):
     """One classifier net (``self.net``, images in [0, 1] to logits) and its optimiser.
 
     The base of the target and hash network (:class:`~edm_lightning.models.ClassifierModule`), the
@@ -61,10 +75,6 @@ class NetModule(L.LightningModule):
     @override
     def configure_optimizers(self):
         return build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CLASS_KEY] = type(self).__name__  # what the checkpoint holds, for loaders that must refuse others
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import SecretStr
@@ -13,9 +12,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from edm_lightning.checkpoints import CLASS_KEY, check_structure
+from edm_lightning.checkpoints import check_structure
 from edm_lightning.errors import ConfigError
 from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
+from edm_lightning.models.base import RecordedModule
 from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.models.step_logs import log_training_step
@@ -31,7 +31,7 @@ DIVERSITY_WEIGHT = 1.0
 STRUCTURE = ("num_members", "arch", "num_classes", "input_shape")
 
 
-class EnsembleModule(L.LightningModule):
+class EnsembleModule(RecordedModule):
     """EDM (Kariyappa et al., ICLR 2021): loss = mean member CE on ``id`` + lambda * diversity on ``ood``.
 
     Training batches are dicts ``{"id": (x, y), "ood": x_ood}`` (:class:`~edm_lightning.data.EDMDataModule`).
@@ -155,10 +155,6 @@ class EnsembleModule(L.LightningModule):
             )
             self.__dict__["_router"] = router  # bypasses nn.Module registration: not a parameter, not saved
         return router.to(x.device)(x)
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CLASS_KEY] = type(self).__name__  # what the checkpoint holds, for loaders that must refuse others
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
