@@ -197,6 +197,14 @@ class AttackRunner:
                  common: dict) -> dict:
         return self.entry(target, **self.fixed(config, folder, settings), **common, **settings.options)
 
+    def default(self, option: str) -> Any:
+        """The entry's default for ``option`` (for ``options`` the config leaves out).
+
+        Returns:
+            The default value.
+        """
+        return inspect.signature(self.entry).parameters[option].default
+
     def check_options(self, config: ExperimentConfig, settings: AttackConfig) -> None:
         """Refuse ``options`` the entry does not take, or that the experiment sets itself, before any stage runs.
 

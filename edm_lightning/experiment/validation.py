@@ -21,6 +21,7 @@ from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import ExperimentConfig, postprocessor_configs
 from edm_lightning.experiment.jobs import ATTACK_RUNNERS
+from edm_lightning.models.ensemble import check_ensemble_settings
 from edm_lightning.nets import build_net
 
 __all__ = ["validate"]
@@ -54,11 +55,11 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
             build_net(part.arch, shape, 10)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-    if isinstance(config.edm.num_members, bool) or not isinstance(config.edm.num_members, int) or config.edm.num_members < 2:
-        raise ConfigError(f"edm.num_members must be an integer >= 2 (an ensemble), got {config.edm.num_members!r}")
-    for weight in [config.edm.diversity_weight, *config.edm.tradeoff_weights]:
-        if not weight >= 0:
-            raise ConfigError(f"edm.diversity_weight and edm.tradeoff_weights must be >= 0 (lambda), got {weight!r}")
+    for weight in [config.edm.diversity_weight, *config.edm.tradeoff_weights]:  # the ensemble module's own check
+        try:
+            check_ensemble_settings(config.edm.num_members, weight)
+        except ConfigError as err:
+            raise ConfigError(f"edm: {err}") from None
     if check_data:
         _validate_data(config)
     if not config.attacks:
@@ -73,9 +74,10 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
     for attack in config.attacks:
         if not attack.budgets or any(b <= 0 for b in attack.budgets):
             raise ConfigError(f"attack {attack.name}: budgets must be positive integers, got {attack.budgets}")
-        batch = int(attack.options.get("batch_size", 256 if attack.name == "dfme" else 128))
+        runner = ATTACK_RUNNERS.get(attack.name)
+        batch = int(attack.options.get("batch_size", runner.default("batch_size")))
         check_budget_covers_batch(min(attack.budgets), batch, where=f"attack {attack.name} (options.batch_size): ")
-        ATTACK_RUNNERS.get(attack.name).check_options(config, attack)  # a misspelt option fails now, not after training
+        runner.check_options(config, attack)  # a misspelt option fails now, not after training
         if attack.name == "knockoff":
             check_convertible(get_spec(attack.surrogate).input_shape[0], spec.input_shape[0],
                               f"attack knockoff: surrogate {attack.surrogate!r} images")

@@ -22,7 +22,7 @@ from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
 from edm_lightning.routing import answer_routed, as_secret, build_router
 
-__all__ = ["EnsembleModule"]
+__all__ = ["EnsembleModule", "check_ensemble_settings"]
 
 #: lambda, the diversity loss's weight, when a config does not set it (the experiment runner's default too).
 DIVERSITY_WEIGHT = 1.0
@@ -83,10 +83,7 @@ class EnsembleModule(RecordedModule):
         hash_checkpoint: str | None = None,
     ):
         super().__init__()
-        if num_members < 2:
-            raise ConfigError(f"an EDM ensemble needs num_members >= 2, got {num_members}")
-        if diversity_weight < 0:
-            raise ConfigError(f"diversity_weight must be >= 0, got {diversity_weight}")
+        check_ensemble_settings(num_members, diversity_weight)
         if router == "neural" and hash_checkpoint is None:
             raise ConfigError("router 'neural' needs hash_checkpoint (train it with configs/hashnet.yaml)")
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
@@ -183,6 +180,19 @@ class EnsembleModule(RecordedModule):
         for prog_bar in (True, False):
             chosen = {name: metric for name, metric in logged.items() if (name in shown) == prog_bar}
             self.log_dict(chosen, add_dataloader_idx=False, prog_bar=prog_bar and metrics.prefix == "val/")
+
+
+def check_ensemble_settings(num_members: Any, diversity_weight: Any) -> None:
+    """The ensemble's own ranges, checked by the module and, before any stage, by the experiment runner.
+
+    Raises:
+        ConfigError: fewer than two members, or a negative lambda.
+    """
+    if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
+        raise ConfigError(f"num_members must be an integer >= 2, got {num_members!r} "
+                          "(an EDM ensemble needs num_members >= 2 members to disagree)")
+    if not diversity_weight >= 0:
+        raise ConfigError(f"diversity_weight (lambda) must be >= 0, got {diversity_weight!r}")
 
 
 class EnsembleMetrics(nn.Module):
