@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -72,7 +73,8 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
 def replace_attack_entry(monkeypatch, name: str, entry) -> None:
     """Make the runner call ``entry`` for attack ``name`` (its registered AttackRunner is immutable)."""
     runner = jobs.ATTACK_RUNNERS.get(name)
-    monkeypatch.setitem(jobs.ATTACK_RUNNERS._entries, name, dataclasses.replace(runner, entry=entry))
+    stand_in = functools.wraps(runner.entry)(lambda *args, **kwargs: entry(*args, **kwargs))  # the entry's signature
+    monkeypatch.setitem(jobs.ATTACK_RUNNERS._entries, name, dataclasses.replace(runner, entry=stand_in))
 
 
 def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
