@@ -6,7 +6,8 @@ import sys
 
 from jsonargparse import auto_cli
 
-from edm_lightning.errors import exit_if_user_error, prepare_command_line
+from edm_lightning.command_line import prepare_command_line
+from edm_lightning.errors import exit_if_user_error
 from edm_lightning.experiment.config import ExperimentConfig
 from edm_lightning.experiment.execution import StageFailed
 from edm_lightning.experiment.runner import run_experiment
