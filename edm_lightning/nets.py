@@ -44,7 +44,7 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """Two strided 5x5 convolutions and one linear layer: the neural router's cheap hash network.
 
     The hash network runs on every query, so its cost adds to the victim's; a LeNet-5 hash costs
-    about as much as a LeNet-5 member (serving at 0.47x of one member), this one about a fifth of it.
+    about as much as a LeNet-5 member (serving at 0.51x of one member), this one about a fifth of it.
     Any input size works (adaptive pooling to 4x4).
 
     Returns:
