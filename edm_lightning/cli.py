@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -10,8 +11,8 @@ import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-import edm_lightning.attacks  # noqa: F401  (imported, their classes resolve by short name: --model EnsembleModule)
-import edm_lightning.models  # noqa: F401
+import edm_lightning.models  # noqa: F401  (imported, their classes resolve by short name: --model EnsembleModule)
+from edm_lightning.attacks import DFMEModule
 from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ensemble, read_checkpoint, trained_on
 from edm_lightning.command_line import prepare_command_line
 from edm_lightning.data import get_spec
@@ -19,7 +20,7 @@ from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.routing import refuse_keys_on_command_line
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
-__all__ = ["EDMLightningCLI", "Trainer", "check_checkpoint_fits", "main"]
+__all__ = ["EDMLightningCLI", "Trainer", "check_checkpoint_fits", "check_optimizer_override", "main"]
 
 
 class Trainer(L.Trainer):
@@ -49,7 +50,9 @@ class EDMLightningCLI(LightningCLI):
     """LightningCLI with the data -> model links every config relies on.
 
     The DataModule is the single source of the class count, input shape and normalisation; the
-    model receives them by ``link_arguments``, so no config types them twice.
+    model receives them by ``link_arguments``, so no config types them twice. A model's optimiser is its
+    ``optim`` (what the committed configs and sweeps set); LightningCLI's ``--optimizer`` and ``--lr_scheduler``
+    (any ``torch.optim`` class) replace it for one run.
     """
 
     @override
@@ -81,6 +84,7 @@ class EDMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         refuse_keys_on_command_line(config, self._command_line)
+        check_optimizer_override(config)
         if fill_wandb_defaults(config):
             resolve_wandb_mode()  # before the WandbLogger exists: offline when there are no credentials
 
@@ -112,7 +116,7 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
             trainer_class=Trainer,
             args=args,
             run=run,
-            auto_configure_optimizers=False,
+            auto_configure_optimizers=True,
         )
     except Exception as err:
         exit_if_user_error(err)
@@ -123,6 +127,25 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
         # process ("terminate called without an active exception") after a run that succeeded.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def check_optimizer_override(config: Any) -> None:
+    """Refuse ``--lr_scheduler`` without ``--optimizer``, and both for a model that steps its own optimisers.
+
+    LightningCLI would silently drop a scheduler given alone, and would replace the two optimisers of a
+    manually optimised model (DFME's generator and clone) by one.
+
+    Raises:
+        ConfigError: what was given, and what to set instead.
+    """
+    if config.get("lr_scheduler") and not config.get("optimizer"):
+        raise ConfigError("--lr_scheduler was given without --optimizer; LightningCLI applies a scheduler only with the "
+                          "optimizer it replaces, e.g. --optimizer torch.optim.SGD --optimizer.lr 0.01 --lr_scheduler ...")
+    model_class = str(getattr(config.get("model"), "class_path", "") or "")
+    module, _, name = model_class.rpartition(".")
+    if config.get("optimizer") and module and issubclass(getattr(importlib.import_module(module), name), DFMEModule):
+        raise ConfigError(f"{model_class} steps its own optimisers (generator and clone); --optimizer/--lr_scheduler "
+                          "cannot replace them: set its learning rates in model.init_args instead (see --model.help).")
 
 
 def check_checkpoint_fits(state: dict, path: str, config: Any) -> None:

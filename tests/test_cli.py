@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from edm_lightning.cli import main
 from tests.helpers.files import QUICK, localise_config
@@ -61,6 +62,35 @@ def test_unknown_keys_and_wrong_types_are_rejected(fake_root: Path, tmp_path: Pa
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), *override])
     assert "error:" in capsys.readouterr().err
+
+
+def test_any_torch_optimiser_and_schedule_replace_the_models_own(fake_root: Path, tmp_path: Path):
+    """LightningCLI's --optimizer/--lr_scheduler: SGD with StepLR instead of the config's Adam with cosine."""
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    main(["fit", "--config", str(config), "--data.init_args.val_size", "40", *QUICK, "--trainer.max_epochs", "2",
+          "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1", "--optimizer.momentum", "0.5",
+          "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1",
+          "--lr_scheduler.gamma", "0.5"])
+    state = torch.load(tmp_path / "runs/baseline/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    group = state["optimizer_states"][0]["param_groups"][0]
+    assert group["momentum"] == 0.5 and "betas" not in group  # SGD's state, not Adam's
+    # StepLR halves 0.1 after epoch 1; the last checkpoint is written before epoch 2's step.
+    assert state["lr_schedulers"][0]["_last_lr"] == [pytest.approx(0.05)] and group["lr"] == pytest.approx(0.05)
+
+
+def test_a_schedule_without_an_optimiser_is_refused(fake_root: Path, tmp_path: Path, capsys):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *QUICK, "--lr_scheduler", "torch.optim.lr_scheduler.StepLR",
+              "--lr_scheduler.step_size", "1"])
+    assert exit_info.value.code == 2 and "--lr_scheduler was given without --optimizer" in capsys.readouterr().err
+
+
+def test_one_optimiser_cannot_replace_dfmes_two(fake_root: Path, tmp_path: Path, capsys):
+    config = localise_config("configs/attack/dfme.yaml", tmp_path, fake_root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *QUICK, "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"])
+    assert exit_info.value.code == 2 and "steps its own optimisers" in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -14,27 +14,34 @@ from tests.helpers.files import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The wheel built from this tree and installed (without dependencies: they are this environment's) in a folder."""
+    """The wheel ``python -m build`` makes of this tree, installed into a fresh virtualenv outside the clone.
+
+    The virtualenv sees this environment's packages (torch and the rest of the stack) but not the clone's
+    ``edm_lightning``: the wheel is installed into the virtualenv itself, which comes first on its path.
+    """
     root = tmp_path_factory.mktemp("installed")
-    wheels, target = root / "wheels", root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "-q", "-w", str(wheels)],
+    wheels, venv = root / "wheels", root / "venv"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(wheels), str(REPO_ROOT)],
                    check=True, capture_output=True)
     wheel = next(wheels.glob("edm_lightning-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, capture_output=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
                    check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(target), "WANDB_MODE": "disabled"}
-    return target, env
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)
+    return venv, env
 
 
 def run(installed, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    target, env = installed
-    return subprocess.run([str(target / "bin" / "edm-lightning"), *args], cwd=cwd, env=env, capture_output=True,
+    venv, env = installed
+    return subprocess.run([str(venv / "bin" / "edm-lightning"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
 @pytest.mark.integration
 def test_the_installed_command_runs_a_job_from_a_shipped_config(installed, tmp_path, real_data_root):
-    where = subprocess.run([sys.executable, "-c", "import edm_lightning; print(edm_lightning.__file__)"], cwd=tmp_path,
+    python = str(installed[0] / "bin" / "python")
+    where = subprocess.run([python, "-c", "import edm_lightning; print(edm_lightning.__file__)"], cwd=tmp_path,
                            env=installed[1], capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(installed[0])), where  # the wheel's package, not the clone's
     printed = run(installed, ["fit", "--config", "edm.yaml", "--print_config"], tmp_path)
@@ -58,3 +65,13 @@ def test_the_public_api_resolves_and_import_stays_cheap():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() not in ("", "0+unknown")
+
+
+def test_a_missing_extra_is_named_with_its_pip_command(tmp_path):
+    """submitit hidden (as if the [cluster] extra were not installed): the runner says which extra to install."""
+    code = ("import sys; sys.modules['submitit'] = None; from edm_lightning.experiment.__main__ import main; "
+            "main(['--config', 'experiment/fashionmnist.yaml', '--executor', 'submitit_local', '--dry_run', 'true'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "pip install 'edm-lightning[cluster]'" in result.stderr and "Traceback" not in result.stderr
