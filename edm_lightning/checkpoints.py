@@ -16,6 +16,10 @@ from torch import nn
 
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
 from edm_lightning.nets import build_net
+from edm_lightning.optim import OptimConfig
+
+# The plain-data classes this package's hyper-parameters hold: torch.load(weights_only=True) accepts these, nothing else.
+torch.serialization.add_safe_globals([OptimConfig])
 
 #: Checkpoint entry where this package's LightningModules record their class (``NetModule``, ``EnsembleModule``).
 CLASS_KEY = "edm_lightning_class"

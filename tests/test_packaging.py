@@ -14,14 +14,14 @@ from tests.helpers.files import REPO_ROOT
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The wheel ``python -m build`` makes of this tree, installed into a fresh virtualenv outside the clone.
+    """The wheel ``python -m build`` makes of this tree (through its sdist), installed into a fresh virtualenv.
 
     The virtualenv sees this environment's packages (torch and the rest of the stack) but not the clone's
     ``edm_lightning``: the wheel is installed into the virtualenv itself, which comes first on its path.
     """
     root = tmp_path_factory.mktemp("installed")
     wheels, venv = root / "wheels", root / "venv"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(wheels), str(REPO_ROOT)],
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(wheels), str(REPO_ROOT)],
                    check=True, capture_output=True)
     wheel = next(wheels.glob("edm_lightning-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, capture_output=True)

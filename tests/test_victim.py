@@ -1,12 +1,16 @@
 """Victim: the routed member's softmax out, bad queries refused, checkpoints loaded or refused clearly."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from edm_lightning.defense import Victim, VictimConfig
-from edm_lightning.models import ClassifierModule, EnsembleModule
+from edm_lightning.models import ClassifierModule, EnsembleModule, OptimConfig
 from edm_lightning.nets import build_net
 from edm_lightning.routing import FixedRouter, KeyedHashRouter
+from tests.helpers.files import REPO_ROOT
 
 
 @pytest.fixture
@@ -169,3 +173,13 @@ def test_a_member_with_non_finite_answers_is_refused_by_name():
     model = Victim(members, FixedRouter(2, member=1), (1, 28, 28), 10)
     with pytest.raises(RuntimeError, match="member 1 produced non-finite answers for 4 of its 4 queries"):
         model(torch.rand(4, 1, 28, 28))
+
+
+def test_the_public_api_loads_a_trained_checkpoint_in_a_fresh_interpreter(checkpoint_factory):
+    """Hyper-parameters hold an OptimConfig: reading them must not depend on the training code being imported."""
+    path = checkpoint_factory(ClassifierModule(optim=OptimConfig(name="sgd", lr=0.05)))
+    code = ("import sys, torch, edm_lightning; victim = edm_lightning.VictimConfig(sys.argv[1]).build(); "
+            "assert 'edm_lightning.models' not in sys.modules; print(tuple(victim(torch.rand(2, 1, 28, 28)).shape))")
+    result = subprocess.run([sys.executable, "-c", code, path], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(2, 10)"

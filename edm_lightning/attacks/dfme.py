@@ -32,7 +32,7 @@ from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
-from edm_lightning.models.optim import OptimConfig, build_optimizer
+from edm_lightning.optim import OptimConfig, build_optimizer
 
 __all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "run_dfme", "victim_logits", "zeroth_order_gradient"]
 

@@ -33,7 +33,7 @@ from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule
-from edm_lightning.models.optim import OptimConfig
+from edm_lightning.optim import OptimConfig
 
 __all__ = ["JBDADataModule", "JBDAModule", "jacobian_augmentation", "run_jbda"]
 

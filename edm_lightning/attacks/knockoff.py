@@ -47,8 +47,8 @@ from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule, clone_loss
-from edm_lightning.models.optim import OptimConfig
 from edm_lightning.nets import build_net
+from edm_lightning.optim import OptimConfig
 from edm_lightning.progress import Progress
 
 __all__ = ["KnockoffDataModule", "Sampler", "TransferSet", "build_transfer_set", "noisy_copies", "run_knockoff"]

@@ -12,8 +12,8 @@ from typing_extensions import override
 
 from edm_lightning.checkpoints import CLASS_KEY, check_structure
 from edm_lightning.errors import ConfigError
-from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.nets import build_net
+from edm_lightning.optim import OptimConfig, build_optimizer
 
 __all__ = ["NetModule", "RecordedModule"]
 

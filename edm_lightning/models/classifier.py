@@ -9,8 +9,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from edm_lightning.models.base import NetModule
-from edm_lightning.models.optim import OptimConfig
 from edm_lightning.models.step_logs import log_training_step
+from edm_lightning.optim import OptimConfig
 
 __all__ = ["ClassifierModule", "accuracy_metrics"]
 

@@ -10,8 +10,8 @@ from typing_extensions import override
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.base import NetModule
-from edm_lightning.models.optim import OptimConfig
 from edm_lightning.models.step_logs import log_training_step
+from edm_lightning.optim import OptimConfig
 
 __all__ = ["CloneModule", "clone_loss", "clone_metrics"]
 

@@ -17,9 +17,9 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similarity
 from edm_lightning.models.base import RecordedModule
 from edm_lightning.models.classifier import accuracy_metrics
-from edm_lightning.models.optim import OptimConfig, build_optimizer
 from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
+from edm_lightning.optim import OptimConfig, build_optimizer
 from edm_lightning.routing import answer_routed, as_secret, build_router
 
 __all__ = ["EnsembleModule", "check_ensemble_settings"]

@@ -1,4 +1,8 @@
-"""One optimiser description shared by every trainable module, so configs and sweeps look alike."""
+"""One optimiser description shared by every trainable module, so configs and sweeps look alike.
+
+It sits below everything that reads checkpoints: the modules' hyper-parameters hold an :class:`OptimConfig`,
+and :func:`~edm_lightning.checkpoints.read_checkpoint` must accept it without the training code imported.
+"""
 
 from __future__ import annotations
 
@@ -42,10 +46,6 @@ class OptimConfig:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.step_size <= 0:
             raise ConfigError(f"optim.step_size must be > 0, got {self.step_size}")
-
-
-# Checkpoints store the config in their hyper-parameters; torch.load(weights_only=True) must accept it.
-torch.serialization.add_safe_globals([OptimConfig])
 
 
 def build_optimizer(params: Iterable[nn.Parameter], config: OptimConfig, max_epochs: int | None):
