@@ -26,7 +26,7 @@ LAYERS = [
     {"checkpoints", "routing"},
     {"models"},
     {"defense"},
-    {"attacks"},
+    {"attacks", "export"},
     {"experiment", "cli"},
     {"__main__"},  # the edm-lightning command: dispatches to the CLI, the runner and the data tool
 ]

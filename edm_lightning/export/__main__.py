@@ -1,0 +1,110 @@
+"""``python -m edm_lightning.export --victim.checkpoint ... --format onnx --out model.onnx``
+
+Writes the victim (router, members, post-processors) as one graph, then runs it on ``--check`` held-out
+images of the victim's dataset beside the eager model: the export is kept only if every input goes to the
+same member and every answer is within ``--tolerance``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from jsonargparse import auto_cli
+
+from edm_lightning.command_line import prepare_command_line
+from edm_lightning.data import get_spec, load_images
+from edm_lightning.defense import VictimConfig
+from edm_lightning.errors import ConfigError, UserError, exit_if_user_error
+from edm_lightning.export.writer import compare_with_eager, export_victim, load_exported, write_manifest
+from edm_lightning.files import to_plain
+from edm_lightning.routing import refuse_keys_on_command_line
+
+__all__ = ["ExportConfig", "main", "run_export"]
+
+
+@dataclass
+class ExportConfig:
+    """What to export, where, and how to check it.
+
+    Args:
+        victim: the model to export, as attacks and the server name it (checkpoint, router, post-processors).
+        out: the file to write (default ``model.<format>``); its manifest goes to ``<out>.json``.
+        format: ``onnx`` (run with onnxruntime) or ``pt2`` (``torch.export``).
+        check: held-out images compared with the eager model after writing (0: no check).
+        tolerance: largest accepted difference of a probability between the exported and the eager model.
+        root: the data root holding the victim's dataset (for the check).
+        dataset: the held-out images' dataset (default: the one the victim's checkpoint was trained on).
+    """
+
+    victim: VictimConfig
+    out: str | None = None
+    format: str = "onnx"
+    check: int = 10000
+    tolerance: float = 1e-5
+    root: str = "data"
+    dataset: str | None = None
+
+
+class ExportMismatch(UserError, RuntimeError):
+    """The exported model answered differently from the eager one; nothing was kept."""
+
+
+def run_export(config: ExportConfig) -> dict:
+    """Export, check and keep (or remove) the file; returns the manifest written beside it.
+
+    Raises:
+        ConfigError: bad settings, a victim that cannot be exported, or missing data for the check.
+        ExportMismatch: the exported model routed or answered differently from the eager model.
+    """
+    if config.check < 0 or not config.tolerance >= 0:
+        raise ConfigError(f"check must be >= 0 and tolerance >= 0, got {config.check} and {config.tolerance}")
+    victim = config.victim.build()
+    dataset = config.dataset or victim.trained_on
+    if config.check and dataset is None:
+        raise ConfigError("the victim's checkpoint does not say which dataset it was trained on: name it with --dataset")
+    if config.check:
+        images, _ = load_images(dataset, config.root, train=False, input_shape=get_spec(dataset).input_shape)
+        images = images[: config.check].float().div_(255)
+    out = export_victim(victim, config.out or f"model.{config.format}", config.format)
+    check = None
+    if config.check:
+        check = compare_with_eager(victim, load_exported(out, config.format), images) | {"dataset": f"{dataset} test"}
+        if check["member_mismatches"] or check["max_abs_diff"] > config.tolerance:
+            out.unlink(missing_ok=True)
+            raise ExportMismatch(
+                f"the exported model differs from the eager one on {dataset}'s test images: {check['member_mismatches']} of "
+                f"{check['inputs']} inputs routed to another member, largest probability difference "
+                f"{check['max_abs_diff']:.2e} (tolerance {config.tolerance:.0e}); the file was removed"
+            )
+    source = to_plain(config.victim) | {"key": None}
+    manifest_path = write_manifest(out, victim, config.format, source, check)
+    return json.loads(Path(manifest_path).read_text())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the export config (YAML plus overrides), export, and print where the files went."""
+    try:
+        argv = prepare_command_line(sys.argv[1:] if argv is None else list(argv))
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
+    config = auto_cli(ExportConfig, args=argv, prog="python -m edm_lightning.export")
+    try:
+        refuse_keys_on_command_line(config, argv)
+        manifest = run_export(config)
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
+    check = manifest["equivalence"]
+    print(f"wrote {manifest['file']} ({config.format}) and its manifest {manifest['file']}.json", file=sys.stderr)
+    if check:
+        print(f"checked on {check['inputs']} {check['dataset']} images: same member for all, largest probability "
+              f"difference {check['max_abs_diff']:.1e}", file=sys.stderr)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Writing the served model as ONNX or a ``torch.export`` program, and checking it against the eager model.
+
+``jit.trace`` is never used (it freezes one batch's routing); TorchScript is refused (``torch.jit`` is deprecated
+by PyTorch and cannot compile this package's annotated modules). A file is written next to its target and
+renamed into place, so a failed export leaves nothing that looks like a model; its manifest (``<out>.json``)
+says what the graph computes, how its inputs must look, and how it compared with the eager model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from edm_lightning.defense import Victim
+from edm_lightning.errors import ConfigError
+from edm_lightning.export.graph import OUTPUT_NAMES, ExportableVictim, ExportError
+from edm_lightning.files import write_atomic
+
+__all__ = ["FORMATS", "compare_with_eager", "export_victim", "load_exported"]
+
+Format = Literal["onnx", "pt2"]
+FORMATS: tuple[str, ...] = ("onnx", "pt2")
+EXTRA = "pip install 'edm-lightning[serve]'"  # onnx, onnxscript and onnxruntime come with serving
+
+
+def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> Path:
+    """Write ``victim`` as one graph with a dynamic batch size (see :class:`ExportableVictim`).
+
+    Args:
+        victim: the eager victim (router, members, post-processors).
+        out: the file to write (``.onnx`` or ``.pt2`` by convention).
+        format: ``onnx`` (opset of ``torch.onnx``'s exporter; run with onnxruntime) or ``pt2``
+            (``torch.export.save``; load with ``torch.export.load``).
+
+    Returns:
+        ``out`` as a path, written completely (or not at all).
+
+    Raises:
+        ExportError: an unknown format, TorchScript, or a victim that cannot be exported.
+        ConfigError: the ONNX exporter's packages are missing (the message names the extra).
+    """
+    if format == "torchscript":
+        raise ExportError("TorchScript is not offered: torch.jit is deprecated by PyTorch and cannot compile this "
+                          "package's modules; use --format pt2 (torch.export) or --format onnx")
+    if format not in FORMATS:
+        raise ExportError(f"Unknown export format {format!r}. Known formats: {', '.join(FORMATS)}")
+    if format == "onnx":
+        _require("onnxscript", "the ONNX exporter")
+    graph = ExportableVictim(victim).eval()
+    example = torch.rand(2, *victim.input_shape)
+    dynamic = {"images": {0: torch.export.Dim("batch", min=1)}}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        with torch.no_grad():
+            if format == "pt2":
+                program = torch.export.export(graph, (example,), dynamic_shapes=dynamic, strict=False)
+                torch.export.save(program, partial)
+            else:
+                torch.onnx.export(graph, (example,), str(partial), input_names=["images"], output_names=list(OUTPUT_NAMES),
+                                  dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def load_exported(path: str | Path, format: Format | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """A function running an exported file: images ``(N, C, H, W)`` float32 -> ``(probabilities, member, valid)``.
+
+    ONNX runs on onnxruntime's CPU provider; ``pt2`` through ``torch.export.load``. Load only files you wrote:
+    a ``pt2`` archive is a program, not data.
+
+    Returns:
+        The runner; its outputs are torch tensors.
+
+    Raises:
+        ExportError: the format is unknown (from the suffix when ``format`` is ``None``).
+        ConfigError: onnxruntime is missing (the message names the extra).
+    """
+    path = Path(path)
+    format = format or path.suffix.lstrip(".")
+    if format == "onnx":
+        _require("onnxruntime", "running an ONNX model")
+        import onnxruntime  # optional: the [serve] extra
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run_onnx(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            outputs = session.run(list(OUTPUT_NAMES), {"images": images.float().numpy()})
+            return tuple(torch.from_numpy(o) for o in outputs)
+
+        return run_onnx
+    if format == "pt2":
+        module = torch.export.load(str(path)).module()
+
+        def run_pt2(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            with torch.no_grad():
+                return module(images.float())
+
+        return run_pt2
+    raise ExportError(f"Unknown export format {format!r} for {str(path)!r}. Known formats: {', '.join(FORMATS)}")
+
+
+def compare_with_eager(
+    victim: Victim, run: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], images: Tensor, batch_size: int = 500
+) -> dict[str, Any]:
+    """How the exported model's answers compare with the eager victim's on ``images`` (valid inputs).
+
+    Returns:
+        ``inputs``, ``same_member`` (share of inputs routed to the eager member), ``member_mismatches``,
+        ``max_abs_diff`` (largest probability difference over the inputs routed alike) and ``all_valid``.
+    """
+    same, valid_all, worst = 0, True, 0.0
+    for part in images.split(batch_size):
+        part = part.float()
+        probs, member, valid = run(part)
+        eager_member = victim.router(part)
+        eager = victim(part)
+        alike = member.long() == eager_member
+        same += int(alike.sum())
+        valid_all &= bool(valid.all())
+        if alike.any():
+            worst = max(worst, float((probs[alike] - eager[alike]).abs().max()))
+    return {"inputs": len(images), "same_member": same / max(len(images), 1), "member_mismatches": len(images) - same,
+            "max_abs_diff": worst, "all_valid": valid_all}
+
+
+def write_manifest(out: Path, victim: Victim, format: str, source: dict[str, Any], check: dict[str, Any] | None) -> Path:
+    """``<out>.json``: what the graph computes, its input contract, its source and its comparison with eager.
+
+    Returns:
+        The manifest's path.
+    """
+    channels, height, width = victim.input_shape
+    manifest = {
+        "format": format,
+        "file": out.name,
+        "input": {"name": "images", "dtype": "float32", "shape": ["N", channels, height, width],
+                  "range": list(victim.input_range)},
+        "outputs": {
+            "probabilities": f"float32 (N, {victim.num_classes}): the routed member's answer after the post-processors; "
+                             "NaN where valid is false",
+            "member": "int64 (N,): the member that answered (the defender's record; do not return it to clients)",
+            "valid": "bool (N,): the input was finite and inside the range; refuse the query where false",
+        },
+        "num_classes": victim.num_classes,
+        "members": len(victim.members),
+        "router": type(victim.router).__name__,
+        "postprocessors": [type(p).__name__ for p in victim.postprocessors],
+        "source": source,
+        "equivalence": check,
+    }
+    path = out.with_name(out.name + ".json")
+    write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{what} needs the {module!r} package: {EXTRA}")
