@@ -4,6 +4,7 @@
     edm-lightning experiment --config experiment/fashionmnist.yaml
     edm-lightning data fetch fashionmnist --root data
     edm-lightning export --victim.checkpoint ... --format onnx --out model.onnx
+    edm-lightning serve --config serve.yaml                  # the prediction API (add-client first)
 
 A shipped config is named by its path under ``configs/`` (``edm.yaml``, ``attack/knockoff.yaml``), from any
 folder; in a clone, ``python main.py ...`` and ``configs/...`` paths work as before.
@@ -17,12 +18,14 @@ from edm_lightning import cli
 from edm_lightning.data.__main__ import main as data_main
 from edm_lightning.experiment.__main__ import main as experiment_main
 from edm_lightning.export.__main__ import main as export_main
+from edm_lightning.serve.__main__ import main as serve_main
 
 __all__ = ["main"]
 
 
 def main() -> None:
-    """Dispatch on the first argument: ``experiment``, ``data``, ``export``, or a LightningCLI subcommand.
+    """Dispatch on the first argument: ``experiment``, ``data``, ``export``, ``serve``, or a LightningCLI
+    subcommand.
 
     Raises:
         SystemExit: with the tool's exit status.
@@ -34,6 +37,9 @@ def main() -> None:
     elif command == "export":
         sys.argv = [f"{sys.argv[0]} export", *sys.argv[2:]]
         export_main()
+    elif command == "serve":
+        sys.argv = [f"{sys.argv[0]} serve", *sys.argv[2:]]
+        serve_main()
     elif command == "data":
         sys.argv = [f"{sys.argv[0]} data", *sys.argv[2:]]
         raise SystemExit(data_main())

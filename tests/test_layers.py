@@ -21,13 +21,13 @@ from tests.helpers.files import REPO_ROOT
 PACKAGE = REPO_ROOT / "edm_lightning"
 
 LAYERS = [
-    {"errors", "registry", "files", "progress", "tracking", "command_line", "optim"},
+    {"errors", "registry", "files", "progress", "tracking", "command_line", "optim", "protocol"},
     {"data", "nets", "losses"},
     {"checkpoints", "routing"},
     {"models"},
     {"defense"},
     {"attacks", "export"},
-    {"experiment", "cli"},
+    {"experiment", "cli", "serve"},
     {"__main__"},  # the edm-lightning command: dispatches to the CLI, the runner and the data tool
 ]
 

@@ -67,11 +67,17 @@ def test_the_public_api_resolves_and_import_stays_cheap():
     assert result.stdout.strip() not in ("", "0+unknown")
 
 
-def test_a_missing_extra_is_named_with_its_pip_command(tmp_path):
-    """submitit hidden (as if the [cluster] extra were not installed): the runner says which extra to install."""
-    code = ("import sys; sys.modules['submitit'] = None; from edm_lightning.experiment.__main__ import main; "
-            "main(['--config', 'experiment/fashionmnist.yaml', '--executor', 'submitit_local', '--dry_run', 'true'])")
+@pytest.mark.parametrize("hidden, call, extra", [
+    ("submitit", "from edm_lightning.experiment.__main__ import main; "
+                 "main(['--config', 'experiment/fashionmnist.yaml', '--executor', 'submitit_local', '--dry_run', 'true'])",
+     "cluster"),
+    ("fastapi", "from edm_lightning.serve.__main__ import main; main(['--victim.checkpoint', 'edm.ckpt'])", "serve"),
+    ("onnxscript", "from edm_lightning.export.__main__ import main; main(['--victim.checkpoint', 'edm.ckpt'])", "serve"),
+])
+def test_a_missing_extra_is_named_with_its_pip_command(tmp_path, hidden, call, extra):
+    """The extra's package hidden (as if not installed): the command says which extra to install."""
+    code = f"import sys; sys.modules[{hidden!r}] = None; {call}"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "pip install 'edm-lightning[cluster]'" in result.stderr and "Traceback" not in result.stderr
+    assert f"pip install 'edm-lightning[{extra}]'" in result.stderr and "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, run_dfme
 from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, run_jbda
 from edm_lightning.attacks.knockoff import KnockoffDataModule, build_transfer_set, run_knockoff
 from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
+from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.attacks.run import run_attack
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "JBDAModule",
     "KnockoffDataModule",
     "QueryBudgetExceeded",
+    "RemoteVictim",
+    "RemoteVictimConfig",
     "build_transfer_set",
     "jacobian_augmentation",
     "run_attack",

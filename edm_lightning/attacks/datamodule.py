@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from edm_lightning.attacks.oracle import BlackBoxOracle, check_budget_covers_batch
+from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.data.datamodules import LinkedSpec
 from edm_lightning.data.datasets import get_spec
 from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_convertible, convert_images, load_images
@@ -42,8 +43,10 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
     budget compared with one query batch.
 
     Args:
-        victim: the victim, as configs name it (checkpoint, router, ...). From Python an already
-            built :class:`~edm_lightning.defense.Victim` is accepted too.
+        victim: the victim, as configs name it: a checkpoint with its router and post-processors
+            (:class:`~edm_lightning.defense.VictimConfig`), or a prediction API's ``url``
+            (:class:`~edm_lightning.attacks.remote.RemoteVictimConfig`). From Python an already built
+            :class:`~edm_lightning.defense.Victim` is accepted too.
         dataset: the victim's in-distribution dataset (registry name): its shape, class count and
             normalisation are linked into the clone, its test split measures the clone.
         budget: most victim queries the attack may spend.
@@ -59,7 +62,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
 
     def __init__(
         self,
-        victim: VictimConfig,
+        victim: VictimConfig | RemoteVictimConfig,
         dataset: str = "fashionmnist",
         budget: int = 50_000,
         label_only: bool = False,
@@ -183,14 +186,26 @@ def victim_labels(victim: nn.Module | None, images: Tensor, batch_size: int = 10
         return torch.cat([victim(part).argmax(dim=-1) for part in images.split(batch_size)])
 
 
-def _build_victim(victim: VictimConfig | Victim | dict) -> tuple[nn.Module, str]:
-    """The victim model and an identity for cache keys (checkpoint digest and routing, or the weights' digest)."""
+def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict) -> tuple[nn.Module | RemoteVictim, str]:
+    """The victim model and an identity for cache keys (checkpoint digest and routing, the weights' digest, or the
+    served model's identity).
+
+    Returns:
+        ``(victim, identity)``.
+
+    Raises:
+        TypeError: ``victim`` is none of the accepted kinds.
+    """
     if isinstance(victim, nn.Module):
         return victim.eval(), f"module:{type(victim).__name__}:{state_digest(victim)}"
     if isinstance(victim, dict):
-        victim = VictimConfig(**victim)
+        victim = RemoteVictimConfig(**victim) if "url" in victim else VictimConfig(**victim)
+    if isinstance(victim, RemoteVictimConfig):
+        remote = victim.build()
+        return remote, f"remote:{remote.model_id}"
     if not isinstance(victim, VictimConfig):
-        raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...) or a Victim, got {type(victim).__name__}")
+        raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...), a RemoteVictimConfig (url) or a Victim, "
+                        f"got {type(victim).__name__}")
     model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
     # The key is only hashed into cache names (as it always was: caches bought by earlier runs keep their names).
     key = resolve_router_key(victim.key) if victim.router == "keyed" else (victim.key or as_secret(DEFAULT_ROUTER_KEY))

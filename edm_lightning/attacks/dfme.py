@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
@@ -159,7 +160,7 @@ class DataFreeDataModule(AttackDataModule):
 
     def __init__(
         self,
-        victim: VictimConfig,
+        victim: VictimConfig | RemoteVictimConfig,
         dataset: str = "fashionmnist",
         budget: int = 1_000_000,
         label_only: bool = False,
@@ -245,7 +246,7 @@ def zeroth_order_gradient(
 
 
 def run_dfme(
-    victim: VictimConfig,
+    victim: VictimConfig | RemoteVictimConfig,
     *,
     dataset: str = "fashionmnist",
     budget: int = 1_000_000,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
+from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import require_single_process, run_attack
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.data.images import BatchTensorDataset
@@ -137,7 +138,7 @@ class JBDADataModule(AttackDataModule):
 
     def __init__(
         self,
-        victim: VictimConfig,
+        victim: VictimConfig | RemoteVictimConfig,
         dataset: str = "fashionmnist",
         seed_size: int = 150,
         budget: int = 9_600,
@@ -246,7 +247,7 @@ def jacobian_augmentation(
 
 
 def run_jbda(
-    victim: VictimConfig,
+    victim: VictimConfig | RemoteVictimConfig,
     *,
     dataset: str = "fashionmnist",
     targeted: bool = False,

@@ -41,6 +41,7 @@ from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import run_attack
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
@@ -83,7 +84,7 @@ class KnockoffDataModule(AttackDataModule):
 
     def __init__(
         self,
-        victim: VictimConfig,
+        victim: VictimConfig | RemoteVictimConfig,
         dataset: str = "fashionmnist",
         surrogate: str = "mnist",
         strategy: Strategy = "random",
@@ -433,7 +434,7 @@ def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int
 
 
 def run_knockoff(
-    victim: VictimConfig,
+    victim: VictimConfig | RemoteVictimConfig,
     *,
     dataset: str = "fashionmnist",
     surrogate: str = "mnist",

@@ -135,7 +135,7 @@ class BlackBoxOracle:
         )
 
 
-def _sealed(victim: nn.Module) -> Callable[[Tensor], Tensor]:
+def _sealed(victim: Servable) -> Callable[[Tensor], Tensor]:
     """A function answering queries with detached copies; the victim lives only in its closure.
 
     Queries go to the victim's device and answers come back on the caller's, so a clone on a GPU can
@@ -144,8 +144,10 @@ def _sealed(victim: nn.Module) -> Callable[[Tensor], Tensor]:
     Returns:
         ``x -> answers``, holding the victim in its closure.
     """
-    victim = victim.eval()
-    device = next((p.device for p in victim.parameters()), torch.device("cpu"))
+    if isinstance(victim, nn.Module):
+        victim = victim.eval()
+    parameters = victim.parameters() if isinstance(victim, nn.Module) else ()
+    device = next((p.device for p in parameters), torch.device("cpu"))  # a remote victim takes CPU tensors
 
     def answer(x: Tensor) -> Tensor:
         with torch.no_grad():

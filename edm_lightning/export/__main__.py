@@ -18,7 +18,7 @@ from edm_lightning.command_line import prepare_command_line
 from edm_lightning.data import get_spec, load_images
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, UserError, exit_if_user_error
-from edm_lightning.export.writer import compare_with_eager, export_victim, load_exported, write_manifest
+from edm_lightning.export.writer import check_format, compare_with_eager, export_victim, load_exported, write_manifest
 from edm_lightning.files import to_plain
 from edm_lightning.routing import refuse_keys_on_command_line
 
@@ -61,6 +61,7 @@ def run_export(config: ExportConfig) -> dict:
     """
     if config.check < 0 or not config.tolerance >= 0:
         raise ConfigError(f"check must be >= 0 and tolerance >= 0, got {config.check} and {config.tolerance}")
+    check_format(config.format)  # before anything is loaded
     victim = config.victim.build()
     dataset = config.dataset or victim.trained_on
     if config.check and dataset is None:

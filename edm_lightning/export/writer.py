@@ -23,7 +23,7 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.export.graph import OUTPUT_NAMES, ExportableVictim, ExportError
 from edm_lightning.files import write_atomic
 
-__all__ = ["FORMATS", "compare_with_eager", "export_victim", "load_exported"]
+__all__ = ["FORMATS", "check_format", "compare_with_eager", "export_victim", "load_exported", "write_manifest"]
 
 Format = Literal["onnx", "pt2"]
 FORMATS: tuple[str, ...] = ("onnx", "pt2")
@@ -46,13 +46,7 @@ def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> P
         ExportError: an unknown format, TorchScript, or a victim that cannot be exported.
         ConfigError: the ONNX exporter's packages are missing (the message names the extra).
     """
-    if format == "torchscript":
-        raise ExportError("TorchScript is not offered: torch.jit is deprecated by PyTorch and cannot compile this "
-                          "package's modules; use --format pt2 (torch.export) or --format onnx")
-    if format not in FORMATS:
-        raise ExportError(f"Unknown export format {format!r}. Known formats: {', '.join(FORMATS)}")
-    if format == "onnx":
-        _require("onnxscript", "the ONNX exporter")
+    check_format(format)
     graph = ExportableVictim(victim).eval()
     example = torch.rand(2, *victim.input_shape)
     dynamic = {"images": {0: torch.export.Dim("batch", min=1)}}
@@ -71,6 +65,22 @@ def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> P
     finally:
         partial.unlink(missing_ok=True)
     return out
+
+
+def check_format(format: str) -> None:
+    """Refuse a format this package does not write, or whose exporter is not installed.
+
+    Raises:
+        ExportError: TorchScript (why not) or an unknown format (the known ones listed).
+        ConfigError: the ONNX exporter is missing (the message names the extra).
+    """
+    if format == "torchscript":
+        raise ExportError("TorchScript is not offered: torch.jit is deprecated by PyTorch and cannot compile this "
+                          "package's modules; use --format pt2 (torch.export) or --format onnx")
+    if format not in FORMATS:
+        raise ExportError(f"Unknown export format {format!r}. Known formats: {', '.join(FORMATS)}")
+    if format == "onnx":
+        _require("onnxscript", "the ONNX exporter")
 
 
 def load_exported(path: str | Path, format: Format | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:

@@ -1,0 +1,133 @@
+"""A victim behind the prediction API: the attacks query a server over HTTP instead of a model in this process.
+
+:class:`RemoteVictim` is a :class:`~edm_lightning.attacks.oracle.Servable`, so it goes behind the same
+:class:`~edm_lightning.attacks.oracle.BlackBoxOracle` (the same budget accounting) as an in-process victim,
+and KnockoffNets buys the same transfer set from a server as from the model it serves. Here the attacker
+is where the threat model puts it: only answers cross, and the router key and weights stay on the server.
+The server counts every query against the API key too, including the experimenter's evaluation labels
+(the victim's answers on its test set, which the oracle's budget does not count).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from jsonargparse.typing import SecretStr
+from torch import Tensor, nn
+
+from edm_lightning.errors import ConfigError
+from edm_lightning.protocol import API_KEY_HEADER, INFO_PATH, NPY, PREDICT_PATH, encode_npy
+
+__all__ = ["API_KEY_ENV", "RemoteError", "RemoteVictim", "RemoteVictimConfig"]
+
+API_KEY_ENV = "EDM_API_KEY"
+
+
+class RemoteError(RuntimeError):
+    """The server refused or failed a request; the message is the server's, with its HTTP status."""
+
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+        super().__init__(f"the prediction API answered {status}: {detail}")
+
+
+@dataclass
+class RemoteVictimConfig:
+    """The victim as a prediction API (``python -m edm_lightning.serve``) serves it.
+
+    Args:
+        url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
+        api_key: the client's API key (default ``$EDM_API_KEY``); never written to config dumps or logs.
+        timeout_s: seconds to wait for one answer.
+    """
+
+    url: str
+    api_key: SecretStr | None = None
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.api_key, str):
+            self.api_key = SecretStr(self.api_key)
+
+    def build(self) -> RemoteVictim:
+        """The connected victim (asks the server for its input shape and class count)."""
+        key = self.api_key.get_secret_value() if self.api_key is not None else os.environ.get(API_KEY_ENV)
+        if not key:
+            raise ConfigError(f"the prediction API needs an API key: set ${API_KEY_ENV} (or api_key in a private config)")
+        return RemoteVictim(self.url, key, self.timeout_s)
+
+
+class RemoteVictim:
+    """Images ``(N, C, H, W)`` in [0, 1] to probabilities ``(N, K)``, answered by a prediction API.
+
+    A batch larger than the server's ``max_batch`` is sent in several requests. A server that answers
+    top-1 labels only is answered as one-hot vectors, as the oracle's ``label_only`` does.
+
+    Raises:
+        ConfigError: httpx is missing (names the extra), the server cannot be reached, or refuses the key.
+    """
+
+    def __init__(self, url: str, api_key: str, timeout_s: float = 60.0):
+        if importlib.util.find_spec("httpx") is None:
+            raise ConfigError("querying a prediction API needs the 'httpx' package: pip install 'edm-lightning[serve]'")
+        import httpx  # optional: the [serve] extra
+
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(base_url=self.url, headers={API_KEY_HEADER: api_key}, timeout=timeout_s)
+        try:
+            response = self._client.get(INFO_PATH)
+        except httpx.HTTPError as err:
+            raise ConfigError(f"cannot reach the prediction API at {self.url}: {err}") from None
+        if response.status_code != 200:
+            raise ConfigError(f"the prediction API at {self.url} refused {INFO_PATH}: {response.status_code} "
+                              f"{_detail(response)}")
+        info = response.json()
+        self.input_shape: tuple[int, int, int] = tuple(int(v) for v in info["input_shape"])
+        self.num_classes: int = int(info["num_classes"])
+        self.answers: str = info["answer"]
+        self.max_batch: int = int(info["max_batch"])
+        self.model_id: str = str(info["model_id"])
+        self.trained_on: str | None = None  # the server does not say
+
+    def eval(self) -> RemoteVictim:
+        """Nothing to switch: the server's model is always in eval mode (kept for the oracle's interface)."""
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Probabilities ``(N, num_classes)`` (float32) for images ``x``, from the server.
+
+        Returns:
+            The server's answers, or one-hot labels where it answers labels only.
+
+        Raises:
+            ValueError: the server refused the batch as malformed (4xx other than 401/429), with its message.
+            RemoteError: the key was refused, the server's budget for it is exhausted, or the server failed.
+        """
+        if x.shape[0] == 0:
+            return torch.zeros((0, self.num_classes))
+        return torch.cat([self._ask(part) for part in x.detach().cpu().float().split(self.max_batch)])
+
+    def _ask(self, x: Tensor) -> Tensor:
+        response = self._client.post(PREDICT_PATH, content=encode_npy(x), headers={"content-type": NPY})
+        if response.status_code in (400, 413, 415, 422):
+            raise ValueError(f"the prediction API refused the batch ({response.status_code}): {_detail(response)}")
+        if response.status_code != 200:
+            raise RemoteError(response.status_code, _detail(response))
+        body = response.json()
+        if "labels" in body:
+            labels = torch.tensor(body["labels"], dtype=torch.long)
+            return nn.functional.one_hot(labels, self.num_classes).float()
+        return torch.tensor(body["probabilities"], dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        return f"RemoteVictim(url={self.url!r}, model_id={self.model_id!r})"  # never the key
+
+
+def _detail(response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text[:500]

@@ -1,0 +1,122 @@
+"""``python -m edm_lightning.serve --config configs/serve.yaml``: the prediction API on localhost.
+
+    python -m edm_lightning.serve add-client --file clients.yaml --name alice --budget 50000   # prints the key once
+    python -m edm_lightning.serve --config configs/serve.yaml
+
+Clients and their budgets come from the clients file (key digests only); the router key, for ``router: keyed``,
+from ``$EDM_ROUTER_KEY`` or ``$EDM_ROUTER_KEY_FILE``, never the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from jsonargparse import auto_cli
+
+from edm_lightning.command_line import prepare_command_line
+from edm_lightning.defense import VictimConfig
+from edm_lightning.errors import ConfigError, exit_if_user_error
+from edm_lightning.routing import refuse_keys_on_command_line
+from edm_lightning.serve.app import create_app
+from edm_lightning.serve.clients import add_client, load_clients
+from edm_lightning.serve.ledger import QueryLedger
+
+__all__ = ["ServeConfig", "add_client_main", "build_app", "main"]
+
+
+@dataclass
+class ServeConfig:
+    """The served model and the API's policy.
+
+    Args:
+        victim: the model to serve (checkpoint, router, post-processors), as attacks name it.
+        clients_file: who may query and their budgets (key digests only).
+        ledger: the SQLite file counting every client's queries; keep it across restarts.
+        host: interface to listen on (``127.0.0.1``: this machine only).
+        port: TCP port.
+        answer: ``probabilities`` (full vectors) or ``labels`` (top-1 only), for every client.
+        max_batch: most images in one request.
+        max_body_mb: largest request body, in MiB.
+    """
+
+    victim: VictimConfig
+    clients_file: str = "clients.yaml"
+    ledger: str = "runs/serve/ledger.sqlite"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    answer: Literal["probabilities", "labels"] = "probabilities"
+    max_batch: int = 1024
+    max_body_mb: float = 8.0
+
+
+def build_app(config: ServeConfig):
+    """The FastAPI application ``config`` describes (checked before anything listens).
+
+    Returns:
+        The application.
+
+    Raises:
+        ConfigError: FastAPI/uvicorn missing (names the extra), bad limits, a bad clients file or victim.
+    """
+    for package in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"serving needs the {package!r} package: pip install 'edm-lightning[serve]'")
+    if config.max_batch < 1 or not config.max_body_mb > 0 or not 0 < config.port < 65536:
+        raise ConfigError(f"max_batch must be >= 1, max_body_mb > 0 and port in 1..65535, got {config.max_batch}, "
+                          f"{config.max_body_mb} and {config.port}")
+    clients = load_clients(config.clients_file)
+    victim = config.victim.build()
+    return create_app(victim, clients, QueryLedger(config.ledger), config.answer, config.max_batch,
+                      int(config.max_body_mb * (1 << 20)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the serving config, build the app and serve until interrupted (or run ``add-client``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["add-client"]:
+        return add_client_main(argv[1:])
+    try:
+        argv = prepare_command_line(argv)
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
+    config = auto_cli(ServeConfig, args=argv, prog="python -m edm_lightning.serve")
+    try:
+        refuse_keys_on_command_line(config, argv)
+        app = build_app(config)
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
+    import uvicorn  # optional: the [serve] extra (build_app checked it is installed)
+
+    print(f"serving {config.victim.checkpoint} ({config.victim.router} router) at http://{config.host}:{config.port}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+
+
+
+def add_client_main(argv: list[str]) -> None:
+    """``add-client --file clients.yaml --name alice --budget 50000``: a new client; its key printed once."""
+    parser = argparse.ArgumentParser(prog="python -m edm_lightning.serve add-client",
+                                     description="Add a client with a new random API key (printed once, stored as its digest).")
+    parser.add_argument("--file", required=True, help="the clients file (created if missing)")
+    parser.add_argument("--name", required=True, help="the client's public name (what its queries are counted under)")
+    parser.add_argument("--budget", type=int, required=True, help="most queries the client may make")
+    args = parser.parse_args(argv)
+    try:
+        if args.budget < 0:
+            raise ConfigError(f"--budget must be >= 0, got {args.budget}")
+        key = add_client(args.file, args.name, args.budget)
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
+    print(f"added client {args.name!r} (budget {args.budget}) to {args.file}; its API key, shown only now:", file=sys.stderr)
+    print(key)
+
+
+if __name__ == "__main__":
+    main()
