@@ -65,9 +65,11 @@ def test_invalid_rows_are_flagged_and_never_answered():
 
 
 @pytest.mark.parametrize("format", ["onnx", "pt2"])
-def test_exported_files_route_every_input_alike_and_answer_within_1e5(tmp_path: Path, format):
+@pytest.mark.parametrize("router", ["fixed", "neural"])
+def test_exported_files_route_every_input_alike_and_answer_within_1e5(tmp_path: Path, format, router):
     misinformation = nets(1, seed=5)[0]
-    victim = neural_victim([ReverseSigmoid(beta=0.3), AdaptiveMisinformation(0.6, 1000.0, misinformation, 10, SHAPE)])
+    posts = [ReverseSigmoid(beta=0.3), AdaptiveMisinformation(0.6, 1000.0, misinformation, 10, SHAPE)]
+    victim = neural_victim(posts) if router == "neural" else Victim(nets(3), FixedRouter(3, 1), SHAPE, 10, posts).eval()
     path = export_victim(victim, tmp_path / f"victim.{format}", format)
     run = load_exported(path)
     check = compare_with_eager(victim, run, images(1000, seed=3), batch_size=300)  # batches of another size than exported
