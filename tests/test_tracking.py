@@ -51,8 +51,9 @@ def _wandb_loggers(node):
 
 def test_wandb_is_one_logger_config_that_every_job_composes():
     root = Path(__file__).resolve().parents[1]
-    jobs = sorted([*root.glob("configs/*.yaml"), *root.glob("configs/attack/*.yaml")])
-    assert jobs
+    jobs = sorted(path for path in [*root.glob("configs/*.yaml"), *root.glob("configs/attack/*.yaml")]
+                  if "model" in yaml.safe_load(path.read_text()))  # LightningCLI jobs (serve.yaml is the API's)
+    assert len(jobs) >= 8
     for config in jobs:
         assert not list(_wandb_loggers(yaml.safe_load(config.read_text()))), f"{config}: compose configs/logger/wandb.yaml"
         assert "--config configs/logger/wandb.yaml" in config.read_text(), f"{config} does not say how to log to W&B"
