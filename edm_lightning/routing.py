@@ -6,6 +6,9 @@
   with faint noise does not let an attacker average the members' answers.
 - :class:`KeyedHashRouter` hashes the quantised input bytes with keyed BLAKE2b: cheap, no extra network,
   unpredictable without the key, but a one-pixel change moves the query to another member.
+- :class:`CoarseKeyedHashRouter` hashes, with the same key, a coarse view of the input (cell averages on a
+  4 x 4 grid, 4 grey levels each): balanced like the keyed hash on data the defender never saw, and stable
+  like the neural one under faint noise, without a hash network to train.
 - :class:`FixedRouter` always picks one member (the undefended case).
 
 None of them uses Python's ``hash()``, which is salted per process. Routers are plain modules below the
@@ -34,7 +37,9 @@ from edm_lightning.registry import Registry
 __all__ = [
     "BALANCE_KEY",
     "DEFAULT_ROUTER_KEY",
+    "KEYED_ROUTERS",
     "ROUTERS",
+    "CoarseKeyedHashRouter",
     "FixedRouter",
     "KeyedHashRouter",
     "NeuralHashRouter",
@@ -60,6 +65,7 @@ _warned_public_key = False
 #: Router builders by config name: ``(num_members, member, key, hash_checkpoint, input_shape) -> Router``.
 ROUTERS: Registry[Callable[..., Router]] = Registry("router")
 BALANCE_KEY = "hash_balance"  # checkpoint entry written by models.hashnet.HashBalanceCallback
+KEYED_ROUTERS = ("keyed", "coarse")  # the routers whose routes a secret key decides
 
 
 class Router(nn.Module):
@@ -225,6 +231,58 @@ class KeyedHashRouter(Router):
         return f"num_members={self.num_members}, key_fingerprint={key_fingerprint(self._key)!r}"  # never the key
 
 
+class CoarseKeyedHashRouter(Router):
+    """Member ``= BLAKE2b_key(coarse view of the input) mod N``: a keyed hash that faint noise rarely moves.
+
+    The view averages the image (over channels too) on a ``grid x grid`` grid of cells (adaptive average
+    pooling) and quantises each cell to ``levels`` grey levels. Averaging a 7 x 7 cell divides pixel noise by
+    7, so a re-query with noise of std 0.01 keeps its view, hence its member, unless a cell mean sits within
+    a fraction of a grey level of a level boundary; distinct views are many (thousands on 5,000 MNIST or
+    FashionMNIST images) and the keyed hash spreads them evenly over the members, whatever data they come from.
+    Measured on 5,000 images (grid 4, levels 4, N = 5): largest member share 1.22x fair on FashionMNIST
+    test, 1.39x on MNIST; member kept under noise std 0.01 for 95.1% / 96.5%; a 1-pixel shift keeps it for
+    only 36% / 45% (the cells move). The key is resolved and hidden as :class:`KeyedHashRouter`'s.
+
+    Args:
+        num_members: N.
+        key: the secret key (see :func:`resolve_router_key`).
+        grid: cells per side of the view.
+        levels: grey levels per cell.
+
+    Raises:
+        ConfigError: ``num_members < 1``, ``grid < 1``, ``levels`` outside 2..256, or an unusable key.
+    """
+
+    def __init__(self, num_members: int, key: str | bytes | SecretStr | None = None, grid: int = 4, levels: int = 4):
+        super().__init__()
+        _check_members(num_members)
+        if grid < 1 or not 2 <= levels <= 256:
+            raise ConfigError(f"grid must be >= 1 and levels in 2..256, got {grid} and {levels}")
+        self.num_members, self.grid, self.levels = num_members, grid, levels
+        self._key = resolve_router_key(key)
+
+    def view(self, x: Tensor) -> Tensor:
+        """The coarse view: uint8 cell levels ``(N, grid * grid)`` in ``[0, levels)``."""
+        cells = nn.functional.adaptive_avg_pool2d(x.detach().float().mean(dim=1, keepdim=True), self.grid)
+        return (cells * self.levels).floor_().clamp_(0, self.levels - 1).to(torch.uint8).flatten(1)
+
+    @override
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self.view(x).cpu().numpy()
+        members = [
+            int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=self._key).digest(), "little")
+            % self.num_members
+            for row in rows
+        ]
+        return torch.tensor(members, dtype=torch.long, device=x.device)
+
+    @override
+    def extra_repr(self) -> str:
+        return (f"num_members={self.num_members}, grid={self.grid}, levels={self.levels}, "
+                f"key_fingerprint={key_fingerprint(self._key)!r}")  # never the key
+
+
 def resolve_router_key(key: str | bytes | SecretStr | None = None) -> bytes:
     """The keyed router's secret key as bytes: ``key`` if given, else ``$EDM_ROUTER_KEY``, else the contents of
     the file ``$EDM_ROUTER_KEY_FILE``, else the public default :data:`DEFAULT_ROUTER_KEY` with a loud warning.
@@ -375,7 +433,7 @@ def build_router(
     input_shape: tuple[int, int, int] | None = None,
     ensemble_data: str | None = None,
 ) -> Router:
-    """The router a config names: ``fixed`` (``member``), ``neural`` (``hash_checkpoint``) or ``keyed`` (``key``).
+    """The router a config names: ``fixed`` (``member``), ``neural`` (``hash_checkpoint``), ``keyed`` or ``coarse`` (``key``).
 
     ``input_shape``, when given, is checked against the hash network's, so a hash net trained for other
     inputs fails here rather than at the first query; ``ensemble_data`` (the ensemble's training dataset),
@@ -399,6 +457,11 @@ def _fixed(num_members: int, *, member: int, **_: object) -> Router:
 @ROUTERS.register("keyed")
 def _keyed(num_members: int, *, key: str | bytes | SecretStr | None, **_: object) -> Router:
     return KeyedHashRouter(num_members, key)
+
+
+@ROUTERS.register("coarse")
+def _coarse(num_members: int, *, key: str | bytes | SecretStr | None, **_: object) -> Router:
+    return CoarseKeyedHashRouter(num_members, key)
 
 
 @ROUTERS.register("neural")

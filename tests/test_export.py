@@ -18,7 +18,7 @@ from edm_lightning.export import ExportableVictim, ExportError, compare_with_eag
 from edm_lightning.export.__main__ import main as export_main
 from edm_lightning.models import ClassifierModule, EnsembleModule
 from edm_lightning.nets import build_net
-from edm_lightning.routing import FixedRouter, KeyedHashRouter, NeuralHashRouter
+from edm_lightning.routing import CoarseKeyedHashRouter, FixedRouter, KeyedHashRouter, NeuralHashRouter
 
 SHAPE = (1, 28, 28)
 
@@ -89,8 +89,11 @@ def test_label_and_rounding_defenses_export(tmp_path: Path, post):
 
 def test_what_cannot_be_exported_is_refused_with_the_reason(tmp_path: Path):
     keyed = Victim(nets(3), KeyedHashRouter(3, "not-the-default-key"), SHAPE, 10)
-    with pytest.raises(ExportError, match="keyed router cannot be exported.*BLAKE2b.*python -m edm_lightning.serve"):
+    with pytest.raises(ExportError, match="keyed router .KeyedHashRouter. cannot be exported.*BLAKE2b.*edm_lightning.serve"):
         export_victim(keyed, tmp_path / "keyed.onnx")
+    coarse = Victim(nets(3), CoarseKeyedHashRouter(3, "not-the-default-key"), SHAPE, 10)
+    with pytest.raises(ExportError, match="keyed router .CoarseKeyedHashRouter. cannot be exported"):
+        export_victim(coarse, tmp_path / "coarse.pt2", "pt2")
     mad = neural_victim([PredictionPoisoning(epsilon=0.5, proxy=nets(1)[0], num_classes=10)])
     with pytest.raises(ExportError, match="PredictionPoisoning.*differentiates"):
         export_victim(mad, tmp_path / "mad.pt2", "pt2")
@@ -119,5 +122,5 @@ def test_the_export_command_refuses_the_keyed_router_with_exit_status_2(checkpoi
         export_main(["--victim.checkpoint", ensemble, "--victim.router", "keyed", "--out", str(tmp_path / "m.onnx"),
                      "--check", "0"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "keyed router cannot be exported" in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and "cannot be exported" in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()

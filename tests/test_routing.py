@@ -12,6 +12,7 @@ import torch
 from edm_lightning.models import ClassifierModule
 from edm_lightning.nets import build_net
 from edm_lightning.routing import (
+    CoarseKeyedHashRouter,
     FixedRouter,
     KeyedHashRouter,
     NeuralHashRouter,
@@ -28,7 +29,7 @@ import json, sys, torch
 from edm_lightning.routing import build_router
 x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
 routes = {kind: build_router(kind, 5, key="secret", hash_checkpoint=sys.argv[1], input_shape=(1, 28, 28))(x).tolist()
-          for kind in ("keyed", "neural")}
+          for kind in ("keyed", "coarse", "neural")}
 print(json.dumps(routes))
 """
 
@@ -48,7 +49,7 @@ def hash_checkpoint(checkpoint_factory):
 def test_same_input_same_member_in_separate_processes(hash_checkpoint):
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
     here = {kind: build_router(kind, 5, key="secret", hash_checkpoint=hash_checkpoint, input_shape=(1, 28, 28))(x).tolist()
-            for kind in ("keyed", "neural")}
+            for kind in ("keyed", "coarse", "neural")}
     answers = []
     for hash_seed in ("1", "2"):  # Python's hash() differs between these processes; the routes must not
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
@@ -58,7 +59,7 @@ def test_same_input_same_member_in_separate_processes(hash_checkpoint):
         )
         answers.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert answers[0] == answers[1] == here
-    assert len(set(here["keyed"])) > 1  # a constant route would pass trivially
+    assert len(set(here["keyed"])) > 1 and len(set(here["coarse"])) > 1  # a constant route would pass trivially
 
 
 def test_neural_hash_keeps_the_member_under_faint_noise_far_more_often_than_the_byte_hash():
@@ -102,6 +103,29 @@ def test_keyed_router_depends_on_the_key_and_ignores_sub_grey_level_noise():
     assert (a(x) != b(x)).any()
     assert torch.equal(a(x), a((quantise(x).float() / 255 + 1e-4).clamp(0, 1)))
     assert "key-a" not in repr(a)
+
+
+def test_coarse_router_is_balanced_and_keeps_the_member_under_faint_noise():
+    x = smooth_images(5000)
+    noisy = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    coarse, keyed = CoarseKeyedHashRouter(5, key="secret"), KeyedHashRouter(5, key="secret")
+    route = coarse(x)
+    assert shares(route, 5).max() < 1.15 and shares(route, 5).min() > 0.85
+    kept = (route == coarse(noisy)).float().mean().item()
+    assert kept > 0.9 and kept > (keyed(x) == keyed(noisy)).float().mean().item() + 0.5, kept
+    assert len(torch.unique(coarse.view(x), dim=0)) > 4000  # the views differ, so the key (not the view) spreads them
+
+
+def test_coarse_router_depends_on_the_key_and_never_shows_it():
+    x = smooth_images(256)
+    a, b = CoarseKeyedHashRouter(5, "key-a"), CoarseKeyedHashRouter(5, "key-b")
+    assert (a(x) != b(x)).any()
+    assert "key-a" not in repr(a) and a.state_dict() == {}
+    images = torch.zeros(2, 1, 28, 28)
+    images[1, :, 0, :3] = 1.0  # 3 of the top-left cell's 49 pixels: its mean 0.06 stays in the lowest level
+    assert torch.equal(a.view(images)[0], a.view(images)[1])
+    images[1, :, :7, :7] = 1.0  # the whole cell: its level changes
+    assert not torch.equal(a.view(images)[0], a.view(images)[1])
 
 
 def test_router_arguments_are_checked():

@@ -30,7 +30,7 @@ from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_co
 from edm_lightning.defense import Victim, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, file_digest, state_digest
-from edm_lightning.routing import DEFAULT_ROUTER_KEY, as_secret, resolve_router_key
+from edm_lightning.routing import DEFAULT_ROUTER_KEY, KEYED_ROUTERS, as_secret, resolve_router_key
 
 __all__ = ["AttackDataModule", "victim_labels"]
 
@@ -208,7 +208,7 @@ def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict) -> 
                         f"got {type(victim).__name__}")
     model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
     # The key is only hashed into cache names (as it always was: caches bought by earlier runs keep their names).
-    key = resolve_router_key(victim.key) if victim.router == "keyed" else (victim.key or as_secret(DEFAULT_ROUTER_KEY))
+    key = resolve_router_key(victim.key) if victim.router in KEYED_ROUTERS else (victim.key or as_secret(DEFAULT_ROUTER_KEY))
     key = key.decode("latin-1") if isinstance(key, bytes) else key.get_secret_value()
     parts = [file_digest(victim.checkpoint), victim.router, str(victim.member), key]
     if victim.hash_checkpoint:

@@ -81,9 +81,9 @@ class EDMConfig(TrainConfig):
         tradeoff_weights: further lambdas, for the defender-vs-clone accuracy trade-off curve.
         ood_dataset: the defender's OOD set for the diversity term.
         routers: the routers EDM is served behind, each a defense of its own in the results: ``neural``
-            (the paper's hash network) and ``keyed`` (keyed hash of the input bytes); the first is the
-            main one (trade-off curve, routed validation accuracy).
-        router_key: secret key of the keyed router (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or
+            (the paper's hash network), ``keyed`` (keyed hash of the input bytes) and ``coarse`` (keyed hash
+            of a coarse view of the input); the first is the main one (trade-off curve, routed validation accuracy).
+        router_key: secret key of the keyed and coarse routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or
             the public default with a warning); written nowhere, shown as ``**********`` in printed configs.
     """
 
@@ -91,7 +91,7 @@ class EDMConfig(TrainConfig):
     diversity_weight: float = DIVERSITY_WEIGHT  # EnsembleModule's own default: one value, one place
     tradeoff_weights: list[float] = field(default_factory=list)
     ood_dataset: str = "animal-mnist"
-    routers: list[Literal["neural", "keyed"]] = field(default_factory=lambda: ["neural", "keyed"])
+    routers: list[Literal["neural", "keyed", "coarse"]] = field(default_factory=lambda: ["neural", "keyed"])
     router_key: SecretStr | None = None
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ from edm_lightning.experiment.config import (
     postprocessor_configs,
 )
 from edm_lightning.files import Secret, digest
-from edm_lightning.routing import DEFAULT_ROUTER_KEY, key_fingerprint, resolve_router_key
+from edm_lightning.routing import DEFAULT_ROUTER_KEY, KEYED_ROUTERS, key_fingerprint, resolve_router_key
 
 __all__ = ["Plan", "Stage", "build_plan"]
 
@@ -109,10 +109,11 @@ class _Builder:
         self.weights = [config.edm.diversity_weight] + [
             w for w in config.edm.tradeoff_weights if w != config.edm.diversity_weight]
         self.train_images = _train_images(config)
-        # The keyed router's key decides its routes, so it is part of every stage behind it, as a Secret: hashed
+        # The keyed routers' key decides their routes, so it is part of every stage behind them, as a Secret: hashed
         # into the stage's folder name, shown as a fingerprint in its config.json. The public default key is
         # left out of the keys of served and attack stages, so stages of earlier runs keep their folders.
-        key = resolve_router_key(config.edm.router_key) if "keyed" in config.edm.routers else DEFAULT_ROUTER_KEY.encode()
+        keyed = any(router in KEYED_ROUTERS for router in config.edm.routers)
+        key = resolve_router_key(config.edm.router_key) if keyed else DEFAULT_ROUTER_KEY.encode()
         self.router_key = Secret(key.decode("latin-1"), f"<router key, fingerprint {key_fingerprint(key)}>")
         self.key_identity = {} if key == DEFAULT_ROUTER_KEY.encode() else {"router_key": self.router_key}
 
@@ -123,7 +124,7 @@ class _Builder:
 
     def keyed(self, victim: dict) -> dict:
         """The router key's part of a stage key behind ``victim`` (nothing for the public default key)."""
-        return self.key_identity if victim["router"] == "keyed" else {}
+        return self.key_identity if victim["router"] in KEYED_ROUTERS else {}
 
     def output(self, stage: Stage) -> str:
         return str(self.root / stage.id / "best.ckpt")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from edm_lightning.defense import PredictionPoisoning, Victim
 from edm_lightning.errors import ConfigError
-from edm_lightning.routing import FixedRouter, KeyedHashRouter, NeuralHashRouter, neural_hash_index
+from edm_lightning.routing import CoarseKeyedHashRouter, FixedRouter, KeyedHashRouter, NeuralHashRouter, neural_hash_index
 
 __all__ = ["OUTPUT_NAMES", "ExportableVictim", "ExportError", "check_exportable"]
 
@@ -41,12 +41,13 @@ def check_exportable(victim: Victim) -> None:
     Raises:
         ExportError: the keyed router, or Prediction Poisoning (MAD), with the reason and the alternative.
     """
-    if isinstance(victim.router, KeyedHashRouter):
+    if isinstance(victim.router, (KeyedHashRouter, CoarseKeyedHashRouter)):
         raise ExportError(
-            "the keyed router cannot be exported: it hashes each input's bytes with keyed BLAKE2b, which no ONNX or "
-            "torch.export operator computes, and a hash written in tensor operations would store the key in the file "
-            "as a constant anyone holding the file can read. Export router 'neural' (the paper's) or 'fixed', or serve "
-            "the keyed router with `python -m edm_lightning.serve`, where the key stays in the server's environment."
+            f"the keyed router ({type(victim.router).__name__}) cannot be exported: it hashes each input's bytes with "
+            "keyed BLAKE2b, which no ONNX or torch.export operator computes, and a hash written in tensor operations "
+            "would store the key in the file as a constant anyone holding the file can read. Export router 'neural' "
+            "(the paper's) or 'fixed', or serve the keyed router with `python -m edm_lightning.serve`, where the key "
+            "stays in the server's environment."
         )
     if not isinstance(victim.router, (FixedRouter, NeuralHashRouter)):
         raise ExportError(f"router {type(victim.router).__name__} has no exportable form (fixed and neural have)")

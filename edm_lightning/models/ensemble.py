@@ -60,9 +60,9 @@ class EnsembleModule(RecordedModule):
         optim: optimiser and schedule shared by all members.
         diversity_weight: lambda, the weight of the diversity loss on OOD batches.
         temperature: smooth-max temperature of the coherence (1: the paper's log-sum-exp).
-        router: router of the routed accuracy: ``keyed``, ``neural`` (needs ``hash_checkpoint``) or ``fixed``
+        router: router of the routed accuracy: ``keyed``, ``coarse``, ``neural`` (needs ``hash_checkpoint``) or ``fixed``
             (member 0).
-        router_key: secret key of the ``keyed`` router (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``,
+        router_key: secret key of the ``keyed`` and ``coarse`` routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``,
             or the public default with a warning); never saved, shown as ``**********`` in config dumps.
         hash_checkpoint: hash network checkpoint of the ``neural`` router.
     """
@@ -78,7 +78,7 @@ class EnsembleModule(RecordedModule):
         optim: OptimConfig | None = None,
         diversity_weight: float = DIVERSITY_WEIGHT,
         temperature: float = 1.0,
-        router: Literal["keyed", "neural", "fixed"] = "keyed",
+        router: Literal["keyed", "neural", "coarse", "fixed"] = "keyed",
         router_key: SecretStr | None = None,
         hash_checkpoint: str | None = None,
     ):
