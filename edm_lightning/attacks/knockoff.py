@@ -48,6 +48,7 @@ from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule, clone_loss
+from edm_lightning.models.mixture_clone import MixtureCloneModule
 from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig
 from edm_lightning.progress import Progress
@@ -450,6 +451,9 @@ def run_knockoff(
     test_size: int | None = None,
     seed: int = 0,
     trainer: dict[str, Any] | None = None,
+    clone_heads: int = 1,
+    shared_trunk: bool = True,
+    assignment: str = "soft",
     **options: Any,
 ) -> dict[str, Any]:
     """KnockoffNets end to end from Python (the experiment runner's entry): the figures as a dict.
@@ -460,16 +464,29 @@ def run_knockoff(
 
     ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
 
+    ``clone_heads > 1`` trains a :class:`~edm_lightning.models.MixtureCloneModule` (``shared_trunk``,
+    ``assignment``) on the same transfer set: the attack that knows EDM serves each query with one of N
+    members; it buys nothing more than plain KnockoffNets with the same sampling settings.
+
     Returns:
         The figures of :func:`~edm_lightning.attacks.run_attack` plus the transfer set's size.
+
+    Raises:
+        ConfigError: ``clone_heads`` is not a whole number >= 1 (or any setting the DataModule refuses).
     """
     L.seed_everything(seed, verbose=False)
     datamodule = KnockoffDataModule(
         victim, dataset=dataset, surrogate=surrogate, strategy=strategy, budget=budget, label_only=label_only,
         root=root, batch_size=batch_size, test_size=test_size, cache_dir=cache_dir, seed=seed, **options,
     )
-    module = CloneModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
-                         optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine"))
+    if isinstance(clone_heads, bool) or not isinstance(clone_heads, int) or clone_heads < 1:
+        raise ConfigError(f"clone_heads must be a whole number >= 1 (1: the plain clone), got {clone_heads!r}")
+    optim = optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine")
+    shape = (datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std, optim)
+    if clone_heads > 1:
+        module = MixtureCloneModule(arch, *shape, heads=clone_heads, shared_trunk=shared_trunk, assignment=assignment)
+    else:
+        module = CloneModule(arch, *shape)
     return run_attack(datamodule, module, max_epochs, **(trainer or {}))
 
 

@@ -4,6 +4,7 @@ from edm_lightning.models.classifier import ClassifierModule
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.models.ensemble import EnsembleModule
 from edm_lightning.models.misinformation import MisinformationModule
+from edm_lightning.models.mixture_clone import MixtureCloneModule
 from edm_lightning.optim import OptimConfig
 
-__all__ = ["ClassifierModule", "CloneModule", "EnsembleModule", "MisinformationModule", "OptimConfig"]
+__all__ = ["ClassifierModule", "CloneModule", "EnsembleModule", "MisinformationModule", "MixtureCloneModule", "OptimConfig"]
