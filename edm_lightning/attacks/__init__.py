@@ -1,4 +1,4 @@
-"""Model-stealing attacks and the oracle they query: KnockoffNets, JBDA / JBDA-TR, DFME.
+"""Model-stealing attacks and the oracle they query: KnockoffNets, JBDA / JBDA-TR, DFME, MAZE.
 
 Each attack is a DataModule (the victim behind a :class:`BlackBoxOracle`, the attacker's data, the
 evaluation set) and a LightningModule (the attacker's clone and what else it learns), run by
@@ -9,6 +9,7 @@ from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, run_dfme
 from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, run_jbda
 from edm_lightning.attacks.knockoff import KnockoffDataModule, build_transfer_set, run_knockoff
+from edm_lightning.attacks.maze import MAZEModule, run_maze
 from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.attacks.run import run_attack
@@ -21,6 +22,7 @@ __all__ = [
     "JBDADataModule",
     "JBDAModule",
     "KnockoffDataModule",
+    "MAZEModule",
     "QueryBudgetExceeded",
     "RemoteVictim",
     "RemoteVictimConfig",
@@ -30,4 +32,5 @@ __all__ = [
     "run_dfme",
     "run_jbda",
     "run_knockoff",
+    "run_maze",
 ]

@@ -17,6 +17,7 @@ lr 0.1, generator Adam lr 1e-4, and millions of queries (20M for CIFAR-10).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -35,7 +36,8 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig, build_optimizer
 
-__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "run_dfme", "victim_logits", "zeroth_order_gradient"]
+__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "l1_logit_disagreement", "run_data_free", "run_dfme",
+           "to_images", "victim_logits", "zeroth_order_gradient"]
 
 
 class DFMEModule(CloneModule):
@@ -221,13 +223,21 @@ def victim_logits(probs: Tensor) -> Tensor:
     return log_probs - log_probs.mean(dim=-1, keepdim=True)
 
 
-def zeroth_order_gradient(
-    oracle: BlackBoxOracle, clone: nn.Module, pre: Tensor, directions: int, epsilon: float
-) -> tuple[Tensor, Tensor]:
-    """Forward-difference estimate of d(-l1(clone, victim)) / d(pre) for each generated input (DFME Eq. 6).
+def l1_logit_disagreement(clone_logits: Tensor, answers: Tensor) -> Tensor:
+    """DFME's disagreement per input ``(N,)``: l1 between the clone's logits and the victim's recovered ones."""
+    return (clone_logits - victim_logits(answers)).abs().mean(dim=-1)
 
-    Costs ``len(pre) * (directions + 1)`` oracle queries (each point and its probes). Returns the
-    estimate (to backpropagate into the generator) and the generator loss at the unperturbed points.
+
+def zeroth_order_gradient(
+    oracle: BlackBoxOracle, clone: nn.Module, pre: Tensor, directions: int, epsilon: float,
+    disagreement: Callable[[Tensor, Tensor], Tensor] = l1_logit_disagreement,
+) -> tuple[Tensor, Tensor]:
+    """Forward-difference estimate of d(-disagreement(clone, victim)) / d(pre) per generated input (DFME Eq. 6).
+
+    ``disagreement(clone logits, victim answers)`` is per input: DFME's l1 on logits by default, MAZE's KL
+    divergence in :class:`~edm_lightning.attacks.maze.MAZEModule`. Costs ``len(pre) * (directions + 1)``
+    oracle queries (each point and its probes). Returns the estimate (to backpropagate into the generator)
+    and the generator loss at the unperturbed points.
 
     Returns:
         ``(gradient estimate like pre, generator loss)``.
@@ -239,7 +249,7 @@ def zeroth_order_gradient(
         probes = torch.cat([pre.detach().unsqueeze(1) + epsilon * u, pre.detach().unsqueeze(1)], dim=1)
         x = to_images(probes.flatten(0, 1))
         answers = oracle(x)
-        losses = -(clone(x) - victim_logits(answers)).abs().mean(dim=-1).view(n, directions + 1)
+        losses = -disagreement(clone(x), answers).view(n, directions + 1)
         differences = (losses[:, :-1] - losses[:, -1:]) / epsilon
         grad = dim * (differences.view(n, directions, *([1] * (pre.ndim - 1))) * u).mean(dim=1)
         return grad / n, losses[:, -1].mean()  # the generator loss is the batch mean
@@ -273,10 +283,25 @@ def run_dfme(
     Returns:
         The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
     """
+    return run_data_free(DFMEModule, victim, dataset=dataset, budget=budget, steps_per_epoch=steps_per_epoch,
+                         max_epochs=max_epochs, batch_size=batch_size, label_only=label_only, arch=arch, optim=optim,
+                         cache_dir=cache_dir, root=root, test_size=test_size, seed=seed, trainer=trainer, **options)
+
+
+def run_data_free(module_class: type[DFMEModule], victim: VictimConfig | RemoteVictimConfig, *, dataset: str,
+                  budget: int, steps_per_epoch: int, max_epochs: int, batch_size: int, label_only: bool, arch: str,
+                  optim: OptimConfig | None, cache_dir: str, root: str, test_size: int | None, seed: int,
+                  trainer: dict[str, Any] | None, **options: Any) -> dict[str, Any]:
+    """A data-free attack (``module_class``: DFME or MAZE) against ``victim``: what :func:`run_dfme` and
+    :func:`~edm_lightning.attacks.maze.run_maze` share.
+
+    Returns:
+        The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
+    """
     L.seed_everything(seed, verbose=False)
     datamodule = DataFreeDataModule(victim, dataset=dataset, budget=budget, label_only=label_only,
                                     steps_per_epoch=steps_per_epoch, root=root, batch_size=batch_size,
                                     test_size=test_size, cache_dir=cache_dir, seed=seed)
-    module = DFMEModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
-                        optim, **options)
+    module = module_class(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
+                          optim, **options)
     return run_attack(datamodule, module, max_epochs, **(trainer or {}))

@@ -103,9 +103,9 @@ class AttackConfig:
     """One attack, run against the undefended target and against EDM.
 
     Args:
-        name: ``knockoff``, ``jbda``, ``jbda_tr`` or ``dfme``.
+        name: ``knockoff``, ``jbda``, ``jbda_tr``, ``dfme`` or ``maze``.
         budgets: query budgets (the largest is the one in the results table; several draw a curve).
-        epochs: clone training epochs (KnockoffNets; JBDA: per round; DFME: epochs of ``steps_per_epoch``).
+        epochs: clone training epochs (KnockoffNets; JBDA: per round; DFME, MAZE: epochs of ``steps_per_epoch``).
         surrogate: KnockoffNets' natural images (must differ from the defender's OOD set).
         arch: the clone's architecture.
         label_only: the victim answers top-1 labels only.
@@ -115,7 +115,7 @@ class AttackConfig:
             (``knockoff`` and ``knockoff-avg8``). Not part of the stage key: renaming reruns nothing.
     """
 
-    name: Literal["knockoff", "jbda", "jbda_tr", "dfme"] = "knockoff"
+    name: Literal["knockoff", "jbda", "jbda_tr", "dfme", "maze"] = "knockoff"
     label: str | None = None
     budgets: list[int] = field(default_factory=lambda: [50_000])
     epochs: int = 10

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from edm_lightning.attacks import DFMEModule, KnockoffDataModule, run_dfme, run_jbda, run_knockoff
+from edm_lightning.attacks import DFMEModule, KnockoffDataModule, MAZEModule, run_dfme, run_jbda, run_knockoff, run_maze
 from edm_lightning.attacks.knockoff import noisy_copies
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, get_spec
 from edm_lightning.data.images import convert_images, load_images
@@ -236,6 +236,8 @@ ATTACK_RUNNERS.register("jbda_tr")(AttackRunner(run_jbda, lambda config, folder,
     "targeted": True, "epochs_per_round": settings.epochs, "cache_dir": str(folder / "cache")}))
 ATTACK_RUNNERS.register("dfme")(AttackRunner(run_dfme, lambda config, folder, settings: {
     "max_epochs": settings.epochs, "cache_dir": str(folder / "cache")}, forwards_to=DFMEModule))
+ATTACK_RUNNERS.register("maze")(AttackRunner(run_maze, lambda config, folder, settings: {
+    "max_epochs": settings.epochs, "cache_dir": str(folder / "cache")}, forwards_to=MAZEModule))
 
 
 def transfer_dir(config: ExperimentConfig) -> Path:

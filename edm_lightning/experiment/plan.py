@@ -292,6 +292,8 @@ def _attack_s(settings: AttackConfig, budget: int) -> float:
         return budget * _SECONDS_PER_QUERY + settings.epochs * items * per_image + 3.0
     if settings.name == "dfme":
         return budget * _SECONDS_PER_QUERY * 35  # a generator and a clone step per few hundred queries
+    if settings.name == "maze":
+        return budget * _SECONDS_PER_QUERY * 35 * 2  # DFME's steps, plus 10 replay steps per iteration
     return budget * _SECONDS_PER_QUERY * 10 + settings.epochs * budget * per_image * 6  # JBDA: a clone per round
 
 

@@ -1,0 +1,157 @@
+"""MAZE, data-free model stealing with zeroth-order gradient estimation (Kariyappa, Prakash and Qureshi, CVPR 2021).
+
+By EDM's own authors, and concurrent with DFME: a generator G makes queries where the clone C disagrees most
+with the victim V, C learns V's answers on them, and V's gradient is estimated from forward differences
+along random directions (:func:`~edm_lightning.attacks.dfme.zeroth_order_gradient`). What MAZE does its own
+way (paper Sec. 3): the disagreement is the KL divergence ``KL(V(x) || C(x))`` on probabilities (DFME: l1 on
+recovered logits), the estimate averages ``m = 10`` directions, and every answer bought is kept in an
+*experience replay* buffer on which C takes ``replay_steps`` more steps per iteration, for free: replay
+spends no query. One iteration costs ``batch * ((m + 1) * generator_steps + clone_steps)`` queries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from edm_lightning.attacks.dfme import DFMEModule, run_data_free, to_images, zeroth_order_gradient
+from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.remote import RemoteVictimConfig
+from edm_lightning.defense import VictimConfig
+from edm_lightning.errors import ConfigError
+from edm_lightning.optim import OptimConfig
+
+__all__ = ["MAZEModule", "kl_disagreement", "run_maze"]
+
+
+def kl_disagreement(clone_logits: Tensor, answers: Tensor) -> Tensor:
+    """MAZE's disagreement per input ``(N,)``: ``KL(victim || clone)`` of the probability vectors."""
+    answers = answers.clamp_min(1e-8)
+    return (answers * (answers.log() - clone_logits.log_softmax(dim=-1))).sum(dim=-1)
+
+
+class MAZEModule(DFMEModule):
+    """The MAZE attacker: DFME's clone and generator, MAZE's loss and experience replay.
+
+    Args:
+        arch, num_classes, input_shape, mean, std, optim, generator_lr, latent_dim, grad_epsilon,
+            generator_steps, clone_steps: see :class:`~edm_lightning.attacks.DFMEModule`.
+        directions: random directions ``m`` of the gradient estimate (MAZE: 10).
+        replay_steps: clone steps on replayed answers per iteration (no queries).
+        replay_size: most answers kept for replay (the oldest are replaced).
+
+    Raises:
+        ConfigError: a negative ``replay_steps`` or a ``replay_size`` below 1 (and DFME's own checks).
+    """
+
+    def __init__(
+        self,
+        arch: str = "lenet5",
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        optim: OptimConfig | None = None,
+        generator_lr: float = 1e-4,
+        latent_dim: int = 256,
+        directions: int = 10,
+        grad_epsilon: float = 1e-3,
+        generator_steps: int = 1,
+        clone_steps: int = 5,
+        replay_steps: int = 10,
+        replay_size: int = 50_000,
+    ):
+        if replay_steps < 0 or replay_size < 1:
+            raise ConfigError(f"replay_steps must be >= 0 and replay_size >= 1, got {replay_steps} and {replay_size}")
+        super().__init__(arch, num_classes, input_shape, mean, std, optim, generator_lr, latent_dim, directions,
+                         grad_epsilon, generator_steps, clone_steps)
+        self.save_hyperparameters()
+        self._replay_x: Tensor | None = None
+        self._replay_y: Tensor | None = None
+        self._replay_next, self._replay_count = 0, 0
+
+    @override
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        datamodule = self.trainer.datamodule
+        oracle: BlackBoxOracle = datamodule.oracle
+        size, hp = datamodule.hparams.batch_size, self.hparams
+        if oracle.remaining is not None and oracle.remaining < self.queries_per_iteration(size):
+            self.trainer.should_stop = True  # the budget cannot pay for another full iteration
+            return
+        clone_opt, generator_opt = self.optimizers()
+        self.generator.train()
+        for _ in range(hp.generator_steps):
+            pre = self.generator(self._noise(size))
+            grad, generator_loss = zeroth_order_gradient(oracle, self.net, pre, hp.directions, hp.grad_epsilon,
+                                                         kl_disagreement)
+            generator_opt.zero_grad()
+            self.manual_backward(pre, gradient=grad)
+            generator_opt.step()
+        for _ in range(hp.clone_steps):
+            with torch.no_grad():
+                x = to_images(self.generator(self._noise(size)))
+            answers = oracle(x)
+            self._remember(x, answers)
+            loss = self._clone_step(clone_opt, x, answers)
+        for _ in range(hp.replay_steps):  # experience replay: answers already bought, no query
+            rows = torch.randint(self._replay_count, (size,))
+            self._clone_step(clone_opt, self._replay_x[rows].to(self.device), self._replay_y[rows].to(self.device))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/generator_loss", generator_loss)
+        self.log("attack/queries", float(oracle.queries_spent))
+
+    def _clone_step(self, optimizer, x: Tensor, answers: Tensor) -> Tensor:
+        loss = kl_disagreement(self(x), answers).mean()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+    def _remember(self, x: Tensor, answers: Tensor) -> None:
+        capacity = self.hparams.replay_size
+        if self._replay_x is None:
+            self._replay_x = torch.empty((capacity, *x.shape[1:]), dtype=x.dtype)
+            self._replay_y = torch.empty((capacity, answers.shape[1]), dtype=answers.dtype)
+        rows = (self._replay_next + torch.arange(len(x))) % capacity
+        self._replay_x[rows], self._replay_y[rows] = x.detach().cpu(), answers.detach().cpu()
+        self._replay_next = int(rows[-1] + 1) % capacity
+        self._replay_count = min(self._replay_count + len(x), capacity)
+
+    @override
+    def figures(self) -> dict[str, Any]:
+        """The attack's name for the results."""
+        return {"attack": "maze"}
+
+
+def run_maze(
+    victim: VictimConfig | RemoteVictimConfig,
+    *,
+    dataset: str = "fashionmnist",
+    budget: int = 1_000_000,
+    steps_per_epoch: int = 50,
+    max_epochs: int = 1000,
+    batch_size: int = 128,
+    label_only: bool = False,
+    arch: str = "lenet5",
+    optim: OptimConfig | None = None,
+    cache_dir: str = "runs/attacks/cache",
+    root: str = "data",
+    test_size: int | None = None,
+    seed: int = 0,
+    trainer: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """MAZE end to end from Python; runs until the budget cannot pay another iteration (or ``max_epochs``).
+
+    Same DataModule and LightningModule as ``python main.py fit --config configs/attack/maze.yaml``;
+    ``options`` go to :class:`MAZEModule` (``directions``, ``replay_steps``, ``generator_lr``, ...).
+
+    Returns:
+        The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
+    """
+    return run_data_free(MAZEModule, victim, dataset=dataset, budget=budget, steps_per_epoch=steps_per_epoch,
+                         max_epochs=max_epochs, batch_size=batch_size, label_only=label_only, arch=arch, optim=optim,
+                         cache_dir=cache_dir, root=root, test_size=test_size, seed=seed, trainer=trainer, **options)
