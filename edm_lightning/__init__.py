@@ -32,6 +32,7 @@ _API = {
     "PredictionPoisoning": "edm_lightning.defense",
     "AdaptiveMisinformation": "edm_lightning.defense",
     "KeyedHashRouter": "edm_lightning.routing",
+    "CoarseKeyedHashRouter": "edm_lightning.routing",
     "NeuralHashRouter": "edm_lightning.routing",
     "FixedRouter": "edm_lightning.routing",
     "BlackBoxOracle": "edm_lightning.attacks",
@@ -39,9 +40,13 @@ _API = {
     "run_knockoff": "edm_lightning.attacks",
     "run_jbda": "edm_lightning.attacks",
     "run_dfme": "edm_lightning.attacks",
+    "run_maze": "edm_lightning.attacks",
+    "RemoteVictimConfig": "edm_lightning.attacks",
     "EnsembleModule": "edm_lightning.models",
     "ClassifierModule": "edm_lightning.models",
     "CloneModule": "edm_lightning.models",
+    "MixtureCloneModule": "edm_lightning.models",
+    "export_victim": "edm_lightning.export",
     "run_experiment": "edm_lightning.experiment",
 }
 

@@ -19,7 +19,7 @@ from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig
 
 # The plain-data classes this package's hyper-parameters hold: torch.load(weights_only=True) accepts these, nothing else
-# (OptimConfig also under the module path checkpoints saved before version 0.2 recorded).
+# (OptimConfig also under edm_lightning.models.optim, where checkpoints saved before it moved recorded it).
 torch.serialization.add_safe_globals([OptimConfig, (OptimConfig, "edm_lightning.models.optim.OptimConfig")])
 
 #: Checkpoint entry where this package's LightningModules record their class (``NetModule``, ``EnsembleModule``).

@@ -1,9 +1,10 @@
 """The prediction API's wire format, shared by the server (:mod:`edm_lightning.serve`) and its client (the HTTP oracle).
 
 A request is ``POST /v1/predict`` with the client's key in ``X-API-Key`` (or ``Authorization: Bearer``) and a
-batch of images in [0, 1] as one of: a NumPy ``.npy`` array ``(N, C, H, W)`` (``application/x-npy``, float32
-or float64, read without pickle), JSON ``{"inputs": [[[[...]]]]}`` (``application/json``), or one PNG/JPEG
-image file (``image/png``, ``image/jpeg``; 8-bit pixels become ``value / 255``). The answer is JSON:
+batch of images in [0, 1] as one of: a NumPy ``.npy`` array ``(N, C, H, W)`` (``application/x-npy``, read
+without pickle; floating point, other dtypes are refused as images), JSON ``{"inputs": [[[[...]]]]}``
+(``application/json``), or one PNG file of the model's size (``image/png``; 8-bit pixels become ``value / 255``).
+The answer is JSON:
 ``{"probabilities": [[...]]}`` or ``{"labels": [...]}`` (the server's policy), with ``queries_spent``
 and ``budget`` of the key. Errors are JSON ``{"detail": message}`` with a 4xx/5xx status.
 """

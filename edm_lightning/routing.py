@@ -7,8 +7,8 @@
 - :class:`KeyedHashRouter` hashes the quantised input bytes with keyed BLAKE2b: cheap, no extra network,
   unpredictable without the key, but a one-pixel change moves the query to another member.
 - :class:`CoarseKeyedHashRouter` hashes, with the same key, a coarse view of the input (cell averages on a
-  4 x 4 grid, 4 grey levels each): balanced like the keyed hash on data the defender never saw, and stable
-  like the neural one under faint noise, without a hash network to train.
+  4 x 4 grid, 4 grey levels each): nearly as balanced as the keyed hash on data the defender never saw, and
+  nearly as stable as the neural one under faint noise, without a hash network to train.
 - :class:`FixedRouter` always picks one member (the undefended case).
 
 None of them uses Python's ``hash()``, which is salted per process. Routers are plain modules below the
@@ -39,6 +39,9 @@ __all__ = [
     "DEFAULT_ROUTER_KEY",
     "KEYED_ROUTERS",
     "ROUTERS",
+    "ROUTER_KEY_ENV",
+    "ROUTER_KEY_FILE_ENV",
+    "SECRET_MASK",
     "CoarseKeyedHashRouter",
     "FixedRouter",
     "KeyedHashRouter",
@@ -237,11 +240,13 @@ class CoarseKeyedHashRouter(Router):
     The view averages the image (over channels too) on a ``grid x grid`` grid of cells (adaptive average
     pooling) and quantises each cell to ``levels`` grey levels. Averaging a 7 x 7 cell divides pixel noise by
     7, so a re-query with noise of std 0.01 keeps its view, hence its member, unless a cell mean sits within
-    a fraction of a grey level of a level boundary; distinct views are many (thousands on 5,000 MNIST or
-    FashionMNIST images) and the keyed hash spreads them evenly over the members, whatever data they come from.
-    Measured on 5,000 images (grid 4, levels 4, N = 5): largest member share 1.22x fair on FashionMNIST
-    test, 1.39x on MNIST; member kept under noise std 0.01 for 95.1% / 96.5%; a 1-pixel shift keeps it for
-    only 36% / 45% (the cells move). The key is resolved and hidden as :class:`KeyedHashRouter`'s.
+    a fraction of a grey level of a level boundary. Distinct views are many (thousands on 10,000 MNIST or
+    FashionMNIST images) and the keyed hash spreads them over the members; the balance is limited by the most
+    common views (the largest holds about 5% of MNIST images), so it varies with the key. Measured by
+    ``benchmarks/routing.py`` on 10,000 test images (grid 4, levels 4, N = 5, the public key): largest member
+    share 1.15x fair on FashionMNIST, 1.45x on MNIST (1.28x on average over 10 random keys, 1.89x for the worst);
+    member kept under noise std 0.01 for 95.5% / 96.2% of re-queries; a 1-pixel shift keeps it for only 27% / 31%
+    (the cells move). The key is resolved and hidden as :class:`KeyedHashRouter`'s.
 
     Args:
         num_members: N.
@@ -366,8 +371,9 @@ def refuse_keys_on_command_line(config: Any, argv: Sequence[str]) -> None:
     secrets = [value.get_secret_value() for value in _secrets(config)]
     if any(secret and secret != SECRET_MASK and secret in arg for secret in secrets for arg in argv):
         raise ConfigError(
-            f"a router key was given on the command line, where the shell history, `ps` and W&B's run metadata "
-            f"keep it: set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_FILE_ENV} to a file only you can read) instead"
+            f"a secret (a router key or an API key) was given on the command line, where the shell history, `ps` and "
+            f"W&B's run metadata keep it: set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_FILE_ENV} to a file only you can "
+            f"read) for a router key, $EDM_API_KEY for an API key, or put it in a config file only you can read"
         )
 
 

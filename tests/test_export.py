@@ -59,8 +59,8 @@ def test_invalid_rows_are_flagged_and_never_answered():
     x[1, 0, 0, 0] = float("nan")
     x[2, 0, 3, 3] = 1.5
     x[3, 0, 5, 5] = -0.01
-    probs, _, valid = ExportableVictim(neural_victim())(x)
-    assert valid.tolist() == [True, False, False, False]
+    probs, member, valid = ExportableVictim(neural_victim())(x)
+    assert valid.tolist() == [True, False, False, False] and member[1:].tolist() == [-1, -1, -1] and member[0] >= 0
     assert torch.isfinite(probs[0]).all() and torch.isnan(probs[1:]).all()
 
 
@@ -114,6 +114,30 @@ def test_the_export_command_checks_10k_real_images_and_writes_a_manifest(checkpo
     check = manifest["equivalence"]
     assert check["inputs"] == 10000 and check["member_mismatches"] == 0 and check["max_abs_diff"] <= 1e-5
     assert manifest["router"] == "NeuralHashRouter" and manifest["members"] == 3
+
+
+@pytest.mark.integration
+def test_a_file_that_fails_the_check_never_replaces_the_one_at_out(checkpoint_factory, real_data_root, tmp_path, capsys):
+    ensemble = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
+    out = tmp_path / "edm.onnx"
+    out.write_bytes(b"the model that was there")
+    args = ["--victim.checkpoint", ensemble, "--out", str(out), "--dataset", "fashionmnist", "--root", str(real_data_root),
+            "--check", "500", "--tolerance", "0"]  # onnxruntime's float rounding differs from torch's by ~1e-7
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(args)
+    assert exit_info.value.code == 1 and "nothing was written" in capsys.readouterr().err
+    assert out.read_bytes() == b"the model that was there"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edm.ckpt", "edm.onnx"]
+
+
+def test_nan_answers_never_pass_the_check_as_a_difference_of_zero():
+    victim = neural_victim()
+
+    def broken(batch):
+        probs, member, valid = ExportableVictim(victim)(batch)
+        return torch.full_like(probs, float("nan")), member, valid
+
+    assert compare_with_eager(victim, broken, images(8))["max_abs_diff"] == float("inf")
 
 
 def test_the_export_command_refuses_the_keyed_router_with_exit_status_2(checkpoint_factory, tmp_path, capsys):

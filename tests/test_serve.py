@@ -136,6 +136,9 @@ def bad_requests():
         ("bad json", b'{"inputs": [[1, 2], [3]]', "application/json", 400, "malformed application/json"),
         ("json without inputs", b'{"x": 1}', "application/json", 400, '{"inputs"'),
         ("unsupported type", b"hello", "text/plain", 415, "unsupported content type"),
+        ("png of another size", encode_png(torch.zeros(1, 4000, 4000, dtype=torch.uint8)).numpy().tobytes(), "image/png", 400,
+         "the image is 4000x4000 pixels; the model takes 28x28"),
+        ("not a png", b"GIF89a....", "image/png", 400, "not a PNG file"),
         ("too many rows", encode_npy(images(65)), NPY, 413, "over the limit of 64"),
         ("oversize body", b"\x00" * (2 << 20), NPY, 413, "over the limit of 1048576 bytes"),
         ("50 MB body", b"\x00" * (50 << 20), NPY, 413, "over the limit of 1048576 bytes"),
@@ -219,13 +222,28 @@ def test_clients_file_holds_digests_only_and_refuses_bad_entries(tmp_path):
         load_clients(path)
     with pytest.raises(ConfigError, match="add-client"):
         load_clients(tmp_path / "missing.yaml")
+    fresh = tmp_path / "fresh.yaml"
+    for name, budget in (("a b", 5), ("", 5), ("bob", -1), ("bob", True)):
+        with pytest.raises(ConfigError):
+            add_client(fresh, name, budget)
+    assert not fresh.exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="not a file"):
+        add_client(tmp_path, "bob", 5)
 
 
-def test_the_server_refuses_bad_settings_before_listening(tmp_path, checkpoint_factory, capsys):
+def test_the_server_refuses_bad_settings_before_listening(tmp_path, checkpoint_factory, capsys, monkeypatch):
     checkpoint = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
     with pytest.raises(SystemExit) as exit_info:
         serve_main(["--victim.checkpoint", checkpoint, "--clients_file", str(tmp_path / "none.yaml")])
     assert exit_info.value.code == 2 and "add-client" in capsys.readouterr().err
+    monkeypatch.delenv("EDM_ROUTER_KEY", raising=False)
+    monkeypatch.delenv("EDM_ROUTER_KEY_FILE", raising=False)
+    add_client(tmp_path / "clients.yaml", "alice", 10)
+    for router in ("keyed", "coarse"):
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main(["--victim.checkpoint", checkpoint, "--victim.router", router,
+                        "--clients_file", str(tmp_path / "clients.yaml")])
+        assert exit_info.value.code == 2 and "public default key" in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -474,13 +474,13 @@ def run_knockoff(
     Raises:
         ConfigError: ``clone_heads`` is not a whole number >= 1 (or any setting the DataModule refuses).
     """
+    if isinstance(clone_heads, bool) or not isinstance(clone_heads, int) or clone_heads < 1:
+        raise ConfigError(f"clone_heads must be a whole number >= 1 (1: the plain clone), got {clone_heads!r}")
     L.seed_everything(seed, verbose=False)
     datamodule = KnockoffDataModule(
         victim, dataset=dataset, surrogate=surrogate, strategy=strategy, budget=budget, label_only=label_only,
         root=root, batch_size=batch_size, test_size=test_size, cache_dir=cache_dir, seed=seed, **options,
     )
-    if isinstance(clone_heads, bool) or not isinstance(clone_heads, int) or clone_heads < 1:
-        raise ConfigError(f"clone_heads must be a whole number >= 1 (1: the plain clone), got {clone_heads!r}")
     optim = optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine")
     shape = (datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std, optim)
     if clone_heads > 1:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.protocol import API_KEY_HEADER, INFO_PATH, NPY, PREDICT_PATH, encode_npy
+from edm_lightning.routing import SECRET_MASK
 
 __all__ = ["API_KEY_ENV", "RemoteError", "RemoteVictim", "RemoteVictimConfig"]
 
@@ -57,17 +58,22 @@ class RemoteVictimConfig:
         key = self.api_key.get_secret_value() if self.api_key is not None else os.environ.get(API_KEY_ENV)
         if not key:
             raise ConfigError(f"the prediction API needs an API key: set ${API_KEY_ENV} (or api_key in a private config)")
+        if key == SECRET_MASK:
+            raise ConfigError(f"the API key is {SECRET_MASK!r}, the mask a saved config shows in place of the key: "
+                              f"set ${API_KEY_ENV} to the real key")
         return RemoteVictim(self.url, key, self.timeout_s)
 
 
 class RemoteVictim:
     """Images ``(N, C, H, W)`` in [0, 1] to probabilities ``(N, K)``, answered by a prediction API.
 
-    A batch larger than the server's ``max_batch`` is sent in several requests. A server that answers
-    top-1 labels only is answered as one-hot vectors, as the oracle's ``label_only`` does.
+    A batch larger than one request may carry (the server's ``max_batch`` images and ``max_body_bytes``) is
+    sent in several requests. A server that answers top-1 labels only is answered as one-hot vectors, as the
+    oracle's ``label_only`` does.
 
     Raises:
-        ConfigError: httpx is missing (names the extra), the server cannot be reached, or refuses the key.
+        ConfigError: httpx is missing (names the extra), the server cannot be reached, refuses the key, or
+            does not describe itself as a prediction API of this package does.
     """
 
     def __init__(self, url: str, api_key: str, timeout_s: float = 60.0):
@@ -76,6 +82,7 @@ class RemoteVictim:
         import httpx  # optional: the [serve] extra
 
         self.url = url.rstrip("/")
+        self._transport_error = httpx.HTTPError
         self._client = httpx.Client(base_url=self.url, headers={API_KEY_HEADER: api_key}, timeout=timeout_s)
         try:
             response = self._client.get(INFO_PATH)
@@ -84,12 +91,17 @@ class RemoteVictim:
         if response.status_code != 200:
             raise ConfigError(f"the prediction API at {self.url} refused {INFO_PATH}: {response.status_code} "
                               f"{_detail(response)}")
-        info = response.json()
-        self.input_shape: tuple[int, int, int] = tuple(int(v) for v in info["input_shape"])
-        self.num_classes: int = int(info["num_classes"])
-        self.answers: str = info["answer"]
-        self.max_batch: int = int(info["max_batch"])
-        self.model_id: str = str(info["model_id"])
+        try:
+            info = response.json()
+            self.input_shape: tuple[int, int, int] = tuple(int(v) for v in info["input_shape"])
+            self.num_classes: int = int(info["num_classes"])
+            self.answers: str = info["answer"]
+            self.model_id: str = str(info["model_id"])
+            row_bytes = 4 * self.input_shape[0] * self.input_shape[1] * self.input_shape[2]  # float32 .npy rows
+            self.rows_per_request = max(1, min(int(info["max_batch"]), (int(info["max_body_bytes"]) - 1024) // row_bytes))
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ConfigError(f"{self.url}{INFO_PATH} is not this package's prediction API "
+                              f"({type(err).__name__}: {err})") from None
         self.trained_on: str | None = None  # the server does not say
 
     def eval(self) -> RemoteVictim:
@@ -103,20 +115,28 @@ class RemoteVictim:
             The server's answers, or one-hot labels where it answers labels only.
 
         Raises:
-            ValueError: the server refused the batch as malformed (4xx other than 401/429), with its message.
-            RemoteError: the key was refused, the server's budget for it is exhausted, or the server failed.
+            ValueError: the server refused the batch as malformed (400, 413, 415, 422), with its message.
+            RemoteError: any other refusal (the key, the budget: 401, 429), a server failure, an unreadable answer,
+                or no answer at all (connection, timeout). A batch sent in several requests may have been
+                charged by the server in part.
         """
         if x.shape[0] == 0:
             return torch.zeros((0, self.num_classes))
-        return torch.cat([self._ask(part) for part in x.detach().cpu().float().split(self.max_batch)])
+        return torch.cat([self._ask(part) for part in x.detach().cpu().float().split(self.rows_per_request)])
 
     def _ask(self, x: Tensor) -> Tensor:
-        response = self._client.post(PREDICT_PATH, content=encode_npy(x), headers={"content-type": NPY})
+        try:
+            response = self._client.post(PREDICT_PATH, content=encode_npy(x), headers={"content-type": NPY})
+        except self._transport_error as err:
+            raise RemoteError(0, f"no answer from {self.url} ({type(err).__name__}: {err})") from None
         if response.status_code in (400, 413, 415, 422):
             raise ValueError(f"the prediction API refused the batch ({response.status_code}): {_detail(response)}")
         if response.status_code != 200:
             raise RemoteError(response.status_code, _detail(response))
-        body = response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            raise RemoteError(200, f"an answer that is not JSON: {response.text[:200]!r}") from None
         if "labels" in body:
             labels = torch.tensor(body["labels"], dtype=torch.long)
             return nn.functional.one_hot(labels, self.num_classes).float()

@@ -23,9 +23,10 @@ class VictimConfig:
     Args:
         checkpoint: a target (``ClassifierModule``) or EDM ensemble checkpoint.
         router: how an ensemble picks the answering member: ``fixed`` (always ``member``), ``neural``
-            (the paper's hash network) or ``keyed`` (keyed hash of the quantised input).
+            (the paper's hash network), ``keyed`` (keyed hash of the quantised input) or ``coarse`` (keyed hash of
+            a coarse view of the input).
         hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
-        key: secret key of the ``keyed`` router (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or the
+        key: secret key of the ``keyed`` and ``coarse`` routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or the
             public default with a warning); never written, shown as ``**********`` in config dumps.
         member: the member that answers under ``router: fixed``.
         postprocessors: output-perturbation defenses applied to every answer, in this order, each as

@@ -8,6 +8,7 @@ same member and every answer is within ``--tolerance``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,15 @@ from jsonargparse import auto_cli
 from edm_lightning.command_line import prepare_command_line
 from edm_lightning.data import get_spec, load_images
 from edm_lightning.defense import VictimConfig
-from edm_lightning.errors import ConfigError, UserError, exit_if_user_error
-from edm_lightning.export.writer import check_format, compare_with_eager, export_victim, load_exported, write_manifest
+from edm_lightning.errors import ConfigError, exit_if_user_error
+from edm_lightning.export.writer import (
+    check_format,
+    compare_with_eager,
+    export_victim,
+    load_exported,
+    partial_path,
+    write_manifest,
+)
 from edm_lightning.files import to_plain
 from edm_lightning.routing import refuse_keys_on_command_line
 
@@ -48,8 +56,8 @@ class ExportConfig:
     dataset: str | None = None
 
 
-class ExportMismatch(UserError, RuntimeError):
-    """The exported model answered differently from the eager one; nothing was kept."""
+class ExportMismatch(RuntimeError):
+    """The exported model answered differently from the eager one; nothing was kept (the command exits 1)."""
 
 
 def run_export(config: ExportConfig) -> dict:
@@ -69,17 +77,22 @@ def run_export(config: ExportConfig) -> dict:
     if config.check:
         images, _ = load_images(dataset, config.root, train=False, input_shape=get_spec(dataset).input_shape)
         images = images[: config.check].float().div_(255)
-    out = export_victim(victim, config.out or f"model.{config.format}", config.format)
+    out = Path(config.out or f"model.{config.format}")
+    written = export_victim(victim, partial_path(out), config.format)  # checked before it may replace `out`
     check = None
-    if config.check:
-        check = compare_with_eager(victim, load_exported(out, config.format), images) | {"dataset": f"{dataset} test"}
-        if check["member_mismatches"] or check["max_abs_diff"] > config.tolerance:
-            out.unlink(missing_ok=True)
-            raise ExportMismatch(
-                f"the exported model differs from the eager one on {dataset}'s test images: {check['member_mismatches']} of "
-                f"{check['inputs']} inputs routed to another member, largest probability difference "
-                f"{check['max_abs_diff']:.2e} (tolerance {config.tolerance:.0e}); the file was removed"
-            )
+    try:
+        if config.check:
+            check = compare_with_eager(victim, load_exported(written, config.format), images) | {"dataset": f"{dataset} test"}
+            if check["member_mismatches"] or not check["all_valid"] or check["max_abs_diff"] > config.tolerance:
+                raise ExportMismatch(
+                    f"the exported model differs from the eager one on {dataset}'s test images: "
+                    f"{check['member_mismatches']} of {check['inputs']} inputs routed to another member, largest probability "
+                    f"difference {check['max_abs_diff']:.2e} (tolerance {config.tolerance:.0e}), every input accepted: "
+                    f"{check['all_valid']}; nothing was written"
+                )
+        os.replace(written, out)
+    finally:
+        written.unlink(missing_ok=True)
     source = to_plain(config.victim) | {"key": None}
     manifest_path = write_manifest(out, victim, config.format, source, check)
     return json.loads(Path(manifest_path).read_text())
@@ -96,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         refuse_keys_on_command_line(config, argv)
         manifest = run_export(config)
+    except ExportMismatch as err:  # not the user's settings: the export itself failed
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as err:
         exit_if_user_error(err)
         raise

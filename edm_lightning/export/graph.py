@@ -8,9 +8,14 @@ batch's routing. :class:`ExportableVictim` computes the same answer in tensor op
 * every member on every input, then each input's routed answer picked with ``gather`` (N times one
   member's compute: the price of a static graph; the eager server runs each member on its inputs only);
 * the post-processors, as in the eager victim;
-* the input checks: a row that is non-finite or outside the input range gets ``valid = False`` and NaN
-  probabilities (a graph cannot raise), so no consumer can mistake it for an answer. Shape and dtype are
-  fixed by the graph's input, ``float32 (N, C, H, W)`` with N dynamic.
+* the input checks: a row that is non-finite or outside the input range gets ``valid = False``, NaN
+  probabilities and member ``-1`` (a graph cannot raise), so no consumer can mistake it for an answer. Shape
+  and dtype are fixed by the graph's input, ``float32 (N, C, H, W)`` with N dynamic.
+
+The neural router's hash network runs on the whole batch the graph is called with (a graph cannot loop over
+the eager router's fixed blocks of 64 rows), so an input's member is batch-independent only up to the
+runtime's float rounding: a serving layer that must deny an attacker control over batching calls the graph
+on fixed blocks of 64 rows, as the eager router does (the manifest says so).
 
 The keyed router is refused (:func:`check_exportable`): BLAKE2b has no ONNX or ``torch.export`` operator,
 and a hash written in tensor operations would store the key as a constant that anyone holding the file reads.
@@ -63,7 +68,7 @@ class ExportableVictim(nn.Module):
     """A :class:`~edm_lightning.defense.Victim` in tensor operations only (see the module docstring).
 
     ``forward(images)`` with ``images`` ``(N, C, H, W)`` float32 returns ``(probabilities (N, K) float32,
-    member (N,) int64, valid (N,) bool)``; rows with ``valid = False`` hold NaN.
+    member (N,) int64, valid (N,) bool)``; rows with ``valid = False`` hold NaN and member ``-1``.
 
     Raises:
         ExportError: the victim's router or a post-processor cannot be exported (:func:`check_exportable`).
@@ -89,7 +94,7 @@ class ExportableVictim(nn.Module):
         for post in self.postprocessors:
             probs = post(x, probs)
         probs = torch.where(valid[:, None], probs, torch.full_like(probs, float("nan")))
-        return probs, member, valid
+        return probs, torch.where(valid, member, torch.full_like(member, -1)), valid
 
     def route(self, x: Tensor) -> Tensor:
         """Member indices ``(N,)``: the eager router's formula, the hash network run on the whole batch at once."""

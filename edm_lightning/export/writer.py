@@ -1,9 +1,11 @@
 """Writing the served model as ONNX or a ``torch.export`` program, and checking it against the eager model.
 
 ``jit.trace`` is never used (it freezes one batch's routing); TorchScript is refused (``torch.jit`` is deprecated
-by PyTorch and cannot compile this package's annotated modules). A file is written next to its target and
-renamed into place, so a failed export leaves nothing that looks like a model; its manifest (``<out>.json``)
-says what the graph computes, how its inputs must look, and how it compared with the eager model.
+by PyTorch and cannot compile this package's annotated modules). :func:`export_victim` writes a file next to its
+target and renames it into place, so a failed export leaves nothing that looks like a model; the export command
+checks the file against the eager model before the rename, so a file that answers differently never replaces a
+good one. Its manifest (``<out>.json``) says what the graph computes, how its inputs must look, and how it
+compared with the eager model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.export.graph import OUTPUT_NAMES, ExportableVictim, ExportError
 from edm_lightning.files import write_atomic
 
-__all__ = ["FORMATS", "check_format", "compare_with_eager", "export_victim", "load_exported", "write_manifest"]
+__all__ = ["FORMATS", "check_format", "compare_with_eager", "export_victim", "load_exported", "partial_path", "write_manifest"]
 
 Format = Literal["onnx", "pt2"]
 FORMATS: tuple[str, ...] = ("onnx", "pt2")
@@ -52,7 +54,7 @@ def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> P
     dynamic = {"images": {0: torch.export.Dim("batch", min=1)}}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    partial = partial_path(out)
     try:
         with torch.no_grad():
             if format == "pt2":
@@ -65,6 +67,11 @@ def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> P
     finally:
         partial.unlink(missing_ok=True)
     return out
+
+
+def partial_path(out: Path) -> Path:
+    """Where ``out`` is written before it is renamed into place (same folder, same suffix: torch.export wants .pt2)."""
+    return out.with_name(f".{out.stem}.partial{out.suffix}")
 
 
 def check_format(format: str) -> None:
@@ -127,7 +134,8 @@ def compare_with_eager(
 
     Returns:
         ``inputs``, ``same_member`` (share of inputs routed to the eager member), ``member_mismatches``,
-        ``max_abs_diff`` (largest probability difference over the inputs routed alike) and ``all_valid``.
+        ``max_abs_diff`` (largest probability difference over the inputs routed alike; infinite where the
+        export answered NaN) and ``all_valid`` (the export accepted every input).
     """
     same, valid_all, worst = 0, True, 0.0
     for part in images.split(batch_size):
@@ -139,7 +147,8 @@ def compare_with_eager(
         same += int(alike.sum())
         valid_all &= bool(valid.all())
         if alike.any():
-            worst = max(worst, float((probs[alike] - eager[alike]).abs().max()))
+            difference = (probs[alike] - eager[alike]).abs().nan_to_num(nan=float("inf"))  # NaN must not compare as 0
+            worst = max(worst, float(difference.max()))
     return {"inputs": len(images), "same_member": same / max(len(images), 1), "member_mismatches": len(images) - same,
             "max_abs_diff": worst, "all_valid": valid_all}
 
@@ -159,13 +168,16 @@ def write_manifest(out: Path, victim: Victim, format: str, source: dict[str, Any
         "outputs": {
             "probabilities": f"float32 (N, {victim.num_classes}): the routed member's answer after the post-processors; "
                              "NaN where valid is false",
-            "member": "int64 (N,): the member that answered (the defender's record; do not return it to clients)",
+            "member": "int64 (N,): the member that answered, -1 where valid is false (the defender's record; do not "
+                      "return it to clients)",
             "valid": "bool (N,): the input was finite and inside the range; refuse the query where false",
         },
         "num_classes": victim.num_classes,
         "members": len(victim.members),
         "router": type(victim.router).__name__,
         "postprocessors": [type(p).__name__ for p in victim.postprocessors],
+        "routing_blocks": "the neural router's eager form hashes fixed blocks of 64 rows; call this graph on blocks of "
+                          "64 rows (pad the last) where clients must not control which inputs share a call",
         "source": source,
         "equivalence": check,
     }

@@ -3,14 +3,16 @@
     python -m edm_lightning.serve add-client --file clients.yaml --name alice --budget 50000   # prints the key once
     python -m edm_lightning.serve --config configs/serve.yaml
 
-Clients and their budgets come from the clients file (key digests only); the router key, for ``router: keyed``,
-from ``$EDM_ROUTER_KEY`` or ``$EDM_ROUTER_KEY_FILE``, never the command line.
+Clients and their budgets come from the clients file (key digests only); the router key, for ``router: keyed``
+or ``coarse``, from ``$EDM_ROUTER_KEY`` or ``$EDM_ROUTER_KEY_FILE`` (required: the server refuses the public
+default key), never the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -20,7 +22,14 @@ from jsonargparse import auto_cli
 from edm_lightning.command_line import prepare_command_line
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
-from edm_lightning.routing import refuse_keys_on_command_line
+from edm_lightning.files import digest, state_digest
+from edm_lightning.routing import (
+    KEYED_ROUTERS,
+    ROUTER_KEY_ENV,
+    ROUTER_KEY_FILE_ENV,
+    key_fingerprint,
+    refuse_keys_on_command_line,
+)
 from edm_lightning.serve.app import create_app
 from edm_lightning.serve.clients import add_client, load_clients
 from edm_lightning.serve.ledger import QueryLedger
@@ -68,10 +77,18 @@ def build_app(config: ServeConfig):
     if config.max_batch < 1 or not config.max_body_mb > 0 or not 0 < config.port < 65536:
         raise ConfigError(f"max_batch must be >= 1, max_body_mb > 0 and port in 1..65535, got {config.max_batch}, "
                           f"{config.max_body_mb} and {config.port}")
+    keyed = config.victim.router in KEYED_ROUTERS
+    if keyed and config.victim.key is None and not (os.environ.get(ROUTER_KEY_ENV) or os.environ.get(ROUTER_KEY_FILE_ENV)):
+        raise ConfigError(f"router {config.victim.router!r} would serve with the public default key, so anyone could compute "
+                          f"which member answers a query: set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a random key "
+                          "(python -c \"import secrets; print(secrets.token_hex(32))\")")
     clients = load_clients(config.clients_file)
     victim = config.victim.build()
+    identity = {"weights": state_digest(victim), "router": config.victim.router, "member": config.victim.member,
+                "postprocessors": config.victim.postprocessors, "answer": config.answer,
+                "key": key_fingerprint(config.victim.key) if keyed else None}
     return create_app(victim, clients, QueryLedger(config.ledger), config.answer, config.max_batch,
-                      int(config.max_body_mb * (1 << 20)))
+                      int(config.max_body_mb * (1 << 20)), model_id=digest(identity, length=16))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from edm_lightning.protocol import API_KEY_HEADER, INFO_PATH, NPY, PREDICT_PATH,
 from edm_lightning.serve.clients import Client, key_digest
 from edm_lightning.serve.ledger import BudgetExhausted, QueryLedger
 
-__all__ = ["create_app"]
+__all__ = ["check_png_size", "create_app"]
 
 log = logging.getLogger("edm_lightning.serve")
 Answer = Literal["probabilities", "labels"]
@@ -42,6 +42,7 @@ def create_app(
     answer: Answer = "probabilities",
     max_batch: int = 1024,
     max_body_bytes: int = 8 << 20,
+    model_id: str = "",
 ):
     """The API serving ``victim`` to ``clients`` (by key digest), counting in ``ledger``.
 
@@ -52,6 +53,8 @@ def create_app(
         answer: the policy: full probability vectors, or top-1 labels only.
         max_batch: most images in one request.
         max_body_bytes: largest request body.
+        model_id: an opaque public name of what is served (weights, router and key, post-processors, policy): it
+            lets a client tell servers apart (an attack's caches are keyed by it) without learning the defense.
 
     Returns:
         The FastAPI application (run it with uvicorn).
@@ -63,7 +66,7 @@ def create_app(
     app = FastAPI(title="EDM-Lightning prediction API", docs_url=None, redoc_url=None, openapi_url=None)
     model_lock = threading.Lock()
     channels, height, width = victim.input_shape
-    model_id = f"{type(victim.router).__name__}-{len(victim.members)}-{state_digest(victim)[:16]}"
+    model_id = model_id or state_digest(victim)[:16]
 
     def authenticate(request: Request) -> Client:
         key = request.headers.get(API_KEY_HEADER)
@@ -81,7 +84,7 @@ def create_app(
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise HTTPException(413, f"request body of {int(declared)} bytes is over the limit of {max_body_bytes} bytes: "
-                                     f"send at most {max_batch} images per request")
+                                     "send fewer images per request")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -101,13 +104,14 @@ def create_app(
                 if not isinstance(payload, dict) or "inputs" not in payload:
                     raise ValueError('the JSON body must be an object {"inputs": [[[[...]]]]} of shape (N, C, H, W)')
                 return torch.tensor(payload["inputs"], dtype=torch.float64)
-            if kind in ("image/png", "image/jpeg"):
+            if kind == "image/png":
+                check_png_size(body, height, width)  # before decoding: a small file can declare a huge image
                 mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
                 image = decode_image(torch.frombuffer(bytearray(body), dtype=torch.uint8), mode=mode)
                 return (image.float() / 255).unsqueeze(0)
         except (ValueError, TypeError, RuntimeError) as err:  # json, torch.tensor of ragged lists, image decoders
             raise HTTPException(400, f"malformed {kind} body: {err}") from None
-        raise HTTPException(415, f"unsupported content type {kind!r}: send {NPY}, application/json, image/png or image/jpeg")
+        raise HTTPException(415, f"unsupported content type {kind!r}: send {NPY}, application/json or image/png")
 
     def answer_batch(client: Client, content_type: str, body: bytes) -> dict[str, Any]:
         x = decode(content_type, body)
@@ -169,3 +173,16 @@ def create_app(
         return JSONResponse({"detail": f"internal server error ({type(err).__name__})"}, status_code=500)
 
     return app
+
+
+def check_png_size(body: bytes, height: int, width: int) -> None:
+    """Refuse a PNG whose header declares another size than ``height x width``, before it is decoded.
+
+    Raises:
+        ValueError: not a PNG, or another size.
+    """
+    if len(body) < 24 or body[:8] != b"\x89PNG\r\n\x1a\n" or body[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    have = (int.from_bytes(body[20:24], "big"), int.from_bytes(body[16:20], "big"))  # (height, width)
+    if have != (height, width):
+        raise ValueError(f"the image is {have[1]}x{have[0]} pixels; the model takes {width}x{height}")

@@ -89,12 +89,16 @@ def add_client(path: str | Path, name: str, budget: int) -> str:
         ConfigError: the name is taken or invalid, or the file is malformed.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"clients file {str(path)!r} is not a file (a folder?): name the YAML file to write")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"client name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ConfigError(f"budget must be a whole number of queries >= 0, got {budget!r}")
     entries = [asdict(c) for c in load_clients(path).values()] if path.is_file() else []
     if any(entry["name"] == name for entry in entries):
         raise ConfigError(f"client {name!r} is already in {str(path)!r}; choose another name")
     key = secrets.token_urlsafe(32)
     entries.append({"name": name, "key_sha256": key_digest(key), "budget": budget})
-    text = yaml.safe_dump({"clients": entries}, sort_keys=False)
-    write_atomic(path, text)
-    load_clients(path)  # the file as written must load (names, budgets, duplicates)
+    write_atomic(path, yaml.safe_dump({"clients": entries}, sort_keys=False))  # checked above: the file loads
     return key

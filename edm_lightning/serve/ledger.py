@@ -1,4 +1,7 @@
-"""Queries counted per API key in SQLite, committed before the answer leaves the server.
+"""Queries counted per client in SQLite, committed before the answer leaves the server.
+
+A client is counted under its name in the clients file (renaming a client starts a new count; giving an existing
+name a new key keeps the count).
 
 Each charge is one ``BEGIN IMMEDIATE`` transaction (the database's write lock), so concurrent requests,
 threads and server processes sharing the file never spend past a budget together, and a count is on disk
@@ -20,7 +23,7 @@ class BudgetExhausted(Exception):
     def __init__(self, client: str, spent: int, budget: int, requested: int):
         self.client, self.spent, self.budget, self.requested = client, spent, budget, requested
         super().__init__(f"query budget exhausted: {spent} of {budget} queries spent, this batch of {requested} would "
-                         f"exceed it ({budget - spent} left); nothing was counted")
+                         f"exceed it ({max(budget - spent, 0)} left); nothing was counted")
 
 
 class QueryLedger:
@@ -35,9 +38,12 @@ class QueryLedger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout_s = timeout_s
-        with self._connect() as db:
+        db = self._connect()
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS spent (client TEXT PRIMARY KEY, queries INTEGER NOT NULL)")
+        finally:
+            db.close()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)  # transactions by hand
