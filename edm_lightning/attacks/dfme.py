@@ -110,21 +110,35 @@ class DFMEModule(CloneModule):
         self.generator.train()
         for _ in range(hp.generator_steps):
             pre = self.generator(self._noise(size))
-            grad, generator_loss = zeroth_order_gradient(oracle, self.net, pre, hp.directions, hp.grad_epsilon)
+            grad, generator_loss = zeroth_order_gradient(oracle, self.net, pre, hp.directions, hp.grad_epsilon,
+                                                         self.disagreement)
             generator_opt.zero_grad()
             self.manual_backward(pre, gradient=grad)
             generator_opt.step()
         for _ in range(hp.clone_steps):
             with torch.no_grad():
                 x = to_images(self.generator(self._noise(size)))
-            target = victim_logits(oracle(x))
-            loss = F.l1_loss(self(x), target)
-            clone_opt.zero_grad()
-            self.manual_backward(loss)
-            clone_opt.step()
+            loss = self.clone_step(clone_opt, x, oracle(x))
+        self.after_clone_steps(clone_opt, size)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/generator_loss", generator_loss)
         self.log("attack/queries", float(oracle.queries_spent))
+
+    @staticmethod
+    def disagreement(clone_logits: Tensor, answers: Tensor) -> Tensor:
+        """The per-input disagreement the generator maximises: DFME's l1 on logits (:func:`l1_logit_disagreement`)."""
+        return l1_logit_disagreement(clone_logits, answers)
+
+    def clone_step(self, optimizer, x: Tensor, answers: Tensor) -> Tensor:
+        """One clone update on bought answers (DFME: l1 between the clone's and the victim's logits); its loss."""
+        loss = F.l1_loss(self(x), victim_logits(answers))
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+    def after_clone_steps(self, optimizer, batch_size: int) -> None:
+        """What an iteration does after its clone steps, without queries (DFME: nothing; MAZE: experience replay)."""
 
     @override
     def on_train_epoch_end(self) -> None:

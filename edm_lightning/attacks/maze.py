@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from edm_lightning.attacks.dfme import DFMEModule, run_data_free, to_images, zeroth_order_gradient
-from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.dfme import DFMEModule, run_data_free
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
@@ -73,37 +72,26 @@ class MAZEModule(DFMEModule):
         self._replay_y: Tensor | None = None
         self._replay_next, self._replay_count = 0, 0
 
+    @staticmethod
     @override
-    def training_step(self, batch: Tensor, batch_idx: int) -> None:
-        datamodule = self.trainer.datamodule
-        oracle: BlackBoxOracle = datamodule.oracle
-        size, hp = datamodule.hparams.batch_size, self.hparams
-        if oracle.remaining is not None and oracle.remaining < self.queries_per_iteration(size):
-            self.trainer.should_stop = True  # the budget cannot pay for another full iteration
-            return
-        clone_opt, generator_opt = self.optimizers()
-        self.generator.train()
-        for _ in range(hp.generator_steps):
-            pre = self.generator(self._noise(size))
-            grad, generator_loss = zeroth_order_gradient(oracle, self.net, pre, hp.directions, hp.grad_epsilon,
-                                                         kl_disagreement)
-            generator_opt.zero_grad()
-            self.manual_backward(pre, gradient=grad)
-            generator_opt.step()
-        for _ in range(hp.clone_steps):
-            with torch.no_grad():
-                x = to_images(self.generator(self._noise(size)))
-            answers = oracle(x)
-            self._remember(x, answers)
-            loss = self._clone_step(clone_opt, x, answers)
-        for _ in range(hp.replay_steps):  # experience replay: answers already bought, no query
-            rows = torch.randint(self._replay_count, (size,))
-            self._clone_step(clone_opt, self._replay_x[rows].to(self.device), self._replay_y[rows].to(self.device))
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/generator_loss", generator_loss)
-        self.log("attack/queries", float(oracle.queries_spent))
+    def disagreement(clone_logits: Tensor, answers: Tensor) -> Tensor:
+        """MAZE's disagreement: ``KL(victim || clone)`` (:func:`kl_disagreement`)."""
+        return kl_disagreement(clone_logits, answers)
 
-    def _clone_step(self, optimizer, x: Tensor, answers: Tensor) -> Tensor:
+    @override
+    def clone_step(self, optimizer, x: Tensor, answers: Tensor) -> Tensor:
+        """Keep the bought answers for replay, then one clone update on their KL divergence; its loss."""
+        self._remember(x, answers)
+        return self._kl_step(optimizer, x, answers)
+
+    @override
+    def after_clone_steps(self, optimizer, batch_size: int) -> None:
+        """Experience replay: ``replay_steps`` clone updates on answers already bought (no query)."""
+        for _ in range(self.hparams.replay_steps):
+            rows = torch.randint(self._replay_count, (batch_size,))
+            self._kl_step(optimizer, self._replay_x[rows].to(self.device), self._replay_y[rows].to(self.device))
+
+    def _kl_step(self, optimizer, x: Tensor, answers: Tensor) -> Tensor:
         loss = kl_disagreement(self(x), answers).mean()
         optimizer.zero_grad()
         self.manual_backward(loss)
