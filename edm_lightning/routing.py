@@ -52,6 +52,7 @@ __all__ = [
     "balance_logit_bias",
     "build_router",
     "key_fingerprint",
+    "keyed_members",
     "load_hash_net",
     "neural_hash_index",
     "quantise",
@@ -221,13 +222,7 @@ class KeyedHashRouter(Router):
     @override
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        rows = quantise(x).reshape(x.shape[0], -1).cpu().numpy()
-        members = [
-            int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=self._key).digest(), "little")
-            % self.num_members
-            for row in rows
-        ]
-        return torch.tensor(members, dtype=torch.long, device=x.device)
+        return keyed_members(quantise(x).reshape(x.shape[0], -1), self._key, self.num_members)
 
     @override
     def extra_repr(self) -> str:
@@ -274,13 +269,7 @@ class CoarseKeyedHashRouter(Router):
     @override
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        rows = self.view(x).cpu().numpy()
-        members = [
-            int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=self._key).digest(), "little")
-            % self.num_members
-            for row in rows
-        ]
-        return torch.tensor(members, dtype=torch.long, device=x.device)
+        return keyed_members(self.view(x), self._key, self.num_members)
 
     @override
     def extra_repr(self) -> str:
@@ -288,9 +277,21 @@ class CoarseKeyedHashRouter(Router):
                 f"key_fingerprint={key_fingerprint(self._key)!r}")  # never the key
 
 
-def resolve_router_key(key: str | bytes | SecretStr | None = None) -> bytes:
+def keyed_members(rows: Tensor, key: bytes, num_members: int) -> Tensor:
+    """``BLAKE2b_key(row bytes) mod num_members`` for each row of ``rows`` ``(N, D)`` (uint8): the keyed routers' hash.
+
+    Returns:
+        Member indices ``(N,)``, int64, on ``rows``' device.
+    """
+    members = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest(), "little") % num_members
+               for row in rows.cpu().numpy()]
+    return torch.tensor(members, dtype=torch.long, device=rows.device)
+
+
+def resolve_router_key(key: str | bytes | SecretStr | None = None, public_default: bool = True) -> bytes:
     """The keyed router's secret key as bytes: ``key`` if given, else ``$EDM_ROUTER_KEY``, else the contents of
-    the file ``$EDM_ROUTER_KEY_FILE``, else the public default :data:`DEFAULT_ROUTER_KEY` with a loud warning.
+    the file ``$EDM_ROUTER_KEY_FILE``, else the public default :data:`DEFAULT_ROUTER_KEY` with a loud warning
+    (or, with ``public_default=False``, an error: a server must not serve with a key anyone knows).
 
     Configs type the key as jsonargparse's ``SecretStr``, so config dumps, ``--print_config`` and logged
     configs show ``**********`` instead; a key read back from such a dump is refused rather than used.
@@ -299,7 +300,8 @@ def resolve_router_key(key: str | bytes | SecretStr | None = None) -> bytes:
         The key, 1 to 64 bytes.
 
     Raises:
-        ConfigError: an empty or too long key, a key file that cannot be read, or the mask of a saved config.
+        ConfigError: an empty or too long key, a key file that cannot be read, the mask of a saved config, or
+            no key at all where ``public_default`` is false.
     """
     if isinstance(key, SecretStr):
         key = key.get_secret_value()
@@ -312,6 +314,10 @@ def resolve_router_key(key: str | bytes | SecretStr | None = None) -> bytes:
             key, source = open(path, "rb").read().strip(), f"the key file {path!r}"
         except OSError as err:
             raise ConfigError(f"cannot read the router key file {path!r} (${ROUTER_KEY_FILE_ENV}): {err.strerror}") from None
+    elif key is None and not public_default:
+        raise ConfigError(f"no router key is set, and the public default key would let anyone compute which member answers "
+                          f"a query: set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a random key "
+                          "(python -c \"import secrets; print(secrets.token_hex(32))\")")
     elif key is None:
         _warn_public_key()
         key, source = DEFAULT_ROUTER_KEY, "the public default"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -23,13 +22,7 @@ from edm_lightning.command_line import prepare_command_line
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import digest, state_digest
-from edm_lightning.routing import (
-    KEYED_ROUTERS,
-    ROUTER_KEY_ENV,
-    ROUTER_KEY_FILE_ENV,
-    key_fingerprint,
-    refuse_keys_on_command_line,
-)
+from edm_lightning.routing import KEYED_ROUTERS, key_fingerprint, refuse_keys_on_command_line, resolve_router_key
 from edm_lightning.serve.app import create_app
 from edm_lightning.serve.clients import add_client, load_clients
 from edm_lightning.serve.ledger import QueryLedger
@@ -78,10 +71,8 @@ def build_app(config: ServeConfig):
         raise ConfigError(f"max_batch must be >= 1, max_body_mb > 0 and port in 1..65535, got {config.max_batch}, "
                           f"{config.max_body_mb} and {config.port}")
     keyed = config.victim.router in KEYED_ROUTERS
-    if keyed and config.victim.key is None and not (os.environ.get(ROUTER_KEY_ENV) or os.environ.get(ROUTER_KEY_FILE_ENV)):
-        raise ConfigError(f"router {config.victim.router!r} would serve with the public default key, so anyone could compute "
-                          f"which member answers a query: set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a random key "
-                          "(python -c \"import secrets; print(secrets.token_hex(32))\")")
+    if keyed:
+        resolve_router_key(config.victim.key, public_default=False)  # a server never uses the public key
     clients = load_clients(config.clients_file)
     victim = config.victim.build()
     identity = {"weights": state_digest(victim), "router": config.victim.router, "member": config.victim.member,
@@ -115,7 +106,6 @@ def main(argv: list[str] | None = None) -> None:
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
 
-
 def add_client_main(argv: list[str]) -> None:
     """``add-client --file clients.yaml --name alice --budget 50000``: a new client; its key printed once."""
     parser = argparse.ArgumentParser(prog="python -m edm_lightning.serve add-client",
@@ -125,9 +115,7 @@ def add_client_main(argv: list[str]) -> None:
     parser.add_argument("--budget", type=int, required=True, help="most queries the client may make")
     args = parser.parse_args(argv)
     try:
-        if args.budget < 0:
-            raise ConfigError(f"--budget must be >= 0, got {args.budget}")
-        key = add_client(args.file, args.name, args.budget)
+        key = add_client(args.file, args.name, args.budget)  # checks the name, the budget and the file
     except Exception as err:
         exit_if_user_error(err)
         raise
