@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
@@ -17,10 +21,11 @@ from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ense
 from edm_lightning.command_line import prepare_command_line
 from edm_lightning.data import get_spec
 from edm_lightning.errors import ConfigError, exit_if_user_error
+from edm_lightning.files import write_atomic
 from edm_lightning.routing import refuse_keys_on_command_line
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
-__all__ = ["EDMLightningCLI", "Trainer", "check_checkpoint_fits", "check_optimizer_override", "main"]
+__all__ = ["EDMLightningCLI", "JobRun", "Trainer", "check_checkpoint_fits", "check_optimizer_override", "main", "run_job"]
 
 
 class Trainer(L.Trainer):
@@ -127,6 +132,65 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
         # process ("terminate called without an active exception") after a run that succeeded.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@dataclass
+class JobRun:
+    """A finished job: its test metrics and the parts it built (for figures of their own)."""
+
+    metrics: dict[str, float]  # one dict over all test loaders; keys already say which loader they are from
+    datamodule: L.LightningDataModule
+    model: L.LightningModule
+    fit_seconds: float
+
+
+def run_job(config: dict[str, Any], folder: Path, *, fit: bool = True, resume: str | None = None,
+            test_checkpoint: str | None = "best", header: str = "") -> JobRun:
+    """Run a LightningCLI job the way ``python main.py fit --config <folder>/config.yaml`` then
+    ``python main.py test ... --ckpt_path`` would, in this process and with one Trainer (so one logger run).
+
+    The config is written to ``<folder>/config.yaml`` first; the CLI then replaces it by its complete dump
+    (every default filled in, secrets masked), which gets ``header`` (comment lines) on top again.
+
+    Args:
+        config: the job (``seed_everything``, ``trainer``, ``model``, ``data``; ``class_path``/``init_args``).
+        folder: where ``config.yaml`` goes (the trainer's ``default_root_dir``, so also its dump).
+        fit: fit before testing (``False``: ``main.py test`` alone, for a model with nothing to train).
+        resume: a checkpoint to resume the fit from (``--ckpt_path``), or ``None``.
+        test_checkpoint: what to test: ``"best"`` (the checkpoint callback's best), a path, or ``None`` (the
+            weights the fit ended with).
+        header: comment lines (each starting with ``#``) kept at the top of ``config.yaml``.
+
+    Returns:
+        The test metrics, the DataModule and model, and the fit's wall time.
+
+    Raises:
+        ConfigError: the CLI refused the config (its message is printed first).
+    """
+    path = folder / "config.yaml"
+    write_atomic(path, header + yaml.safe_dump(config, sort_keys=False))
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the caller's own command line is not this job's (LightningCLI warns)
+    try:
+        cli = main(["--config", str(path)], run=False)
+    except SystemExit as refused:  # main() printed why; a caller running many jobs goes on with the others
+        raise ConfigError(f"the job {str(path)!r} was refused (exit status {refused.code}); the reason is printed above "
+                          "it in this log") from None
+    finally:
+        sys.argv = argv
+    try:
+        start = time.perf_counter()
+        if fit:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume)
+        fit_seconds = time.perf_counter() - start
+        tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=test_checkpoint, verbose=False)
+    finally:
+        finish_wandb_run()
+    if header and not path.read_text().startswith(header):  # the CLI's own dump replaced the file
+        write_atomic(path, header + path.read_text())
+    metrics: dict[str, float] = {}
+    for loader_metrics in tested:
+        metrics.update({key.split("/dataloader_idx")[0]: float(value) for key, value in loader_metrics.items()})
+    return JobRun(metrics, cli.datamodule, cli.model, fit_seconds)
 
 
 def check_optimizer_override(config: Any) -> None:

@@ -63,7 +63,7 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
     def must_not_run(*args, **kwargs):
         raise AssertionError("a cached stage ran again")
 
-    monkeypatch.setattr(jobs, "fit_and_test", must_not_run)
+    monkeypatch.setattr(jobs, "run_job", must_not_run)
     replace_attack_entry(monkeypatch, "knockoff", must_not_run)
     assert run_experiment(config) == first
     log = capsys.readouterr().err
@@ -238,15 +238,18 @@ def test_committed_experiment_configs_parse(capsys):
 
 
 def test_results_table_and_plots_go_to_wandb(fake_root: Path, tmp_path: Path, monkeypatch):
-    """The experiment's W&B run gets the results table and the PNG plots (the logger's calls recorded)."""
+    """Every stage is a W&B run in the experiment's group; the experiment's own run gets the results table and the
+    PNG plots (the logger's calls recorded)."""
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    tables, job_types, logged = [], [], []
+    tables, job_types, groups, logged = [], [], [], []
     original_init = WandbLogger.__init__
 
+    @functools.wraps(original_init)  # its signature: the stages' configs name WandbLogger's arguments
     def recording_init(self, *args, **kwargs):
         job_types.append(kwargs.get("job_type"))
+        groups.append(kwargs.get("group"))
         original_init(self, *args, **kwargs)
 
     monkeypatch.setattr(WandbLogger, "__init__", recording_init)
@@ -258,7 +261,9 @@ def test_results_table_and_plots_go_to_wandb(fake_root: Path, tmp_path: Path, mo
     (key, columns, data), = tables
     assert key == "results" and "clone_acc_mean" in columns and len(data) == 3
     assert set(logged) == {"budget_curve", "tradeoff", "routing_shares", "coherence"}
-    assert {"target", "hashnet", "ensemble", "experiment"} <= set(job_types)
+    # one run per stage, measurement stages included, all in the experiment's group
+    assert set(job_types) == {"target", "hashnet", "ensemble", "served", "diagnostics", "attack", "experiment"}
+    assert job_types.count("attack") == 7 and set(groups) == {"tiny"}
 
 
 def test_the_default_config_plans_exactly_the_main_question():
@@ -313,6 +318,55 @@ def test_the_full_cpu_config_holds_everything_the_default_left_out():
     assert {"knockoff", "jbda_tr", "dfme", "knockoff-avg8-noise", "knockoff-avg8-shift"} <= attacks
     assert {"misinformation", "spread"} <= {s.kind for s in full.stages}
     assert any(info["diversity_weight"] == 0.0 for _, info in full.attack_runs)  # the control ensemble
+
+
+def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp_path: Path, monkeypatch):
+    """Training and attack stages are LightningCLI jobs: ``python main.py fit --config <stage>/config.yaml`` trains
+    the same weights again, and ``main.py test`` on them gives the figures of the stage's ``result.json``; a served
+    stage is a ``main.py test`` job. The router key is in no config.yaml; the job reads it from the environment,
+    as the file's header says."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from edm_lightning.cli import main as cli_main
+
+    key = "the-router-key-of-this-test"
+    config = tiny_config(fake_root, tmp_path)
+    config.edm.router_key = key
+    run_experiment(config)
+    runs = tmp_path / "runs/tiny"
+    assert all(key not in path.read_text() for path in runs.rglob("config.yaml"))
+
+    def stage(kind: str, **match) -> Path:
+        return next(folder for folder in sorted(runs.glob(f"{kind}-*"))
+                    if match.items() <= json.loads((folder / "config.json").read_text()).items())
+
+    def weights(path: Path) -> dict:
+        return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+
+    checked = {  # stage folder -> (checkpoint it tests, {test metric: result.json figure})
+        stage("target"): ("best.ckpt", {"test/acc": "test_acc"}),
+        stage("edm", diversity_weight=0.5): ("best.ckpt", {"test/acc": "test_acc", "test/id/coherence": "id/coherence"}),
+        stage("attack", router="keyed", budget=128): ("last.ckpt", {"test/acc": "clone_acc", "test/agreement": "agreement"}),
+    }
+    monkeypatch.setenv("EDM_ROUTER_KEY", key)
+    for folder, (checkpoint, figures) in checked.items():
+        result, before = json.loads((folder / "result.json").read_text()), weights(folder / checkpoint)
+        assert (folder / "config.yaml").read_text().startswith("# One stage of the experiment 'tiny'")
+        refit = subprocess.run([sys.executable, "main.py", "fit", "--config", str(folder / "config.yaml")], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=300)
+        assert refit.returncode == 0, refit.stderr[-3000:]
+        after = weights(folder / checkpoint)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), folder.name
+        tested = cli_main(["test", "--config", str(folder / "config.yaml"), "--ckpt_path", str(folder / checkpoint)])
+        metrics = {k.split("/dataloader_idx")[0]: float(v) for k, v in tested.trainer.callback_metrics.items()}
+        assert {m: pytest.approx(metrics[m], abs=1e-6) for m in figures} == {m: result[f] for m, f in figures.items()}
+    served = stage("served", router="keyed")  # a test-only job: the defender's accuracy behind the keyed router
+    assert "main.py test --config" in (served / "config.yaml").read_text().splitlines()[1]
+    tested = cli_main(["test", "--config", str(served / "config.yaml")])
+    assert tested.model.tested_accuracy == json.loads((served / "result.json").read_text())["test_acc"]
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Path, capsys):

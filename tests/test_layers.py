@@ -21,7 +21,7 @@ from tests.helpers.files import REPO_ROOT
 PACKAGE = REPO_ROOT / "edm_lightning"
 
 LAYERS = [
-    {"errors", "registry", "files", "progress", "tracking", "command_line", "optim", "protocol"},
+    {"errors", "registry", "files", "progress", "tracking", "command_line", "optim", "protocol", "seeding"},
     {"data", "nets", "losses"},
     {"checkpoints", "routing"},
     {"models"},

@@ -6,16 +6,17 @@ evaluation set) and a LightningModule (the attacker's clone and what else it lea
 """
 
 from edm_lightning.attacks.datamodule import AttackDataModule
-from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, run_dfme
-from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, run_jbda
-from edm_lightning.attacks.knockoff import KnockoffDataModule, build_transfer_set, run_knockoff
-from edm_lightning.attacks.maze import MAZEModule, run_maze
+from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, dfme_job, run_dfme
+from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, jbda_job, run_jbda
+from edm_lightning.attacks.knockoff import KnockoffDataModule, build_transfer_set, knockoff_job, run_knockoff
+from edm_lightning.attacks.maze import MAZEModule, maze_job, run_maze
 from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
-from edm_lightning.attacks.run import run_attack
+from edm_lightning.attacks.run import AttackJob, attack_figures, run_attack
 
 __all__ = [
     "AttackDataModule",
+    "AttackJob",
     "BlackBoxOracle",
     "DFMEModule",
     "DataFreeDataModule",
@@ -26,8 +27,13 @@ __all__ = [
     "QueryBudgetExceeded",
     "RemoteVictim",
     "RemoteVictimConfig",
+    "attack_figures",
     "build_transfer_set",
+    "dfme_job",
     "jacobian_augmentation",
+    "jbda_job",
+    "knockoff_job",
+    "maze_job",
     "run_attack",
     "run_dfme",
     "run_jbda",

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,13 +29,13 @@ from typing_extensions import override
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.attacks.remote import RemoteVictimConfig
-from edm_lightning.attacks.run import require_single_process, run_attack
+from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig, build_optimizer
 
-__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "l1_logit_disagreement", "run_data_free", "run_dfme",
+__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "l1_logit_disagreement", "data_free_job", "dfme_job", "run_dfme",
            "to_images", "victim_logits", "zeroth_order_gradient"]
 
 
@@ -269,7 +268,7 @@ def zeroth_order_gradient(
         return grad / n, losses[:, -1].mean()  # the generator loss is the batch mean
 
 
-def run_dfme(
+def dfme_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,
     dataset: str = "fashionmnist",
@@ -284,38 +283,45 @@ def run_dfme(
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,
-    trainer: dict[str, Any] | None = None,
     **options: Any,
-) -> dict[str, Any]:
-    """DFME end to end from Python; runs until the budget cannot pay another iteration (or ``max_epochs``).
+) -> AttackJob:
+    """DFME as a job: what ``python main.py fit --config configs/attack/dfme.yaml`` builds; it runs until the
+    budget cannot pay another iteration (or ``max_epochs``). ``options`` go to :class:`DFMEModule`
+    (``directions``, ``grad_epsilon``, ``generator_lr``, ...).
 
-    Same DataModule and LightningModule as ``python main.py fit --config configs/attack/dfme.yaml``;
-    ``options`` go to :class:`DFMEModule` (``directions``, ``grad_epsilon``, ``generator_lr``, ...).
+    Returns:
+        The job (:class:`~edm_lightning.attacks.run.AttackJob`).
+    """
+    return data_free_job(DFMEModule, victim, dataset=dataset, budget=budget, steps_per_epoch=steps_per_epoch,
+                         max_epochs=max_epochs, batch_size=batch_size, label_only=label_only, arch=arch, optim=optim,
+                         cache_dir=cache_dir, root=root, test_size=test_size, seed=seed, **options)
 
-    ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+
+def run_dfme(victim: VictimConfig | RemoteVictimConfig, *, trainer: dict[str, Any] | None = None,
+             **settings: Any) -> dict[str, Any]:
+    """DFME end to end from Python.
+
+    Args:
+        victim: the victim to steal from.
+        trainer: Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+        settings: :func:`dfme_job`'s arguments (``budget``, ``steps_per_epoch``, ``directions`` ...).
 
     Returns:
         The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
     """
-    return run_data_free(DFMEModule, victim, dataset=dataset, budget=budget, steps_per_epoch=steps_per_epoch,
-                         max_epochs=max_epochs, batch_size=batch_size, label_only=label_only, arch=arch, optim=optim,
-                         cache_dir=cache_dir, root=root, test_size=test_size, seed=seed, trainer=trainer, **options)
+    return dfme_job(victim, **settings).run(trainer)
 
 
-def run_data_free(module_class: type[DFMEModule], victim: VictimConfig | RemoteVictimConfig, *, dataset: str,
+def data_free_job(module_class: type[DFMEModule], victim: VictimConfig | RemoteVictimConfig, *, dataset: str,
                   budget: int, steps_per_epoch: int, max_epochs: int, batch_size: int, label_only: bool, arch: str,
                   optim: OptimConfig | None, cache_dir: str, root: str, test_size: int | None, seed: int,
-                  trainer: dict[str, Any] | None, **options: Any) -> dict[str, Any]:
-    """A data-free attack (``module_class``: DFME or MAZE) against ``victim``: what :func:`run_dfme` and
-    :func:`~edm_lightning.attacks.maze.run_maze` share.
+                  **options: Any) -> AttackJob:
+    """A data-free attack (``module_class``: DFME or MAZE) against ``victim``: what :func:`dfme_job` and
+    :func:`~edm_lightning.attacks.maze.maze_job` share.
 
     Returns:
-        The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
+        The job (:class:`~edm_lightning.attacks.run.AttackJob`).
     """
-    L.seed_everything(seed, verbose=False)
-    datamodule = DataFreeDataModule(victim, dataset=dataset, budget=budget, label_only=label_only,
-                                    steps_per_epoch=steps_per_epoch, root=root, batch_size=batch_size,
-                                    test_size=test_size, cache_dir=cache_dir, seed=seed)
-    module = module_class(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
-                          optim, **options)
-    return run_attack(datamodule, module, max_epochs, **(trainer or {}))
+    data_args = dict(victim=victim, dataset=dataset, budget=budget, label_only=label_only, steps_per_epoch=steps_per_epoch,
+                     root=root, batch_size=batch_size, test_size=test_size, cache_dir=cache_dir, seed=seed)
+    return AttackJob(module_class, dict(arch=arch, optim=optim, **options), DataFreeDataModule, data_args, max_epochs, seed)

@@ -20,14 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.remote import RemoteVictimConfig
-from edm_lightning.attacks.run import require_single_process, run_attack
+from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
@@ -36,7 +35,7 @@ from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig
 
-__all__ = ["JBDADataModule", "JBDAModule", "jacobian_augmentation", "run_jbda"]
+__all__ = ["JBDADataModule", "JBDAModule", "jacobian_augmentation", "jbda_job", "run_jbda"]
 
 
 class JBDAModule(CloneModule):
@@ -246,7 +245,7 @@ def jacobian_augmentation(
     return torch.cat(out) if out else x.clone()
 
 
-def run_jbda(
+def jbda_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,
     dataset: str = "fashionmnist",
@@ -264,22 +263,32 @@ def run_jbda(
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,
-    trainer: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """JBDA (``targeted=False``) or JBDA-TR end to end from Python; ``budget`` defaults to ``seed_size * 2**rounds``.
+) -> AttackJob:
+    """JBDA (``targeted=False``) or JBDA-TR as a job: what ``python main.py fit --config configs/attack/jbda.yaml`` builds.
 
-    Same DataModule and LightningModule as ``python main.py fit --config configs/attack/jbda.yaml``.
+    ``budget`` defaults to ``seed_size * 2**rounds``; the Trainer runs ``(rounds + 1) * epochs_per_round`` epochs.
 
-    ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+    Returns:
+        The job (:class:`~edm_lightning.attacks.run.AttackJob`).
+    """
+    data_args = dict(victim=victim, dataset=dataset, seed_size=seed_size, budget=budget or seed_size * 2**rounds,
+                     label_only=label_only, root=root, batch_size=batch_size, test_size=test_size, cache_dir=cache_dir,
+                     seed=seed)
+    module_args = dict(arch=arch, optim=optim or OptimConfig(name="adam", lr=1e-3, schedule="constant"), rounds=rounds,
+                       epochs_per_round=epochs_per_round, epsilon=epsilon, targeted=targeted)
+    return AttackJob(JBDAModule, module_args, JBDADataModule, data_args, (rounds + 1) * epochs_per_round, seed)
+
+
+def run_jbda(victim: VictimConfig | RemoteVictimConfig, *, trainer: dict[str, Any] | None = None,
+             **settings: Any) -> dict[str, Any]:
+    """JBDA or JBDA-TR end to end from Python.
+
+    Args:
+        victim: the victim to steal from.
+        trainer: Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+        settings: :func:`jbda_job`'s arguments (``targeted``, ``rounds``, ``seed_size`` ...).
 
     Returns:
         The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own (rounds).
     """
-    L.seed_everything(seed, verbose=False)
-    datamodule = JBDADataModule(victim, dataset=dataset, seed_size=seed_size, budget=budget or seed_size * 2**rounds,
-                                label_only=label_only, root=root, batch_size=batch_size, test_size=test_size,
-                                cache_dir=cache_dir, seed=seed)
-    module = JBDAModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std,
-                        optim or OptimConfig(name="adam", lr=1e-3, schedule="constant"), rounds=rounds,
-                        epochs_per_round=epochs_per_round, epsilon=epsilon, targeted=targeted)
-    return run_attack(datamodule, module, (rounds + 1) * epochs_per_round, **(trainer or {}))
+    return jbda_job(victim, **settings).run(trainer)

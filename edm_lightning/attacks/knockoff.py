@@ -33,7 +33,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import lightning as L
 import torch
 from filelock import FileLock
 from torch import Tensor
@@ -42,7 +41,7 @@ from typing_extensions import override
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.attacks.remote import RemoteVictimConfig
-from edm_lightning.attacks.run import run_attack
+from edm_lightning.attacks.run import AttackJob
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, unreadable_file_reason
@@ -53,7 +52,8 @@ from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig
 from edm_lightning.progress import Progress
 
-__all__ = ["KnockoffDataModule", "Sampler", "TransferSet", "build_transfer_set", "noisy_copies", "run_knockoff"]
+__all__ = ["KnockoffDataModule", "Sampler", "TransferSet", "build_transfer_set", "knockoff_job", "noisy_copies",
+           "run_knockoff"]
 
 Strategy = Literal["random", "adaptive"]
 Reward = Literal["cert", "div", "loss", "all"]
@@ -434,7 +434,7 @@ def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int
     return (out + noise * eps).clamp_(0, 1) if noise > 0 else out
 
 
-def run_knockoff(
+def knockoff_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,
     dataset: str = "fashionmnist",
@@ -450,44 +450,52 @@ def run_knockoff(
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,
-    trainer: dict[str, Any] | None = None,
     clone_heads: int = 1,
     shared_trunk: bool = True,
     assignment: str = "soft",
     **options: Any,
-) -> dict[str, Any]:
-    """KnockoffNets end to end from Python (the experiment runner's entry): the figures as a dict.
+) -> AttackJob:
+    """KnockoffNets as a job: the DataModule and clone of ``python main.py fit --config configs/attack/knockoff.yaml``.
 
-    Same DataModule and LightningModule as ``python main.py fit --config configs/attack/knockoff.yaml``.
     ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ``query_copies``, ``copy_noise``,
-    ``copy_shift`` ...).
+    ``copy_shift`` ...). ``clone_heads > 1`` trains a :class:`~edm_lightning.models.MixtureCloneModule`
+    (``shared_trunk``, ``assignment``) on the same transfer set: the attack that knows EDM serves each query
+    with one of N members; it buys nothing more than plain KnockoffNets with the same sampling settings.
 
-    ``trainer`` holds Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+    Returns:
+        The job (:class:`~edm_lightning.attacks.run.AttackJob`); nothing is built or bought yet.
 
-    ``clone_heads > 1`` trains a :class:`~edm_lightning.models.MixtureCloneModule` (``shared_trunk``,
-    ``assignment``) on the same transfer set: the attack that knows EDM serves each query with one of N
-    members; it buys nothing more than plain KnockoffNets with the same sampling settings.
+    Raises:
+        ConfigError: ``clone_heads`` is not a whole number >= 1.
+    """
+    if isinstance(clone_heads, bool) or not isinstance(clone_heads, int) or clone_heads < 1:
+        raise ConfigError(f"clone_heads must be a whole number >= 1 (1: the plain clone), got {clone_heads!r}")
+    data_args = dict(victim=victim, dataset=dataset, surrogate=surrogate, strategy=strategy, budget=budget,
+                     label_only=label_only, root=root, batch_size=batch_size, test_size=test_size, cache_dir=cache_dir,
+                     seed=seed, **options)
+    module_args: dict[str, Any] = dict(arch=arch, optim=optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine"))
+    if clone_heads > 1:
+        module_args |= dict(heads=clone_heads, shared_trunk=shared_trunk, assignment=assignment)
+    module = MixtureCloneModule if clone_heads > 1 else CloneModule
+    return AttackJob(module, module_args, KnockoffDataModule, data_args, max_epochs, seed)
+
+
+def run_knockoff(victim: VictimConfig | RemoteVictimConfig, *, trainer: dict[str, Any] | None = None,
+                 **settings: Any) -> dict[str, Any]:
+    """KnockoffNets end to end from Python: the figures as a dict.
+
+    Args:
+        victim: the victim to steal from.
+        trainer: Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+        settings: :func:`knockoff_job`'s arguments (``budget``, ``surrogate``, ``max_epochs``, ``clone_heads`` ...).
 
     Returns:
         The figures of :func:`~edm_lightning.attacks.run_attack` plus the transfer set's size.
 
     Raises:
-        ConfigError: ``clone_heads`` is not a whole number >= 1 (or any setting the DataModule refuses).
+        ConfigError: a setting :func:`knockoff_job` or the DataModule refuses.
     """
-    if isinstance(clone_heads, bool) or not isinstance(clone_heads, int) or clone_heads < 1:
-        raise ConfigError(f"clone_heads must be a whole number >= 1 (1: the plain clone), got {clone_heads!r}")
-    L.seed_everything(seed, verbose=False)
-    datamodule = KnockoffDataModule(
-        victim, dataset=dataset, surrogate=surrogate, strategy=strategy, budget=budget, label_only=label_only,
-        root=root, batch_size=batch_size, test_size=test_size, cache_dir=cache_dir, seed=seed, **options,
-    )
-    optim = optim or OptimConfig(name="adam", lr=1e-3, schedule="cosine")
-    shape = (datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std, optim)
-    if clone_heads > 1:
-        module = MixtureCloneModule(arch, *shape, heads=clone_heads, shared_trunk=shared_trunk, assignment=assignment)
-    else:
-        module = CloneModule(arch, *shape)
-    return run_attack(datamodule, module, max_epochs, **(trainer or {}))
+    return knockoff_job(victim, **settings).run(trainer)
 
 
 def _check_copies(query_copies: int, copy_noise: float, budget: int, copy_shift: int = 0) -> None:

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from edm_lightning.attacks.dfme import DFMEModule, run_data_free
+from edm_lightning.attacks.dfme import DFMEModule, data_free_job
 from edm_lightning.attacks.remote import RemoteVictimConfig
+from edm_lightning.attacks.run import AttackJob
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.optim import OptimConfig
 
-__all__ = ["MAZEModule", "kl_disagreement", "run_maze"]
+__all__ = ["MAZEModule", "kl_disagreement", "maze_job", "run_maze"]
 
 
 def kl_disagreement(clone_logits: Tensor, answers: Tensor) -> Tensor:
@@ -114,7 +115,7 @@ class MAZEModule(DFMEModule):
         return {"attack": "maze"}
 
 
-def run_maze(
+def maze_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,
     dataset: str = "fashionmnist",
@@ -129,17 +130,30 @@ def run_maze(
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,
-    trainer: dict[str, Any] | None = None,
     **options: Any,
-) -> dict[str, Any]:
-    """MAZE end to end from Python; runs until the budget cannot pay another iteration (or ``max_epochs``).
+) -> AttackJob:
+    """MAZE as a job: what ``python main.py fit --config configs/attack/maze.yaml`` builds; it runs until the
+    budget cannot pay another iteration (or ``max_epochs``). ``options`` go to :class:`MAZEModule`
+    (``directions``, ``replay_steps``, ``generator_lr``, ...).
 
-    Same DataModule and LightningModule as ``python main.py fit --config configs/attack/maze.yaml``;
-    ``options`` go to :class:`MAZEModule` (``directions``, ``replay_steps``, ``generator_lr``, ...).
+    Returns:
+        The job (:class:`~edm_lightning.attacks.run.AttackJob`).
+    """
+    return data_free_job(MAZEModule, victim, dataset=dataset, budget=budget, steps_per_epoch=steps_per_epoch,
+                         max_epochs=max_epochs, batch_size=batch_size, label_only=label_only, arch=arch, optim=optim,
+                         cache_dir=cache_dir, root=root, test_size=test_size, seed=seed, **options)
+
+
+def run_maze(victim: VictimConfig | RemoteVictimConfig, *, trainer: dict[str, Any] | None = None,
+             **settings: Any) -> dict[str, Any]:
+    """MAZE end to end from Python.
+
+    Args:
+        victim: the victim to steal from.
+        trainer: Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+        settings: :func:`maze_job`'s arguments (``budget``, ``directions``, ``replay_steps`` ...).
 
     Returns:
         The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
     """
-    return run_data_free(MAZEModule, victim, dataset=dataset, budget=budget, steps_per_epoch=steps_per_epoch,
-                         max_epochs=max_epochs, batch_size=batch_size, label_only=label_only, arch=arch, optim=optim,
-                         cache_dir=cache_dir, root=root, test_size=test_size, seed=seed, trainer=trainer, **options)
+    return maze_job(victim, **settings).run(trainer)

@@ -1,16 +1,27 @@
-"""The one way to run an attack: fit the attacker, test its clone, return the figures the field reports."""
+"""The one way to run an attack: fit the attacker, test its clone, return the figures the field reports.
+
+An attack is an :class:`AttackJob`: its DataModule and LightningModule classes with their arguments. The
+same value runs from Python (:meth:`AttackJob.run`, behind ``run_knockoff`` ...) and is written as a
+LightningCLI config (:meth:`AttackJob.cli_config`, what the experiment runner runs through ``main.py``).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
+from jsonargparse.typing import SecretStr
 
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.errors import ConfigError
 
-__all__ = ["ReportsFigures", "require_single_process", "run_attack"]
+__all__ = ["AttackJob", "ReportsFigures", "attack_figures", "class_config", "require_single_process", "run_attack"]
+
+#: What LightningCLI links from the DataModule into the model (``EDMLightningCLI.add_arguments_to_parser``).
+LINKED_ARGUMENTS = ("num_classes", "input_shape", "mean", "std")
 
 
 @runtime_checkable
@@ -50,6 +61,17 @@ def run_attack(
     trainer.fit(module, datamodule=datamodule)
     fit_time = time.perf_counter() - start
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    return attack_figures(datamodule, module, metrics, fit_time)
+
+
+def attack_figures(datamodule: AttackDataModule, module: L.LightningModule, metrics: dict[str, float],
+                   fit_time: float) -> dict[str, Any]:
+    """The figures of a finished attack: the clone's test ``metrics``, the oracle's counts, the parts' own figures.
+
+    Returns:
+        ``clone_acc``, ``agreement``, ``queries``, ``queries_this_run``, ``budget``, ``wall_time_s`` and each
+        part's :class:`ReportsFigures`.
+    """
     results = {
         "clone_acc": float(metrics["test/acc"]),
         "agreement": float(metrics["test/agreement"]),
@@ -62,6 +84,73 @@ def run_attack(
         if isinstance(part, ReportsFigures):
             results.update(part.figures())
     return results
+
+
+@dataclass
+class AttackJob:
+    """One attack as a LightningCLI job: what ``python main.py fit --config configs/attack/<attack>.yaml`` builds.
+
+    Args:
+        module: the attacker's LightningModule class (the clone and what else it learns).
+        module_args: its init arguments, without those the DataModule supplies (class count, input shape,
+            normalisation: linked as LightningCLI links them).
+        datamodule: the attack's DataModule class (the victim behind its oracle, the attacker's data).
+        data_args: its init arguments (``victim`` first).
+        max_epochs: the Trainer's epochs.
+        seed: ``seed_everything`` before the parts are built (their initial weights follow it).
+    """
+
+    module: type[L.LightningModule]
+    module_args: dict[str, Any]
+    datamodule: type[AttackDataModule]
+    data_args: dict[str, Any]
+    max_epochs: int
+    seed: int
+
+    def build(self) -> tuple[AttackDataModule, L.LightningModule]:
+        """The seeded DataModule and LightningModule, in LightningCLI's order (data first, then the model)."""
+        L.seed_everything(self.seed, verbose=False)
+        datamodule = self.datamodule(**self.data_args)
+        linked = {key: getattr(datamodule, key) for key in LINKED_ARGUMENTS}
+        return datamodule, self.module(**self.module_args, **linked)
+
+    def run(self, trainer: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Fit and test in this process (:func:`run_attack`); ``trainer`` holds Trainer arguments.
+
+        Returns:
+            The attack's figures (:func:`attack_figures`).
+        """
+        datamodule, module = self.build()
+        return run_attack(datamodule, module, self.max_epochs, **(trainer or {}))
+
+    def cli_config(self) -> dict[str, Any]:
+        """The job as a LightningCLI config (``seed_everything``, ``trainer.max_epochs``, ``model``, ``data``).
+
+        Secrets are left out (the router key, an API key): the job reads them from the environment where it
+        runs (``$EDM_ROUTER_KEY``, ``$EDM_API_KEY``), so the config can be written, logged and shared.
+
+        Returns:
+            The config as plain data (``yaml.safe_dump`` writes it).
+        """
+        return {"seed_everything": self.seed, "trainer": {"max_epochs": self.max_epochs},
+                "model": class_config(self.module, self.module_args), "data": class_config(self.datamodule, self.data_args)}
+
+
+def class_config(cls: type, init_args: dict[str, Any]) -> dict[str, Any]:
+    """``{class_path, init_args}`` for a LightningCLI config: dataclasses as mappings, secrets left out (``None``)."""
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _config_value(init_args)}
+
+
+def _config_value(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return None
+    if is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _config_value(getattr(value, field.name)) for field in fields(value)}
+    if isinstance(value, dict):
+        return {str(key): _config_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_config_value(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def require_single_process(trainer: L.Trainer, attack: str) -> None:

@@ -11,6 +11,7 @@ from edm_lightning.defense.postprocessors import (
     TopLabel,
     build_postprocessors,
 )
+from edm_lightning.defense.served import ServedVictimModule
 from edm_lightning.defense.victim import Victim, validate_inputs
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "PredictionPoisoning",
     "ReverseSigmoid",
     "Rounding",
+    "ServedVictimModule",
     "TopLabel",
     "Victim",
     "VictimConfig",

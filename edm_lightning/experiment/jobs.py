@@ -1,35 +1,53 @@
 """The work of each stage kind: train a model, measure a victim, run an attack, in a stage folder.
 
-Each function takes the experiment's configuration and the stage's own parameters, works in ``folder``
-and returns the stage's figures as a JSON-able dict (the stage's ``result.json``). They know nothing of
-caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
+Training and attack stages are LightningCLI jobs: each writes its complete config to ``<stage>/config.yaml``
+and runs it through the same CLI as ``python main.py``, so that file reproduces the stage alone (its
+header says how). Measurement stages (served accuracy, diagnostics, routing spread) read a trained
+victim. Each function takes the experiment's configuration and the stage's own parameters, works in
+``folder`` and returns the stage's figures as a JSON-able dict (the stage's ``result.json``). They know
+nothing of caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from edm_lightning.attacks import DFMEModule, KnockoffDataModule, MAZEModule, run_dfme, run_jbda, run_knockoff, run_maze
+from edm_lightning.attacks import (
+    DFMEModule,
+    KnockoffDataModule,
+    MAZEModule,
+    attack_figures,
+    dfme_job,
+    jbda_job,
+    knockoff_job,
+    maze_job,
+)
 from edm_lightning.attacks.knockoff import noisy_copies
+from edm_lightning.attacks.run import AttackJob, class_config
+from edm_lightning.cli import JobRun, run_job
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, get_spec
 from edm_lightning.data.images import convert_images, load_images
-from edm_lightning.defense import VictimConfig
+from edm_lightning.defense import ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
+from edm_lightning.files import to_plain
 from edm_lightning.losses import coherence
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.registry import Registry
+from edm_lightning.routing import ROUTER_KEY_ENV, as_secret
+from edm_lightning.seeding import ReseedOnFit
 from edm_lightning.tracking import finish_wandb_run
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
@@ -38,39 +56,37 @@ __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_
 
 def train_target(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The undefended target: its best checkpoint and test accuracy."""
-    L.seed_everything(seed, verbose=False)  # before the model exists: its initial weights follow the seed, not
-    #                                         whatever ran earlier in this process (a resumed run, a worker)
     settings = config.target
-    data = _classification_data(config, config.dataset, settings, test_size=config.test_size)
-    model = ClassifierModule(settings.arch, data.num_classes, data.input_shape, data.mean, data.std, settings.optim)
-    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "target")
-    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
+    model = class_config(ClassifierModule, {"arch": settings.arch, "optim": settings.optim})
+    run = _fit_and_test(config, folder, seed, "target", model, _classification_data(config, config.dataset, settings,
+                                                                                       config.test_size), settings.epochs)
+    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
 
 
 def train_hashnet(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The neural router's hash network, trained on ``hashnet.dataset`` and balanced on the defender's data."""
-    L.seed_everything(seed, verbose=False)
     settings = config.hashnet
-    data = _classification_data(config, settings.dataset, settings)
-    target_shape = get_spec(config.dataset).input_shape
-    if tuple(data.input_shape) != tuple(target_shape):
-        raise ConfigError(f"hashnet.dataset {settings.dataset!r} has shape {data.input_shape}, the target {target_shape}")
-    model = ClassifierModule(settings.arch, data.num_classes, data.input_shape, data.mean, data.std, settings.optim)
-    balance = HashBalanceCallback(dataset=config.dataset, root=config.root)
-    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "hashnet", callbacks=[balance])
-    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
+    shape, target_shape = get_spec(settings.dataset).input_shape, get_spec(config.dataset).input_shape
+    if tuple(shape) != tuple(target_shape):
+        raise ConfigError(f"hashnet.dataset {settings.dataset!r} has shape {shape}, the target {target_shape}")
+    model = class_config(ClassifierModule, {"arch": settings.arch, "optim": settings.optim})
+    balance = class_config(HashBalanceCallback, {"dataset": config.dataset, "root": config.root})
+    run = _fit_and_test(config, folder, seed, "hashnet", model, _classification_data(config, settings.dataset, settings),
+                        settings.epochs, callbacks=[balance])
+    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
 
 
 def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, hash_checkpoint: str | None) -> dict:
     """One EDM ensemble at diversity weight ``weight``: routed accuracy, coherence, members' shares."""
-    L.seed_everything(seed, verbose=False)
     settings = config.edm
-    data = EDMDataModule(config.dataset, settings.ood_dataset, config.root, settings.batch_size, val_size=settings.val_size,
-                         train_size=settings.train_size, test_size=config.test_size, augment=settings.augment)
-    model = EnsembleModule(settings.arch, settings.num_members, data.num_classes, data.input_shape, data.mean, data.std,
-                           settings.optim, diversity_weight=weight, router=settings.routers[0], router_key=settings.router_key,
-                           hash_checkpoint=hash_checkpoint)
-    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "ensemble")
+    data = class_config(EDMDataModule, {
+        "dataset": config.dataset, "ood_dataset": settings.ood_dataset, "root": config.root,
+        "batch_size": settings.batch_size, "val_size": settings.val_size, "train_size": settings.train_size,
+        "test_size": config.test_size, "augment": settings.augment})
+    model = class_config(EnsembleModule, {
+        "arch": settings.arch, "num_members": settings.num_members, "optim": settings.optim, "diversity_weight": weight,
+        "router": settings.routers[0], "router_key": None, "hash_checkpoint": hash_checkpoint})  # the key: from the environment
+    metrics = _fit_and_test(config, folder, seed, "ensemble", model, data, settings.epochs).metrics
     keep = ("test/acc", "test/id/coherence", "test/ood/coherence", "test/id/coherent_share", "test/ood/coherent_share")
     shares = {k: v for k, v in metrics.items() if k.startswith("test/member_")}
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"], "hash_checkpoint": hash_checkpoint,
@@ -80,22 +96,99 @@ def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, 
 
 def train_misinformation(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """Adaptive Misinformation's misinformation model: trained on the defender's data to be confidently wrong."""
-    L.seed_everything(seed, verbose=False)
     settings = config.misinformation
-    data = _classification_data(config, config.dataset, settings, test_size=config.test_size)
-    model = MisinformationModule(settings.arch, data.num_classes, data.input_shape, data.mean, data.std, settings.optim)
-    metrics = fit_and_test(model, data, settings.epochs, folder, seed, config, "misinformation", monitor=("val/loss", "min"))
-    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"]}
+    model = class_config(MisinformationModule, {"arch": settings.arch, "optim": settings.optim})
+    data = _classification_data(config, config.dataset, settings, config.test_size)
+    run = _fit_and_test(config, folder, seed, "misinformation", model, data, settings.epochs, monitor=("val/loss", "min"))
+    return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
+
+
+def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: str, model: dict, data: dict, epochs: int,
+                  callbacks: list[dict] = (), monitor: tuple[str, str] = ("val/acc", "max")) -> JobRun:
+    """Fit (resuming from ``last.ckpt`` if an earlier run was killed), then test the best checkpoint by ``monitor``.
+
+    Lightning's own bar when standard error is a terminal, one line per epoch when it is not.
+
+    Returns:
+        The finished job (its test metrics over all test loaders).
+    """
+    checkpoint = class_config(ModelCheckpoint, {
+        "dirpath": str(folder), "filename": "best", "monitor": monitor[0], "mode": monitor[1], "save_last": True,
+        "enable_version_counter": False})  # a resumed stage replaces best.ckpt, never best-v1.ckpt
+    bar = interactive()
+    lines = [] if bar else [class_config(EpochLines, {})]
+    trainer = _trainer(config, folder, seed, job_type, epochs, [checkpoint, *callbacks, *lines, class_config(ReseedOnFit, {})])
+    job = {"seed_everything": seed, "trainer": trainer | {"enable_progress_bar": bar}, "model": model, "data": data}
+    last = folder / "last.ckpt"
+    with _router_key(config):
+        return run_job(job, folder, resume=str(last) if last.is_file() else None, test_checkpoint="best",
+                       header=_header(config, folder, "best.ckpt"))
+
+
+def _trainer(config: ExperimentConfig, folder: Path, seed: int | None, job_type: str, epochs: int,
+             callbacks: list[dict]) -> dict:
+    """The Trainer of every stage: its epochs, the experiment's device and precision, its W&B run, its folder."""
+    return {"max_epochs": epochs, **config.trainer.options(), "logger": _logger(config, job_type, folder, seed),
+            "default_root_dir": str(folder), "callbacks": callbacks, "enable_model_summary": False}
+
+
+def _header(config: ExperimentConfig, folder: Path, tested: str | None) -> str:
+    """The comment on top of a stage's ``config.yaml``: how to run that stage alone.
+
+    Args:
+        config: the experiment.
+        folder: the stage's folder.
+        tested: the checkpoint its test reads; ``None`` for a test-only job.
+
+    Returns:
+        Comment lines, each ending in a newline.
+    """
+    key = (f"# The router key comes from ${ROUTER_KEY_ENV} (or its _FILE variant), as for the experiment; it is never "
+           "written here.\n" if config.edm.router_key is not None or ROUTER_KEY_ENV in os.environ else "")
+    path = folder / "config.yaml"
+    if tested is None:
+        return f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone:\n" \
+               f"#   python main.py test --config {path}\n{key}"
+    return (f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone (it writes into "
+            f"{folder}):\n#   python main.py fit --config {path}\n"
+            f"#   python main.py test --config {path} --ckpt_path {folder / tested}\n{key}")
+
+
+@contextlib.contextmanager
+def _router_key(config: ExperimentConfig) -> Iterator[None]:
+    """The experiment's router key where a job reads it (``$EDM_ROUTER_KEY``) while the job runs: never in its config."""
+    if config.edm.router_key is None:
+        yield
+        return
+    before = os.environ.get(ROUTER_KEY_ENV)
+    os.environ[ROUTER_KEY_ENV] = as_secret(config.edm.router_key).get_secret_value()  # also a plain str set after init
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ROUTER_KEY_ENV, None)
+        else:
+            os.environ[ROUTER_KEY_ENV] = before
 
 
 def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dict:
-    """The defender's accuracy as served (router and post-processors on), on the test set, through the Victim."""
-    model = victim_config(config, victim).build()
-    images, labels = load_images(config.dataset, config.root, train=False)
-    images, labels = images[: config.test_size], labels[: config.test_size]
-    correct = sum(int((model(x.float().div(255)).argmax(-1) == y).sum())
-                  for x, y in zip(images.split(1024), labels.split(1024), strict=True))
-    return {"test_acc": correct / len(labels)}
+    """The defender's accuracy as served (router and post-processors on), on the test set.
+
+    A ``main.py test`` job of :class:`~edm_lightning.defense.ServedVictimModule`, batches of 1024 images.
+
+    Returns:
+        ``test_acc``: correct answers over test images.
+    """
+    model = class_config(ServedVictimModule, {"victim": victim_config(config, victim)})
+    data = class_config(ClassificationDataModule, {"dataset": config.dataset, "root": config.root, "batch_size": 1024,
+                                                   "test_size": config.test_size})
+    trainer = _trainer(config, folder, None, "served", 1, []) | {
+        "enable_progress_bar": False, "enable_checkpointing": False,
+        "inference_mode": False}  # Prediction Poisoning differentiates a proxy for each answer
+    with _router_key(config):
+        run = run_job({"seed_everything": 0, "trainer": trainer, "model": model, "data": data}, folder, fit=False,
+                      test_checkpoint=None, header=_header(config, folder, None))
+    return {"test_acc": run.model.tested_accuracy}
 
 
 def diagnostics(config: ExperimentConfig, folder: Path, victim: dict, surrogate: str | None, images: int = 10_000,
@@ -120,7 +213,7 @@ def diagnostics(config: ExperimentConfig, folder: Path, victim: dict, surrogate:
                             for x in _pixels(part)])
         result[f"coherence_{name}"] = torch.histc(values.clamp(0, 1), bins=bins, min=0, max=1).long().tolist()
     result["coherence_edges"] = edges.tolist()
-    return result
+    return _logged(config, folder, "diagnostics", {"victim": victim, "surrogate": surrogate, "images": images}, result)
 
 
 def _member_shares(model, images: torch.Tensor) -> list[float]:
@@ -151,8 +244,32 @@ def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack:
         routes = model.router(noisy_copies(x, copies, noise, seed, shift=shift)).view(len(x), copies)
     distinct = torch.tensor([len(torch.unique(row)) for row in routes], dtype=torch.float64)
     uniform = model.router.num_members * (1 - (1 - 1 / model.router.num_members) ** copies)
-    return {"distinct_members": float(distinct.mean()), "distinct_if_random": uniform,
-            "share_on_plain_member": float((routes == plain[:, None]).double().mean())}
+    return _logged(config, folder, "spread", {"victim": victim, "attack": attack, "seed": seed, "images": images},
+                   {"distinct_members": float(distinct.mean()), "distinct_if_random": uniform,
+                    "share_on_plain_member": float((routes == plain[:, None]).double().mean())})
+
+
+def _logged(config: ExperimentConfig, folder: Path, job_type: str, settings: dict, figures: dict) -> dict:
+    """``figures``, after logging a measurement stage as a W&B run of its own (the experiment as its group, the
+    stage kind as its job type, ``settings`` as its config, the figures as its summary; lists as one key per item).
+
+    Returns:
+        ``figures``, unchanged.
+    """
+    logger = _logger(config, job_type, folder, None)
+    if not logger:
+        return figures
+    flat = {}
+    for name, value in figures.items():
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        flat |= {name if i is None else f"{name}/{i}": v for i, v in items if isinstance(v, (int, float))}
+    run = WandbLogger(**logger["init_args"])
+    try:
+        run.log_hyperparams(to_plain(settings))
+        run.log_metrics(flat)
+    finally:
+        finish_wandb_run()
+    return figures
 
 
 def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victim: dict, budget: int, seed: int) -> dict:
@@ -160,41 +277,41 @@ def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victi
 
     KnockoffNets keeps its transfer sets in the experiment's shared ``transfers/`` folder (keyed by victim,
     seed and sampling setting, never by budget), so every budget of a curve reads a prefix of one set
-    bought once; JBDA and DFME query as their clone learns, so their caches stay in the stage folder.
+    bought once; JBDA and DFME query as their clone learns, so their caches stay in the stage folder. The
+    clone's final weights are kept as ``last.ckpt`` (what the stage's ``config.yaml`` tests).
 
     Returns:
-        The attack's figures (:func:`~edm_lightning.attacks.run_attack`).
+        The attack's figures (:func:`~edm_lightning.attacks.attack_figures`).
     """
-    trainer = config.trainer.options() | {"logger": _logger(config, "attack", folder, seed)}
     common = dict(dataset=config.dataset, budget=budget, label_only=settings.label_only, arch=settings.arch,
-                  root=config.root, test_size=config.test_size, seed=seed, trainer=trainer)
-    target = victim_config(config, victim)
-    try:
-        return _run_attack(config, folder, settings, target, common)
-    finally:
-        finish_wandb_run()
-
-
-def _run_attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig, common: dict) -> dict:
-    return ATTACK_RUNNERS.get(settings.name)(config, folder, settings, target, common)
+                  root=config.root, test_size=config.test_size, seed=seed)
+    job = ATTACK_RUNNERS.get(settings.name)(config, folder, settings, victim_config(config, victim), common)
+    last = class_config(ModelCheckpoint, {"dirpath": str(folder), "save_last": True, "save_top_k": 0,
+                                          "enable_version_counter": False})
+    trainer = _trainer(config, folder, seed, "attack", job.max_epochs, [last])
+    cli_config = job.cli_config() | {"trainer": trainer | {"enable_progress_bar": False, "num_sanity_val_steps": 0}}
+    with _router_key(config):
+        run = run_job(cli_config, folder, test_checkpoint=None, header=_header(config, folder, "last.ckpt"))
+    return attack_figures(run.datamodule, run.model, run.metrics, run.fit_seconds)
 
 
 @dataclass(frozen=True)
 class AttackRunner:
-    """How the runner runs one attack: its Python entry, and the arguments the experiment itself sets.
+    """How the runner runs one attack: its job function, and the arguments the experiment itself sets.
 
     Args:
-        entry: the attack's ``run_*`` function (victim first, then keyword arguments).
+        entry: the attack's ``*_job`` function (victim first, then keyword arguments) returning an
+            :class:`~edm_lightning.attacks.AttackJob`.
         fixed: ``(config, folder, settings) -> kwargs`` the experiment sets (epochs, caches, surrogate).
         forwards_to: the class ``entry`` passes its ``**options`` to, whose arguments ``options`` may also set.
     """
 
-    entry: Callable[..., dict]
+    entry: Callable[..., AttackJob]
     fixed: Callable[[ExperimentConfig, Path, AttackConfig], dict]
     forwards_to: type | None = None
 
     def __call__(self, config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig,
-                 common: dict) -> dict:
+                 common: dict) -> AttackJob:
         return self.entry(target, **self.fixed(config, folder, settings), **common, **settings.options)
 
     def default(self, option: str) -> Any:
@@ -223,20 +340,20 @@ class AttackRunner:
 
 
 #: Arguments every attack gets from the experiment (``common`` in :func:`attack`), never from ``options``.
-COMMON_ATTACK_ARGUMENTS = ("dataset", "budget", "label_only", "arch", "root", "test_size", "seed", "trainer")
+COMMON_ATTACK_ARGUMENTS = ("dataset", "budget", "label_only", "arch", "root", "test_size", "seed")
 
-#: How the runner calls each attack of ``AttackConfig.name``.
+#: How the runner builds each attack of ``AttackConfig.name``.
 ATTACK_RUNNERS: Registry[AttackRunner] = Registry("attack")
-ATTACK_RUNNERS.register("knockoff")(AttackRunner(run_knockoff, lambda config, folder, settings: {
+ATTACK_RUNNERS.register("knockoff")(AttackRunner(knockoff_job, lambda config, folder, settings: {
     "surrogate": settings.surrogate, "max_epochs": settings.epochs, "cache_dir": str(transfer_dir(config))},
     forwards_to=KnockoffDataModule))
-ATTACK_RUNNERS.register("jbda")(AttackRunner(run_jbda, lambda config, folder, settings: {
+ATTACK_RUNNERS.register("jbda")(AttackRunner(jbda_job, lambda config, folder, settings: {
     "targeted": False, "epochs_per_round": settings.epochs, "cache_dir": str(folder / "cache")}))
-ATTACK_RUNNERS.register("jbda_tr")(AttackRunner(run_jbda, lambda config, folder, settings: {
+ATTACK_RUNNERS.register("jbda_tr")(AttackRunner(jbda_job, lambda config, folder, settings: {
     "targeted": True, "epochs_per_round": settings.epochs, "cache_dir": str(folder / "cache")}))
-ATTACK_RUNNERS.register("dfme")(AttackRunner(run_dfme, lambda config, folder, settings: {
+ATTACK_RUNNERS.register("dfme")(AttackRunner(dfme_job, lambda config, folder, settings: {
     "max_epochs": settings.epochs, "cache_dir": str(folder / "cache")}, forwards_to=DFMEModule))
-ATTACK_RUNNERS.register("maze")(AttackRunner(run_maze, lambda config, folder, settings: {
+ATTACK_RUNNERS.register("maze")(AttackRunner(maze_job, lambda config, folder, settings: {
     "max_epochs": settings.epochs, "cache_dir": str(folder / "cache")}, forwards_to=MAZEModule))
 
 
@@ -251,43 +368,17 @@ def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
                         key=config.edm.router_key, postprocessors=victim.get("postprocessors", []))
 
 
-def fit_and_test(model: L.LightningModule, data: L.LightningDataModule, epochs: int, folder: Path, seed: int,
-                 config: ExperimentConfig, job_type: str, callbacks=(), monitor=("val/acc", "max")) -> dict[str, float]:
-    """Fit (resuming from ``last.ckpt`` if an earlier run was killed), then test the best checkpoint by ``monitor``.
-
-    Lightning's own bar when standard error is a terminal, one line per epoch when it is not.
-
-    Returns:
-        The best checkpoint's test metrics, one dict over all test loaders.
-    """
-    L.seed_everything(seed, verbose=False)
-    checkpoint = ModelCheckpoint(dirpath=folder, filename="best", monitor=monitor[0], mode=monitor[1], save_last=True,
-                                 enable_version_counter=False)  # a resumed stage replaces best.ckpt, never best-v1.ckpt
-    bar = interactive()
-    trainer = L.Trainer(max_epochs=epochs, **config.trainer.options(), logger=_logger(config, job_type, folder, seed),
-                        default_root_dir=folder, callbacks=[checkpoint, *callbacks, *([] if bar else [EpochLines()])],
-                        enable_progress_bar=bar, enable_model_summary=False)
-    try:
-        last = folder / "last.ckpt"
-        trainer.fit(model, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
-        tested = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
-    finally:
-        finish_wandb_run()
-    merged: dict[str, float] = {}
-    for metrics in tested:  # one dict per test loader; keys already say which loader they are from
-        merged.update({k.split("/dataloader_idx")[0]: float(v) for k, v in metrics.items()})
-    return merged
-
-
 def _classification_data(config: ExperimentConfig, dataset: str, settings: TrainConfig, test_size: int | None = None
-                         ) -> ClassificationDataModule:
-    return ClassificationDataModule(dataset, config.root, settings.batch_size, val_size=settings.val_size,
-                                    train_size=settings.train_size, test_size=test_size, augment=settings.augment)
+                         ) -> dict:
+    return class_config(ClassificationDataModule, {
+        "dataset": dataset, "root": config.root, "batch_size": settings.batch_size, "val_size": settings.val_size,
+        "train_size": settings.train_size, "test_size": test_size, "augment": settings.augment})
 
 
-def _logger(config: ExperimentConfig, job_type: str, folder: Path, seed: int) -> Any:
+def _logger(config: ExperimentConfig, job_type: str, folder: Path, seed: int | None) -> dict | bool:
     """One W&B run per stage: the experiment as its group, the stage kind as its job type."""
     if not config.wandb_project:
         return False
-    return WandbLogger(project=config.wandb_project, group=config.name, job_type=job_type, save_dir=str(folder),
-                       name=f"{config.name}-{job_type}-seed{seed}", tags=[config.dataset, job_type])
+    name = f"{config.name}-{job_type}" + (f"-seed{seed}" if seed is not None else "")
+    return class_config(WandbLogger, {"project": config.wandb_project, "group": config.name, "job_type": job_type,
+                                      "save_dir": str(folder), "name": name, "tags": [config.dataset, job_type]})

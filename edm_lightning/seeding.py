@@ -1,0 +1,26 @@
+"""Seeding a training job so that its random draws follow the seed alone."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.fabric.utilities.seed import reset_seed
+from typing_extensions import override
+
+__all__ = ["ReseedOnFit"]
+
+
+class ReseedOnFit(L.Callback):
+    """Re-seed every generator with the job's ``seed_everything`` when fitting starts.
+
+    LightningCLI seeds once, before it builds the DataModule and the model, and the model's initial weights
+    draw from that stream; without this callback the order of the training batches would then depend on how
+    many numbers the model took (its architecture, its N members). Re-seeding once the model exists gives
+    every job of one seed the same batches, and keeps the experiment runner's stages equal to the figures it
+    measured before its stages were LightningCLI jobs (it seeded before building the model and again before
+    the Trainer). Without ``seed_everything`` it does nothing.
+    """
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            reset_seed()
