@@ -120,8 +120,14 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
     (lambda c: setattr(c.attacks[0], "surrogate", "kmnist"), "python -m edm_lightning.data fetch kmnist"),
     (lambda c: c.attacks[0].options.update(query_copie=4), r"options \['query_copie'\] are not arguments"),
     (lambda c: c.attacks[0].options.update(budget=10), r"options \['budget'\] .* set by the experiment"),
+    (lambda c: c.edm.model.update(temprature=2.0), r"edm.model: \['temprature'\] are not EnsembleModule arguments.*temperature"),
+    (lambda c: c.target.trainer.update(max_epochs=3), r"target.trainer: \['max_epochs'\] .* set by the experiment"),
+    (lambda c: c.hashnet.trainer.update(strategy="ddp"), r"hashnet.trainer: \['strategy'\] .* set by the experiment"),
+    (lambda c: c.edm.data.update(dataset="mnist"), r"edm.data: \['dataset'\] .* set by the experiment"),
+    (lambda c: setattr(c.target, "model", [1]), "target.model must be a mapping of ClassifierModule arguments"),
 ], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched", "misspelt-option",
-        "experiment-set-option"])
+        "experiment-set-option", "misspelt-model-argument", "experiment-set-trainer-argument", "ddp-in-a-stage",
+        "experiment-set-data-argument", "section-not-a-mapping"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)
@@ -129,6 +135,27 @@ def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: P
     with pytest.raises(Exception, match=message):
         run_experiment(config)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_stage_takes_any_argument_of_its_job_classes_and_only_then_changes_its_key(fake_root: Path, tmp_path: Path):
+    """The pass-through sections reach the stage's config.yaml by the classes' own names; unset, they leave every stage
+    key as it was (so earlier results stay reused); set, they rerun what they change."""
+    import yaml
+
+    from edm_lightning.experiment.plan import build_plan
+
+    plain = tiny_config(fake_root, tmp_path)
+    config = tiny_config(fake_root, tmp_path)
+    config.edm.model, config.edm.data = {"temperature": 2.0}, {"ood_batch_size": 16}
+    config.target.trainer = {"gradient_clip_val": 1.0}
+    before, after = ({s.kind: s.id for s in build_plan(c).stages} for c in (plain, config))
+    assert before["hashnet"] == after["hashnet"] and before["edm"] != after["edm"] and before["target"] != after["target"]
+    run_experiment(config)
+    runs = tmp_path / "runs/tiny"
+    edm = yaml.safe_load((runs / after["edm"] / "config.yaml").read_text())
+    target = yaml.safe_load((runs / after["target"] / "config.yaml").read_text())
+    assert edm["model"]["init_args"]["temperature"] == 2.0 and edm["data"]["init_args"]["ood_batch_size"] == 16
+    assert target["trainer"]["gradient_clip_val"] == 1.0 and target["trainer"]["max_epochs"] == 1
 
 
 def defended_config(root: Path, out: Path, **overrides) -> ExperimentConfig:

@@ -6,7 +6,7 @@ the defense sweep, where things go); :mod:`.validation` checks it before any sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from jsonargparse.typing import SecretStr
@@ -30,6 +30,7 @@ __all__ = [
     "defense_label",
     "needs_misinformation",
     "postprocessor_configs",
+    "stage_spec",
 ]
 
 
@@ -45,6 +46,11 @@ class TrainConfig:
         val_size: training images held out for validation (checkpoint selection).
         augment: random crop and flip (32x32 colour data).
         optim: optimiser and schedule.
+        model: further init arguments of the stage's LightningModule, by the class's own names and defaults
+            (``edm: {model: {temperature: 2.0}}`` for :class:`~edm_lightning.models.EnsembleModule`).
+        data: further init arguments of its DataModule (``edm: {data: {ood_batch_size: 256}}``).
+        trainer: further Trainer arguments (``{gradient_clip_val: 1.0}``); the device and precision are the
+            experiment's ``trainer``, the epochs ``epochs``. Arguments the experiment sets itself are refused.
     """
 
     arch: str = "lenet5"
@@ -54,6 +60,24 @@ class TrainConfig:
     val_size: int = 5000
     augment: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+#: The sections of a :class:`TrainConfig` that pass arguments through to the stage's job classes.
+JOB_SECTIONS = ("model", "data", "trainer")
+
+
+def stage_spec(settings: TrainConfig) -> dict[str, Any]:
+    """``settings`` as a stage key holds it.
+
+    Returns:
+        Its fields as a dict, the pass-through sections only when they set something (so a stage planned before
+        they existed keeps its key, and its results).
+    """
+    spec = asdict(settings)
+    return {key: value for key, value in spec.items() if key not in JOB_SECTIONS or value}
 
 
 @dataclass

@@ -54,12 +54,34 @@ __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_
            "train_target", "victim_config"]
 
 
+#: Each training stage's LightningModule and DataModule: the classes its ``config.yaml`` names.
+TRAINING_JOBS: dict[str, tuple[type, type]] = {
+    "target": (ClassifierModule, ClassificationDataModule),
+    "hashnet": (ClassifierModule, ClassificationDataModule),
+    "edm": (EnsembleModule, EDMDataModule),
+    "misinformation": (MisinformationModule, ClassificationDataModule),
+}
+
+#: What the experiment sets in every training job itself (from its schema, the CLI's links, or how stages run);
+#: a stage's ``model`` / ``data`` / ``trainer`` pass-through section may set any other argument of the class.
+SET_BY_EXPERIMENT: dict[str, frozenset[str]] = {
+    "model": frozenset({"arch", "optim", "num_members", "diversity_weight", "router", "router_key", "hash_checkpoint",
+                        "num_classes", "input_shape", "mean", "std"}),
+    "data": frozenset({"dataset", "ood_dataset", "root", "batch_size", "val_size", "train_size", "test_size", "augment"}),
+    # one device per stage (workers run stages at once); strategy and nodes would make an in-process stage relaunch
+    # the runner itself in every DDP process
+    "trainer": frozenset({"max_epochs", "accelerator", "devices", "precision", "strategy", "num_nodes", "logger",
+                          "default_root_dir", "callbacks", "enable_checkpointing", "enable_progress_bar",
+                          "enable_model_summary"}),
+}
+
+
 def train_target(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The undefended target: its best checkpoint and test accuracy."""
     settings = config.target
-    model = class_config(ClassifierModule, {"arch": settings.arch, "optim": settings.optim})
-    run = _fit_and_test(config, folder, seed, "target", model, _classification_data(config, config.dataset, settings,
-                                                                                       config.test_size), settings.epochs)
+    model = class_config(TRAINING_JOBS["target"][0], {"arch": settings.arch, "optim": settings.optim, **settings.model})
+    run = _fit_and_test(config, folder, seed, "target", settings, model,
+                        _classification_data(config, config.dataset, settings, config.test_size))
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
 
 
@@ -69,24 +91,26 @@ def train_hashnet(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     shape, target_shape = get_spec(settings.dataset).input_shape, get_spec(config.dataset).input_shape
     if tuple(shape) != tuple(target_shape):
         raise ConfigError(f"hashnet.dataset {settings.dataset!r} has shape {shape}, the target {target_shape}")
-    model = class_config(ClassifierModule, {"arch": settings.arch, "optim": settings.optim})
+    model = class_config(TRAINING_JOBS["hashnet"][0], {"arch": settings.arch, "optim": settings.optim, **settings.model})
     balance = class_config(HashBalanceCallback, {"dataset": config.dataset, "root": config.root})
-    run = _fit_and_test(config, folder, seed, "hashnet", model, _classification_data(config, settings.dataset, settings),
-                        settings.epochs, callbacks=[balance])
+    run = _fit_and_test(config, folder, seed, "hashnet", settings, model,
+                        _classification_data(config, settings.dataset, settings), callbacks=[balance])
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
 
 
 def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, hash_checkpoint: str | None) -> dict:
     """One EDM ensemble at diversity weight ``weight``: routed accuracy, coherence, members' shares."""
     settings = config.edm
-    data = class_config(EDMDataModule, {
+    model_class, data_class = TRAINING_JOBS["edm"]
+    data = class_config(data_class, {
         "dataset": config.dataset, "ood_dataset": settings.ood_dataset, "root": config.root,
         "batch_size": settings.batch_size, "val_size": settings.val_size, "train_size": settings.train_size,
-        "test_size": config.test_size, "augment": settings.augment})
-    model = class_config(EnsembleModule, {
+        "test_size": config.test_size, "augment": settings.augment, **settings.data})
+    model = class_config(model_class, {
         "arch": settings.arch, "num_members": settings.num_members, "optim": settings.optim, "diversity_weight": weight,
-        "router": settings.routers[0], "router_key": None, "hash_checkpoint": hash_checkpoint})  # the key: from the environment
-    metrics = _fit_and_test(config, folder, seed, "ensemble", model, data, settings.epochs).metrics
+        "router": settings.routers[0], "router_key": None,  # the key: from the environment
+        "hash_checkpoint": hash_checkpoint, **settings.model})
+    metrics = _fit_and_test(config, folder, seed, "ensemble", settings, model, data).metrics
     keep = ("test/acc", "test/id/coherence", "test/ood/coherence", "test/id/coherent_share", "test/ood/coherent_share")
     shares = {k: v for k, v in metrics.items() if k.startswith("test/member_")}
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"], "hash_checkpoint": hash_checkpoint,
@@ -97,15 +121,16 @@ def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, 
 def train_misinformation(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """Adaptive Misinformation's misinformation model: trained on the defender's data to be confidently wrong."""
     settings = config.misinformation
-    model = class_config(MisinformationModule, {"arch": settings.arch, "optim": settings.optim})
+    model = class_config(TRAINING_JOBS["misinformation"][0], {"arch": settings.arch, "optim": settings.optim, **settings.model})
     data = _classification_data(config, config.dataset, settings, config.test_size)
-    run = _fit_and_test(config, folder, seed, "misinformation", model, data, settings.epochs, monitor=("val/loss", "min"))
+    run = _fit_and_test(config, folder, seed, "misinformation", settings, model, data, monitor=("val/loss", "min"))
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
 
 
-def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: str, model: dict, data: dict, epochs: int,
-                  callbacks: list[dict] = (), monitor: tuple[str, str] = ("val/acc", "max")) -> JobRun:
-    """Fit (resuming from ``last.ckpt`` if an earlier run was killed), then test the best checkpoint by ``monitor``.
+def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: str, settings: TrainConfig, model: dict,
+                  data: dict, callbacks: list[dict] = (), monitor: tuple[str, str] = ("val/acc", "max")) -> JobRun:
+    """Fit ``settings.epochs`` (resuming from ``last.ckpt`` if an earlier run was killed; ``settings.trainer`` adds
+    Trainer arguments), then test the best checkpoint by ``monitor``.
 
     Lightning's own bar when standard error is a terminal, one line per epoch when it is not.
 
@@ -117,8 +142,10 @@ def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: s
         "enable_version_counter": False})  # a resumed stage replaces best.ckpt, never best-v1.ckpt
     bar = interactive()
     lines = [] if bar else [class_config(EpochLines, {})]
-    trainer = _trainer(config, folder, seed, job_type, epochs, [checkpoint, *callbacks, *lines, class_config(ReseedOnFit, {})])
-    job = {"seed_everything": seed, "trainer": trainer | {"enable_progress_bar": bar}, "model": model, "data": data}
+    trainer = _trainer(config, folder, seed, job_type, settings.epochs,
+                       [checkpoint, *callbacks, *lines, class_config(ReseedOnFit, {})])
+    job = {"seed_everything": seed, "trainer": trainer | {"enable_progress_bar": bar, **settings.trainer}, "model": model,
+           "data": data}
     last = folder / "last.ckpt"
     with _router_key(config):
         return run_job(job, folder, resume=str(last) if last.is_file() else None, test_checkpoint="best",
@@ -370,9 +397,9 @@ def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
 
 def _classification_data(config: ExperimentConfig, dataset: str, settings: TrainConfig, test_size: int | None = None
                          ) -> dict:
-    return class_config(ClassificationDataModule, {
+    return class_config(TRAINING_JOBS["target"][1], {
         "dataset": dataset, "root": config.root, "batch_size": settings.batch_size, "val_size": settings.val_size,
-        "train_size": settings.train_size, "test_size": test_size, "augment": settings.augment})
+        "train_size": settings.train_size, "test_size": test_size, "augment": settings.augment, **settings.data})
 
 
 def _logger(config: ExperimentConfig, job_type: str, folder: Path, seed: int | None) -> dict | bool:

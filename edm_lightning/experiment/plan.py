@@ -33,6 +33,7 @@ from edm_lightning.experiment.config import (
     defense_label,
     needs_misinformation,
     postprocessor_configs,
+    stage_spec,
 )
 from edm_lightning.files import Secret, digest
 from edm_lightning.routing import DEFAULT_ROUTER_KEY, KEYED_ROUTERS, key_fingerprint, resolve_router_key
@@ -132,7 +133,7 @@ class _Builder:
     def seed_stages(self, seed: int) -> None:
         config, work = self.config, functools.partial
         target = self.add(Stage(
-            "target", {"dataset": config.dataset, "seed": seed, "spec": asdict(config.target), "test_size": config.test_size},
+            "target", {"dataset": config.dataset, "seed": seed, "spec": stage_spec(config.target), "test_size": config.test_size},
             f"{config.target.arch} on {config.dataset} (seed {seed})", work(jobs.train_target, config, seed=seed),
             estimate_s=_training_s(config.target, self.train_images)))
         self.victims[("none", None, None, seed)] = {"checkpoint": self.output(target), "router": "fixed",
@@ -141,7 +142,8 @@ class _Builder:
         if "neural" in config.edm.routers:
             settings = config.hashnet
             hashnet = self.add(Stage(
-                "hashnet", {"dataset": settings.dataset, "balanced_on": config.dataset, "seed": seed, "spec": asdict(settings),
+                "hashnet", {"dataset": settings.dataset, "balanced_on": config.dataset, "seed": seed,
+                            "spec": stage_spec(settings),
                             "input_shape": get_spec(config.dataset).input_shape},
                 f"on {settings.dataset} (seed {seed})", work(jobs.train_hashnet, config, seed=seed),
                 estimate_s=_training_s(settings, 9_000)))
@@ -150,7 +152,7 @@ class _Builder:
             settings = config.edm
             edm = self.add(Stage(
                 "edm", {"dataset": config.dataset, "seed": seed, "diversity_weight": weight,
-                        "spec": asdict(settings) | {"tradeoff_weights": None, "diversity_weight": None,
+                        "spec": stage_spec(settings) | {"tradeoff_weights": None, "diversity_weight": None,
                                                     "routers": settings.routers[:1], "router_key": self.router_key},
                         "hashnet": hash_checkpoint, "test_size": config.test_size},
                 f"N={settings.num_members} lambda={weight:g} (seed {seed})",
@@ -164,7 +166,7 @@ class _Builder:
         misinformation = None
         if needs_misinformation(config):
             misinformation = self.add(Stage(
-                "misinformation", {"dataset": config.dataset, "seed": seed, "spec": asdict(config.misinformation),
+                "misinformation", {"dataset": config.dataset, "seed": seed, "spec": stage_spec(config.misinformation),
                                    "test_size": config.test_size},
                 f"{config.misinformation.arch} on {config.dataset} (seed {seed})",
                 work(jobs.train_misinformation, config, seed=seed),

@@ -7,6 +7,7 @@ setup that would flatter the defense, so a bad configuration costs seconds, not 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import shutil
 import sys
@@ -15,12 +16,13 @@ import warnings
 import torch
 
 from edm_lightning.attacks.oracle import check_budget_covers_batch
+from edm_lightning.cli import Trainer
 from edm_lightning.data import get_spec, open_dataset
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
-from edm_lightning.experiment.config import ExperimentConfig, postprocessor_configs
-from edm_lightning.experiment.jobs import ATTACK_RUNNERS
+from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, postprocessor_configs
+from edm_lightning.experiment.jobs import ATTACK_RUNNERS, SET_BY_EXPERIMENT, TRAINING_JOBS
 from edm_lightning.models.ensemble import check_ensemble_settings
 from edm_lightning.nets import build_net
 
@@ -46,6 +48,8 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
     if not config.seeds:
         raise ConfigError("seeds must name at least one seed")
     trained = {"target": config.target, "hashnet": config.hashnet, "edm": config.edm, "misinformation": config.misinformation}
+    for where, part in trained.items():
+        _validate_job_sections(where, part)
     trained |= {f"attack {attack.title}": attack for attack in config.attacks}
     for where, part in trained.items():
         if isinstance(part.epochs, bool) or not isinstance(part.epochs, int) or part.epochs < 1:
@@ -91,6 +95,41 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
             if attack.surrogate == config.dataset:
                 raise ConfigError(f"attack knockoff: the surrogate must not be the victim's own dataset {config.dataset!r}")
     _validate_defenses(config, titles)
+
+
+def _validate_job_sections(where: str, settings: TrainConfig) -> None:
+    """A training stage's ``model`` / ``data`` / ``trainer`` sections may set only arguments its classes take and the
+    experiment does not set itself.
+
+    Raises:
+        ConfigError: a section that is not a mapping, or an argument it may not set (the message lists those it may).
+    """
+    classes = dict(zip(("model", "data"), TRAINING_JOBS[where], strict=True)) | {"trainer": Trainer}
+    for section in JOB_SECTIONS:
+        given = getattr(settings, section)
+        if not isinstance(given, dict):
+            raise ConfigError(f"{where}.{section} must be a mapping of {classes[section].__name__} arguments, got {given!r}")
+        takes = _arguments(classes[section]) - SET_BY_EXPERIMENT[section]
+        wrong = sorted(set(given) - takes)
+        if wrong:
+            set_here = sorted(set(wrong) & SET_BY_EXPERIMENT[section])
+            reason = (f" ({', '.join(set_here)}: set by the experiment, e.g. {where}.epochs, trainer.accelerator)"
+                      if set_here else "")
+            raise ConfigError(f"{where}.{section}: {wrong} are not {classes[section].__name__} arguments it may set{reason}; "
+                              f"it may set: {', '.join(sorted(takes))}")
+
+
+def _arguments(cls: type) -> set[str]:
+    """The init arguments of ``cls`` and of the classes it forwards ``**kwargs`` to (the Trainer's to Lightning's)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(klass.__init__).parameters
+        names |= {name for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return names
 
 
 def _validate_data(config: ExperimentConfig) -> None:
