@@ -149,8 +149,8 @@ def run_job(config: dict[str, Any], folder: Path, *, fit: bool = True, resume: s
     """Run a LightningCLI job the way ``python main.py fit --config <folder>/config.yaml`` then
     ``python main.py test ... --ckpt_path`` would, in this process and with one Trainer (so one logger run).
 
-    The config is written to ``<folder>/config.yaml`` first; the CLI then replaces it by its complete dump
-    (every default filled in, secrets masked), which gets ``header`` (comment lines) on top again.
+    ``<folder>/config.yaml`` is ``header`` (comment lines) and the CLI's complete dump of the job (every default
+    filled in, secrets masked): ``main.py`` run on it builds the same job.
 
     Args:
         config: the job (``seed_everything``, ``trainer``, ``model``, ``data``; ``class_path``/``init_args``).
@@ -177,6 +177,7 @@ def run_job(config: dict[str, Any], folder: Path, *, fit: bool = True, resume: s
                           "it in this log") from None
     finally:
         sys.argv = argv
+    write_atomic(path, header + cli.parser.dump(cli.config, skip_unset=False))
     try:
         start = time.perf_counter()
         if fit:
@@ -185,8 +186,8 @@ def run_job(config: dict[str, Any], folder: Path, *, fit: bool = True, resume: s
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=test_checkpoint, verbose=False)
     finally:
         finish_wandb_run()
-    if header and not path.read_text().startswith(header):  # the CLI's own dump replaced the file
-        write_atomic(path, header + path.read_text())
+        # after the fit, which saved the same dump without the header
+        write_atomic(path, header + cli.parser.dump(cli.config, skip_unset=False))
     metrics: dict[str, float] = {}
     for loader_metrics in tested:
         metrics.update({key.split("/dataloader_idx")[0]: float(value) for key, value in loader_metrics.items()})

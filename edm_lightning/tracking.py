@@ -125,15 +125,26 @@ def finish_wandb_run() -> None:
 
 
 class LogConfigCallback(SaveConfigCallback):
-    """Save ``config.yaml`` (overwriting: sweeps and requeued jobs reuse folders) and log it to every logger."""
+    """Save ``config.yaml`` when fitting (overwriting: sweeps and requeued jobs reuse folders) and log the config to
+    every logger. ``validate``/``test``/``predict`` only log it: the file beside the checkpoints stays the config
+    that trained them (a test's dump would add its ``ckpt_path``, and a later ``fit`` of it would resume from there).
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs["overwrite"] = True
         super().__init__(*args, **kwargs)
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+        elif not self.already_saved and trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+
+    @override
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # The parser's own dump, as config.yaml holds it: secrets (router keys) are masked, never logged.
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"cli": config})

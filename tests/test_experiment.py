@@ -350,7 +350,7 @@ def test_the_full_cpu_config_holds_everything_the_default_left_out():
 def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp_path: Path, monkeypatch):
     """Training and attack stages are LightningCLI jobs: ``python main.py fit --config <stage>/config.yaml`` trains
     the same weights again, and ``main.py test`` on them gives the figures of the stage's ``result.json``; a served
-    stage is a ``main.py test`` job. The router key is in no config.yaml; the job reads it from the environment,
+    stage and a diagnostics stage are ``main.py test`` jobs. The router key is in no config.yaml; the job reads it from the environment,
     as the file's header says."""
     import subprocess
     import sys
@@ -394,6 +394,11 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     assert "main.py test --config" in (served / "config.yaml").read_text().splitlines()[1]
     tested = cli_main(["test", "--config", str(served / "config.yaml")])
     assert tested.model.tested_accuracy == json.loads((served / "result.json").read_text())["test_acc"]
+    diagnosed = stage("diagnostics", router="neural")  # members' shares and coherence histograms
+    figures = json.loads((diagnosed / "result.json").read_text())
+    assert cli_main(["test", "--config", str(diagnosed / "config.yaml")]).model.figures == \
+        {k: v for k, v in figures.items() if k != "stage_wall_time_s"}
+    assert (served / "config.yaml").read_text().startswith("# One stage")  # a test run leaves the stage's file as it was
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Path, capsys):

@@ -8,7 +8,13 @@ evaluation set) and a LightningModule (the attacker's clone and what else it lea
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, dfme_job, run_dfme
 from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, jbda_job, run_jbda
-from edm_lightning.attacks.knockoff import KnockoffDataModule, build_transfer_set, knockoff_job, run_knockoff
+from edm_lightning.attacks.knockoff import (
+    CopySpreadModule,
+    KnockoffDataModule,
+    build_transfer_set,
+    knockoff_job,
+    run_knockoff,
+)
 from edm_lightning.attacks.maze import MAZEModule, maze_job, run_maze
 from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
@@ -18,6 +24,7 @@ __all__ = [
     "AttackDataModule",
     "AttackJob",
     "BlackBoxOracle",
+    "CopySpreadModule",
     "DFMEModule",
     "DataFreeDataModule",
     "JBDADataModule",

@@ -43,7 +43,7 @@ from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
 from edm_lightning.data.images import BatchTensorDataset
-from edm_lightning.defense import VictimConfig
+from edm_lightning.defense import VictimConfig, VictimProbe
 from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule, clone_loss
@@ -52,8 +52,8 @@ from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig
 from edm_lightning.progress import Progress
 
-__all__ = ["KnockoffDataModule", "Sampler", "TransferSet", "build_transfer_set", "knockoff_job", "noisy_copies",
-           "run_knockoff"]
+__all__ = ["CopySpreadModule", "KnockoffDataModule", "Sampler", "TransferSet", "build_transfer_set", "knockoff_job",
+           "noisy_copies", "run_knockoff"]
 
 Strategy = Literal["random", "adaptive"]
 Reward = Literal["cert", "div", "loss", "all"]
@@ -432,6 +432,57 @@ def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int
         out = torch.stack([padded[j, :, shift + dy: shift + dy + height, shift + dx: shift + dx + width]
                            for j, (dy, dx) in enumerate(offsets.tolist())])
     return (out + noise * eps).clamp_(0, 1) if noise > 0 else out
+
+
+class CopySpreadModule(VictimProbe):
+    """How far query averaging spreads behind a router, probed with the attacker's surrogate images (a
+    :class:`~edm_lightning.data.ProbeDataModule` with ``sets: [surrogate]``): how many distinct members the
+    ``copies`` noisy copies of one image reach (:func:`noisy_copies`, the copies KnockoffNets' query averaging
+    sends), and the share of copies answered by the member the unperturbed image gets.
+
+    After ``main.py test``, :attr:`figures` holds ``distinct_members``, ``distinct_if_random`` (the same for a
+    uniform random router: ``N (1 - (1 - 1/N)^K)``) and ``share_on_plain_member``; all three are also logged.
+
+    Args:
+        copies: copies per image (K).
+        copy_noise: Gaussian noise std of each copy (images in [0, 1]).
+        copy_shift: largest random shift of each copy, in pixels.
+        seed: the copies' seed (as KnockoffNets' ``seed``).
+        others: as :class:`~edm_lightning.defense.VictimProbe`.
+    """
+
+    def __init__(self, victim: VictimConfig, copies: int = 8, copy_noise: float = 0.0, copy_shift: int = 0, seed: int = 0,
+                 num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__(victim, num_classes, input_shape, mean, std)
+        _check_copies(copies, copy_noise, copies, copy_shift)
+        self.copies, self.copy_noise, self.copy_shift, self.seed = copies, copy_noise, copy_shift, seed
+        self.figures: dict[str, float] = {}
+        self._distinct: list[Tensor] = []
+        self._on_plain: list[Tensor] = []
+        self._seen = 0
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._distinct, self._on_plain, self._seen = [], [], 0
+
+    @override
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        router = self.victim.router
+        copies = noisy_copies(batch, self.copies, self.copy_noise, self.seed, start=self._seen, shift=self.copy_shift)
+        self._seen += len(batch)
+        plain, routes = router(batch), router(copies).view(len(batch), self.copies)
+        self._distinct.append(torch.tensor([len(torch.unique(row)) for row in routes], dtype=torch.float64))
+        self._on_plain.append(routes == plain[:, None])
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        members = self.victim.router.num_members
+        self.figures = {"distinct_members": float(torch.cat(self._distinct).mean()),
+                        "distinct_if_random": members * (1 - (1 - 1 / members) ** self.copies),
+                        "share_on_plain_member": float(torch.cat(self._on_plain).double().mean())}
+        for name, value in self.figures.items():
+            self.log(f"test/{name}", value)
 
 
 def knockoff_job(

@@ -1,6 +1,6 @@
 """Datasets by name, offline fetching, and the DataModules built on them."""
 
-from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModule
+from edm_lightning.data.datamodules import ClassificationDataModule, OODDataModule, ProbeDataModule
 from edm_lightning.data.edm import EDMDataModule
 from edm_lightning.data.fetch import FetchError, fetch
 from edm_lightning.data.integrity import DatasetCorruptError
@@ -17,6 +17,7 @@ __all__ = [
     "FetchError",
     "ImageTensorDataset",
     "OODDataModule",
+    "ProbeDataModule",
     "convert_images",
     "fetch",
     "get_spec",

@@ -6,6 +6,8 @@ into the model's arguments, so no config types a class count or a shape twice.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -16,7 +18,7 @@ from edm_lightning.data.images import ImageTensorDataset, batch_loader, load_ima
 from edm_lightning.data.datasets import DatasetSpec, get_spec
 from edm_lightning.errors import ConfigError
 
-__all__ = ["ClassificationDataModule", "LinkedSpec", "OODDataModule", "seeded_indices"]
+__all__ = ["ClassificationDataModule", "LinkedSpec", "OODDataModule", "ProbeDataModule", "seeded_indices"]
 
 
 class LinkedSpec:
@@ -167,6 +169,66 @@ class OODDataModule(L.LightningDataModule):
         return _loader(self.holdout_set, self.hparams.batch_size, False, self.hparams.num_workers)
 
     test_dataloader = val_dataloader
+
+
+ProbeSet = Literal["test", "ood", "surrogate"]
+
+
+class ProbeDataModule(LinkedSpec, L.LightningDataModule):
+    """The image sets a trained defense is probed with, unlabelled, as test loaders in the order of ``sets``.
+
+    ``test``: the defender's test images (the first ``test_size``); ``ood``: held-out images of the defender's
+    OOD set (its test split, the first ``images``); ``surrogate``: the attacker's images (the surrogate's
+    training split, the first ``images``). OOD and surrogate images are converted to the defender's input shape.
+
+    Args:
+        dataset: the defender's dataset (also the shape and class count linked into the model).
+        sets: which sets, in loader order.
+        ood_dataset: the defender's OOD set (for ``ood``).
+        surrogate: the attacker's surrogate set (for ``surrogate``).
+        root: data root.
+        test_size: probe with only the first this-many test images (``None``: all).
+        images: OOD and surrogate images probed.
+        batch_size: images per batch.
+
+    Raises:
+        ConfigError: an unknown dataset, a set without its dataset, or sizes that are not positive.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "fashionmnist",
+        sets: list[ProbeSet] = ("test", "ood", "surrogate"),
+        ood_dataset: str | None = "animal-mnist",
+        surrogate: str | None = "mnist",
+        root: str = "data",
+        test_size: int | None = None,
+        images: int = 10_000,
+        batch_size: int = 1024,
+    ):
+        super().__init__()
+        self.spec = get_spec(dataset)
+        _check_positive(test_size=test_size, images=images, batch_size=batch_size)
+        self.sets = list(sets)
+        for name, source in (("ood", ood_dataset), ("surrogate", surrogate)):
+            if name in self.sets and source is None:
+                raise ConfigError(f"sets include {name!r} but {'ood_dataset' if name == 'ood' else 'surrogate'} is None")
+            if source is not None:
+                get_spec(source)
+        self.save_hyperparameters()
+        self.probes: dict[str, ImageTensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        reads = {"test": lambda: load_images(hp.dataset, hp.root, train=False)[0][: hp.test_size],
+                 "ood": lambda: load_images(hp.ood_dataset, hp.root, train=False, input_shape=self.input_shape)[0][: hp.images],
+                 "surrogate": lambda: load_images(hp.surrogate, hp.root, train=True, input_shape=self.input_shape)[0][: hp.images]}
+        for name in self.sets:
+            if name not in self.probes:
+                self.probes[name] = ImageTensorDataset(reads[name]())
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [_loader(self.probes[name], self.hparams.batch_size, False, 0) for name in self.sets]
 
 
 def seeded_indices(n: int, first: int, second: int | None, seed: int) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,6 @@
 """What a defender serves: the victim (members behind a router), its loader, and the output post-processors."""
 
+from edm_lightning.defense.evaluation import DiagnosticsModule, ServedVictimModule, VictimProbe
 from edm_lightning.defense.loader import VictimConfig, load_victim
 from edm_lightning.defense.postprocessors import (
     POSTPROCESSORS,
@@ -11,12 +12,12 @@ from edm_lightning.defense.postprocessors import (
     TopLabel,
     build_postprocessors,
 )
-from edm_lightning.defense.served import ServedVictimModule
 from edm_lightning.defense.victim import Victim, validate_inputs
 
 __all__ = [
     "POSTPROCESSORS",
     "AdaptiveMisinformation",
+    "DiagnosticsModule",
     "Postprocessor",
     "PredictionPoisoning",
     "ReverseSigmoid",
@@ -25,6 +26,7 @@ __all__ = [
     "TopLabel",
     "Victim",
     "VictimConfig",
+    "VictimProbe",
     "build_postprocessors",
     "load_victim",
     "validate_inputs",

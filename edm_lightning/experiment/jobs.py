@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from edm_lightning.attacks import (
+    CopySpreadModule,
     DFMEModule,
     KnockoffDataModule,
     MAZEModule,
@@ -32,23 +32,18 @@ from edm_lightning.attacks import (
     knockoff_job,
     maze_job,
 )
-from edm_lightning.attacks.knockoff import noisy_copies
 from edm_lightning.attacks.run import AttackJob, class_config
 from edm_lightning.cli import JobRun, run_job
-from edm_lightning.data import ClassificationDataModule, EDMDataModule, get_spec
-from edm_lightning.data.images import convert_images, load_images
-from edm_lightning.defense import ServedVictimModule, VictimConfig
+from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
+from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
-from edm_lightning.files import to_plain
-from edm_lightning.losses import coherence
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.registry import Registry
 from edm_lightning.routing import ROUTER_KEY_ENV, as_secret
 from edm_lightning.seeding import ReseedOnFit
-from edm_lightning.tracking import finish_wandb_run
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
            "train_target", "victim_config"]
@@ -206,97 +201,56 @@ def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dic
     Returns:
         ``test_acc``: correct answers over test images.
     """
-    model = class_config(ServedVictimModule, {"victim": victim_config(config, victim)})
     data = class_config(ClassificationDataModule, {"dataset": config.dataset, "root": config.root, "batch_size": 1024,
                                                    "test_size": config.test_size})
-    trainer = _trainer(config, folder, None, "served", 1, []) | {
-        "enable_progress_bar": False, "enable_checkpointing": False,
-        "inference_mode": False}  # Prediction Poisoning differentiates a proxy for each answer
-    with _router_key(config):
-        run = run_job({"seed_everything": 0, "trainer": trainer, "model": model, "data": data}, folder, fit=False,
-                      test_checkpoint=None, header=_header(config, folder, None))
+    run = _probe(config, folder, "served", class_config(ServedVictimModule, {"victim": victim_config(config, victim)}), data)
     return {"test_acc": run.model.tested_accuracy}
 
 
 def diagnostics(config: ExperimentConfig, folder: Path, victim: dict, surrogate: str | None, images: int = 10_000,
                 bins: int = 20) -> dict:
-    """Why EDM works or fails behind a router: each member's share of the defender's test images and of the
-    attacker's surrogate images (fair: 1/N each), and histograms of the ensemble's coherence on the test
-    images and on held-out OOD images (in [0, 1]: 1 when all members agree).
+    """Why EDM works or fails behind a router: a ``main.py test`` job of :class:`~edm_lightning.defense.DiagnosticsModule`.
 
     Returns:
         ``share_test`` (and ``share_surrogate``) per member, and the coherence histograms with their edges.
     """
-    model = victim_config(config, victim).build()
-    test = load_images(config.dataset, config.root, train=False)[0][: config.test_size]
-    ood = load_images(config.edm.ood_dataset, config.root, train=False, input_shape=model.input_shape)[0][:images]
-    result: dict[str, Any] = {"share_test": _member_shares(model, test)}
-    if surrogate is not None:
-        attacker = load_images(surrogate, config.root, train=True, input_shape=model.input_shape)[0][:images]
-        result["share_surrogate"] = _member_shares(model, attacker)
-    edges = torch.linspace(0, 1, bins + 1)
-    for name, part in (("id", test), ("ood", ood)):
-        values = torch.cat([coherence(torch.stack([member(x) for member in model.members]).softmax(dim=-1))
-                            for x in _pixels(part)])
-        result[f"coherence_{name}"] = torch.histc(values.clamp(0, 1), bins=bins, min=0, max=1).long().tolist()
-    result["coherence_edges"] = edges.tolist()
-    return _logged(config, folder, "diagnostics", {"victim": victim, "surrogate": surrogate, "images": images}, result)
-
-
-def _member_shares(model, images: torch.Tensor) -> list[float]:
-    routes = torch.cat([model.router(x) for x in _pixels(images)])
-    return (torch.bincount(routes, minlength=model.router.num_members).double() / len(routes)).tolist()
-
-
-def _pixels(images: torch.Tensor, chunk: int = 1024):
-    with torch.no_grad():
-        for part in images.split(chunk):
-            yield part.float().div(255)
+    sets = ["test", "ood"] + (["surrogate"] if surrogate is not None else [])
+    data = class_config(ProbeDataModule, {"dataset": config.dataset, "sets": sets, "ood_dataset": config.edm.ood_dataset,
+                                          "surrogate": surrogate, "root": config.root, "test_size": config.test_size,
+                                          "images": images})
+    model = class_config(DiagnosticsModule, {"victim": victim_config(config, victim), "bins": bins})
+    return _probe(config, folder, "diagnostics", model, data).model.figures
 
 
 def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack: AttackConfig, seed: int,
                    images: int = 1000) -> dict:
-    """How many distinct members the K copies of one surrogate image reach behind ``victim``'s router, and
-    the share of copies answered by the member the unperturbed image gets (on ``images`` surrogate images).
+    """How many distinct members the K copies of one surrogate image reach behind ``victim``'s router: a
+    ``main.py test`` job of :class:`~edm_lightning.attacks.CopySpreadModule` on ``images`` surrogate images.
 
     Returns:
         ``distinct_members``, ``distinct_if_random`` (the same for a uniform random router) and ``share_on_plain_member``.
     """
     options = attack.options
-    copies, noise, shift = int(options["query_copies"]), float(options.get("copy_noise", 0)), int(options.get("copy_shift", 0))
-    model = victim_config(config, victim).build()
-    x = convert_images(load_images(attack.surrogate, config.root, train=True)[0][:images], model.input_shape).float().div(255)
-    with torch.no_grad():
-        plain = model.router(x)
-        routes = model.router(noisy_copies(x, copies, noise, seed, shift=shift)).view(len(x), copies)
-    distinct = torch.tensor([len(torch.unique(row)) for row in routes], dtype=torch.float64)
-    uniform = model.router.num_members * (1 - (1 - 1 / model.router.num_members) ** copies)
-    return _logged(config, folder, "spread", {"victim": victim, "attack": attack, "seed": seed, "images": images},
-                   {"distinct_members": float(distinct.mean()), "distinct_if_random": uniform,
-                    "share_on_plain_member": float((routes == plain[:, None]).double().mean())})
+    model = class_config(CopySpreadModule, {
+        "victim": victim_config(config, victim), "copies": int(options["query_copies"]),
+        "copy_noise": float(options.get("copy_noise", 0)), "copy_shift": int(options.get("copy_shift", 0)), "seed": seed})
+    data = class_config(ProbeDataModule, {"dataset": config.dataset, "sets": ["surrogate"], "ood_dataset": None,
+                                          "surrogate": attack.surrogate, "root": config.root, "images": images})
+    return _probe(config, folder, "spread", model, data).model.figures
 
 
-def _logged(config: ExperimentConfig, folder: Path, job_type: str, settings: dict, figures: dict) -> dict:
-    """``figures``, after logging a measurement stage as a W&B run of its own (the experiment as its group, the
-    stage kind as its job type, ``settings`` as its config, the figures as its summary; lists as one key per item).
+def _probe(config: ExperimentConfig, folder: Path, job_type: str, model: dict, data: dict) -> JobRun:
+    """A test-only job of a trained victim (nothing is trained or checkpointed), as ``main.py test`` runs it.
 
     Returns:
-        ``figures``, unchanged.
+        The finished job; its model holds the figures.
     """
-    logger = _logger(config, job_type, folder, None)
-    if not logger:
-        return figures
-    flat = {}
-    for name, value in figures.items():
-        items = enumerate(value) if isinstance(value, list) else [(None, value)]
-        flat |= {name if i is None else f"{name}/{i}": v for i, v in items if isinstance(v, (int, float))}
-    run = WandbLogger(**logger["init_args"])
-    try:
-        run.log_hyperparams(to_plain(settings))
-        run.log_metrics(flat)
-    finally:
-        finish_wandb_run()
-    return figures
+    trainer = _trainer(config, folder, None, job_type, 1, []) | {
+        "enable_progress_bar": False, "enable_checkpointing": False,
+        "inference_mode": False}  # Prediction Poisoning differentiates a proxy for each answer
+    with _router_key(config):
+        return run_job({"seed_everything": 0, "trainer": trainer, "model": model, "data": data}, folder, fit=False,
+                       test_checkpoint=None, header=_header(config, folder, None))
 
 
 def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victim: dict, budget: int, seed: int) -> dict:

@@ -1,0 +1,135 @@
+"""The defended model as served, as LightningModules for ``python main.py test``: the defender's accuracy, and
+the diagnostics of why EDM works or fails behind a router (members' shares, coherence).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import SumMetric
+from typing_extensions import override
+
+from edm_lightning.defense.loader import VictimConfig
+from edm_lightning.errors import ConfigError
+from edm_lightning.losses import coherence
+
+__all__ = ["DiagnosticsModule", "ServedVictimModule", "VictimProbe"]
+
+
+class VictimProbe(L.LightningModule):
+    """A trained victim, as its clients see it (router and post-processors on), probed by a test loop; nothing is trained.
+
+    Args:
+        victim: the victim (checkpoint, router, post-processors); its router key comes from ``$EDM_ROUTER_KEY``
+            when the config leaves ``key`` out, as configs should.
+        num_classes: linked from the DataModule; must be the victim's.
+        input_shape: linked from the DataModule; must be the victim's.
+        mean: linked from the DataModule; unused (the victim normalises its own inputs).
+        std: linked from the DataModule; unused.
+
+    Raises:
+        ConfigError: the victim answers another number of classes, or takes another input shape, than the data has.
+    """
+
+    def __init__(self, victim: VictimConfig, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__()
+        self.victim = victim.build()
+        if self.victim.num_classes != num_classes or tuple(self.victim.input_shape) != tuple(input_shape):
+            raise ConfigError(f"the victim {victim.checkpoint!r} answers {self.victim.num_classes} classes for inputs of shape "
+                              f"{tuple(self.victim.input_shape)}, but the data has {num_classes} classes of shape "
+                              f"{tuple(input_shape)}: probe it with the dataset it was trained on")
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The victim's answers ``(B, K)`` to images ``(B, C, H, W)`` in [0, 1]."""
+        return self.victim(x)
+
+    @override
+    def configure_optimizers(self) -> Any:
+        raise ConfigError(f"{type(self).__name__} is only tested (python main.py test --config ...): it has nothing to train")
+
+
+class ServedVictimModule(VictimProbe):
+    """The defender's accuracy as served: ``python main.py test`` with the victim's own labelled test set logs
+    ``test/acc``, the figure every results table pairs with a clone's accuracy.
+
+    Args: as :class:`VictimProbe`.
+    """
+
+    def __init__(self, victim: VictimConfig, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__(victim, num_classes, input_shape, mean, std)
+        self.correct, self.total = SumMetric(), SumMetric()  # summed over processes under DDP
+        self.tested_accuracy: float | None = None  # the last test's, exactly (the logged value is a float32)
+
+    @override
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.correct.update((self(x).argmax(-1) == y).sum())
+        self.total.update(len(y))
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.tested_accuracy = int(self.correct.compute().item()) / max(int(self.total.compute().item()), 1)
+        self.log("test/acc", self.tested_accuracy)
+        self.correct.reset()
+        self.total.reset()
+
+
+class DiagnosticsModule(VictimProbe):
+    """Why EDM works or fails behind a router, probed with a :class:`~edm_lightning.data.ProbeDataModule`: each
+    member's share of the defender's test images and of the attacker's surrogate images (fair: 1/N each), and
+    histograms of the ensemble's coherence (in [0, 1], 1 when all members agree; EDM paper Eq. 3) on the test
+    images and on held-out OOD images.
+
+    After ``main.py test``, :attr:`figures` holds ``share_test`` / ``share_surrogate`` (per member, when
+    those sets are probed), ``coherence_id`` / ``coherence_ood`` (counts per bin) and ``coherence_edges``; the
+    shares are also logged (``test/share_<set>/member_<i>``).
+
+    Args:
+        bins: coherence histogram bins over [0, 1].
+        others: as :class:`VictimProbe`.
+    """
+
+    def __init__(self, victim: VictimConfig, bins: int = 20, num_classes: int = 10,
+                 input_shape: tuple[int, int, int] = (1, 28, 28), mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None):
+        super().__init__(victim, num_classes, input_shape, mean, std)
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ConfigError(f"bins must be a positive whole number, got {bins!r}")
+        self.bins = bins
+        self.figures: dict[str, Any] = {}
+        self._routes: dict[str, list[torch.Tensor]] = {}
+        self._coherence: dict[str, list[torch.Tensor]] = {}
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.sets = list(self.trainer.datamodule.sets)  # the ProbeDataModule's loaders, in order
+        self._routes, self._coherence = {}, {}
+
+    @override
+    def test_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        probe = self.sets[dataloader_idx]
+        if probe in ("test", "surrogate"):
+            self._routes.setdefault(probe, []).append(self.victim.router(batch))
+        if probe in ("test", "ood"):
+            answers = torch.stack([member(batch) for member in self.victim.members]).softmax(dim=-1)
+            self._coherence.setdefault(probe, []).append(coherence(answers))
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        members = self.victim.router.num_members
+        figures: dict[str, Any] = {}
+        for probe, routes in self._routes.items():
+            counts = torch.bincount(torch.cat(routes), minlength=members).double()
+            figures[f"share_{probe}"] = (counts / counts.sum()).tolist()
+            for member, share in enumerate(figures[f"share_{probe}"]):
+                self.log(f"test/share_{probe}/member_{member}", share)
+        for probe, values in self._coherence.items():
+            name = "coherence_id" if probe == "test" else "coherence_ood"
+            figures[name] = torch.histc(torch.cat(values).clamp(0, 1), bins=self.bins, min=0, max=1).long().tolist()
+        figures["coherence_edges"] = torch.linspace(0, 1, self.bins + 1).tolist()
+        self.figures = figures

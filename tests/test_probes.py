@@ -1,0 +1,79 @@
+"""Test-only jobs of a trained victim: the defender's accuracy as served, EDM's diagnostics, the copies' spread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edm_lightning.attacks import CopySpreadModule
+from edm_lightning.cli import main
+from edm_lightning.data import ProbeDataModule, load_images
+from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
+from edm_lightning.errors import ConfigError
+from edm_lightning.models import EnsembleModule
+
+
+@pytest.fixture
+def ensemble(fake_root: Path, checkpoint_factory) -> str:
+    torch.manual_seed(0)
+    return checkpoint_factory(EnsembleModule("lenet5", num_members=3), "ensemble.ckpt")
+
+
+def probe(model, fake_root: Path, **data) -> dict:
+    """Run ``model``'s test loop on a ProbeDataModule of the fake data root."""
+    import lightning as L
+
+    datamodule = ProbeDataModule(root=str(fake_root), **data)
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False).test(
+        model, datamodule=datamodule, verbose=False)
+    return model.figures
+
+
+def test_served_accuracy_counts_every_test_image_once(fake_root: Path, ensemble: str):
+    """``main.py test`` of a served victim: its accuracy is correct answers over test images, exactly."""
+    config = fake_root / "served.yaml"
+    config.write_text(f"""
+trainer: {{logger: false, enable_progress_bar: false, inference_mode: false}}
+model:
+  class_path: edm_lightning.defense.ServedVictimModule
+  init_args: {{victim: {{checkpoint: {ensemble}, router: keyed}}}}
+data:
+  class_path: edm_lightning.data.ClassificationDataModule
+  init_args: {{dataset: fashionmnist, root: {fake_root}, batch_size: 7, test_size: 50}}
+""")
+    cli = main(["test", "--config", str(config)])
+    images, labels = load_images("fashionmnist", fake_root, train=False)
+    victim = VictimConfig(ensemble, router="keyed").build()
+    expected = int((victim(images[:50].float().div(255)).argmax(-1) == labels[:50]).sum()) / 50
+    assert cli.model.tested_accuracy == expected
+
+
+def test_diagnostics_shares_and_histograms_add_up(fake_root: Path, ensemble: str):
+    model = DiagnosticsModule(VictimConfig(ensemble, router="keyed"), bins=10)
+    figures = probe(model, fake_root, sets=["test", "ood", "surrogate"], images=30, test_size=50)
+    assert len(figures["share_test"]) == len(figures["share_surrogate"]) == 3
+    assert sum(figures["share_test"]) == pytest.approx(1.0) and sum(figures["share_surrogate"]) == pytest.approx(1.0)
+    assert sum(figures["coherence_id"]) == 50 and sum(figures["coherence_ood"]) == 30  # every image in one bin
+    assert len(figures["coherence_edges"]) == 11
+
+
+def test_copies_spread_over_members_as_the_router_decides(fake_root: Path, ensemble: str):
+    """The keyed router sends noisy copies anywhere (about the uniform figure); without noise or shift every copy is the
+    image itself, so it reaches exactly the plain image's member."""
+    noisy = probe(CopySpreadModule(VictimConfig(ensemble, router="keyed"), copies=8, copy_noise=0.05), fake_root,
+                  sets=["surrogate"], ood_dataset=None, images=40, batch_size=16)
+    assert noisy["distinct_members"] == pytest.approx(noisy["distinct_if_random"], abs=0.5)
+    exact = probe(CopySpreadModule(VictimConfig(ensemble, router="keyed"), copies=8), fake_root,
+                  sets=["surrogate"], ood_dataset=None, images=40, batch_size=16)
+    assert exact["distinct_members"] == 1.0 and exact["share_on_plain_member"] == 1.0
+
+
+def test_a_victim_of_another_shape_and_a_probe_without_its_dataset_are_refused(fake_root: Path, ensemble: str):
+    with pytest.raises(ConfigError, match="answers 10 classes for inputs of shape .* but the data has 10 classes of shape"):
+        ServedVictimModule(VictimConfig(ensemble), input_shape=(3, 32, 32))
+    with pytest.raises(ConfigError, match="sets include 'surrogate' but surrogate is None"):
+        ProbeDataModule(sets=["surrogate"], surrogate=None)
+    with pytest.raises(ConfigError, match="only tested"):
+        ServedVictimModule(VictimConfig(ensemble)).configure_optimizers()
