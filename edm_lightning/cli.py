@@ -20,6 +20,7 @@ from edm_lightning.attacks import DFMEModule
 from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ensemble, read_checkpoint, trained_on
 from edm_lightning.command_line import prepare_command_line
 from edm_lightning.data import get_spec
+from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import write_atomic
 from edm_lightning.routing import refuse_keys_on_command_line
@@ -62,7 +63,7 @@ class EDMLightningCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for key in ("num_classes", "input_shape", "mean", "std"):
+        for key in LINKED_ARGUMENTS:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     @override

@@ -1,12 +1,18 @@
-"""The command line as the CLIs parse it: shipped configs found by name, sweeps' ``None`` read as ``null``."""
+"""The command line and configs as the CLIs parse them: shipped configs found by name, sweeps' ``None`` read as
+``null``, classes written as ``{class_path, init_args}``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import fields, is_dataclass
 from pathlib import Path
+from typing import Any
+
+from jsonargparse.typing import SecretStr
 
 from edm_lightning.errors import ConfigError
 
-__all__ = ["SHIPPED_CONFIGS", "prepare_command_line", "shipped_config"]
+__all__ = ["SHIPPED_CONFIGS", "class_config", "prepare_command_line", "shipped_config"]
 
 
 def prepare_command_line(argv: list[str]) -> list[str]:
@@ -68,3 +74,24 @@ def shipped_config(path: str) -> Path:
         return SHIPPED_CONFIGS / name
     shipped = sorted(str(p.relative_to(SHIPPED_CONFIGS)) for p in SHIPPED_CONFIGS.rglob("*.yaml"))
     raise ConfigError(f"config {path!r} is neither a file nor a shipped config. Shipped configs: {', '.join(shipped)}")
+
+
+def class_config(cls: type, init_args: dict[str, Any]) -> dict[str, Any]:
+    """``{class_path, init_args}`` for a LightningCLI config: dataclasses as mappings, secrets left out (``None``).
+
+    Returns:
+        Plain data (``yaml.safe_dump`` writes it).
+    """
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _config_value(init_args)}
+
+
+def _config_value(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return None
+    if is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _config_value(getattr(value, field.name)) for field in fields(value)}
+    if isinstance(value, dict):
+        return {str(key): _config_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_config_value(item) for item in value]
+    return str(value) if isinstance(value, Path) else value

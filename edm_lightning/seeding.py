@@ -17,7 +17,8 @@ class ReseedOnFit(L.Callback):
     many numbers the model took (its architecture, its N members). Re-seeding once the model exists gives
     every job of one seed the same batches, and keeps the experiment runner's stages equal to the figures it
     measured before its stages were LightningCLI jobs (it seeded before building the model and again before
-    the Trainer). Without ``seed_everything`` it does nothing.
+    the Trainer). It uses the seed of the process's last ``seed_everything`` (LightningCLI's, in a CLI job);
+    in a process that never seeded, it does nothing.
     """
 
     @override

@@ -77,3 +77,25 @@ def test_a_victim_of_another_shape_and_a_probe_without_its_dataset_are_refused(f
         ProbeDataModule(sets=["surrogate"], surrogate=None)
     with pytest.raises(ConfigError, match="only tested"):
         ServedVictimModule(VictimConfig(ensemble)).configure_optimizers()
+
+
+@pytest.mark.parametrize("make_model, data, message", [
+    (lambda v: ServedVictimModule(v), dict(sets=["test"]), "needs labelled test images"),
+    (lambda v: CopySpreadModule(v, copies=4), dict(sets=["test", "surrogate"]), "a ProbeDataModule with sets: \\[surrogate\\]"),
+], ids=["served-on-unlabelled-images", "spread-on-other-images"])
+def test_a_probe_refuses_data_it_cannot_read(fake_root: Path, ensemble: str, make_model, data, message):
+    with pytest.raises(ConfigError, match=message):
+        probe(make_model(VictimConfig(ensemble)), fake_root, images=10, **data)
+
+
+def test_diagnostics_need_the_probe_sets(fake_root: Path, ensemble: str):
+    import lightning as L
+
+    from edm_lightning.data import ClassificationDataModule
+
+    with pytest.raises(ConfigError, match="probed with a ProbeDataModule"):
+        L.Trainer(logger=False, enable_progress_bar=False).test(
+            DiagnosticsModule(VictimConfig(ensemble)), datamodule=ClassificationDataModule(root=str(fake_root)))
+    for sets in ([], ["test", "test"], ["train"]):
+        with pytest.raises(ConfigError, match="sets must name each of test, ood, surrogate"):
+            ProbeDataModule(sets=sets)

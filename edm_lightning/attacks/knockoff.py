@@ -33,6 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import lightning as L
 import torch
 from filelock import FileLock
 from torch import Tensor
@@ -42,6 +43,7 @@ from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
+from edm_lightning.data.datamodules import ProbeDataModule
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig, VictimProbe
 from edm_lightning.errors import ConfigError, unreadable_file_reason
@@ -114,7 +116,8 @@ class KnockoffDataModule(AttackDataModule):
             raise ConfigError("diversity_window and policy_lr must be positive")
         if isinstance(query_batch_size, bool) or not isinstance(query_batch_size, int) or query_batch_size < 1:
             raise ConfigError(f"query_batch_size must be a positive integer (queries per oracle call), got {query_batch_size!r}")
-        _check_copies(query_copies, copy_noise, budget, copy_shift)
+        _check_copies(query_copies, copy_noise, copy_shift)
+        _check_budget_buys_an_image(budget, query_copies)
         if surrogate == dataset:
             raise ConfigError(
                 f"the surrogate set must not be the victim's own dataset {dataset!r}: KnockoffNets' attacker has no "
@@ -321,7 +324,8 @@ def build_transfer_set(
     Returns:
         The transfer set: at most ``budget`` queries' worth of surrogate indices and the victim's answers.
     """
-    _check_copies(query_copies, copy_noise, budget, copy_shift)
+    _check_copies(query_copies, copy_noise, copy_shift)
+    _check_budget_buys_an_image(budget, query_copies)
     cache_path = Path(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(cache_path.with_name(cache_path.name + ".lock")):  # one buyer per transfer set at a time
@@ -455,7 +459,7 @@ class CopySpreadModule(VictimProbe):
                  num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28),
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
         super().__init__(victim, num_classes, input_shape, mean, std)
-        _check_copies(copies, copy_noise, copies, copy_shift)
+        _check_copies(copies, copy_noise, copy_shift)
         self.copies, self.copy_noise, self.copy_shift, self.seed = copies, copy_noise, copy_shift, seed
         self.figures: dict[str, float] = {}
         self._distinct: list[Tensor] = []
@@ -463,11 +467,17 @@ class CopySpreadModule(VictimProbe):
         self._seen = 0
 
     @override
+    def check_data(self, datamodule: L.LightningDataModule | None) -> None:
+        if not isinstance(datamodule, ProbeDataModule) or datamodule.sets != ["surrogate"]:
+            raise ConfigError("CopySpreadModule is probed with the attacker's images alone: a ProbeDataModule with "
+                              "sets: [surrogate]")
+
+    @override
     def on_test_epoch_start(self) -> None:
         self._distinct, self._on_plain, self._seen = [], [], 0
 
     @override
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+    def test_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         router = self.victim.router
         copies = noisy_copies(batch, self.copies, self.copy_noise, self.seed, start=self._seen, shift=self.copy_shift)
         self._seen += len(batch)
@@ -477,6 +487,8 @@ class CopySpreadModule(VictimProbe):
 
     @override
     def on_test_epoch_end(self) -> None:
+        if not self._distinct:
+            raise ConfigError("no surrogate images reached CopySpreadModule: check the ProbeDataModule's images")
         members = self.victim.router.num_members
         self.figures = {"distinct_members": float(torch.cat(self._distinct).mean()),
                         "distinct_if_random": members * (1 - (1 - 1 / members) ** self.copies),
@@ -549,13 +561,16 @@ def run_knockoff(victim: VictimConfig | RemoteVictimConfig, *, trainer: dict[str
     return knockoff_job(victim, **settings).run(trainer)
 
 
-def _check_copies(query_copies: int, copy_noise: float, budget: int, copy_shift: int = 0) -> None:
+def _check_copies(query_copies: int, copy_noise: float, copy_shift: int = 0) -> None:
     if isinstance(query_copies, bool) or not isinstance(query_copies, int) or query_copies < 1:
         raise ConfigError(f"query_copies must be an integer >= 1 (copies sent per surrogate image), got {query_copies!r}")
     if not 0 <= copy_noise <= 1:
         raise ConfigError(f"copy_noise must be in [0, 1] (noise std, images in [0, 1]), got {copy_noise!r}")
     if isinstance(copy_shift, bool) or not isinstance(copy_shift, int) or not 0 <= copy_shift <= 8:
         raise ConfigError(f"copy_shift must be an integer in [0, 8] (largest shift of a copy, in pixels), got {copy_shift!r}")
+
+
+def _check_budget_buys_an_image(budget: int, query_copies: int) -> None:
     if budget < query_copies:
         raise ConfigError(f"budget={budget} cannot buy one image sent as query_copies={query_copies} copies: raise the budget")
 

@@ -8,20 +8,18 @@ LightningCLI config (:meth:`AttackJob.cli_config`, what the experiment runner ru
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
-from jsonargparse.typing import SecretStr
 
 from edm_lightning.attacks.datamodule import AttackDataModule
+from edm_lightning.command_line import class_config
+from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.errors import ConfigError
 
-__all__ = ["AttackJob", "ReportsFigures", "attack_figures", "class_config", "require_single_process", "run_attack"]
+__all__ = ["AttackJob", "ReportsFigures", "attack_figures", "require_single_process", "run_attack"]
 
-#: What LightningCLI links from the DataModule into the model (``EDMLightningCLI.add_arguments_to_parser``).
-LINKED_ARGUMENTS = ("num_classes", "input_shape", "mean", "std")
 
 
 @runtime_checkable
@@ -43,8 +41,8 @@ def run_attack(
 ) -> dict[str, Any]:
     """Fit the attacker, test the clone, and return the figures the field reports.
 
-    The one implementation behind the CLI configs and the Python entry points (``run_knockoff`` ...):
-    both build the same DataModule and LightningModule and let a Trainer run them. ``trainer_kwargs``
+    What the Python entry points (``run_knockoff`` ...) run: the DataModule and LightningModule of the same
+    :class:`AttackJob` that ``main.py`` and the experiment runner build from its config. ``trainer_kwargs``
     (``accelerator``, ``devices``, ``precision``...) go to the Trainer.
 
     Returns:
@@ -109,7 +107,7 @@ class AttackJob:
 
     def build(self) -> tuple[AttackDataModule, L.LightningModule]:
         """The seeded DataModule and LightningModule, in LightningCLI's order (data first, then the model)."""
-        L.seed_everything(self.seed, verbose=False)
+        L.seed_everything(self.seed, workers=True, verbose=False)  # as LightningCLI seeds
         datamodule = self.datamodule(**self.data_args)
         linked = {key: getattr(datamodule, key) for key in LINKED_ARGUMENTS}
         return datamodule, self.module(**self.module_args, **linked)
@@ -134,23 +132,6 @@ class AttackJob:
         """
         return {"seed_everything": self.seed, "trainer": {"max_epochs": self.max_epochs},
                 "model": class_config(self.module, self.module_args), "data": class_config(self.datamodule, self.data_args)}
-
-
-def class_config(cls: type, init_args: dict[str, Any]) -> dict[str, Any]:
-    """``{class_path, init_args}`` for a LightningCLI config: dataclasses as mappings, secrets left out (``None``)."""
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _config_value(init_args)}
-
-
-def _config_value(value: Any) -> Any:
-    if isinstance(value, SecretStr):
-        return None
-    if is_dataclass(value) and not isinstance(value, type):
-        return {field.name: _config_value(getattr(value, field.name)) for field in fields(value)}
-    if isinstance(value, dict):
-        return {str(key): _config_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_config_value(item) for item in value]
-    return str(value) if isinstance(value, Path) else value
 
 
 def require_single_process(trainer: L.Trainer, attack: str) -> None:

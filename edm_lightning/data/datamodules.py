@@ -18,7 +18,11 @@ from edm_lightning.data.images import ImageTensorDataset, batch_loader, load_ima
 from edm_lightning.data.datasets import DatasetSpec, get_spec
 from edm_lightning.errors import ConfigError
 
-__all__ = ["ClassificationDataModule", "LinkedSpec", "OODDataModule", "ProbeDataModule", "seeded_indices"]
+__all__ = ["LINKED_ARGUMENTS", "ClassificationDataModule", "LinkedSpec", "OODDataModule", "ProbeDataModule", "seeded_indices"]
+
+
+#: What LightningCLI links from every DataModule into the model's arguments (``EDMLightningCLI``).
+LINKED_ARGUMENTS = ("num_classes", "input_shape", "mean", "std")
 
 
 class LinkedSpec:
@@ -210,6 +214,8 @@ class ProbeDataModule(LinkedSpec, L.LightningDataModule):
         self.spec = get_spec(dataset)
         _check_positive(test_size=test_size, images=images, batch_size=batch_size)
         self.sets = list(sets)
+        if not self.sets or len(set(self.sets)) != len(self.sets) or not set(self.sets) <= {"test", "ood", "surrogate"}:
+            raise ConfigError(f"sets must name each of test, ood, surrogate at most once, and at least one, got {self.sets}")
         for name, source in (("ood", ood_dataset), ("surrogate", surrogate)):
             if name in self.sets and source is None:
                 raise ConfigError(f"sets include {name!r} but {'ood_dataset' if name == 'ood' else 'surrogate'} is None")

@@ -11,6 +11,7 @@ import torch
 from torchmetrics import SumMetric
 from typing_extensions import override
 
+from edm_lightning.data.datamodules import ProbeDataModule
 from edm_lightning.defense.loader import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.losses import coherence
@@ -48,6 +49,19 @@ class VictimProbe(L.LightningModule):
         return self.victim(x)
 
     @override
+    def on_test_start(self) -> None:
+        if self.trainer.world_size > 1:  # figures gathered per process, and samplers pad the last batch
+            raise ConfigError(f"{type(self).__name__} probes the victim in one process: run it with trainer.devices: 1")
+        self.check_data(self.trainer.datamodule)
+
+    def check_data(self, datamodule: L.LightningDataModule | None) -> None:
+        """Refuse a DataModule the probe cannot read (each probe says which it needs).
+
+        Raises:
+            ConfigError: the DataModule does not serve what this probe reads.
+        """
+
+    @override
     def configure_optimizers(self) -> Any:
         raise ConfigError(f"{type(self).__name__} is only tested (python main.py test --config ...): it has nothing to train")
 
@@ -62,8 +76,14 @@ class ServedVictimModule(VictimProbe):
     def __init__(self, victim: VictimConfig, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28),
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
         super().__init__(victim, num_classes, input_shape, mean, std)
-        self.correct, self.total = SumMetric(), SumMetric()  # summed over processes under DDP
+        self.correct, self.total = SumMetric(), SumMetric()
         self.tested_accuracy: float | None = None  # the last test's, exactly (the logged value is a float32)
+
+    @override
+    def check_data(self, datamodule: L.LightningDataModule | None) -> None:
+        if isinstance(datamodule, ProbeDataModule):
+            raise ConfigError("ServedVictimModule needs labelled test images (a ClassificationDataModule of the victim's "
+                              "dataset), not a ProbeDataModule")
 
     @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -73,7 +93,10 @@ class ServedVictimModule(VictimProbe):
 
     @override
     def on_test_epoch_end(self) -> None:
-        self.tested_accuracy = int(self.correct.compute().item()) / max(int(self.total.compute().item()), 1)
+        total = int(self.total.compute().item())
+        if total == 0:
+            raise ConfigError("no test images reached ServedVictimModule: check the DataModule's test_size")
+        self.tested_accuracy = int(self.correct.compute().item()) / total
         self.log("test/acc", self.tested_accuracy)
         self.correct.reset()
         self.total.reset()
@@ -87,7 +110,7 @@ class DiagnosticsModule(VictimProbe):
 
     After ``main.py test``, :attr:`figures` holds ``share_test`` / ``share_surrogate`` (per member, when
     those sets are probed), ``coherence_id`` / ``coherence_ood`` (counts per bin) and ``coherence_edges``; the
-    shares are also logged (``test/share_<set>/member_<i>``).
+    shares and the histograms' counts are also logged (``test/share_<set>/member_<i>``, ``test/coherence_<id|ood>/bin_<k>``).
 
     Args:
         bins: coherence histogram bins over [0, 1].
@@ -104,6 +127,12 @@ class DiagnosticsModule(VictimProbe):
         self.figures: dict[str, Any] = {}
         self._routes: dict[str, list[torch.Tensor]] = {}
         self._coherence: dict[str, list[torch.Tensor]] = {}
+
+    @override
+    def check_data(self, datamodule: L.LightningDataModule | None) -> None:
+        if not isinstance(datamodule, ProbeDataModule):
+            raise ConfigError(f"DiagnosticsModule is probed with a ProbeDataModule (sets: test, ood, surrogate), got "
+                              f"{type(datamodule).__name__}")
 
     @override
     def on_test_epoch_start(self) -> None:
@@ -131,5 +160,7 @@ class DiagnosticsModule(VictimProbe):
         for probe, values in self._coherence.items():
             name = "coherence_id" if probe == "test" else "coherence_ood"
             figures[name] = torch.histc(torch.cat(values).clamp(0, 1), bins=self.bins, min=0, max=1).long().tolist()
+            for index, count in enumerate(figures[name]):
+                self.log(f"test/{name}/bin_{index:02d}", float(count))
         figures["coherence_edges"] = torch.linspace(0, 1, self.bins + 1).tolist()
         self.figures = figures

@@ -1,11 +1,11 @@
-"""The work of each stage kind: train a model, measure a victim, run an attack, in a stage folder.
+"""The work of each stage kind: train a model, run an attack, measure a victim, in a stage folder.
 
-Training and attack stages are LightningCLI jobs: each writes its complete config to ``<stage>/config.yaml``
-and runs it through the same CLI as ``python main.py``, so that file reproduces the stage alone (its
-header says how). Measurement stages (served accuracy, diagnostics, routing spread) read a trained
-victim. Each function takes the experiment's configuration and the stage's own parameters, works in
-``folder`` and returns the stage's figures as a JSON-able dict (the stage's ``result.json``). They know
-nothing of caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
+Every stage is a LightningCLI job: it writes its complete config to ``<stage>/config.yaml`` and runs it through
+the same CLI as ``python main.py`` (in this process), so that file reproduces the stage alone (its header says
+how): training and attack stages are ``fit`` jobs, measurement stages (served accuracy, diagnostics, routing
+spread) ``test`` jobs of the trained victim. Each function takes the experiment's configuration and the stage's
+own parameters, works in ``folder`` and returns the stage's figures as a JSON-able dict (the stage's
+``result.json``). They know nothing of caching or ordering: :mod:`.plan` decides what runs, :mod:`.execution` runs it.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from edm_lightning.attacks import (
     knockoff_job,
     maze_job,
 )
-from edm_lightning.attacks.run import AttackJob, class_config
+from edm_lightning.attacks.run import AttackJob
 from edm_lightning.cli import JobRun, run_job
+from edm_lightning.command_line import class_config
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
 from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
@@ -42,7 +43,7 @@ from edm_lightning.models import ClassifierModule, EnsembleModule, Misinformatio
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.registry import Registry
-from edm_lightning.routing import ROUTER_KEY_ENV, as_secret
+from edm_lightning.routing import KEYED_ROUTERS, ROUTER_KEY_ENV, as_secret
 from edm_lightning.seeding import ReseedOnFit
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
@@ -67,7 +68,7 @@ SET_BY_EXPERIMENT: dict[str, frozenset[str]] = {
     # the runner itself in every DDP process
     "trainer": frozenset({"max_epochs", "accelerator", "devices", "precision", "strategy", "num_nodes", "logger",
                           "default_root_dir", "callbacks", "enable_checkpointing", "enable_progress_bar",
-                          "enable_model_summary"}),
+                          "enable_model_summary", "fast_dev_run", "barebones"}),  # the last two: no checkpoint, no log
 }
 
 
@@ -142,9 +143,19 @@ def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: s
     job = {"seed_everything": seed, "trainer": trainer | {"enable_progress_bar": bar, **settings.trainer}, "model": model,
            "data": data}
     last = folder / "last.ckpt"
+    return _run(config, folder, job, tested="best.ckpt", resume=str(last) if last.is_file() else None,
+                test_checkpoint="best")
+
+
+def _run(config: ExperimentConfig, folder: Path, job: dict, tested: str | None, **options: Any) -> JobRun:
+    """``job`` through the CLI (:func:`~edm_lightning.cli.run_job`), with the router key where it reads it and the
+    header that says how to run the stage alone (``tested``: the checkpoint its test reads, ``None``: test-only).
+
+    Returns:
+        The finished job.
+    """
     with _router_key(config):
-        return run_job(job, folder, resume=str(last) if last.is_file() else None, test_checkpoint="best",
-                       header=_header(config, folder, "best.ckpt"))
+        return run_job(job, folder, header=_header(config, folder, tested), **options)
 
 
 def _trainer(config: ExperimentConfig, folder: Path, seed: int | None, job_type: str, epochs: int,
@@ -165,15 +176,18 @@ def _header(config: ExperimentConfig, folder: Path, tested: str | None) -> str:
     Returns:
         Comment lines, each ending in a newline.
     """
-    key = (f"# The router key comes from ${ROUTER_KEY_ENV} (or its _FILE variant), as for the experiment; it is never "
-           "written here.\n" if config.edm.router_key is not None or ROUTER_KEY_ENV in os.environ else "")
+    keyed = set(config.edm.routers) & set(KEYED_ROUTERS)
+    key = (f"# Set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_ENV}_FILE) to the experiment's router key first: it is never written "
+           "here, and without it a keyed router uses the public default key (other routes, other figures).\n"
+           if keyed else "")
     path = folder / "config.yaml"
     if tested is None:
         return f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone:\n" \
                f"#   python main.py test --config {path}\n{key}"
-    return (f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone (it writes into "
-            f"{folder}):\n#   python main.py fit --config {path}\n"
-            f"#   python main.py test --config {path} --ckpt_path {folder / tested}\n{key}")
+    return (f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone:\n"
+            f"#   python main.py fit --config {path}\n"
+            f"#   python main.py test --config {path} --ckpt_path {folder / tested}\n"
+            f"# (fit writes into {folder}, replacing the checkpoints later stages read.)\n{key}")
 
 
 @contextlib.contextmanager
@@ -246,11 +260,12 @@ def _probe(config: ExperimentConfig, folder: Path, job_type: str, model: dict, d
         The finished job; its model holds the figures.
     """
     trainer = _trainer(config, folder, None, job_type, 1, []) | {
-        "enable_progress_bar": False, "enable_checkpointing": False,
+        # on the CPU in float32 whatever the experiment's device: the victim as it is served, figures that do not
+        # depend on where the stage ran (its key does not say)
+        "accelerator": "cpu", "precision": "32-true", "enable_progress_bar": False, "enable_checkpointing": False,
         "inference_mode": False}  # Prediction Poisoning differentiates a proxy for each answer
-    with _router_key(config):
-        return run_job({"seed_everything": 0, "trainer": trainer, "model": model, "data": data}, folder, fit=False,
-                       test_checkpoint=None, header=_header(config, folder, None))
+    job = {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
+    return _run(config, folder, job, tested=None, fit=False, test_checkpoint=None)
 
 
 def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victim: dict, budget: int, seed: int) -> dict:
@@ -271,8 +286,7 @@ def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victi
                                           "enable_version_counter": False})
     trainer = _trainer(config, folder, seed, "attack", job.max_epochs, [last])
     cli_config = job.cli_config() | {"trainer": trainer | {"enable_progress_bar": False, "num_sanity_val_steps": 0}}
-    with _router_key(config):
-        run = run_job(cli_config, folder, test_checkpoint=None, header=_header(config, folder, "last.ckpt"))
+    run = _run(config, folder, cli_config, tested="last.ckpt", test_checkpoint=None)
     return attack_figures(run.datamodule, run.model, run.metrics, run.fit_seconds)
 
 
