@@ -63,7 +63,7 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
     def must_not_run(*args, **kwargs):
         raise AssertionError("a cached stage ran again")
 
-    monkeypatch.setattr(jobs, "run_job", must_not_run)
+    monkeypatch.setattr("edm_lightning.experiment.cli_jobs.run_job", must_not_run)
     replace_attack_entry(monkeypatch, "knockoff", must_not_run)
     assert run_experiment(config) == first
     log = capsys.readouterr().err
@@ -350,8 +350,8 @@ def test_the_full_cpu_config_holds_everything_the_default_left_out():
 def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp_path: Path, monkeypatch):
     """Training and attack stages are LightningCLI jobs: ``python main.py fit --config <stage>/config.yaml`` trains
     the same weights again, and ``main.py test`` on them gives the figures of the stage's ``result.json``; a served
-    stage and a diagnostics stage are ``main.py test`` jobs. The router key is in no config.yaml; the job reads it from the environment,
-    as the file's header says."""
+    stage and a diagnostics stage are ``main.py test`` jobs. The router key is in no config.yaml; the job reads it
+    from the environment, as the file's header says."""
     import subprocess
     import sys
 

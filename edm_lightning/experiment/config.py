@@ -6,14 +6,15 @@ the defense sweep, where things go); :mod:`.validation` checks it before any sta
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from jsonargparse.typing import SecretStr
 
+from edm_lightning.data import ClassificationDataModule, EDMDataModule
 from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve_postprocessor
-from edm_lightning.models import OptimConfig
-from edm_lightning.models.ensemble import DIVERSITY_WEIGHT
+from edm_lightning.models import ClassifierModule, EnsembleModule, OptimConfig
 from edm_lightning.routing import as_secret
 
 __all__ = [
@@ -32,6 +33,15 @@ __all__ = [
     "postprocessor_configs",
     "stage_spec",
 ]
+
+
+def default_of(cls: type, argument: str) -> Any:
+    """The default of ``cls``'s init ``argument``: the schema's defaults are the job classes' own.
+
+    Returns:
+        The default value.
+    """
+    return inspect.signature(cls).parameters[argument].default
 
 
 @dataclass
@@ -53,12 +63,12 @@ class TrainConfig:
             experiment's ``trainer``, the epochs ``epochs``. Arguments the experiment sets itself are refused.
     """
 
-    arch: str = "lenet5"
+    arch: str = default_of(ClassifierModule, "arch")  # the job classes' defaults: one value, one place
     epochs: int = 10
-    batch_size: int = 128
-    train_size: int | None = None
-    val_size: int = 5000
-    augment: bool = False
+    batch_size: int = default_of(ClassificationDataModule, "batch_size")
+    train_size: int | None = default_of(ClassificationDataModule, "train_size")
+    val_size: int = default_of(ClassificationDataModule, "val_size")
+    augment: bool = default_of(ClassificationDataModule, "augment")
     optim: OptimConfig = field(default_factory=OptimConfig)
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -111,10 +121,10 @@ class EDMConfig(TrainConfig):
             the public default with a warning); written nowhere, shown as ``**********`` in printed configs.
     """
 
-    num_members: int = 5
-    diversity_weight: float = DIVERSITY_WEIGHT  # EnsembleModule's own default: one value, one place
+    num_members: int = default_of(EnsembleModule, "num_members")
+    diversity_weight: float = default_of(EnsembleModule, "diversity_weight")
     tradeoff_weights: list[float] = field(default_factory=list)
-    ood_dataset: str = "animal-mnist"
+    ood_dataset: str = default_of(EDMDataModule, "ood_dataset")
     routers: list[Literal["neural", "keyed", "coarse"]] = field(default_factory=lambda: ["neural", "keyed"])
     router_key: SecretStr | None = None
 

@@ -10,16 +10,13 @@ own parameters, works in ``folder`` and returns the stage's figures as a JSON-ab
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
 
 from edm_lightning.attacks import (
     CopySpreadModule,
@@ -33,17 +30,17 @@ from edm_lightning.attacks import (
     maze_job,
 )
 from edm_lightning.attacks.run import AttackJob
-from edm_lightning.cli import JobRun, run_job
+from edm_lightning.cli import JobRun
 from edm_lightning.command_line import class_config
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
 from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
+from edm_lightning.experiment.cli_jobs import run_stage_job, trainer_config
 from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.registry import Registry
-from edm_lightning.routing import KEYED_ROUTERS, ROUTER_KEY_ENV, as_secret
 from edm_lightning.seeding import ReseedOnFit
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
@@ -138,73 +135,13 @@ def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: s
         "enable_version_counter": False})  # a resumed stage replaces best.ckpt, never best-v1.ckpt
     bar = interactive()
     lines = [] if bar else [class_config(EpochLines, {})]
-    trainer = _trainer(config, folder, seed, job_type, settings.epochs,
+    trainer = trainer_config(config, folder, seed, job_type, settings.epochs,
                        [checkpoint, *callbacks, *lines, class_config(ReseedOnFit, {})])
     job = {"seed_everything": seed, "trainer": trainer | {"enable_progress_bar": bar, **settings.trainer}, "model": model,
            "data": data}
     last = folder / "last.ckpt"
-    return _run(config, folder, job, tested="best.ckpt", resume=str(last) if last.is_file() else None,
+    return run_stage_job(config, folder, job, tested="best.ckpt", resume=str(last) if last.is_file() else None,
                 test_checkpoint="best")
-
-
-def _run(config: ExperimentConfig, folder: Path, job: dict, tested: str | None, **options: Any) -> JobRun:
-    """``job`` through the CLI (:func:`~edm_lightning.cli.run_job`), with the router key where it reads it and the
-    header that says how to run the stage alone (``tested``: the checkpoint its test reads, ``None``: test-only).
-
-    Returns:
-        The finished job.
-    """
-    with _router_key(config):
-        return run_job(job, folder, header=_header(config, folder, tested), **options)
-
-
-def _trainer(config: ExperimentConfig, folder: Path, seed: int | None, job_type: str, epochs: int,
-             callbacks: list[dict]) -> dict:
-    """The Trainer of every stage: its epochs, the experiment's device and precision, its W&B run, its folder."""
-    return {"max_epochs": epochs, **config.trainer.options(), "logger": _logger(config, job_type, folder, seed),
-            "default_root_dir": str(folder), "callbacks": callbacks, "enable_model_summary": False}
-
-
-def _header(config: ExperimentConfig, folder: Path, tested: str | None) -> str:
-    """The comment on top of a stage's ``config.yaml``: how to run that stage alone.
-
-    Args:
-        config: the experiment.
-        folder: the stage's folder.
-        tested: the checkpoint its test reads; ``None`` for a test-only job.
-
-    Returns:
-        Comment lines, each ending in a newline.
-    """
-    keyed = set(config.edm.routers) & set(KEYED_ROUTERS)
-    key = (f"# Set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_ENV}_FILE) to the experiment's router key first: it is never written "
-           "here, and without it a keyed router uses the public default key (other routes, other figures).\n"
-           if keyed else "")
-    path = folder / "config.yaml"
-    if tested is None:
-        return f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone:\n" \
-               f"#   python main.py test --config {path}\n{key}"
-    return (f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone:\n"
-            f"#   python main.py fit --config {path}\n"
-            f"#   python main.py test --config {path} --ckpt_path {folder / tested}\n"
-            f"# (fit writes into {folder}, replacing the checkpoints later stages read.)\n{key}")
-
-
-@contextlib.contextmanager
-def _router_key(config: ExperimentConfig) -> Iterator[None]:
-    """The experiment's router key where a job reads it (``$EDM_ROUTER_KEY``) while the job runs: never in its config."""
-    if config.edm.router_key is None:
-        yield
-        return
-    before = os.environ.get(ROUTER_KEY_ENV)
-    os.environ[ROUTER_KEY_ENV] = as_secret(config.edm.router_key).get_secret_value()  # also a plain str set after init
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ROUTER_KEY_ENV, None)
-        else:
-            os.environ[ROUTER_KEY_ENV] = before
 
 
 def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dict:
@@ -259,13 +196,13 @@ def _probe(config: ExperimentConfig, folder: Path, job_type: str, model: dict, d
     Returns:
         The finished job; its model holds the figures.
     """
-    trainer = _trainer(config, folder, None, job_type, 1, []) | {
+    trainer = trainer_config(config, folder, None, job_type, 1, []) | {
         # on the CPU in float32 whatever the experiment's device: the victim as it is served, figures that do not
         # depend on where the stage ran (its key does not say)
         "accelerator": "cpu", "precision": "32-true", "enable_progress_bar": False, "enable_checkpointing": False,
         "inference_mode": False}  # Prediction Poisoning differentiates a proxy for each answer
     job = {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
-    return _run(config, folder, job, tested=None, fit=False, test_checkpoint=None)
+    return run_stage_job(config, folder, job, tested=None, fit=False, test_checkpoint=None)
 
 
 def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victim: dict, budget: int, seed: int) -> dict:
@@ -284,9 +221,9 @@ def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victi
     job = ATTACK_RUNNERS.get(settings.name)(config, folder, settings, victim_config(config, victim), common)
     last = class_config(ModelCheckpoint, {"dirpath": str(folder), "save_last": True, "save_top_k": 0,
                                           "enable_version_counter": False})
-    trainer = _trainer(config, folder, seed, "attack", job.max_epochs, [last])
+    trainer = trainer_config(config, folder, seed, "attack", job.max_epochs, [last])
     cli_config = job.cli_config() | {"trainer": trainer | {"enable_progress_bar": False, "num_sanity_val_steps": 0}}
-    run = _run(config, folder, cli_config, tested="last.ckpt", test_checkpoint=None)
+    run = run_stage_job(config, folder, cli_config, tested="last.ckpt", test_checkpoint=None)
     return attack_figures(run.datamodule, run.model, run.metrics, run.fit_seconds)
 
 
@@ -368,12 +305,3 @@ def _classification_data(config: ExperimentConfig, dataset: str, settings: Train
     return class_config(TRAINING_JOBS["target"][1], {
         "dataset": dataset, "root": config.root, "batch_size": settings.batch_size, "val_size": settings.val_size,
         "train_size": settings.train_size, "test_size": test_size, "augment": settings.augment, **settings.data})
-
-
-def _logger(config: ExperimentConfig, job_type: str, folder: Path, seed: int | None) -> dict | bool:
-    """One W&B run per stage: the experiment as its group, the stage kind as its job type."""
-    if not config.wandb_project:
-        return False
-    name = f"{config.name}-{job_type}" + (f"-seed{seed}" if seed is not None else "")
-    return class_config(WandbLogger, {"project": config.wandb_project, "group": config.name, "job_type": job_type,
-                                      "save_dir": str(folder), "name": name, "tags": [config.dataset, job_type]})
