@@ -51,6 +51,7 @@ __all__ = [
     "as_secret",
     "balance_logit_bias",
     "build_router",
+    "check_key_fingerprint",
     "key_fingerprint",
     "keyed_members",
     "load_hash_net",
@@ -351,6 +352,19 @@ def key_fingerprint(key: str | bytes | SecretStr | None) -> str:
     """
     raw = resolve_router_key(key) if not isinstance(key, bytes) else key
     return hashlib.blake2b(b"edm-lightning router key fingerprint", digest_size=4, key=raw).hexdigest()
+
+
+def check_key_fingerprint(key: str | bytes | SecretStr | None, expected: str, where: str) -> None:
+    """Refuse a router key whose fingerprint is not ``expected`` (the key resolved as :func:`resolve_router_key` does).
+
+    Raises:
+        ConfigError: another key, with both fingerprints and where to set the right one.
+    """
+    found = key_fingerprint(key)
+    if found != expected:
+        raise ConfigError(f"{where} was set up with the router key of fingerprint {expected}, but the key given "
+                          f"(argument, ${ROUTER_KEY_ENV}, ${ROUTER_KEY_FILE_ENV} or the public default) has fingerprint "
+                          f"{found}: set ${ROUTER_KEY_ENV} to the key that served it")
 
 
 def _warn_public_key() -> None:

@@ -399,6 +399,10 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     assert cli_main(["test", "--config", str(diagnosed / "config.yaml")]).model.figures == \
         {k: v for k, v in figures.items() if k != "stage_wall_time_s"}
     assert (served / "config.yaml").read_text().startswith("# One stage")  # a test run leaves the stage's file as it was
+    monkeypatch.delenv("EDM_ROUTER_KEY")  # without the experiment's key a keyed stage is refused, not routed otherwise
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["test", "--config", str(served / "config.yaml")])
+    assert refused.value.code == 2
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Path, capsys):

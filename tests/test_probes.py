@@ -99,3 +99,13 @@ def test_diagnostics_need_the_probe_sets(fake_root: Path, ensemble: str):
     for sets in ([], ["test", "test"], ["train"]):
         with pytest.raises(ConfigError, match="sets must name each of test, ood, surrogate"):
             ProbeDataModule(sets=sets)
+
+
+def test_a_victim_config_refuses_a_router_key_other_than_the_one_it_records(ensemble: str):
+    """What a stage's config.yaml holds instead of the key: re-run without the experiment's key, it is refused."""
+    from edm_lightning.routing import key_fingerprint
+
+    recorded = key_fingerprint("the experiment's key")
+    with pytest.raises(ConfigError, match=f"router key of fingerprint {recorded}.* set \\$EDM_ROUTER_KEY"):
+        VictimConfig(ensemble, router="keyed", key="another key", key_fingerprint=recorded).build()
+    assert VictimConfig(ensemble, router="keyed", key="the experiment's key", key_fingerprint=recorded).build()

@@ -11,7 +11,7 @@ from edm_lightning.checkpoints import checkpoint_class, checkpoint_nets, is_ense
 from edm_lightning.defense.postprocessors import PostprocessorConfig, build_postprocessors
 from edm_lightning.defense.victim import Victim
 from edm_lightning.errors import ConfigError
-from edm_lightning.routing import FixedRouter, as_secret, build_router
+from edm_lightning.routing import KEYED_ROUTERS, FixedRouter, as_secret, build_router, check_key_fingerprint
 
 __all__ = ["VictimConfig", "load_victim"]
 
@@ -28,6 +28,10 @@ class VictimConfig:
         hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
         key: secret key of the ``keyed`` and ``coarse`` routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or the
             public default with a warning); never written, shown as ``**********`` in config dumps.
+        key_fingerprint: the fingerprint the router key must have
+            (:func:`~edm_lightning.routing.key_fingerprint`, public); a config written by the experiment runner
+            records it, so a job re-run by hand without the experiment's key is refused instead of silently routing
+            with another key. ``None``: not checked.
         member: the member that answers under ``router: fixed``.
         postprocessors: output-perturbation defenses applied to every answer, in this order, each as
             ``{class_path: ReverseSigmoid, init_args: {beta: 0.3}}`` (a name from
@@ -41,6 +45,7 @@ class VictimConfig:
     router: str = "fixed"
     hash_checkpoint: str | None = None
     key: SecretStr | None = None
+    key_fingerprint: str | None = None
     member: int = 0
     postprocessors: list[PostprocessorConfig] = field(default_factory=list)
 
@@ -89,6 +94,8 @@ def load_victim(config: VictimConfig) -> Victim:
         if config.router == "fixed" and not 0 <= config.member < num_members:
             raise ConfigError(f"member must be in [0, {num_members}) for the {num_members}-member ensemble "
                               f"{str(path)!r}, got {config.member}")
+        if config.key_fingerprint is not None and config.router in KEYED_ROUTERS:
+            check_key_fingerprint(config.key, config.key_fingerprint, f"the {config.router} router of {str(path)!r}")
         # The router first: a missing or mismatched hash network fails before the members load.
         router = build_router(config.router, num_members, member=config.member, key=config.key,
                               hash_checkpoint=config.hash_checkpoint, input_shape=input_shape,

@@ -41,6 +41,7 @@ from edm_lightning.models import ClassifierModule, EnsembleModule, Misinformatio
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.registry import Registry
+from edm_lightning.routing import KEYED_ROUTERS, key_fingerprint
 from edm_lightning.seeding import ReseedOnFit
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
@@ -295,9 +296,16 @@ def transfer_dir(config: ExperimentConfig) -> Path:
 
 
 def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
-    """The VictimConfig a planned victim stands for (checkpoint, router, post-processors)."""
+    """The VictimConfig a planned victim stands for (checkpoint, router, post-processors), with the fingerprint of
+    its router key: a stage's config.yaml re-run without the experiment's key is refused, not routed another way.
+
+    Returns:
+        The victim's config (the key itself is left out of every written config).
+    """
+    keyed = victim["router"] in KEYED_ROUTERS
     return VictimConfig(victim["checkpoint"], router=victim["router"], hash_checkpoint=victim.get("hash_checkpoint"),
-                        key=config.edm.router_key, postprocessors=victim.get("postprocessors", []))
+                        key=config.edm.router_key, key_fingerprint=key_fingerprint(config.edm.router_key) if keyed else None,
+                        postprocessors=victim.get("postprocessors", []))
 
 
 def _classification_data(config: ExperimentConfig, dataset: str, settings: TrainConfig, test_size: int | None = None
