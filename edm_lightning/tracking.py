@@ -11,6 +11,7 @@ W&B is composed into any job with ``--config configs/logger/wandb.yaml``. Four b
 
 from __future__ import annotations
 
+import importlib
 import netrc
 import os
 import sys
@@ -21,11 +22,12 @@ from urllib.parse import urlparse
 import lightning as L
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
-__all__ = ["LogConfigCallback", "fill_wandb_defaults", "finish_wandb_run", "resolve_wandb_mode", "wandb_has_credentials"]
+__all__ = ["LogConfigCallback", "fill_wandb_defaults", "finish_wandb_run", "is_wandb_logger", "resolve_wandb_mode",
+           "wandb_has_credentials"]
 
-WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
 
 _told_offline = False
 
@@ -101,7 +103,7 @@ def fill_wandb_defaults(config: Any) -> bool:
     }
     found = False
     for logger in loggers:
-        if getattr(logger, "class_path", None) != WANDB_LOGGER:
+        if not is_wandb_logger(getattr(logger, "class_path", None)):
             continue
         found = True
         for key, value in derived.items():
@@ -109,6 +111,23 @@ def fill_wandb_defaults(config: Any) -> bool:
             if value is not None and _get(logger.init_args, key) in unset:
                 logger.init_args[key] = value
     return found
+
+
+def is_wandb_logger(class_path: Any) -> bool:
+    """Whether a config's logger ``class_path`` names Lightning's ``WandbLogger``, by any of its import paths
+    (``lightning.pytorch.loggers.WandbLogger``, or ``lightning.pytorch.loggers.wandb.WandbLogger`` as dumps write it).
+
+    Returns:
+        ``True`` for the W&B logger or a subclass of it.
+    """
+    if not isinstance(class_path, str) or not class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, WandbLogger) if cls is not None else name == "WandbLogger"
 
 
 def _get(namespace: Any, key: str) -> Any:

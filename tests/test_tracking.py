@@ -110,6 +110,18 @@ def test_offline_run_logs_config_and_metrics_and_each_job_gets_its_own_run(
     assert len(list((tmp_path / "runs/baseline/wandb").glob("offline-run-*"))) == 2
 
 
+def test_a_dumped_config_naming_the_loggers_module_path_also_goes_offline(no_credentials, fake_root: Path, tmp_path: Path):
+    """A config.yaml the CLI (or the experiment runner) dumped names ``lightning.pytorch.loggers.wandb.WandbLogger``; run
+    by hand without credentials it must log offline like ``configs/logger/wandb.yaml`` does, not fail in wandb.init."""
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    logger = tmp_path / "dumped_logger.yaml"
+    logger.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.wandb.WandbLogger\n"
+                      "    init_args: {project: edm-lightning-test}\n")
+    cli = main(["fit", "--config", str(config), "--config", str(logger), "--data.init_args.val_size", "40", *QUICK])
+    assert cli.trainer.state.finished
+    assert len(list((tmp_path / "runs/baseline/wandb").glob("offline-run-*"))) == 1  # save_dir filled in as well
+
+
 def test_disabled_mode_trains_without_writing_runs(monkeypatch, fake_root: Path, tmp_path: Path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
