@@ -178,7 +178,6 @@ def run_job(config: dict[str, Any], folder: Path, *, fit: bool = True, resume: s
                           "it in this log") from None
     finally:
         sys.argv = argv
-    write_atomic(path, header + cli.parser.dump(cli.config, skip_unset=False))
     try:
         start = time.perf_counter()
         if fit:
@@ -187,7 +186,7 @@ def run_job(config: dict[str, Any], folder: Path, *, fit: bool = True, resume: s
         tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=test_checkpoint, verbose=False)
     finally:
         finish_wandb_run()
-        # after the fit, which saved the same dump without the header
+        # the complete dump (a fit saved it without the header), also when the run failed
         write_atomic(path, header + cli.parser.dump(cli.config, skip_unset=False))
     metrics: dict[str, float] = {}
     for loader_metrics in tested:

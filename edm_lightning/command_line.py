@@ -4,13 +4,11 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonargparse.typing import SecretStr
-
 from edm_lightning.errors import ConfigError
+from edm_lightning.files import to_plain
 
 __all__ = ["SHIPPED_CONFIGS", "class_config", "prepare_command_line", "shipped_config"]
 
@@ -82,16 +80,4 @@ def class_config(cls: type, init_args: dict[str, Any]) -> dict[str, Any]:
     Returns:
         Plain data (``yaml.safe_dump`` writes it).
     """
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": _config_value(init_args)}
-
-
-def _config_value(value: Any) -> Any:
-    if isinstance(value, SecretStr):
-        return None
-    if is_dataclass(value) and not isinstance(value, type):
-        return {field.name: _config_value(getattr(value, field.name)) for field in fields(value)}
-    if isinstance(value, dict):
-        return {str(key): _config_value(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_config_value(item) for item in value]
-    return str(value) if isinstance(value, Path) else value
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": to_plain(init_args)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse.typing import SecretStr
 from torch import nn
 
 __all__ = ["Secret", "digest", "file_digest", "save_atomic", "state_digest", "to_plain", "write_atomic"]
@@ -104,13 +105,16 @@ def to_plain(value: Any, reveal: bool = False) -> Any:
 
     Args:
         value: the data.
-        reveal: write each :class:`Secret` as its value (for digests) instead of its label (for files).
+        reveal: write each :class:`Secret` as its value (for digests) instead of its label (for files); a
+            jsonargparse ``SecretStr`` is left as it is for digests (they always hashed it so) and written as ``None``.
 
     Returns:
         Dicts, lists and scalars only (anything else is left for ``json.dumps(default=str)``).
     """
     if isinstance(value, Secret):
         return value.reveal() if reveal else value.label
+    if isinstance(value, SecretStr):
+        return value if reveal else None
     if is_dataclass(value) and not isinstance(value, type):
         return to_plain(asdict(value), reveal)
     if isinstance(value, dict):

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from edm_lightning.cli import JobRun, run_job
 from edm_lightning.command_line import class_config
 from edm_lightning.experiment.config import ExperimentConfig
-from edm_lightning.routing import KEYED_ROUTERS, ROUTER_KEY_ENV, as_secret
+from edm_lightning.routing import KEYED_ROUTERS, ROUTER_KEY_ENV, ROUTER_KEY_FILE_ENV, as_secret
 
 __all__ = ["logger_config", "router_key_in_environment", "run_stage_job", "stage_header", "trainer_config"]
 
@@ -54,7 +54,7 @@ def stage_header(config: ExperimentConfig, folder: Path, tested: str | None) -> 
         Comment lines, each ending in a newline.
     """
     keyed = set(config.edm.routers) & set(KEYED_ROUTERS)
-    key = (f"# Set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_ENV}_FILE) to the experiment's router key first: it is never written "
+    key = (f"# Set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_FILE_ENV}) to the experiment's router key first: it is never written "
            "here; a victim behind a keyed router records the key's fingerprint and refuses another key.\n"
            if keyed else "")
     path = folder / "config.yaml"

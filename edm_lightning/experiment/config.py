@@ -26,6 +26,7 @@ __all__ = [
     "HashNetConfig",
     "TrainConfig",
     "TrainerConfig",
+    "arguments_of",
     "averaging_attacks",
     "curve_attacks",
     "defense_label",
@@ -42,6 +43,24 @@ def default_of(cls: type, argument: str) -> Any:
         The default value.
     """
     return inspect.signature(cls).parameters[argument].default
+
+
+def arguments_of(obj: Any) -> set[str]:
+    """The named arguments of a function, or the init arguments of a class and of the classes it forwards
+    ``**kwargs`` to (the project's Trainer to Lightning's).
+
+    Returns:
+        The argument names (``self`` and ``*args`` / ``**kwargs`` left out).
+    """
+    names: set[str] = set()
+    for target in obj.__mro__ if isinstance(obj, type) else (obj,):
+        if isinstance(obj, type) and "__init__" not in vars(target):
+            continue
+        parameters = inspect.signature(target.__init__ if isinstance(obj, type) else target).parameters
+        names |= {name for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return names
 
 
 @dataclass

@@ -10,7 +10,6 @@ own parameters, works in ``folder`` and returns the stage's figures as a JSON-ab
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDat
 from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.cli_jobs import run_stage_job, trainer_config
-from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
+from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig, arguments_of, default_of
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
@@ -253,7 +252,7 @@ class AttackRunner:
         Returns:
             The default value.
         """
-        return inspect.signature(self.entry).parameters[option].default
+        return default_of(self.entry, option)
 
     def check_options(self, config: ExperimentConfig, settings: AttackConfig) -> None:
         """Refuse ``options`` the entry does not take, or that the experiment sets itself, before any stage runs.
@@ -261,10 +260,9 @@ class AttackRunner:
         Raises:
             ConfigError: an unknown or experiment-set option (the message lists the ones that can be set).
         """
-        parameters = inspect.signature(self.entry).parameters
-        taken = {name for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD} - {"victim"}
+        taken = arguments_of(self.entry) - {"victim"}
         if self.forwards_to is not None:
-            taken |= set(inspect.signature(self.forwards_to).parameters) - {"self", "victim"}
+            taken |= arguments_of(self.forwards_to) - {"victim"}
         set_here = set(self.fixed(config, Path("."), settings)) | set(COMMON_ATTACK_ARGUMENTS)
         wrong = sorted(set(settings.options) - (taken - set_here))
         if wrong:

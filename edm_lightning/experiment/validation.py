@@ -7,7 +7,6 @@ setup that would flatter the defense, so a bad configuration costs seconds, not 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import math
 import shutil
 import sys
@@ -21,7 +20,7 @@ from edm_lightning.data import get_spec, open_dataset
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
-from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, postprocessor_configs
+from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, arguments_of, postprocessor_configs
 from edm_lightning.experiment.jobs import ATTACK_RUNNERS, SET_BY_EXPERIMENT, TRAINING_JOBS
 from edm_lightning.models.ensemble import check_ensemble_settings
 from edm_lightning.nets import build_net
@@ -109,7 +108,7 @@ def _validate_job_sections(where: str, settings: TrainConfig) -> None:
         given = getattr(settings, section)
         if not isinstance(given, dict):
             raise ConfigError(f"{where}.{section} must be a mapping of {classes[section].__name__} arguments, got {given!r}")
-        takes = _arguments(classes[section]) - SET_BY_EXPERIMENT[section]
+        takes = arguments_of(classes[section]) - SET_BY_EXPERIMENT[section]
         wrong = sorted(set(given) - takes)
         if wrong:
             set_here = sorted(set(wrong) & SET_BY_EXPERIMENT[section])
@@ -117,19 +116,6 @@ def _validate_job_sections(where: str, settings: TrainConfig) -> None:
                       if set_here else "")
             raise ConfigError(f"{where}.{section}: {wrong} are not {classes[section].__name__} arguments it may set{reason}; "
                               f"it may set: {', '.join(sorted(takes))}")
-
-
-def _arguments(cls: type) -> set[str]:
-    """The init arguments of ``cls`` and of the classes it forwards ``**kwargs`` to (the Trainer's to Lightning's)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(klass.__init__).parameters
-        names |= {name for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            break
-    return names
 
 
 def _validate_data(config: ExperimentConfig) -> None:

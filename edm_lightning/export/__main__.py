@@ -93,7 +93,7 @@ def run_export(config: ExportConfig) -> dict:
         os.replace(written, out)
     finally:
         written.unlink(missing_ok=True)
-    source = to_plain(config.victim) | {"key": None}
+    source = to_plain(config.victim)  # the key as None
     manifest_path = write_manifest(out, victim, config.format, source, check)
     return json.loads(Path(manifest_path).read_text())
 
