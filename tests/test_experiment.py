@@ -381,13 +381,19 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     monkeypatch.setenv("EDM_ROUTER_KEY", key)
     for folder, (checkpoint, figures) in checked.items():
         result, before = json.loads((folder / "result.json").read_text()), weights(folder / checkpoint)
-        assert (folder / "config.yaml").read_text().startswith("# One stage of the experiment 'tiny'")
-        refit = subprocess.run([sys.executable, "main.py", "fit", "--config", str(folder / "config.yaml")], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=300)
+        header = (folder / "config.yaml").read_text()
+        assert header.startswith("# One stage of the experiment 'tiny'")
+        assert "--trainer.default_root_dir DIR --trainer.callbacks.dirpath DIR" in header
+        stage_files = {path: path.read_bytes() for path in folder.glob("*.ckpt")}
+        again = tmp_path / "again" / folder.name  # the header's recipe for a re-run that leaves the experiment alone
+        refit = subprocess.run([sys.executable, "main.py", "fit", "--config", str(folder / "config.yaml"),
+                                "--trainer.default_root_dir", str(again), "--trainer.callbacks.dirpath", str(again)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert refit.returncode == 0, refit.stderr[-3000:]
-        after = weights(folder / checkpoint)
+        assert {path: path.read_bytes() for path in folder.glob("*.ckpt")} == stage_files  # untouched
+        after = weights(again / checkpoint)
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), folder.name
-        tested = cli_main(["test", "--config", str(folder / "config.yaml"), "--ckpt_path", str(folder / checkpoint)])
+        tested = cli_main(["test", "--config", str(folder / "config.yaml"), "--ckpt_path", str(again / checkpoint)])
         metrics = {k.split("/dataloader_idx")[0]: float(v) for k, v in tested.trainer.callback_metrics.items()}
         assert {m: pytest.approx(metrics[m], abs=1e-6) for m in figures} == {m: result[f] for m, f in figures.items()}
     served = stage("served", router="keyed")  # a test-only job: the defender's accuracy behind the keyed router

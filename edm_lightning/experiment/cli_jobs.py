@@ -64,7 +64,8 @@ def stage_header(config: ExperimentConfig, folder: Path, tested: str | None) -> 
     return (f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone:\n"
             f"#   python main.py fit --config {path}\n"
             f"#   python main.py test --config {path} --ckpt_path {folder / tested}\n"
-            f"# (fit writes into {folder}, replacing the checkpoints later stages read.)\n{key}")
+            f"# fit writes into {folder}, replacing the checkpoints later stages read; to write into DIR instead add\n"
+            f"#   --trainer.default_root_dir DIR --trainer.callbacks.dirpath DIR   (then test DIR/{tested})\n{key}")
 
 
 @contextlib.contextmanager

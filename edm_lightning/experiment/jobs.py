@@ -135,13 +135,15 @@ def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: s
         "enable_version_counter": False})  # a resumed stage replaces best.ckpt, never best-v1.ckpt
     bar = interactive()
     lines = [] if bar else [class_config(EpochLines, {})]
+    # The checkpoint callback comes last so `--trainer.callbacks.dirpath DIR` moves it (the stage header's recipe for a
+    # re-run that leaves this stage alone); Lightning runs checkpoint callbacks last wherever they are listed.
     trainer = trainer_config(config, folder, seed, job_type, settings.epochs,
-                       [checkpoint, *callbacks, *lines, class_config(ReseedOnFit, {})])
+                             [*callbacks, *lines, class_config(ReseedOnFit, {}), checkpoint])
     job = {"seed_everything": seed, "trainer": trainer | {"enable_progress_bar": bar, **settings.trainer}, "model": model,
            "data": data}
     last = folder / "last.ckpt"
     return run_stage_job(config, folder, job, tested="best.ckpt", resume=str(last) if last.is_file() else None,
-                test_checkpoint="best")
+                         test_checkpoint="best")
 
 
 def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dict:
