@@ -362,6 +362,7 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     key = "the-router-key-of-this-test"
     config = tiny_config(fake_root, tmp_path)
     config.edm.router_key = key
+    config.edm.routers = ["keyed", "neural"]  # the ensemble's validation routes with the key too
     run_experiment(config)
     runs = tmp_path / "runs/tiny"
     assert all(key not in path.read_text() for path in runs.rglob("config.yaml"))
@@ -406,9 +407,14 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
         {k: v for k, v in figures.items() if k != "stage_wall_time_s"}
     assert (served / "config.yaml").read_text().startswith("# One stage")  # a test run leaves the stage's file as it was
     monkeypatch.delenv("EDM_ROUTER_KEY")  # without the experiment's key a keyed stage is refused, not routed otherwise
-    with pytest.raises(SystemExit) as refused:
-        cli_main(["test", "--config", str(served / "config.yaml")])
-    assert refused.value.code == 2
+    for refused_run in (["test", "--config", str(served / "config.yaml")],
+                        ["fit", "--config", str(stage("edm", diversity_weight=0.5) / "config.yaml"),
+                         "--trainer.default_root_dir", str(tmp_path / "refused"), "--trainer.callbacks.dirpath",
+                         str(tmp_path / "refused")]):
+        with pytest.raises(SystemExit) as refused:
+            cli_main(refused_run)
+        assert refused.value.code == 2, refused_run[:2]
+    assert not (tmp_path / "refused").exists()
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Path, capsys):

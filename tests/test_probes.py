@@ -101,11 +101,18 @@ def test_diagnostics_need_the_probe_sets(fake_root: Path, ensemble: str):
             ProbeDataModule(sets=sets)
 
 
-def test_a_victim_config_refuses_a_router_key_other_than_the_one_it_records(ensemble: str):
+def test_a_victim_config_and_an_ensemble_refuse_a_router_key_other_than_the_one_they_record(ensemble: str):
     """What a stage's config.yaml holds instead of the key: re-run without the experiment's key, it is refused."""
+    from edm_lightning.models import EnsembleModule
     from edm_lightning.routing import key_fingerprint
 
     recorded = key_fingerprint("the experiment's key")
     with pytest.raises(ConfigError, match=f"router key of fingerprint {recorded}.* set \\$EDM_ROUTER_KEY"):
         VictimConfig(ensemble, router="keyed", key="another key", key_fingerprint=recorded).build()
     assert VictimConfig(ensemble, router="keyed", key="the experiment's key", key_fingerprint=recorded).build()
+    for router in ("keyed", "coarse"):  # an EDM training stage whose validation routes with the experiment's key
+        with pytest.raises(ConfigError, match=f"router key of fingerprint {recorded}"):
+            EnsembleModule(num_members=2, router=router, router_key="another key", router_key_fingerprint=recorded)
+        model = EnsembleModule(num_members=2, router=router, router_key="the experiment's key",
+                               router_key_fingerprint=recorded)
+        assert "router_key_fingerprint" not in model.hparams  # a serving choice, like the key: not in checkpoints

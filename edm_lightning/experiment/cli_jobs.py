@@ -55,7 +55,7 @@ def stage_header(config: ExperimentConfig, folder: Path, tested: str | None) -> 
     """
     keyed = set(config.edm.routers) & set(KEYED_ROUTERS)
     key = (f"# Set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_FILE_ENV}) to the experiment's router key first: it is never written "
-           "here; a victim behind a keyed router records the key's fingerprint and refuses another key.\n"
+           "here; a stage behind a keyed router records the key's fingerprint and refuses another key.\n"
            if keyed else "")
     path = folder / "config.yaml"
     if tested is None:

@@ -59,7 +59,7 @@ TRAINING_JOBS: dict[str, tuple[type, type]] = {
 #: a stage's ``model`` / ``data`` / ``trainer`` pass-through section may set any other argument of the class.
 SET_BY_EXPERIMENT: dict[str, frozenset[str]] = {
     "model": frozenset({"arch", "optim", "num_members", "diversity_weight", "router", "router_key", "hash_checkpoint",
-                        "num_classes", "input_shape", "mean", "std"}),
+                        "router_key_fingerprint", "num_classes", "input_shape", "mean", "std"}),
     "data": frozenset({"dataset", "ood_dataset", "root", "batch_size", "val_size", "train_size", "test_size", "augment"}),
     # one device per stage (workers run stages at once); strategy and nodes would make an in-process stage relaunch
     # the runner itself in every DDP process
@@ -101,8 +101,9 @@ def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, 
         "test_size": config.test_size, "augment": settings.augment, **settings.data})
     model = class_config(model_class, {
         "arch": settings.arch, "num_members": settings.num_members, "optim": settings.optim, "diversity_weight": weight,
-        "router": settings.routers[0], "router_key": None,  # the key: from the environment
-        "hash_checkpoint": hash_checkpoint, **settings.model})
+        "router": settings.routers[0], "router_key": None,  # the key: from the environment, checked by its fingerprint
+        "router_key_fingerprint": _fingerprint(config, settings.routers[0]), "hash_checkpoint": hash_checkpoint,
+        **settings.model})
     metrics = _fit_and_test(config, folder, seed, "ensemble", settings, model, data).metrics
     keep = ("test/acc", "test/id/coherence", "test/ood/coherence", "test/id/coherent_share", "test/ood/coherent_share")
     shares = {k: v for k, v in metrics.items() if k.startswith("test/member_")}
@@ -302,10 +303,14 @@ def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
     Returns:
         The victim's config (the key itself is left out of every written config).
     """
-    keyed = victim["router"] in KEYED_ROUTERS
     return VictimConfig(victim["checkpoint"], router=victim["router"], hash_checkpoint=victim.get("hash_checkpoint"),
-                        key=config.edm.router_key, key_fingerprint=key_fingerprint(config.edm.router_key) if keyed else None,
+                        key=config.edm.router_key, key_fingerprint=_fingerprint(config, victim["router"]),
                         postprocessors=victim.get("postprocessors", []))
+
+
+def _fingerprint(config: ExperimentConfig, router: str) -> str | None:
+    """The public fingerprint of the experiment's router key, for a keyed ``router`` (else ``None``)."""
+    return key_fingerprint(config.edm.router_key) if router in KEYED_ROUTERS else None
 
 
 def _classification_data(config: ExperimentConfig, dataset: str, settings: TrainConfig, test_size: int | None = None

@@ -20,7 +20,7 @@ from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig, build_optimizer
-from edm_lightning.routing import answer_routed, as_secret, build_router
+from edm_lightning.routing import KEYED_ROUTERS, answer_routed, as_secret, build_router, check_key_fingerprint
 
 __all__ = ["EnsembleModule", "check_ensemble_settings"]
 
@@ -65,6 +65,13 @@ class EnsembleModule(RecordedModule):
         router_key: secret key of the ``keyed`` and ``coarse`` routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``,
             or the public default with a warning); never saved, shown as ``**********`` in config dumps.
         hash_checkpoint: hash network checkpoint of the ``neural`` router.
+        router_key_fingerprint: the fingerprint the ``keyed``/``coarse`` router's key must have
+            (:func:`~edm_lightning.routing.key_fingerprint`, public). The experiment runner writes it, so its stage
+            re-run without the experiment's key is refused instead of picking the best epoch by another key's routes.
+
+    Raises:
+        ConfigError: bad ensemble settings, ``neural`` without ``hash_checkpoint``, or a router key whose fingerprint
+            is not ``router_key_fingerprint``.
     """
 
     def __init__(
@@ -81,14 +88,17 @@ class EnsembleModule(RecordedModule):
         router: Literal["keyed", "neural", "coarse", "fixed"] = "keyed",
         router_key: SecretStr | None = None,
         hash_checkpoint: str | None = None,
+        router_key_fingerprint: str | None = None,
     ):
         super().__init__()
         check_ensemble_settings(num_members, diversity_weight)
         if router == "neural" and hash_checkpoint is None:
             raise ConfigError("router 'neural' needs hash_checkpoint (train it with configs/hashnet.yaml)")
+        if router in KEYED_ROUTERS and router_key_fingerprint is not None:
+            check_key_fingerprint(router_key, router_key_fingerprint, f"this ensemble's {router} router")
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
         # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
-        self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint"])
+        self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint", "router_key_fingerprint"])
         self.router_kind, self.router_key, self.hash_checkpoint = router, as_secret(router_key), hash_checkpoint
         self.optim = optim or OptimConfig()
         self.members = nn.ModuleList(build_net(arch, input_shape, num_classes, mean, std) for _ in range(num_members))
