@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from jsonargparse.typing import SecretStr
 
+from edm_lightning.attacks import KnockoffDataModule
 from edm_lightning.data import ClassificationDataModule, EDMDataModule
 from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve_postprocessor
 from edm_lightning.models import ClassifierModule, EnsembleModule, OptimConfig
@@ -182,6 +183,14 @@ class AttackConfig:
         """The attack's name in tables: its ``label``, or its ``name``."""
         return self.label or self.name
 
+    @property
+    def averaging(self) -> dict[str, Any]:
+        """KnockoffNets' query averaging as ``options`` sets it, defaults filled in from
+        :class:`~edm_lightning.attacks.KnockoffDataModule`: ``query_copies`` (1: none), ``copy_noise``, ``copy_shift``.
+        """
+        return {name: kind(self.options.get(name, default_of(KnockoffDataModule, name)))
+                for name, kind in (("query_copies", int), ("copy_noise", float), ("copy_shift", int))}
+
 
 @dataclass
 class DefenseConfig:
@@ -311,7 +320,7 @@ def curve_attacks(config: ExperimentConfig) -> list[str]:
 
 def averaging_attacks(config: ExperimentConfig) -> list[AttackConfig]:
     """The KnockoffNets variants that average several noisy copies of each query (EDM's adaptive attacker)."""
-    return [a for a in config.attacks if a.name == "knockoff" and int(a.options.get("query_copies", 1)) > 1]
+    return [a for a in config.attacks if a.name == "knockoff" and a.averaging["query_copies"] > 1]
 
 
 def defense_label(defense: DefenseConfig, base: str) -> str:

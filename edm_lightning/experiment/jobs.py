@@ -184,10 +184,10 @@ def routing_spread(config: ExperimentConfig, folder: Path, victim: dict, attack:
     Returns:
         ``distinct_members``, ``distinct_if_random`` (the same for a uniform random router) and ``share_on_plain_member``.
     """
-    options = attack.options
+    averaging = attack.averaging
     model = class_config(CopySpreadModule, {
-        "victim": victim_config(config, victim), "copies": int(options["query_copies"]),
-        "copy_noise": float(options.get("copy_noise", 0)), "copy_shift": int(options.get("copy_shift", 0)), "seed": seed})
+        "victim": victim_config(config, victim), "copies": averaging["query_copies"], "copy_noise": averaging["copy_noise"],
+        "copy_shift": averaging["copy_shift"], "seed": seed})
     data = class_config(ProbeDataModule, {"dataset": config.dataset, "sets": ["surrogate"], "ood_dataset": None,
                                           "surrogate": attack.surrogate, "root": config.root, "images": images})
     return _probe(config, folder, "spread", model, data).model.figures

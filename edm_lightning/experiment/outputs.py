@@ -93,7 +93,8 @@ def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) ->
                                 f"{r['clone_acc_mean'] * 100:.1f}%" for r in best[:6])
             notes.append(f"{title}: at most 1 point of defender accuracy lost, lowest clone accuracy first: {ranking}.")
     for attack in config.attacks:
-        copies = int(attack.options.get("query_copies", 1))
+        averaging = attack.averaging
+        copies = averaging["query_copies"]
         if attack.name != "knockoff" or copies == 1 or attack.title == first.title:
             continue
         for router in config.edm.routers:
@@ -105,8 +106,8 @@ def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) ->
                      f"{mean(s['share_on_plain_member'] for s in spread):.0%} of them the image's own") if spread else ""
             if not (plain and averaged):
                 continue
-            what = (f"{attack.title} (K={copies} copies, noise {attack.options.get('copy_noise', 0)}, shift "
-                    f"{attack.options.get('copy_shift', 0)} px; {averaged['queries_mean']:,.0f} queries, {copies - 1} extra "
+            what = (f"{attack.title} (K={copies} copies, noise {averaging['copy_noise']:g}, shift "
+                    f"{averaging['copy_shift']} px; {averaged['queries_mean']:,.0f} queries, {copies - 1} extra "
                     f"per image) against edm-{router}")
             clones = (f"clone accuracy {averaged['clone_acc_mean'] * 100:.1f}% vs {plain['clone_acc_mean'] * 100:.1f}% "
                       f"under {first.title}")

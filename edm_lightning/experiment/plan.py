@@ -212,10 +212,8 @@ class _Builder:
             needs=(victim["trained"],), estimate_s=3.0))
 
     def spread(self, victim: dict, attack: AttackConfig, seed: int) -> Stage:
-        options = attack.options
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": attack.surrogate, "seed": seed,
-               "query_copies": int(options["query_copies"]), "copy_noise": float(options.get("copy_noise", 0)),
-               "copy_shift": int(options.get("copy_shift", 0)), "images": 1000, **self.keyed(victim)}
+               **attack.averaging, "images": 1000, **self.keyed(victim)}
         plain = _victim_dict(victim)
         return self.add(Stage(
             "spread", key, f"{attack.title} copies behind the {victim['router']} router (seed {seed})",
@@ -290,7 +288,7 @@ def _training_s(settings, images: int) -> float:
 def _attack_s(settings: AttackConfig, budget: int) -> float:
     per_image = _SECONDS_PER_IMAGE_EPOCH.get(settings.arch, 1e-3)
     if settings.name == "knockoff":
-        items = budget // int(settings.options.get("query_copies", 1))
+        items = budget // settings.averaging["query_copies"]
         return budget * _SECONDS_PER_QUERY + settings.epochs * items * per_image + 3.0
     if settings.name == "dfme":
         return budget * _SECONDS_PER_QUERY * 35  # a generator and a clone step per few hundred queries
