@@ -1,16 +1,17 @@
 """The command line and configs as the CLIs parse them: shipped configs found by name, sweeps' ``None`` read as
-``null``, classes written as ``{class_path, init_args}``.
+``null``, classes written as ``{class_path, init_args}``, and the init arguments (and defaults) they may set.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import to_plain
 
-__all__ = ["SHIPPED_CONFIGS", "class_config", "prepare_command_line", "shipped_config"]
+__all__ = ["SHIPPED_CONFIGS", "arguments_of", "class_config", "default_of", "prepare_command_line", "shipped_config"]
 
 
 def prepare_command_line(argv: list[str]) -> list[str]:
@@ -81,3 +82,30 @@ def class_config(cls: type, init_args: dict[str, Any]) -> dict[str, Any]:
         Plain data (``yaml.safe_dump`` writes it).
     """
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": to_plain(init_args)}
+
+
+def default_of(cls: type, argument: str) -> Any:
+    """The default of ``cls``'s init ``argument``: the schema's defaults are the job classes' own.
+
+    Returns:
+        The default value.
+    """
+    return inspect.signature(cls).parameters[argument].default
+
+
+def arguments_of(obj: Any) -> set[str]:
+    """The named arguments of a function, or the init arguments of a class and of the classes it forwards
+    ``**kwargs`` to (the project's Trainer to Lightning's).
+
+    Returns:
+        The argument names (``self`` and ``*args`` / ``**kwargs`` left out).
+    """
+    names: set[str] = set()
+    for target in obj.__mro__ if isinstance(obj, type) else (obj,):
+        if isinstance(obj, type) and "__init__" not in vars(target):
+            continue
+        parameters = inspect.signature(target.__init__ if isinstance(obj, type) else target).parameters
+        names |= {name for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return names

@@ -6,13 +6,13 @@ the defense sweep, where things go); :mod:`.validation` checks it before any sta
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from jsonargparse.typing import SecretStr
 
 from edm_lightning.attacks import KnockoffDataModule
+from edm_lightning.command_line import default_of
 from edm_lightning.data import ClassificationDataModule, EDMDataModule
 from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve_postprocessor
 from edm_lightning.models import ClassifierModule, EnsembleModule, OptimConfig
@@ -27,7 +27,6 @@ __all__ = [
     "HashNetConfig",
     "TrainConfig",
     "TrainerConfig",
-    "arguments_of",
     "averaging_attacks",
     "curve_attacks",
     "defense_label",
@@ -35,33 +34,6 @@ __all__ = [
     "postprocessor_configs",
     "stage_spec",
 ]
-
-
-def default_of(cls: type, argument: str) -> Any:
-    """The default of ``cls``'s init ``argument``: the schema's defaults are the job classes' own.
-
-    Returns:
-        The default value.
-    """
-    return inspect.signature(cls).parameters[argument].default
-
-
-def arguments_of(obj: Any) -> set[str]:
-    """The named arguments of a function, or the init arguments of a class and of the classes it forwards
-    ``**kwargs`` to (the project's Trainer to Lightning's).
-
-    Returns:
-        The argument names (``self`` and ``*args`` / ``**kwargs`` left out).
-    """
-    names: set[str] = set()
-    for target in obj.__mro__ if isinstance(obj, type) else (obj,):
-        if isinstance(obj, type) and "__init__" not in vars(target):
-            continue
-        parameters = inspect.signature(target.__init__ if isinstance(obj, type) else target).parameters
-        names |= {name for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            break
-    return names
 
 
 @dataclass

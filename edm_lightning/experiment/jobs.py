@@ -30,12 +30,12 @@ from edm_lightning.attacks import (
 )
 from edm_lightning.attacks.run import AttackJob
 from edm_lightning.cli import JobRun
-from edm_lightning.command_line import class_config
+from edm_lightning.command_line import arguments_of, class_config, default_of
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
 from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.cli_jobs import run_stage_job, trainer_config
-from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig, arguments_of, default_of
+from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive

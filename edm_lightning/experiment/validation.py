@@ -16,11 +16,12 @@ import torch
 
 from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.cli import Trainer
+from edm_lightning.command_line import arguments_of
 from edm_lightning.data import get_spec, open_dataset
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor
 from edm_lightning.errors import ConfigError
-from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, arguments_of, postprocessor_configs
+from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, postprocessor_configs
 from edm_lightning.experiment.jobs import ATTACK_RUNNERS, SET_BY_EXPERIMENT, TRAINING_JOBS
 from edm_lightning.models.ensemble import check_ensemble_settings
 from edm_lightning.nets import build_net
