@@ -363,6 +363,8 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     config = tiny_config(fake_root, tmp_path)
     config.edm.router_key = key
     config.edm.routers = ["keyed", "neural"]  # the ensemble's validation routes with the key too
+    config.wandb_project = "edm-lightning-test"  # W&B's save_dir is where a re-run writes its config.yaml
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     run_experiment(config)
     runs = tmp_path / "runs/tiny"
     assert all(key not in path.read_text() for path in runs.rglob("config.yaml"))
@@ -374,24 +376,29 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     def weights(path: Path) -> dict:
         return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
 
+    def files(folder: Path) -> dict:
+        return {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in folder.rglob("*") if path.is_file()}
+
     checked = {  # stage folder -> (checkpoint it tests, {test metric: result.json figure})
         stage("target"): ("best.ckpt", {"test/acc": "test_acc"}),
         stage("edm", diversity_weight=0.5): ("best.ckpt", {"test/acc": "test_acc", "test/id/coherence": "id/coherence"}),
         stage("attack", router="keyed", budget=128): ("last.ckpt", {"test/acc": "clone_acc", "test/agreement": "agreement"}),
     }
+    recipe = "--trainer.default_root_dir DIR --trainer.callbacks.dirpath DIR --trainer.logger.save_dir DIR"
     monkeypatch.setenv("EDM_ROUTER_KEY", key)
     for folder, (checkpoint, figures) in checked.items():
         result, before = json.loads((folder / "result.json").read_text()), weights(folder / checkpoint)
         header = (folder / "config.yaml").read_text()
         assert header.startswith("# One stage of the experiment 'tiny'")
-        assert "--trainer.default_root_dir DIR --trainer.callbacks.dirpath DIR" in header
-        stage_files = {path: path.read_bytes() for path in folder.glob("*.ckpt")}
+        assert recipe in header
+        stage_files = files(folder)
         again = tmp_path / "again" / folder.name  # the header's recipe for a re-run that leaves the experiment alone
         refit = subprocess.run([sys.executable, "main.py", "fit", "--config", str(folder / "config.yaml"),
-                                "--trainer.default_root_dir", str(again), "--trainer.callbacks.dirpath", str(again)],
+                                *recipe.replace("DIR", str(again)).split()],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert refit.returncode == 0, refit.stderr[-3000:]
-        assert {path: path.read_bytes() for path in folder.glob("*.ckpt")} == stage_files  # untouched
+        assert files(folder) == stage_files  # not a file of the stage written
+        assert (again / "config.yaml").is_file() and (again / checkpoint).is_file()
         after = weights(again / checkpoint)
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), folder.name
         tested = cli_main(["test", "--config", str(folder / "config.yaml"), "--ckpt_path", str(again / checkpoint)])
@@ -409,8 +416,7 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     monkeypatch.delenv("EDM_ROUTER_KEY")  # without the experiment's key a keyed stage is refused, not routed otherwise
     for refused_run in (["test", "--config", str(served / "config.yaml")],
                         ["fit", "--config", str(stage("edm", diversity_weight=0.5) / "config.yaml"),
-                         "--trainer.default_root_dir", str(tmp_path / "refused"), "--trainer.callbacks.dirpath",
-                         str(tmp_path / "refused")]):
+                         *recipe.replace("DIR", str(tmp_path / "refused")).split()]):
         with pytest.raises(SystemExit) as refused:
             cli_main(refused_run)
         assert refused.value.code == 2, refused_run[:2]

@@ -58,6 +58,8 @@ def stage_header(config: ExperimentConfig, folder: Path, tested: str | None) -> 
            "here; a stage behind a keyed router records the key's fingerprint and refuses another key.\n"
            if keyed else "")
     path = folder / "config.yaml"
+    elsewhere = "--trainer.default_root_dir DIR --trainer.callbacks.dirpath DIR" + (
+        " --trainer.logger.save_dir DIR" if config.wandb_project else "")  # W&B's save_dir is where config.yaml goes
     if tested is None:
         return f"# One stage of the experiment {config.name!r}, as the runner ran it. This stage alone:\n" \
                f"#   python main.py test --config {path}\n{key}"
@@ -65,7 +67,7 @@ def stage_header(config: ExperimentConfig, folder: Path, tested: str | None) -> 
             f"#   python main.py fit --config {path}\n"
             f"#   python main.py test --config {path} --ckpt_path {folder / tested}\n"
             f"# fit writes into {folder}, replacing the checkpoints later stages read; to write into DIR instead add\n"
-            f"#   --trainer.default_root_dir DIR --trainer.callbacks.dirpath DIR   (then test DIR/{tested})\n{key}")
+            f"#   {elsewhere}   (then test DIR/{tested})\n{key}")
 
 
 @contextlib.contextmanager

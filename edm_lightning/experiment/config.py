@@ -135,8 +135,9 @@ class AttackConfig:
         surrogate: KnockoffNets' natural images (must differ from the defender's OOD set).
         arch: the clone's architecture.
         label_only: the victim answers top-1 labels only.
-        options: further keyword arguments of the attack's ``run_*`` function (KnockoffNets' query
-            averaging: ``query_copies``, ``copy_noise``, ``copy_shift``).
+        options: further arguments of the attack's ``*_job`` function or of the class it forwards them to
+            (:data:`~edm_lightning.experiment.jobs.ATTACK_RUNNERS`), e.g. KnockoffNets' query averaging
+            (``query_copies``, ``copy_noise``, ``copy_shift``: :attr:`averaging`) or MAZE's ``replay_steps``.
         label: its name in the results (default ``name``); needed when one attack is listed twice
             (``knockoff`` and ``knockoff-avg8``). Not part of the stage key: renaming reruns nothing.
     """
