@@ -312,6 +312,14 @@ def test_the_default_config_plans_exactly_the_main_question():
     for k, stage in enumerate(plan.stages):
         assert all(position[need] < k for need in stage.needs)
     assert plan["edm-" + plan.stages[2].id.split("-", 1)[1]].needs == (plan.stages[1].id,)  # EDM needs the hash net
+    # each budget of a curve follows the next smaller one, which buys the first part of their shared transfer set
+    by_victim: dict[str, list[tuple[int, str]]] = {}
+    for stage_id, info in plan.attack_runs:
+        by_victim.setdefault(info["defense"], []).append((info["budget"], stage_id))
+    for curve in by_victim.values():
+        (_, smallest), *larger = sorted(curve)
+        assert not any(need.startswith("attack-") for need in plan[smallest].needs)
+        assert [plan[bigger].needs[-1] for _, bigger in larger] == [smaller for _, smaller in sorted(curve)[:-1]]
 
 
 #: The main job's stage folders, as the README's table was measured with. A refactoring must not change them
@@ -449,18 +457,15 @@ def test_progress_in_a_log_file_is_plain_lines_and_library_chatter_goes_to_the_s
 
 
 def _stage_results(runs: Path) -> list[str]:
-    """Every stage's kind and figures, sorted, then the queries bought in all.
+    """Every stage's kind and figures (paths, which name the runs folder, and timings left out), sorted.
 
-    Left out per stage: paths (they name the runs folder), timings, and ``queries_this_run``. Budgets of one attack
-    share a transfer set, and whichever runs first buys it (64 then 128 buys 64 + 64; concurrently, 128 may come
-    first and buy 128, leaving 0 for 64), so only the total is the same in any order.
+    ``queries_this_run`` is compared too: the plan runs a KnockoffNets curve's budgets smallest first, so each buys
+    the same part of their shared transfer set in any execution.
     """
-    left_out = ("stage_wall_time_s", "wall_time_s", "checkpoint", "hash_checkpoint", "queries_this_run")
-    results = [(folder.name.split("-")[0], json.loads((folder / "result.json").read_text()))
-               for folder in runs.iterdir() if (folder / "result.json").is_file()]
-    figures = sorted(json.dumps([kind, {k: v for k, v in result.items() if k not in left_out}], sort_keys=True)
-                     for kind, result in results)
-    return figures + [f"queries bought: {sum(result.get('queries_this_run', 0) for _, result in results)}"]
+    left_out = ("stage_wall_time_s", "wall_time_s", "checkpoint", "hash_checkpoint")
+    return sorted(json.dumps([folder.name.split("-")[0], {k: v for k, v in json.loads((folder / "result.json").read_text())
+                                                          .items() if k not in left_out}], sort_keys=True)
+                  for folder in runs.iterdir() if (folder / "result.json").is_file())
 
 
 def test_two_workers_give_the_serial_run_stage_by_stage(fake_root: Path, tmp_path: Path, monkeypatch):
@@ -480,7 +485,7 @@ def test_two_workers_give_the_serial_run_stage_by_stage(fake_root: Path, tmp_pat
     strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in serial_records]
     assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"} for r in parallel_records]
     serial_stages = _stage_results(tmp_path / "serial/runs/tiny")
-    assert len(serial_stages) == 17 + 1 and serial_stages == _stage_results(tmp_path / "parallel/runs/tiny")
+    assert len(serial_stages) == 17 and serial_stages == _stage_results(tmp_path / "parallel/runs/tiny")
 
 
 def test_a_failed_stage_stops_its_dependants_and_the_rest_still_runs(fake_root: Path, tmp_path: Path, monkeypatch, capsys):

@@ -51,7 +51,8 @@ class Stage:
         key: the stage's configuration; its hash names the folder, so changing any of it reruns the stage.
         label: what the progress line calls it.
         work: ``folder -> result`` (the figures written to ``result.json``).
-        needs: ids of the stages whose outputs it reads.
+        needs: ids of the stages whose outputs it reads (or, for a KnockoffNets budget, the next smaller budget of
+            its curve, which buys the first part of their shared transfer set).
         estimate_s: expected seconds on a 2-core CPU (what the ETA starts from).
     """
 
@@ -106,6 +107,7 @@ class _Builder:
         self.spreads: dict[tuple, list[str]] = {}
         self.diagnostics: dict[str, list[str]] = {}
         self.runs: list[tuple[str, dict]] = []
+        self.curve_ends: dict[tuple, str] = {}  # (attack, defense, lambda, strength, seed) -> its largest budget so far
         self.strength_names = {defense_label(d, base): d.strength for d in config.defenses for base in d.defends}
         self.weights = [config.edm.diversity_weight] + [
             w for w in config.edm.tradeoff_weights if w != config.edm.diversity_weight]
@@ -259,11 +261,19 @@ class _Builder:
         info = {"attack": settings.title, "defense": defense, "diversity_weight": weight,
                 "strength_name": self.strength_names.get(defense), "strength": strength, "budget": budget, "seed": seed,
                 "served": victim["served"]}
+        needs = (victim["trained"], victim["served"])
+        curve = (settings.title, defense, weight, strength, seed)
+        if settings.name == "knockoff" and curve in self.curve_ends:
+            # The budgets of one KnockoffNets curve read prefixes of one transfer set: the smaller runs first and
+            # buys its part, so every run (serial, workers, cluster) splits the purchase alike, and no worker
+            # waits on the set's lock.
+            needs += (self.curve_ends[curve],)
         stage = self.add(Stage("attack", key, label,
                                functools.partial(jobs.attack, self.config, settings=settings, victim=plain, budget=budget,
                                                  seed=seed),
-                               needs=tuple(dict.fromkeys((victim["trained"], victim["served"]))),
-                               estimate_s=_attack_s(settings, budget)))
+                               needs=tuple(dict.fromkeys(needs)), estimate_s=_attack_s(settings, budget)))
+        if settings.name == "knockoff":
+            self.curve_ends[curve] = stage.id
         self.runs.append((stage.id, info))
         return stage
 
