@@ -8,10 +8,26 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
+
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import to_plain
 
-__all__ = ["SHIPPED_CONFIGS", "arguments_of", "class_config", "default_of", "prepare_command_line", "shipped_config"]
+__all__ = [
+    "CONCISE_USAGE",
+    "SHIPPED_CONFIGS",
+    "arguments_of",
+    "check_argument_values",
+    "class_config",
+    "default_of",
+    "prepare_command_line",
+    "shipped_config",
+]
+
+
+#: The usage line of the project's ``python -m`` commands. argparse's own lists every nested option (about a hundred
+#: lines for the experiment), burying the one-line error printed under it.
+CONCISE_USAGE = "%(prog)s [--config FILE ...] [--KEY VALUE ...]"
 
 
 def prepare_command_line(argv: list[str]) -> list[str]:
@@ -109,3 +125,27 @@ def arguments_of(obj: Any) -> set[str]:
         if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
             break
     return names
+
+
+def check_argument_values(target: Any, values: dict[str, Any], where: str) -> None:
+    """Refuse values that ``target``'s type hints do not accept, as the CLI would when it builds ``target`` from a
+    config, but before anything runs (a wrong type found by the job itself would surface after earlier stages trained).
+
+    Args:
+        target: a class (its init arguments, those it forwards ``**kwargs`` to included) or a function.
+        values: argument name -> value; the names must be ``target``'s (:func:`arguments_of`).
+        where: the config path of ``values`` in messages (``edm.model``).
+
+    Raises:
+        ConfigError: the first value that does not fit, with the type expected.
+    """
+    if not values:
+        return
+    parser = ArgumentParser(exit_on_error=False)
+    add = parser.add_class_arguments if isinstance(target, type) else parser.add_function_arguments
+    add(target, "given", skip=arguments_of(target) - set(values), fail_untyped=False)
+    try:
+        parser.parse_object({"given": values})
+    except Exception as err:  # jsonargparse's ArgumentError: 'Parser key "given.x": Expected ...'
+        reason = " ".join(str(err).split()).replace('Parser key "given.', "", 1).replace('":', ":", 1)
+        raise ConfigError(f"{where}.{reason}") from None

@@ -125,9 +125,16 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
     (lambda c: c.hashnet.trainer.update(strategy="ddp"), r"hashnet.trainer: \['strategy'\] .* set by the experiment"),
     (lambda c: c.edm.data.update(dataset="mnist"), r"edm.data: \['dataset'\] .* set by the experiment"),
     (lambda c: setattr(c.target, "model", [1]), "target.model must be a mapping of ClassifierModule arguments"),
+    # values of the wrong type, found by the classes' own type hints (the job would refuse them after training)
+    (lambda c: c.edm.model.update(temperature="hot"), r"edm.model.temperature: Expected a <class 'float'>"),
+    (lambda c: c.edm.data.update(ood_batch_size=1.5), r"edm.data.ood_batch_size: .*Given value: 1.5"),
+    (lambda c: c.target.trainer.update(gradient_clip_val="big"), r"target.trainer.gradient_clip_val: .*Given value: big"),
+    (lambda c: c.attacks[0].options.update(query_copies="many"), r"knockoff: options.query_copies: Expected a <class 'int'>"),
+    (lambda c: c.attacks[0].options.update(strategy="smart"), r"knockoff: options.strategy: Expected a typing.Literal"),
 ], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched", "misspelt-option",
         "experiment-set-option", "misspelt-model-argument", "experiment-set-trainer-argument", "ddp-in-a-stage",
-        "experiment-set-data-argument", "section-not-a-mapping"])
+        "experiment-set-data-argument", "section-not-a-mapping", "model-value-type", "data-value-type",
+        "trainer-value-type", "forwarded-option-type", "entry-option-type"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)
@@ -253,6 +260,11 @@ def test_command_line_reports_config_errors_without_traceback(tmp_path: Path, ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Unknown dataset 'fashion'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:  # an option the schema lacks: the error, not a page of usage
+        experiment_main(["--config", str(config), "--trainer.foo", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("error: unrecognized arguments: --trainer.foo 1") and len(err.splitlines()) <= 4, err
 
 
 def test_committed_experiment_configs_parse(capsys):

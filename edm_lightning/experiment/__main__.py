@@ -6,7 +6,7 @@ import sys
 
 from jsonargparse import auto_cli
 
-from edm_lightning.command_line import prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
 from edm_lightning.errors import exit_if_user_error
 from edm_lightning.experiment.config import ExperimentConfig
 from edm_lightning.experiment.execution import StageFailed
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ExperimentConfig, args=argv, prog="python -m edm_lightning.experiment")
+    config = auto_cli(ExperimentConfig, args=argv, prog="python -m edm_lightning.experiment",
+                      usage=CONCISE_USAGE)
     try:
         refuse_keys_on_command_line(config, argv)
         return run_experiment(config)

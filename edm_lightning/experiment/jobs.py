@@ -30,7 +30,7 @@ from edm_lightning.attacks import (
 )
 from edm_lightning.attacks.run import AttackJob
 from edm_lightning.cli import JobRun
-from edm_lightning.command_line import arguments_of, class_config, default_of
+from edm_lightning.command_line import arguments_of, check_argument_values, class_config, default_of
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
 from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
@@ -258,19 +258,24 @@ class AttackRunner:
         return default_of(self.entry, option)
 
     def check_options(self, config: ExperimentConfig, settings: AttackConfig) -> None:
-        """Refuse ``options`` the entry does not take, or that the experiment sets itself, before any stage runs.
+        """Refuse ``options`` the entry does not take, that the experiment sets itself, or of a type the entry (or
+        the class it forwards them to) does not accept, before any stage runs.
 
         Raises:
-            ConfigError: an unknown or experiment-set option (the message lists the ones that can be set).
+            ConfigError: an unknown or experiment-set option (the message lists the ones that can be set), or a value
+                of the wrong type.
         """
-        taken = arguments_of(self.entry) - {"victim"}
-        if self.forwards_to is not None:
-            taken |= arguments_of(self.forwards_to) - {"victim"}
+        own = arguments_of(self.entry) - {"victim"}
+        forwarded = arguments_of(self.forwards_to) - {"victim"} - own if self.forwards_to is not None else set()
         set_here = set(self.fixed(config, Path("."), settings)) | set(COMMON_ATTACK_ARGUMENTS)
-        wrong = sorted(set(settings.options) - (taken - set_here))
+        wrong = sorted(set(settings.options) - ((own | forwarded) - set_here))
         if wrong:
             raise ConfigError(f"attack {settings.title}: options {wrong} are not arguments it takes, or are set by the "
-                              f"experiment; it takes: {', '.join(sorted(taken - set_here))}")
+                              f"experiment; it takes: {', '.join(sorted((own | forwarded) - set_here))}")
+        where = f"attack {settings.title}: options"
+        check_argument_values(self.entry, {k: v for k, v in settings.options.items() if k in own}, where)
+        if self.forwards_to is not None:
+            check_argument_values(self.forwards_to, {k: v for k, v in settings.options.items() if k in forwarded}, where)
 
 
 #: Arguments every attack gets from the experiment (``common`` in :func:`attack`), never from ``options``.

@@ -16,7 +16,7 @@ import torch
 
 from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.cli import Trainer
-from edm_lightning.command_line import arguments_of
+from edm_lightning.command_line import arguments_of, check_argument_values
 from edm_lightning.data import get_spec, open_dataset
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor
@@ -99,10 +99,11 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
 
 def _validate_job_sections(where: str, settings: TrainConfig) -> None:
     """A training stage's ``model`` / ``data`` / ``trainer`` sections may set only arguments its classes take and the
-    experiment does not set itself.
+    experiment does not set itself, to values of the types those take.
 
     Raises:
-        ConfigError: a section that is not a mapping, or an argument it may not set (the message lists those it may).
+        ConfigError: a section that is not a mapping, an argument it may not set (the message lists those it may), or
+            a value of the wrong type.
     """
     classes = dict(zip(("model", "data"), TRAINING_JOBS[where], strict=True)) | {"trainer": Trainer}
     for section in JOB_SECTIONS:
@@ -117,6 +118,7 @@ def _validate_job_sections(where: str, settings: TrainConfig) -> None:
                       if set_here else "")
             raise ConfigError(f"{where}.{section}: {wrong} are not {classes[section].__name__} arguments it may set{reason}; "
                               f"it may set: {', '.join(sorted(takes))}")
+        check_argument_values(classes[section], given, f"{where}.{section}")
 
 
 def _validate_data(config: ExperimentConfig) -> None:

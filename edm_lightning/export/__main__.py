@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jsonargparse import auto_cli
 
-from edm_lightning.command_line import prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
 from edm_lightning.data import get_spec, load_images
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ExportConfig, args=argv, prog="python -m edm_lightning.export")
+    config = auto_cli(ExportConfig, args=argv, prog="python -m edm_lightning.export",
+                      usage=CONCISE_USAGE)
     try:
         refuse_keys_on_command_line(config, argv)
         manifest = run_export(config)

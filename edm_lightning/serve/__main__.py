@@ -18,7 +18,7 @@ from typing import Literal
 
 from jsonargparse import auto_cli
 
-from edm_lightning.command_line import prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import digest, state_digest
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ServeConfig, args=argv, prog="python -m edm_lightning.serve")
+    config = auto_cli(ServeConfig, args=argv, prog="python -m edm_lightning.serve",
+                      usage=CONCISE_USAGE)
     try:
         refuse_keys_on_command_line(config, argv)
         app = build_app(config)
