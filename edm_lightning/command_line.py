@@ -133,17 +133,22 @@ def check_argument_values(target: Any, values: dict[str, Any], where: str) -> No
 
     Args:
         target: a class (its init arguments, those it forwards ``**kwargs`` to included) or a function.
-        values: argument name -> value; the names must be ``target``'s (:func:`arguments_of`).
+        values: argument name -> value.
         where: the config path of ``values`` in messages (``edm.model``).
 
     Raises:
-        ConfigError: the first value that does not fit, with the type expected.
+        ConfigError: a name ``target`` does not take (the message lists those it does), or the first value that
+            does not fit, with the type expected.
     """
     if not values:
         return
+    takes = arguments_of(target)
+    unknown = sorted(set(values) - takes)
+    if unknown:
+        raise ConfigError(f"{where}: {unknown} are not arguments of {target.__name__}; it takes: {', '.join(sorted(takes))}")
     parser = ArgumentParser(exit_on_error=False)
     add = parser.add_class_arguments if isinstance(target, type) else parser.add_function_arguments
-    add(target, "given", skip=arguments_of(target) - set(values), fail_untyped=False)
+    add(target, "given", skip=takes - set(values), fail_untyped=False)
     try:
         parser.parse_object({"given": values})
     except Exception as err:  # jsonargparse's ArgumentError: 'Parser key "given.x": Expected ...'

@@ -19,7 +19,7 @@ from edm_lightning.cli import Trainer
 from edm_lightning.command_line import arguments_of, check_argument_values
 from edm_lightning.data import get_spec, open_dataset
 from edm_lightning.data.images import check_convertible
-from edm_lightning.defense.postprocessors import build_postprocessor
+from edm_lightning.defense.postprocessors import build_postprocessor, resolve_postprocessor
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, postprocessor_configs
 from edm_lightning.experiment.jobs import ATTACK_RUNNERS, SET_BY_EXPERIMENT, TRAINING_JOBS
@@ -186,6 +186,8 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
             raise ConfigError(f"{where}: strength {defense.strength!r} needs values (numbers), got {defense.values}")
         if defense.strength in defense.options:
             raise ConfigError(f"{where}: {defense.strength!r} is swept by values; remove it from options")
+        check_argument_values(resolve_postprocessor({"class_path": defense.postprocessor})[0], defense.options,
+                              f"{where}: options")
         # Adaptive Misinformation's model is trained later: a stand-in of the right shape lets its ranges be checked now.
         stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(spec.input_shape), spec.num_classes))
         for value in defense.values:  # out-of-range strengths fail here, not after hours of training

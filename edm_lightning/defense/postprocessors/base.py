@@ -89,10 +89,11 @@ def build_postprocessor(
         The post-processor.
 
     Raises:
-        ConfigError: a malformed config, an unknown class, arguments it does not take, or a
-            ``num_classes`` / ``input_shape`` other than the victim's.
+        ConfigError: a malformed config, an unknown class, arguments it does not take, a value of a type its
+            hints do not accept, or a ``num_classes`` / ``input_shape`` other than the victim's.
     """
-    cls, init_args = resolve_postprocessor(config, position)
+    # names and value types checked as a parsed config is (a dict made in code, e.g. by the experiment, is not)
+    cls, init_args = resolve_postprocessor(PostprocessorConfig.parse(config, position).as_dict(), position)
     signature = inspect.signature(cls)
     where = f"postprocessors[{position}] ({cls.__name__})"
     for key, value in (("num_classes", int(num_classes)), ("input_shape", tuple(input_shape))):
