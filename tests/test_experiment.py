@@ -451,13 +451,13 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
 def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Path, capsys):
     config = tiny_config(fake_root, tmp_path, dry_run=True)
     assert run_experiment(config) == []
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out  # the plan is the output (`--dry_run true > plan.txt`)
     assert "[1/17] target" in out and "[17/17] attack" in out and "17 stages, 0 already done" in out
     assert not (tmp_path / "runs").exists()
     run_experiment(tiny_config(fake_root, tmp_path))
     capsys.readouterr()
     run_experiment(config)
-    assert "17 stages, 17 already done; about 0s of work left" in capsys.readouterr().err
+    assert "17 stages, 17 already done; about 0s of work left" in capsys.readouterr().out
 
 
 def test_progress_in_a_log_file_is_plain_lines_and_library_chatter_goes_to_the_stage_log(fake_root: Path, tmp_path: Path,

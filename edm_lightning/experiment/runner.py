@@ -29,7 +29,7 @@ __all__ = ["describe_plan", "run_experiment"]
 def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list[dict]:
     """Run (or reuse) every stage of ``config``, write the results, and return the attack records.
 
-    With ``config.dry_run`` only print the plan and return ``[]``.
+    With ``config.dry_run`` only print the plan (to standard output) and return ``[]``.
 
     Returns:
         One record per attack run (what ``records.csv`` holds).
@@ -42,8 +42,8 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
     validate(config, log)
     plan = build_plan(config)
     store = StageStore(plan.root)
-    if config.dry_run:
-        print(describe_plan(plan, store), file=log, flush=True)
+    if config.dry_run:  # the plan is what was asked for: standard output (progress and logs go to ``log``)
+        print(describe_plan(plan, store), flush=True)
         return []
     if config.wandb_project:
         resolve_wandb_mode()
