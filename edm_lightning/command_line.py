@@ -127,7 +127,7 @@ def arguments_of(obj: Any) -> set[str]:
     return names
 
 
-def check_argument_values(target: Any, values: dict[str, Any], where: str) -> None:
+def check_argument_values(target: Any, values: dict[str, Any], where: str, settable: set[str] | None = None) -> None:
     """Refuse values that ``target``'s type hints do not accept, as the CLI would when it builds ``target`` from a
     config, but before anything runs (a wrong type found by the job itself would surface after earlier stages trained).
 
@@ -135,22 +135,25 @@ def check_argument_values(target: Any, values: dict[str, Any], where: str) -> No
         target: a class (its init arguments, those it forwards ``**kwargs`` to included) or a function.
         values: argument name -> value.
         where: the config path of ``values`` in messages (``edm.model``).
+        settable: the names ``values`` may hold (default: every argument of ``target``).
 
     Raises:
-        ConfigError: a name ``target`` does not take (the message lists those it does), or the first value that
-            does not fit, with the type expected.
+        ConfigError: a name not in ``settable`` (the message lists those that are), or the first value that does
+            not fit (``None`` included, unless the hint allows it), with the type expected.
     """
     if not values:
         return
     takes = arguments_of(target)
-    unknown = sorted(set(values) - takes)
+    settable = takes if settable is None else settable
+    unknown = sorted(set(values) - settable)
     if unknown:
-        raise ConfigError(f"{where}: {unknown} are not arguments of {target.__name__}; it takes: {', '.join(sorted(takes))}")
+        raise ConfigError(f"{where}: {unknown} are not arguments of {target.__name__} it may set; it may set: "
+                          f"{', '.join(sorted(settable))}")
     parser = ArgumentParser(exit_on_error=False)
     add = parser.add_class_arguments if isinstance(target, type) else parser.add_function_arguments
     add(target, "given", skip=takes - set(values), fail_untyped=False)
-    try:
-        parser.parse_object({"given": values})
+    try:  # validate() too: parse_object lets None through for any type
+        parser.validate(parser.parse_object({"given": values}), skip_unset=False)
     except Exception as err:  # jsonargparse's ArgumentError: 'Parser key "given.x": Expected ...'
         reason = " ".join(str(err).split()).replace('Parser key "given.', "", 1).replace('":', ":", 1)
         raise ConfigError(f"{where}.{reason}") from None

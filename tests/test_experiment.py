@@ -134,12 +134,14 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
     (lambda c: c.defenses.append(DefenseConfig("rs", "ReverseSigmoid", "beta", [0.5], options={"gamma": "strong"})),
      r"defense 'rs': options.gamma: Expected a <class 'float'>"),
     (lambda c: c.defenses.append(DefenseConfig("rs", "ReverseSigmoid", "beta", [0.5], options={"gama": 1.0})),
-     r"defense 'rs': options: \['gama'\] are not arguments of ReverseSigmoid; it takes: beta, gamma"),
+     r"defense 'rs': options: \['gama'\] are not arguments of ReverseSigmoid it may set; it may set: gamma$"),
+    (lambda c: c.edm.model.update(temperature=None), r"edm.model.temperature: Expected a <class 'float'>. Got value: None"),
+    (lambda c: c.attacks[0].options.update(copy_noise=None), r"options.copy_noise: Expected a <class 'float'>"),
 ], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched", "misspelt-option",
         "experiment-set-option", "misspelt-model-argument", "experiment-set-trainer-argument", "ddp-in-a-stage",
         "experiment-set-data-argument", "section-not-a-mapping", "model-value-type", "data-value-type",
         "trainer-value-type", "forwarded-option-type", "entry-option-type", "defense-option-type",
-        "misspelt-defense-option"])
+        "misspelt-defense-option", "null-for-a-float", "null-option"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)

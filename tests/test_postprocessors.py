@@ -323,7 +323,8 @@ def test_a_misspelt_postprocessor_fails_when_the_config_is_made(target_checkpoin
         VictimConfig(target_checkpoint, postprocessors=[{"class_path": "ReverseSigmoid", "init_args": {"beta": -1}}]).build()
     # a dict made in code (the experiment's) skips the config's parse: the builder checks it alike, not a TypeError
     for init_args, message in (({"beta": 0.3, "gamma": "strong"}, r"\(ReverseSigmoid\): .*gamma.*Expected a <class 'float'>"),
-                               ({"beta": 0.3, "gama": 1.0}, r"\(ReverseSigmoid\): Option 'gama' is not accepted")):
+                               ({"beta": 0.3, "gama": 1.0}, r"\(ReverseSigmoid\): Option 'gama' is not accepted"),
+                               ({"beta": 0.3, "gamma": None}, r"\(ReverseSigmoid\): .*gamma.*Got value: None")):
         with pytest.raises(ConfigError, match=r"postprocessors\[0\] " + message):
             build_postprocessor({"class_path": "ReverseSigmoid", "init_args": init_args}, 10, (1, 28, 28))
 

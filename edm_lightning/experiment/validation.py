@@ -20,6 +20,7 @@ from edm_lightning.command_line import arguments_of, check_argument_values
 from edm_lightning.data import get_spec, open_dataset
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor, resolve_postprocessor
+from edm_lightning.defense.postprocessors.base import LINKED
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, postprocessor_configs
 from edm_lightning.experiment.jobs import ATTACK_RUNNERS, SET_BY_EXPERIMENT, TRAINING_JOBS
@@ -166,7 +167,12 @@ def _validate_trainer(config: ExperimentConfig) -> None:
 
 
 def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> None:
-    """Every defense must name known attacks and bases, and every strength must build (ranges checked now)."""
+    """Every defense must name known attacks and bases, its options must be arguments of its post-processor of the
+    types they take, and every strength must build (ranges checked now).
+
+    Raises:
+        ConfigError: the first thing found wrong, naming the defense.
+    """
     spec = get_spec(config.dataset)
     bases = ["none"] + [f"edm-{router}" for router in config.edm.routers]
     names = [defense.name for defense in config.defenses]
@@ -186,8 +192,12 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
             raise ConfigError(f"{where}: strength {defense.strength!r} needs values (numbers), got {defense.values}")
         if defense.strength in defense.options:
             raise ConfigError(f"{where}: {defense.strength!r} is swept by values; remove it from options")
-        check_argument_values(resolve_postprocessor({"class_path": defense.postprocessor})[0], defense.options,
-                              f"{where}: options")
+        try:
+            post = resolve_postprocessor({"class_path": defense.postprocessor})[0]
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        settable = arguments_of(post) - set(LINKED) - {defense.strength}  # the victim's shapes; the swept strength
+        check_argument_values(post, defense.options, f"{where}: options", settable)
         # Adaptive Misinformation's model is trained later: a stand-in of the right shape lets its ranges be checked now.
         stand_in = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(spec.input_shape), spec.num_classes))
         for value in defense.values:  # out-of-range strengths fail here, not after hours of training

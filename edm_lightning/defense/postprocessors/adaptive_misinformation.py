@@ -4,6 +4,8 @@ with Adaptive Misinformation").
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
@@ -43,7 +45,7 @@ class AdaptiveMisinformation(Postprocessor):
         self,
         tau: float,
         nu: float,
-        misinformation_model: nn.Module | str,
+        misinformation_model: nn.Module | str | Path,
         num_classes: int | None = None,
         input_shape: tuple[int, int, int] | None = None,
     ):

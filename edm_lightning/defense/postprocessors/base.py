@@ -173,8 +173,9 @@ class PostprocessorConfig:
         post, init_args = resolve_postprocessor(value, position)
         parser = _init_args_parser(post)
         try:
-            parser.parse_object({k: v for k, v in init_args.items() if k not in LINKED})
-        except (ArgumentError, SystemExit) as err:
+            parser.validate(parser.parse_object({k: v for k, v in init_args.items() if k not in LINKED}),
+                            skip_unset=False)  # validate(): parse_object lets None through for any type
+        except (ArgumentError, SystemExit, TypeError, ValueError) as err:  # validate() raises the last two
             detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
             where = "post-processor" if position is None else f"postprocessors[{position}]"
             raise ConfigError(f"{where} ({post.__name__}): {detail}. Its arguments: "

@@ -5,6 +5,7 @@ Attacks"): the defense and its solver.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -63,7 +64,7 @@ class PredictionPoisoning(Postprocessor):
     def __init__(
         self,
         epsilon: float,
-        proxy: nn.Module | str | None = None,
+        proxy: nn.Module | str | Path | None = None,
         norm: Literal["l1", "l2"] = "l1",
         preserve_argmax: bool = False,
         gradient_params: Literal["last", "all"] = "last",
