@@ -18,7 +18,7 @@ from typing_extensions import override
 import edm_lightning.models  # noqa: F401  (imported, their classes resolve by short name: --model EnsembleModule)
 from edm_lightning.attacks import DFMEModule
 from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ensemble, read_checkpoint, trained_on
-from edm_lightning.command_line import prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
 from edm_lightning.data import get_spec
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.errors import ConfigError, exit_if_user_error
@@ -123,6 +123,7 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
             args=args,
             run=run,
             auto_configure_optimizers=True,
+            parser_kwargs={subcommand: {"usage": CONCISE_USAGE} for subcommand in LightningCLI.subcommands()},
         )
     except Exception as err:
         exit_if_user_error(err)

@@ -56,12 +56,15 @@ def test_missing_data_names_the_fetch_command(tmp_path: Path, capsys):
     assert "python -m edm_lightning.data fetch fashionmnist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override", [["--model.init_args.not_a_key", "1"], ["--data.init_args.batch_size", "many"]])
+@pytest.mark.parametrize("override", [["--model.init_args.not_a_key", "1"], ["--data.init_args.batch_size", "many"],
+                                      ["--trainer.foo", "1"]])
 def test_unknown_keys_and_wrong_types_are_rejected(fake_root: Path, tmp_path: Path, capsys, override):
     config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), *override])
-    assert "error:" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and len(err.splitlines()) < 20, err  # the error, not a page of usage above it
 
 
 def test_any_torch_optimiser_and_schedule_replace_the_models_own(fake_root: Path, tmp_path: Path):
