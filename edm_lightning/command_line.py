@@ -25,8 +25,8 @@ __all__ = [
 ]
 
 
-#: The usage line of the project's ``python -m`` commands. argparse's own lists every nested option (about a hundred
-#: lines for the experiment), burying the one-line error printed under it.
+#: The usage line of the project's commands (``main.py``'s subcommands, the ``python -m`` ones). argparse's own lists
+#: every nested option (about a hundred lines for the experiment), burying the one-line error printed under it.
 CONCISE_USAGE = "%(prog)s [--config FILE ...] [--KEY VALUE ...]"
 
 
