@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
 
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 from edm_lightning.data import load_images  # noqa: E402
-from edm_lightning.routing import build_router  # noqa: E402
+from edm_lightning.routing import ROUTERS, build_router, router_label  # noqa: E402
 
 
 def main(
@@ -32,8 +33,9 @@ def main(
     noise: tuple[float, ...] = (0.01, 0.02),
     shifts: tuple[int, ...] = (1, 2),
     size: int = 10000,
+    routers: tuple[str | dict[str, Any], ...] | None = None,
 ) -> None:
-    """Print member shares, stability under noise and shifts, and cost for the neural, keyed and coarse routers.
+    """Print member shares, stability under noise and shifts, and cost of every registered router (fixed aside).
 
     Args:
         hash_checkpoint: the neural router's hash network (configs/hashnet.yaml).
@@ -43,12 +45,12 @@ def main(
         noise: stds of the re-query noise, in [0, 1] pixel units.
         shifts: pixel shifts (right and down) of the re-queries.
         size: first this-many test images of each dataset.
+        routers: the routers to measure, by name or as ``{class_path, init_args}`` (``None``: every registered
+            router but ``fixed``, which sends everything to one member).
     """
-    routers = {
-        "neural": build_router("neural", num_members, hash_checkpoint=hash_checkpoint, input_shape=(1, 28, 28)),
-        "keyed": build_router("keyed", num_members),
-        "coarse": build_router("coarse", num_members),
-    }
+    names = routers or [name for name in ROUTERS.names() if name != "fixed"]
+    routers = {router_label(spec): build_router(spec, num_members, hash_checkpoint=hash_checkpoint, input_shape=(1, 28, 28))
+               for spec in names}
     generator = torch.Generator().manual_seed(0)
     for name in datasets:
         images, _ = load_images(name, root, train=False, input_shape=(1, 28, 28))

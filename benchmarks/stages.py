@@ -27,8 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
-from edm_lightning.attacks.knockoff import build_transfer_set  # noqa: E402
 from edm_lightning.attacks.oracle import BlackBoxOracle  # noqa: E402
+from edm_lightning.attacks.transfer_set import build_transfer_set  # noqa: E402
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, load_images  # noqa: E402
 from edm_lightning.data.images import BatchTensorDataset, batch_loader  # noqa: E402
 from edm_lightning.defense import Victim  # noqa: E402

@@ -18,12 +18,11 @@ from typing_extensions import override
 import edm_lightning.models  # noqa: F401  (imported, their classes resolve by short name: --model EnsembleModule)
 from edm_lightning.attacks import DFMEModule
 from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ensemble, read_checkpoint, trained_on
-from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
 from edm_lightning.data import get_spec
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import write_atomic
-from edm_lightning.routing import refuse_keys_on_command_line
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
 __all__ = ["EDMLightningCLI", "JobRun", "Trainer", "check_checkpoint_fits", "check_optimizer_override", "main", "run_job"]

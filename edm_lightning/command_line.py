@@ -1,17 +1,22 @@
 """The command line and configs as the CLIs parse them: shipped configs found by name, sweeps' ``None`` read as
-``null``, classes written as ``{class_path, init_args}``, and the init arguments (and defaults) they may set.
+``null``, classes written as ``{class_path, init_args}``, the init arguments (and defaults) they may set, and
+secrets refused where the shell history and ``ps`` would keep them.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ArgumentParser
+from jsonargparse.typing import SecretStr
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import to_plain
+from edm_lightning.routing import ROUTER_KEY_ENV, ROUTER_KEY_FILE_ENV, SECRET_MASK
 
 __all__ = [
     "CONCISE_USAGE",
@@ -21,6 +26,7 @@ __all__ = [
     "class_config",
     "default_of",
     "prepare_command_line",
+    "refuse_keys_on_command_line",
     "shipped_config",
 ]
 
@@ -157,3 +163,36 @@ def check_argument_values(target: Any, values: dict[str, Any], where: str, setta
     except Exception as err:  # jsonargparse's ArgumentError: 'Parser key "given.x": Expected ...'
         reason = " ".join(str(err).split()).replace('Parser key "given.', "", 1).replace('":', ":", 1)
         raise ConfigError(f"{where}.{reason}") from None
+
+
+def refuse_keys_on_command_line(config: Any, argv: Sequence[str]) -> None:
+    """Refuse a run whose parsed ``config`` holds a secret (a ``SecretStr``) that was typed in ``argv``.
+
+    A command line is kept by the shell's history, shown by ``ps`` to every user of the machine and recorded
+    by W&B with the run, so a router key must come from ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE`` or a
+    config file the user keeps private.
+
+    Raises:
+        ConfigError: a secret's value appears in ``argv``.
+    """
+    secrets = [value.get_secret_value() for value in _secrets(config)]
+    if any(secret and secret != SECRET_MASK and secret in arg for secret in secrets for arg in argv):
+        raise ConfigError(
+            f"a secret (a router key or an API key) was given on the command line, where the shell history, `ps` and "
+            f"W&B's run metadata keep it: set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_FILE_ENV} to a file only you can "
+            f"read) for a router key, $EDM_API_KEY for an API key, or put it in a config file only you can read"
+        )
+
+
+def _secrets(node: Any) -> list[SecretStr]:
+    if isinstance(node, SecretStr):
+        return [node]
+    if is_dataclass(node) and not isinstance(node, type):
+        node = vars(node)
+    elif hasattr(node, "as_dict") and not isinstance(node, dict):  # a jsonargparse Namespace
+        node = vars(node)
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in _secrets(value)]
+    if isinstance(node, (list, tuple)):
+        return [s for value in node for s in _secrets(value)]
+    return []

@@ -99,6 +99,9 @@ def _resnet18(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
 
 @ARCHITECTURES.register("vgg16_bn")
 def _vgg16_bn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    if min(input_shape[1:]) < 32:  # five 2x2 max-pools: a 28x28 image is 0x0 before the last one
+        raise ConfigError(f"vgg16_bn needs inputs of at least 32x32 (five 2x2 max-pools), got "
+                          f"{input_shape[1]}x{input_shape[2]}: use lenet5, small_cnn or resnet18 for 28x28 data")
     return cifar_vgg16_bn(input_shape[0], num_classes)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edm_lightning.attacks import ATTACKS
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment import (
     AttackConfig,
@@ -71,14 +72,14 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
 
 
 def replace_attack_entry(monkeypatch, name: str, entry) -> None:
-    """Make the runner call ``entry`` for attack ``name`` (its registered AttackRunner is immutable)."""
-    runner = jobs.ATTACK_RUNNERS.get(name)
-    stand_in = functools.wraps(runner.entry)(lambda *args, **kwargs: entry(*args, **kwargs))  # the entry's signature
-    monkeypatch.setitem(jobs.ATTACK_RUNNERS._entries, name, dataclasses.replace(runner, entry=stand_in))
+    """Make the runner call ``entry`` as attack ``name``'s job function (its registered AttackEntry is immutable)."""
+    registered = ATTACKS.get(name)
+    stand_in = functools.wraps(registered.job)(lambda *args, **kwargs: entry(*args, **kwargs))  # the job's signature
+    monkeypatch.setitem(ATTACKS._entries, name, dataclasses.replace(registered, job=stand_in))
 
 
 def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
-    real = jobs.ATTACK_RUNNERS.get("knockoff").entry
+    real = ATTACKS.get("knockoff").job
     calls = {"n": 0}
 
     def killed_on_third(*args, **kwargs):
@@ -613,11 +614,14 @@ def test_slurm_without_sbatch_on_the_machine_is_refused_before_anything_starts(f
     assert not (tmp_path / "runs").exists()
 
 
-def test_every_attack_the_config_accepts_has_a_runner():
-    from typing import get_args, get_type_hints
-
-    accepted = set(get_args(get_type_hints(AttackConfig)["name"]))
-    assert accepted == set(jobs.ATTACK_RUNNERS.names())
+def test_an_unregistered_attack_is_refused_before_the_first_stage_with_the_registered_names(fake_root: Path,
+                                                                                            tmp_path: Path):
+    config = tiny_config(fake_root, tmp_path, attacks=[AttackConfig(name="copycat", budgets=[128])])
+    names = ", ".join(ATTACKS.names())
+    with pytest.raises(ConfigError, match=f"Unknown attack 'copycat'. Known attacks: {names}."):
+        run_experiment(config)
+    assert not (tmp_path / "runs").exists()
+    assert {"knockoff", "jbda", "jbda_tr", "dfme", "maze"} <= set(ATTACKS.names())
 
 
 def test_the_runner_and_the_cli_jobs_share_their_defaults():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edm_lightning.attacks import BlackBoxOracle, KnockoffDataModule, build_transfer_set, run_knockoff
-from edm_lightning.attacks.knockoff import TransferSet
+from edm_lightning.attacks.transfer_set import TransferSet
 from edm_lightning.defense import VictimConfig
 from tests.helpers.victims import EVAL_SIZE, CountingVictim, linear_victim, untrained_agreement
 
@@ -153,7 +153,7 @@ def test_query_averaging_spends_exactly_k_times_the_queries_it_reports_per_item(
 
 
 def test_averaged_answers_are_the_mean_of_the_victims_answers_to_the_noisy_copies(tmp_path):
-    from edm_lightning.attacks.knockoff import noisy_copies
+    from edm_lightning.data.perturbations import noisy_copies
 
     images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
     victim = CountingVictim(linear_victim())
@@ -169,7 +169,7 @@ def test_averaged_answers_are_the_mean_of_the_victims_answers_to_the_noisy_copie
 
 
 def test_shifted_copies_are_the_image_moved_by_at_most_the_shift():
-    from edm_lightning.attacks.knockoff import noisy_copies
+    from edm_lightning.data.perturbations import noisy_copies
 
     x = torch.zeros(3, 1, 12, 12)
     x[:, :, 5, 6] = 1.0  # one bright pixel: its position in each copy gives the offset
@@ -188,7 +188,7 @@ def test_shifted_copies_are_the_image_moved_by_at_most_the_shift():
 def test_averaging_over_a_keyed_hash_recovers_the_members_mean():
     """Why the attack matters: a byte hash sends each noisy copy to a random member, so the mean answer
     tends to the ensemble's average; one plain query sees one member."""
-    from edm_lightning.attacks.knockoff import noisy_copies
+    from edm_lightning.data.perturbations import noisy_copies
     from edm_lightning.defense import Victim
     from edm_lightning.routing import KeyedHashRouter
 

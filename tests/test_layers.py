@@ -1,6 +1,6 @@
 """The package's layers import one way, top to bottom, with no cycle and no import hidden in a function.
 
-``experiment``/``cli`` -> ``attacks`` -> ``defense`` -> ``models`` -> ``checkpoints``/``routing`` ->
+``experiment``/``cli`` -> ``attacks``/``export``/``command_line`` -> ``defense`` -> ``models`` -> ``checkpoints``/``routing`` ->
 ``nets``/``losses``/``data`` -> utilities (``errors``, ``registry``, ``files``, ``progress``, ``tracking``).
 A module may import its own layer or lower ones. Checked on the source (every import statement, module
 level or not), and once by importing every module in a fresh interpreter.
@@ -21,12 +21,12 @@ from tests.helpers.files import REPO_ROOT
 PACKAGE = REPO_ROOT / "edm_lightning"
 
 LAYERS = [
-    {"errors", "registry", "files", "progress", "tracking", "command_line", "optim", "protocol", "seeding"},
+    {"errors", "registry", "files", "progress", "tracking", "optim", "protocol", "seeding"},
     {"data", "nets", "losses"},
     {"checkpoints", "routing"},
     {"models"},
     {"defense"},
-    {"attacks", "export"},
+    {"attacks", "export", "command_line"},  # command_line: reading and writing configs for the CLIs above
     {"experiment", "cli", "serve"},
     {"__main__"},  # the edm-lightning command: dispatches to the CLI, the runner and the data tool
 ]

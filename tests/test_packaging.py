@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,22 @@ from tests.helpers.files import REPO_ROOT
 def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """The wheel ``python -m build`` makes of this tree (through its sdist), installed into a fresh virtualenv.
 
-    The virtualenv sees this environment's packages (torch and the rest of the stack) but not the clone's
-    ``edm_lightning``: the wheel is installed into the virtualenv itself, which comes first on its path.
+    The virtualenv sees the packages of the environment running the tests (torch and the rest of the stack; a
+    virtualenv's own when the suite runs in one, which ``--system-site-packages`` would not give: it exposes the
+    base interpreter's) through a ``.pth`` file naming its site directories, but not the clone's ``edm_lightning``:
+    a path line does not run the ``.pth`` files of that directory (an editable install's finder among them), and
+    the wheel is installed into the virtualenv itself, which comes first on its path.
     """
     root = tmp_path_factory.mktemp("installed")
     wheels, venv = root / "wheels", root / "venv"
     subprocess.run([sys.executable, "-m", "build", "--outdir", str(wheels), str(REPO_ROOT)],
                    check=True, capture_output=True)
     wheel = next(wheels.glob("edm_lightning-*.whl"))
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    own = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    parent = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (Path(own) / "_tested_environment.pth").write_text("".join(f"{path}\n" for path in parent if Path(path).is_dir()))
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
                    check=True, capture_output=True)
     env = {**os.environ, "WANDB_MODE": "disabled"}

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm_lightning.attacks import CopySpreadModule
 from edm_lightning.cli import main
 from edm_lightning.data import ProbeDataModule, load_images
-from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
+from edm_lightning.defense import CopySpreadModule, DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models import EnsembleModule
 

@@ -51,7 +51,7 @@ def test_the_key_comes_from_the_argument_the_environment_or_a_key_file(monkeypat
 
 
 def test_the_public_default_key_warns_loudly(monkeypatch, no_key_env):
-    monkeypatch.setattr(routing, "_warned_public_key", False)
+    monkeypatch.setattr(routing.keys, "_warned_public_key", False)
     with pytest.warns(PublicRouterKeyWarning, match="public default key.*EDM_ROUTER_KEY"):
         KeyedHashRouter(3)
     with warnings.catch_warnings():

@@ -19,7 +19,7 @@ import torch
 from torchvision.io import encode_png
 
 from edm_lightning.attacks import RemoteVictimConfig, run_knockoff
-from edm_lightning.attacks.knockoff import TransferSet
+from edm_lightning.attacks.transfer_set import TransferSet
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models import EnsembleModule

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm_lightning.attacks.knockoff import TransferSet, build_transfer_set
+from edm_lightning.attacks.transfer_set import TransferSet, build_transfer_set
 from edm_lightning.checkpoints import load_classifier_net
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError

@@ -3,37 +3,46 @@
 Each attack is a DataModule (the victim behind a :class:`BlackBoxOracle`, the attacker's data, the
 evaluation set) and a LightningModule (the attacker's clone and what else it learns), run by
 ``python main.py fit --config configs/attack/<attack>.yaml`` or from Python by ``run_<attack>(...)``.
+Each registers its ``*_job`` function in :data:`ATTACKS` with :func:`register_attack`; every module of
+this package is imported here, so a new attack's module is registered without being listed anywhere.
 """
+
+import importlib
+import pkgutil
 
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, dfme_job, run_dfme
 from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, jbda_job, run_jbda
-from edm_lightning.attacks.knockoff import (
-    CopySpreadModule,
-    KnockoffDataModule,
-    build_transfer_set,
-    knockoff_job,
-    run_knockoff,
-)
+from edm_lightning.attacks.knockoff import KnockoffDataModule, knockoff_job, run_knockoff
 from edm_lightning.attacks.maze import MAZEModule, maze_job, run_maze
 from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
+from edm_lightning.attacks.purchase import Purchase, QueryLedger
+from edm_lightning.attacks.registry import ATTACKS, AttackEntry, register_attack
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob, attack_figures, run_attack
+from edm_lightning.attacks.transfer_set import TransferSet, build_transfer_set
+
+for _module in pkgutil.iter_modules(__path__):  # plug-ins: a module that registers an attack needs no line here
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "ATTACKS",
     "AttackDataModule",
+    "AttackEntry",
     "AttackJob",
     "BlackBoxOracle",
-    "CopySpreadModule",
     "DFMEModule",
     "DataFreeDataModule",
     "JBDADataModule",
     "JBDAModule",
     "KnockoffDataModule",
     "MAZEModule",
+    "Purchase",
     "QueryBudgetExceeded",
+    "QueryLedger",
     "RemoteVictim",
     "RemoteVictimConfig",
+    "TransferSet",
     "attack_figures",
     "build_transfer_set",
     "dfme_job",
@@ -41,6 +50,7 @@ __all__ = [
     "jbda_job",
     "knockoff_job",
     "maze_job",
+    "register_attack",
     "run_attack",
     "run_dfme",
     "run_jbda",

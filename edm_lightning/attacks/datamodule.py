@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from edm_lightning.attacks.oracle import BlackBoxOracle, check_budget_covers_batch
+from edm_lightning.attacks.oracle import BlackBoxOracle, Ledger, check_budget_covers_batch
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.data.datamodules import LinkedSpec
 from edm_lightning.data.datasets import get_spec
@@ -30,7 +30,7 @@ from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_co
 from edm_lightning.defense import Victim, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, file_digest, state_digest
-from edm_lightning.routing import DEFAULT_ROUTER_KEY, KEYED_ROUTERS, as_secret, resolve_router_key
+from edm_lightning.routing import DEFAULT_ROUTER_KEY, as_secret, resolve_router_key, router_class
 
 __all__ = ["AttackDataModule", "victim_labels"]
 
@@ -104,13 +104,31 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         """The attacker's only access to the victim (opened on first use, charged what earlier runs bought)."""
         return self._oracle if self._oracle is not None else self.open_oracle(spent=self._prepaid)
 
-    def open_oracle(self, spent: int) -> BlackBoxOracle:
-        """Put the victim behind the oracle, charging ``spent`` queries an earlier run already paid for."""
+    def open_oracle(self, spent: int, ledger: Ledger | None = None) -> BlackBoxOracle:
+        """Put the victim behind the oracle, charging ``spent`` queries an earlier run already paid for (and writing
+        every call to ``ledger``, when given).
+
+        Returns:
+            The oracle, the attack's only one.
+
+        Raises:
+            RuntimeError: the oracle is already open.
+        """
         if self._oracle is not None:
             raise RuntimeError("the oracle is already open; an attack gets exactly one")
-        self._oracle = BlackBoxOracle(self._victim_to_serve, self.hparams.budget, self.hparams.label_only, spent=spent)
+        self._oracle = BlackBoxOracle(self._victim_to_serve, self.hparams.budget, self.hparams.label_only, spent=spent,
+                                      ledger=ledger)
         self._victim_to_serve = None
         return self._oracle
+
+    def charge_lost(self, queries: int) -> None:
+        """Charge ``queries`` a killed run may have been answered (a pending record found): before the oracle opens,
+        as queries bought earlier; after, to the oracle (up to its budget).
+        """
+        if self._oracle is None:
+            self._prepaid += queries
+        else:
+            self._oracle.charge(queries)
 
     @property
     def queries_spent(self) -> int:
@@ -208,7 +226,8 @@ def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict) -> 
                         f"got {type(victim).__name__}")
     model = victim.build()  # missing / foreign checkpoints fail here with the loader's message
     # The key is only hashed into cache names (as it always was: caches bought by earlier runs keep their names).
-    key = resolve_router_key(victim.key) if victim.router in KEYED_ROUTERS else (victim.key or as_secret(DEFAULT_ROUTER_KEY))
+    keyed = router_class(victim.router).keyed
+    key = resolve_router_key(victim.key) if keyed else (victim.key or as_secret(DEFAULT_ROUTER_KEY))
     key = key.decode("latin-1") if isinstance(key, bytes) else key.get_secret_value()
     parts = [file_digest(victim.checkpoint), victim.router, str(victim.member), key]
     if victim.hash_checkpoint:

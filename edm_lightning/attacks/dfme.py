@@ -17,7 +17,8 @@ lr 0.1, generator Adam lr 1e-4, and millions of queries (20M for CIFAR-10).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
-from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.oracle import BlackBoxOracle, Ledger
+from edm_lightning.attacks.purchase import QueryLedger
+from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.defense import VictimConfig
@@ -35,8 +38,8 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig, build_optimizer
 
-__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "l1_logit_disagreement", "data_free_job", "dfme_job", "run_dfme",
-           "to_images", "victim_logits", "zeroth_order_gradient"]
+__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "data_free_job", "dfme_cost", "dfme_job", "l1_logit_disagreement",
+           "run_dfme", "to_images", "victim_logits", "zeroth_order_gradient"]
 
 
 class DFMEModule(CloneModule):
@@ -90,11 +93,18 @@ class DFMEModule(CloneModule):
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, AttackDataModule):
             raise TypeError(f"DFMEModule needs an attack DataModule (its oracle), got {type(datamodule).__name__}")
-        cost, left = self.queries_per_iteration(datamodule.hparams.batch_size), datamodule.hparams.budget
-        if cost > left:
+        cost, budget = self.queries_per_iteration(datamodule.hparams.batch_size), datamodule.hparams.budget
+        if cost > budget:
             raise ConfigError(
                 f"one DFME iteration costs {cost} queries (batch {datamodule.hparams.batch_size} x ((directions + 1) x "
-                f"generator_steps + clone_steps)) but the budget is {left}: raise the budget or lower batch_size."
+                f"generator_steps + clone_steps)) but the budget is {budget}: raise the budget or lower batch_size."
+            )
+        oracle: BlackBoxOracle = datamodule.oracle
+        if oracle.remaining is not None and oracle.remaining < cost:
+            raise ConfigError(
+                f"earlier runs of this attack against this victim spent {oracle.queries_spent} of its {budget} queries "
+                f"(recorded in {str(datamodule.ledger_path)!r}), which leaves less than one iteration ({cost}): raise the "
+                "budget, or delete that file to start a new attack (the victim answered those queries all the same)."
             )
 
     @override
@@ -196,6 +206,27 @@ class DataFreeDataModule(AttackDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(torch.arange(self.hparams.steps_per_epoch)), batch_size=1)
 
+    @override
+    def open_oracle(self, spent: int, ledger: Ledger | None = None) -> BlackBoxOracle:
+        """The oracle, charged what earlier runs of the same attack spent (its :attr:`ledger`) and writing every call
+        to it: a data-free attack keeps nothing it could resume from, so a re-run after a kill starts afresh with what
+        is left of the budget, and the victim answers at most the budget over all runs.
+
+        Returns:
+            The oracle.
+        """
+        ledger = ledger or QueryLedger(self.ledger_path)
+        return super().open_oracle(max(spent, min(ledger.spent, self.hparams.budget)), ledger)
+
+    @property
+    def ledger_path(self) -> Path:
+        """The query ledger of this attack: keyed by victim, seed, answer kind and the attacker's module and settings."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        attacker = {"module": type(module).__name__, "settings": dict(module.hparams)} if module is not None else {}
+        key = self.cache_key(attack="data-free", steps_per_epoch=self.hparams.steps_per_epoch,
+                             batch_size=self.hparams.batch_size, **attacker)
+        return self.cache_dir / f"datafree-{key}.ledger.json"
+
 
 class Generator(nn.Module):
     """DFME's generator (DFAD's "GeneratorA"): noise -> linear -> two upsampling conv blocks -> image.
@@ -268,6 +299,16 @@ def zeroth_order_gradient(
         return grad / n, losses[:, -1].mean()  # the generator loss is the batch mean
 
 
+def dfme_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options: Mapping[str, Any]) -> float:
+    """Seconds on a 2-core CPU: a generator and a clone step per few hundred queries.
+
+    Returns:
+        The estimate, in seconds.
+    """
+    return budget * SECONDS_PER_QUERY * 35
+
+
+@register_attack("dfme", forwards_to=DFMEModule, queries_in_training=True, cost=dfme_cost)
 def dfme_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,

@@ -16,7 +16,7 @@ points and answers are saved, so a killed run resumes without buying a round twi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
+from edm_lightning.attacks.purchase import Purchase
+from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.data.datamodules import seeded_indices
@@ -35,7 +37,7 @@ from edm_lightning.files import save_atomic
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig
 
-__all__ = ["JBDADataModule", "JBDAModule", "jacobian_augmentation", "jbda_job", "run_jbda"]
+__all__ = ["JBDADataModule", "JBDAModule", "jacobian_augmentation", "jbda_cost", "jbda_job", "run_jbda"]
 
 
 class JBDAModule(CloneModule):
@@ -172,31 +174,40 @@ class JBDADataModule(AttackDataModule):
     def augment(self, round_: int, make_points: Callable[..., Tensor], tag: str) -> int:
         """Add round ``round_``'s points (made by ``make_points(x, answers, generator)``) with the victim's answers.
 
-        The round's points and answers are saved after every query batch. A round an earlier run of
-        the same attack bought (wholly or in part) is read back and only its missing answers are
-        bought; what was read counts against the budget all the same. Once this run has queried,
-        later cached rounds are stale (they grew from other points) and are bought afresh. When the
-        budget cannot pay for a whole round, a random part of it is bought. Returns the points added.
+        The round's points and answers are saved after every query batch, under a
+        :class:`~edm_lightning.attacks.purchase.Purchase` (a batch the victim may have answered before a kill is
+        charged to the next run and kept in the round's file as ``lost``). A round an earlier run of the same
+        attack bought (wholly or in part) is read back and only its missing answers are bought; what was read
+        counts against the budget all the same. Once this run has queried, later cached rounds are stale (they
+        grew from other points) and are bought afresh. When the budget cannot pay for a whole round, a random
+        part of it is bought.
 
         Returns:
-            The points added this round ``(n, C, H, W)``.
+            The number of points added this round.
         """
         path = self._round_path(round_, tag)
-        if path.is_file() and self._oracle is None:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            x, answers = blob["x"], blob["answers"]
-            self._prepaid += len(answers)
-        else:
-            generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + round_)
-            x = make_points(self.substitute_x, self.substitute_y, generator) if round_ else make_points()
-            remaining = self.oracle.remaining
-            if remaining is not None and remaining < len(x):
-                x = x[torch.randperm(len(x), generator=generator)[:remaining]]
-            answers = x.new_zeros((0, self.num_classes))
-        while len(answers) < len(x):
-            batch = x[len(answers): len(answers) + self.hparams.batch_size]
-            answers = torch.cat([answers, self.oracle(batch)])
-            save_atomic({"x": x, "answers": answers}, path)
+        with Purchase(path) as purchase:
+            lost, fresh = 0, not (path.is_file() and self._oracle is None)
+            if not fresh:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                x, answers, lost = blob["x"], blob["answers"], int(blob.get("lost", 0))
+                self._prepaid += len(answers) + lost
+            else:
+                generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + round_)
+                x = make_points(self.substitute_x, self.substitute_y, generator) if round_ else make_points()
+                answers = x.new_zeros((0, self.num_classes))
+            pending = purchase.take_pending()
+            if pending is not None:  # a run was killed between the victim's answer and the save: charge it, keep it
+                lost += pending["queries"]
+                self.charge_lost(pending["queries"])
+                save_atomic({"x": x, "answers": answers, "lost": lost}, path)
+                purchase.settle()
+            if fresh:
+                remaining = self.oracle.remaining
+                if remaining is not None and remaining < len(x):
+                    x = x[torch.randperm(len(x), generator=generator)[:remaining]]
+            answers = purchase.complete(lambda: self.oracle, x, answers, self.hparams.batch_size,
+                                        lambda bought: save_atomic({"x": x, "answers": bought, "lost": lost}, path))
         if self.substitute_x is None:
             self.substitute_x, self.substitute_y = x, answers
         else:
@@ -245,6 +256,19 @@ def jacobian_augmentation(
     return torch.cat(out) if out else x.clone()
 
 
+def jbda_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options: Mapping[str, Any]) -> float:
+    """Seconds on a 2-core CPU: the rounds' queries and Jacobian steps, and a clone trained ``epochs`` per round.
+
+    Returns:
+        The estimate, in seconds.
+    """
+    return budget * SECONDS_PER_QUERY * 10 + epochs * budget * seconds_per_image_epoch * 6
+
+
+@register_attack("jbda_tr", fixed={"targeted": True}, epochs_argument="epochs_per_round", queries_in_training=True,
+                 cost=jbda_cost)
+@register_attack("jbda", fixed={"targeted": False}, epochs_argument="epochs_per_round", queries_in_training=True,
+                 cost=jbda_cost)
 def jbda_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,

@@ -11,6 +11,7 @@ spends no query. One iteration costs ``batch * ((m + 1) * generator_steps + clon
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,13 +19,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from edm_lightning.attacks.dfme import DFMEModule, data_free_job
+from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.optim import OptimConfig
 
-__all__ = ["MAZEModule", "kl_disagreement", "maze_job", "run_maze"]
+__all__ = ["MAZEModule", "kl_disagreement", "maze_cost", "maze_job", "run_maze"]
 
 
 def kl_disagreement(clone_logits: Tensor, answers: Tensor) -> Tensor:
@@ -115,6 +117,16 @@ class MAZEModule(DFMEModule):
         return {"attack": "maze"}
 
 
+def maze_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options: Mapping[str, Any]) -> float:
+    """Seconds on a 2-core CPU: DFME's generator and clone steps per few hundred queries, plus the replay steps.
+
+    Returns:
+        The estimate, in seconds.
+    """
+    return budget * SECONDS_PER_QUERY * 35 * 2
+
+
+@register_attack("maze", forwards_to=MAZEModule, queries_in_training=True, cost=maze_cost)
 def maze_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from edm_lightning.errors import ConfigError
 
-__all__ = ["BlackBoxOracle", "QueryBudgetExceeded", "Servable", "check_budget_covers_batch"]
+__all__ = ["BlackBoxOracle", "Ledger", "QueryBudgetExceeded", "Servable", "check_budget_covers_batch"]
 
 
 class Servable(Protocol):
@@ -53,6 +53,18 @@ def check_budget_covers_batch(budget: int, batch_size: int, where: str = "") -> 
         )
 
 
+class Ledger(Protocol):
+    """Where an oracle records its calls for later runs (:class:`~edm_lightning.attacks.purchase.QueryLedger`)."""
+
+    def reserve(self, spent: int, count: int) -> None:
+        """``count`` queries are about to be asked on top of ``spent`` answered."""
+        ...
+
+    def record(self, spent: int) -> None:
+        """``spent`` queries are answered, none in flight."""
+        ...
+
+
 class QueryBudgetExceeded(RuntimeError):
     """A batch would take the oracle past its query budget; nothing was answered or counted."""
 
@@ -76,9 +88,12 @@ class BlackBoxOracle:
             handle both answer kinds alike.
         spent: queries already spent in an earlier run of the same attack (a resume); they count
             against ``budget``.
+        ledger: where every call is recorded for later runs (a :class:`~edm_lightning.attacks.purchase.QueryLedger`:
+            ``reserve(spent, count)`` before the victim sees a batch, ``record(spent)`` after), or ``None``.
     """
 
-    def __init__(self, victim: Servable, budget: int | None, label_only: bool = False, spent: int = 0):
+    def __init__(self, victim: Servable, budget: int | None, label_only: bool = False, spent: int = 0,
+                 ledger: Ledger | None = None):
         for attribute in ("input_shape", "num_classes"):
             if not hasattr(victim, attribute):
                 raise TypeError(f"the victim must expose {attribute!r} (a Victim does); got {type(victim).__name__}")
@@ -92,6 +107,7 @@ class BlackBoxOracle:
         self.label_only = bool(label_only)
         self._spent = int(spent)
         self.resumed_from = int(spent)  # so a run can report what *it* spent
+        self._ledger = ledger
         self._answer: Callable[[Tensor], Tensor] = _sealed(victim)
 
     @property
@@ -103,6 +119,16 @@ class BlackBoxOracle:
     def remaining(self) -> int | None:
         """Queries left (``None``: unlimited)."""
         return None if self.budget is None else self.budget - self._spent
+
+    def charge(self, queries: int) -> None:
+        """Count ``queries`` the victim answered outside this oracle (a killed run's batch found later), up to the budget.
+
+        Raises:
+            ValueError: ``queries`` is negative.
+        """
+        if queries < 0:
+            raise ValueError(f"cannot charge a negative number of queries ({queries})")
+        self._spent = self._spent + queries if self.budget is None else min(self.budget, self._spent + queries)
 
     def __call__(self, x: Tensor) -> Tensor:
         """Answers ``(N, num_classes)`` for images ``x`` ``(N, C, H, W)`` in [0, 1]; counts N queries.
@@ -122,8 +148,17 @@ class BlackBoxOracle:
         count = int(x.shape[0]) if x.ndim >= 1 else 0
         if self.budget is not None and self._spent + count > self.budget:
             raise QueryBudgetExceeded(self._spent, self.budget, count)
-        answers = self._answer(x)  # the victim validates shape, dtype and range before answering
+        if self._ledger is not None:
+            self._ledger.reserve(self._spent, count)  # a kill from here on is charged the batch
+        try:
+            answers = self._answer(x)  # the victim validates shape, dtype and range before answering
+        except Exception:  # refused or failed: the victim answered nothing (an interrupt keeps the batch reserved)
+            if self._ledger is not None:
+                self._ledger.record(self._spent)
+            raise
         self._spent += count
+        if self._ledger is not None:
+            self._ledger.record(self._spent)
         if self.label_only:
             answers = nn.functional.one_hot(answers.argmax(dim=-1), self.num_classes).to(answers.dtype)
         return answers

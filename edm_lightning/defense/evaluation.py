@@ -1,5 +1,6 @@
 """The defended model as served, as LightningModules for ``python main.py test``: the defender's accuracy, and
-the diagnostics of why EDM works or fails behind a router (members' shares, coherence).
+the diagnostics of why EDM works or fails behind a router (members' shares, coherence), and how far an
+attacker's perturbed copies of one query spread over the members.
 """
 
 from __future__ import annotations
@@ -8,15 +9,17 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor
 from torchmetrics import SumMetric
 from typing_extensions import override
 
 from edm_lightning.data.datamodules import ProbeDataModule
+from edm_lightning.data.perturbations import check_copies, noisy_copies
 from edm_lightning.defense.loader import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.losses import coherence
 
-__all__ = ["DiagnosticsModule", "ServedVictimModule", "VictimProbe"]
+__all__ = ["CopySpreadModule", "DiagnosticsModule", "ServedVictimModule", "VictimProbe"]
 
 
 class VictimProbe(L.LightningModule):
@@ -164,3 +167,62 @@ class DiagnosticsModule(VictimProbe):
                 self.log(f"test/{name}/bin_{index:02d}", float(count))
         figures["coherence_edges"] = torch.linspace(0, 1, self.bins + 1).tolist()
         self.figures = figures
+
+
+class CopySpreadModule(VictimProbe):
+    """How far query averaging (EDM's adaptive attacker) spreads behind a router, probed with the attacker's surrogate images (a
+    :class:`~edm_lightning.data.ProbeDataModule` with ``sets: [surrogate]``): how many distinct members the
+    ``copies`` noisy copies of one image reach (:func:`noisy_copies`, the copies KnockoffNets' query averaging
+    sends), and the share of copies answered by the member the unperturbed image gets.
+
+    After ``main.py test``, :attr:`figures` holds ``distinct_members``, ``distinct_if_random`` (the same for a
+    uniform random router: ``N (1 - (1 - 1/N)^K)``) and ``share_on_plain_member``; all three are also logged.
+
+    Args:
+        copies: copies per image (K).
+        copy_noise: Gaussian noise std of each copy (images in [0, 1]).
+        copy_shift: largest random shift of each copy, in pixels.
+        seed: the copies' seed (as KnockoffNets' ``seed``).
+        others: as :class:`~edm_lightning.defense.VictimProbe`.
+    """
+
+    def __init__(self, victim: VictimConfig, copies: int = 8, copy_noise: float = 0.0, copy_shift: int = 0, seed: int = 0,
+                 num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__(victim, num_classes, input_shape, mean, std)
+        check_copies(copies, copy_noise, copy_shift)
+        self.copies, self.copy_noise, self.copy_shift, self.seed = copies, copy_noise, copy_shift, seed
+        self.figures: dict[str, float] = {}
+        self._distinct: list[Tensor] = []
+        self._on_plain: list[Tensor] = []
+        self._seen = 0
+
+    @override
+    def check_data(self, datamodule: L.LightningDataModule | None) -> None:
+        if not isinstance(datamodule, ProbeDataModule) or datamodule.sets != ["surrogate"]:
+            raise ConfigError("CopySpreadModule is probed with the attacker's images alone: a ProbeDataModule with "
+                              "sets: [surrogate]")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._distinct, self._on_plain, self._seen = [], [], 0
+
+    @override
+    def test_step(self, batch: Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        router = self.victim.router
+        copies = noisy_copies(batch, self.copies, self.copy_noise, self.seed, start=self._seen, shift=self.copy_shift)
+        self._seen += len(batch)
+        plain, routes = router(batch), router(copies).view(len(batch), self.copies)
+        self._distinct.append(torch.tensor([len(torch.unique(row)) for row in routes], dtype=torch.float64))
+        self._on_plain.append(routes == plain[:, None])
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        if not self._distinct:
+            raise ConfigError("no surrogate images reached CopySpreadModule: check the ProbeDataModule's images")
+        members = self.victim.router.num_members
+        self.figures = {"distinct_members": float(torch.cat(self._distinct).mean()),
+                        "distinct_if_random": members * (1 - (1 - 1 / members) ** self.copies),
+                        "share_on_plain_member": float(torch.cat(self._on_plain).double().mean())}
+        for name, value in self.figures.items():
+            self.log(f"test/{name}", value)

@@ -11,7 +11,16 @@ from edm_lightning.checkpoints import checkpoint_class, checkpoint_nets, is_ense
 from edm_lightning.defense.postprocessors import PostprocessorConfig, build_postprocessors
 from edm_lightning.defense.victim import Victim
 from edm_lightning.errors import ConfigError
-from edm_lightning.routing import KEYED_ROUTERS, FixedRouter, as_secret, build_router, check_key_fingerprint
+from edm_lightning.routing import (
+    FixedRouter,
+    RouterConfig,
+    as_secret,
+    build_router,
+    check_key_fingerprint,
+    plain_router,
+    router_class,
+    router_label,
+)
 
 __all__ = ["VictimConfig", "load_victim"]
 
@@ -24,7 +33,8 @@ class VictimConfig:
         checkpoint: a target (``ClassifierModule``) or EDM ensemble checkpoint.
         router: how an ensemble picks the answering member: ``fixed`` (always ``member``), ``neural``
             (the paper's hash network), ``keyed`` (keyed hash of the quantised input) or ``coarse`` (keyed hash of
-            a coarse view of the input).
+            a coarse view of the input), or any registered router; with its own settings as
+            ``{class_path: coarse, init_args: {grid: 5, levels: 4}}``.
         hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
         key: secret key of the ``keyed`` and ``coarse`` routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or the
             public default with a warning); never written, shown as ``**********`` in config dumps.
@@ -42,7 +52,7 @@ class VictimConfig:
     """
 
     checkpoint: str
-    router: str = "fixed"
+    router: str | RouterConfig = "fixed"
     hash_checkpoint: str | None = None
     key: SecretStr | None = None
     key_fingerprint: str | None = None
@@ -51,6 +61,7 @@ class VictimConfig:
 
     def __post_init__(self) -> None:
         self.key = as_secret(self.key)  # a plain string from Python is hidden too (repr, logs)
+        self.router = plain_router(self.router)  # an unknown router, or init_args it does not take, fail here
         if not isinstance(self.postprocessors, (list, tuple)):
             raise ConfigError(f"postprocessors must be a list of {{class_path, init_args}} mappings, got {self.postprocessors!r}")
         checked = []
@@ -91,17 +102,18 @@ def load_victim(config: VictimConfig) -> Victim:
     input_shape, num_classes = tuple(hp["input_shape"]), int(hp["num_classes"])
     if is_ensemble(state):
         num_members = int(hp["num_members"])
-        if config.router == "fixed" and not 0 <= config.member < num_members:
+        if router_class(config.router) is FixedRouter and not 0 <= config.member < num_members:
             raise ConfigError(f"member must be in [0, {num_members}) for the {num_members}-member ensemble "
                               f"{str(path)!r}, got {config.member}")
-        if config.key_fingerprint is not None and config.router in KEYED_ROUTERS:
-            check_key_fingerprint(config.key, config.key_fingerprint, f"the {config.router} router of {str(path)!r}")
+        if config.key_fingerprint is not None and router_class(config.router).keyed:
+            check_key_fingerprint(config.key, config.key_fingerprint,
+                                  f"the {router_label(config.router)} router of {str(path)!r}")
         # The router first: a missing or mismatched hash network fails before the members load.
         router = build_router(config.router, num_members, member=config.member, key=config.key,
                               hash_checkpoint=config.hash_checkpoint, input_shape=input_shape,
                               ensemble_data=trained_on(state))
     else:
-        if config.router != "fixed" or config.member != 0:
+        if router_class(config.router) is not FixedRouter or config.member != 0:
             raise ConfigError(
                 f"{str(path)!r} is a single-model checkpoint: router must be 'fixed' with member 0, "
                 f"got router={config.router!r}, member={config.member}"

@@ -6,12 +6,11 @@ import sys
 
 from jsonargparse import auto_cli
 
-from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
 from edm_lightning.errors import exit_if_user_error
 from edm_lightning.experiment.config import ExperimentConfig
 from edm_lightning.experiment.execution import StageFailed
 from edm_lightning.experiment.runner import run_experiment
-from edm_lightning.routing import refuse_keys_on_command_line
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from edm_lightning.cli import JobRun, run_job
 from edm_lightning.command_line import class_config
 from edm_lightning.experiment.config import ExperimentConfig
-from edm_lightning.routing import KEYED_ROUTERS, ROUTER_KEY_ENV, ROUTER_KEY_FILE_ENV, as_secret
+from edm_lightning.routing import ROUTER_KEY_ENV, ROUTER_KEY_FILE_ENV, as_secret, router_class
 
 __all__ = ["logger_config", "router_key_in_environment", "run_stage_job", "stage_header", "trainer_config"]
 
@@ -53,7 +53,7 @@ def stage_header(config: ExperimentConfig, folder: Path, tested: str | None) -> 
     Returns:
         Comment lines, each ending in a newline.
     """
-    keyed = set(config.edm.routers) & set(KEYED_ROUTERS)
+    keyed = any(router_class(router).keyed for router in config.edm.routers)
     key = (f"# Set ${ROUTER_KEY_ENV} (or ${ROUTER_KEY_FILE_ENV}) to the experiment's router key first: it is never written "
            "here; a stage behind a keyed router records the key's fingerprint and refuses another key.\n"
            if keyed else "")

@@ -11,12 +11,13 @@ from typing import Any, Literal
 
 from jsonargparse.typing import SecretStr
 
-from edm_lightning.attacks import KnockoffDataModule
+from edm_lightning.attacks import ATTACKS
 from edm_lightning.command_line import default_of
 from edm_lightning.data import ClassificationDataModule, EDMDataModule
 from edm_lightning.defense.postprocessors import AdaptiveMisinformation, resolve_postprocessor
+from edm_lightning.errors import ConfigError
 from edm_lightning.models import ClassifierModule, EnsembleModule, OptimConfig
-from edm_lightning.routing import as_secret
+from edm_lightning.routing import RouterConfig, as_secret, plain_router, router_label
 
 __all__ = [
     "AttackConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "needs_misinformation",
     "postprocessor_configs",
     "stage_spec",
+    "surrogate_attacks",
 ]
 
 
@@ -106,9 +108,11 @@ class EDMConfig(TrainConfig):
         diversity_weight: lambda of the main comparison.
         tradeoff_weights: further lambdas, for the defender-vs-clone accuracy trade-off curve.
         ood_dataset: the defender's OOD set for the diversity term.
-        routers: the routers EDM is served behind, each a defense of its own in the results: ``neural``
-            (the paper's hash network), ``keyed`` (keyed hash of the input bytes) and ``coarse`` (keyed hash
-            of a coarse view of the input); the first is the main one (trade-off curve, routed validation accuracy).
+        routers: the routers EDM is served behind, each a defense of its own in the results (``edm-<label>``,
+            :attr:`router_labels`): ``neural`` (the paper's hash network), ``keyed`` (keyed hash of the input bytes),
+            ``coarse`` (keyed hash of a coarse view of the input) or any registered router, by name or with its own
+            settings (``{class_path: coarse, init_args: {grid: 5}}``); the first is the main one (trade-off curve,
+            routed validation accuracy).
         router_key: secret key of the keyed and coarse routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or
             the public default with a warning); written nowhere, shown as ``**********`` in printed configs.
     """
@@ -117,11 +121,25 @@ class EDMConfig(TrainConfig):
     diversity_weight: float = default_of(EnsembleModule, "diversity_weight")
     tradeoff_weights: list[float] = field(default_factory=list)
     ood_dataset: str = default_of(EDMDataModule, "ood_dataset")
-    routers: list[Literal["neural", "keyed", "coarse"]] = field(default_factory=lambda: ["neural", "keyed"])
+    routers: list[str | RouterConfig] = field(default_factory=lambda: ["neural", "keyed"])
     router_key: SecretStr | None = None
 
     def __post_init__(self) -> None:
         self.router_key = as_secret(self.router_key)  # a plain string from Python is hidden too (repr, logs)
+        # plain data (names, or {class_path, init_args}) for stage keys; validate() names what is wrong with a router
+        self.routers = [_plain(router) for router in self.routers]
+
+    @property
+    def router_labels(self) -> list[str]:
+        """Each router's name in the results (:func:`~edm_lightning.routing.router_label`), in ``routers``' order."""
+        return [router_label(router) for router in self.routers]
+
+
+def _plain(router: Any) -> Any:
+    try:
+        return plain_router(router)
+    except ConfigError:
+        return router.as_dict() if isinstance(router, RouterConfig) else router
 
 
 @dataclass
@@ -129,20 +147,23 @@ class AttackConfig:
     """One attack, run against the undefended target and against EDM.
 
     Args:
-        name: ``knockoff``, ``jbda``, ``jbda_tr``, ``dfme`` or ``maze``.
+        name: a registered attack (:data:`~edm_lightning.attacks.ATTACKS`: ``knockoff``, ``jbda``, ``jbda_tr``,
+            ``dfme``, ``maze``, and any attack registered with :func:`~edm_lightning.attacks.register_attack`).
         budgets: query budgets (the largest is the one in the results table; several draw a curve).
-        epochs: clone training epochs (KnockoffNets; JBDA: per round; DFME, MAZE: epochs of ``steps_per_epoch``).
-        surrogate: KnockoffNets' natural images (must differ from the defender's OOD set).
+        epochs: clone training epochs (KnockoffNets; JBDA: per round; DFME, MAZE: epochs of ``steps_per_epoch``):
+            the argument the attack's entry names as its ``epochs_argument``.
+        surrogate: the natural images an attack with a surrogate pool queries (KnockoffNets; it must differ from
+            the defender's OOD set); unused by the others.
         arch: the clone's architecture.
         label_only: the victim answers top-1 labels only.
-        options: further arguments of the attack's ``*_job`` function or of the class it forwards them to
-            (:data:`~edm_lightning.experiment.jobs.ATTACK_RUNNERS`), e.g. KnockoffNets' query averaging
-            (``query_copies``, ``copy_noise``, ``copy_shift``: :attr:`averaging`) or MAZE's ``replay_steps``.
+        options: further arguments of the attack's ``*_job`` function or of the class it forwards them to (its
+            registry entry's ``forwards_to``), e.g. KnockoffNets' query averaging (``query_copies``,
+            ``copy_noise``, ``copy_shift``: :attr:`averaging`) or MAZE's ``replay_steps``.
         label: its name in the results (default ``name``); needed when one attack is listed twice
             (``knockoff`` and ``knockoff-avg8``). Not part of the stage key: renaming reruns nothing.
     """
 
-    name: Literal["knockoff", "jbda", "jbda_tr", "dfme", "maze"] = "knockoff"
+    name: str = "knockoff"
     label: str | None = None
     budgets: list[int] = field(default_factory=lambda: [50_000])
     epochs: int = 10
@@ -158,11 +179,10 @@ class AttackConfig:
 
     @property
     def averaging(self) -> dict[str, Any]:
-        """KnockoffNets' query averaging as ``options`` sets it, defaults filled in from
-        :class:`~edm_lightning.attacks.KnockoffDataModule`: ``query_copies`` (1: none), ``copy_noise``, ``copy_shift``.
+        """Query averaging as ``options`` set it, defaults filled in from the attack's own signature:
+        ``query_copies`` (1: none), ``copy_noise``, ``copy_shift`` (see :meth:`~edm_lightning.attacks.AttackEntry.averaging`).
         """
-        return {name: kind(self.options.get(name, default_of(KnockoffDataModule, name)))
-                for name, kind in (("query_copies", int), ("copy_noise", float), ("copy_shift", int))}
+        return ATTACKS.get(self.name).averaging(self.options)
 
 
 @dataclass
@@ -292,8 +312,13 @@ def curve_attacks(config: ExperimentConfig) -> list[str]:
 
 
 def averaging_attacks(config: ExperimentConfig) -> list[AttackConfig]:
-    """The KnockoffNets variants that average several noisy copies of each query (EDM's adaptive attacker)."""
-    return [a for a in config.attacks if a.name == "knockoff" and a.averaging["query_copies"] > 1]
+    """The attacks that average the answers to several perturbed copies of each query (EDM's adaptive attacker)."""
+    return [a for a in config.attacks if a.averaging["query_copies"] > 1]
+
+
+def surrogate_attacks(config: ExperimentConfig) -> list[AttackConfig]:
+    """The attacks that query natural images of another dataset (their ``surrogate``), in config order."""
+    return [a for a in config.attacks if ATTACKS.get(a.name).surrogate_pool]
 
 
 def defense_label(defense: DefenseConfig, base: str) -> str:

@@ -10,37 +10,23 @@ own parameters, works in ``folder`` and returns the stage's figures as a JSON-ab
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from edm_lightning.attacks import (
-    CopySpreadModule,
-    DFMEModule,
-    KnockoffDataModule,
-    MAZEModule,
-    attack_figures,
-    dfme_job,
-    jbda_job,
-    knockoff_job,
-    maze_job,
-)
-from edm_lightning.attacks.run import AttackJob
+from edm_lightning.attacks import ATTACKS, attack_figures
 from edm_lightning.cli import JobRun
-from edm_lightning.command_line import arguments_of, check_argument_values, class_config, default_of
+from edm_lightning.command_line import class_config
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
-from edm_lightning.defense import DiagnosticsModule, ServedVictimModule, VictimConfig
+from edm_lightning.defense import CopySpreadModule, DiagnosticsModule, ServedVictimModule, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.cli_jobs import run_stage_job, trainer_config
 from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
 from edm_lightning.models.hashnet import HashBalanceCallback
 from edm_lightning.progress import EpochLines, interactive
-from edm_lightning.registry import Registry
-from edm_lightning.routing import KEYED_ROUTERS, key_fingerprint
+from edm_lightning.routing import key_fingerprint, router_class
 from edm_lightning.seeding import ReseedOnFit
 
 __all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
@@ -211,17 +197,19 @@ def _probe(config: ExperimentConfig, folder: Path, job_type: str, model: dict, d
 def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victim: dict, budget: int, seed: int) -> dict:
     """One attack against one victim at one budget: clone accuracy, agreement, queries.
 
-    KnockoffNets keeps its transfer sets in the experiment's shared ``transfers/`` folder (keyed by victim,
-    seed and sampling setting, never by budget), so every budget of a curve reads a prefix of one set
-    bought once; JBDA and DFME query as their clone learns, so their caches stay in the stage folder. The
-    clone's final weights are kept as ``last.ckpt`` (what the stage's ``config.yaml`` tests).
+    An attack whose budgets share one purchase (KnockoffNets' transfer set, keyed by victim, seed and sampling
+    setting, never by budget) keeps it in the experiment's shared ``transfers/`` folder, so every budget of a
+    curve reads a prefix of one set bought once; the others (JBDA, DFME, MAZE query as their clone learns) keep
+    their caches in the stage folder. The clone's final weights are kept as ``last.ckpt`` (what the stage's
+    ``config.yaml`` tests).
 
     Returns:
         The attack's figures (:func:`~edm_lightning.attacks.attack_figures`).
     """
-    common = dict(dataset=config.dataset, budget=budget, label_only=settings.label_only, arch=settings.arch,
-                  root=config.root, test_size=config.test_size, seed=seed)
-    job = ATTACK_RUNNERS.get(settings.name)(config, folder, settings, victim_config(config, victim), common)
+    entry = ATTACKS.get(settings.name)
+    cache = transfer_dir(config) if entry.shares_purchase else folder / "cache"
+    job = entry.build(victim_config(config, victim), **entry.runner_arguments(settings.epochs, settings.surrogate, str(cache)),
+                      **attack_arguments(config, settings, budget, seed), **settings.options)
     last = class_config(ModelCheckpoint, {"dirpath": str(folder), "save_last": True, "save_top_k": 0,
                                           "enable_version_counter": False})
     trainer = trainer_config(config, folder, seed, "attack", job.max_epochs, [last])
@@ -230,70 +218,31 @@ def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victi
     return attack_figures(run.datamodule, run.model, run.metrics, run.fit_seconds)
 
 
-@dataclass(frozen=True)
-class AttackRunner:
-    """How the runner runs one attack: its job function, and the arguments the experiment itself sets.
+def attack_arguments(config: ExperimentConfig, settings: AttackConfig, budget: int, seed: int) -> dict[str, Any]:
+    """The job arguments every attack gets from the experiment (:data:`COMMON_ATTACK_ARGUMENTS`), never from ``options``.
 
-    Args:
-        entry: the attack's ``*_job`` function (victim first, then keyword arguments) returning an
-            :class:`~edm_lightning.attacks.AttackJob`.
-        fixed: ``(config, folder, settings) -> kwargs`` the experiment sets (epochs, caches, surrogate).
-        forwards_to: the class ``entry`` passes its ``**options`` to, whose arguments ``options`` may also set.
+    Returns:
+        Keyword arguments of the attack's ``*_job`` function.
     """
-
-    entry: Callable[..., AttackJob]
-    fixed: Callable[[ExperimentConfig, Path, AttackConfig], dict]
-    forwards_to: type | None = None
-
-    def __call__(self, config: ExperimentConfig, folder: Path, settings: AttackConfig, target: VictimConfig,
-                 common: dict) -> AttackJob:
-        return self.entry(target, **self.fixed(config, folder, settings), **common, **settings.options)
-
-    def default(self, option: str) -> Any:
-        """The entry's default for ``option`` (for ``options`` the config leaves out).
-
-        Returns:
-            The default value.
-        """
-        return default_of(self.entry, option)
-
-    def check_options(self, config: ExperimentConfig, settings: AttackConfig) -> None:
-        """Refuse ``options`` the entry does not take, that the experiment sets itself, or of a type the entry (or
-        the class it forwards them to) does not accept, before any stage runs.
-
-        Raises:
-            ConfigError: an unknown or experiment-set option (the message lists the ones that can be set), or a value
-                of the wrong type.
-        """
-        own = arguments_of(self.entry) - {"victim"}
-        forwarded = arguments_of(self.forwards_to) - {"victim"} - own if self.forwards_to is not None else set()
-        set_here = set(self.fixed(config, Path("."), settings)) | set(COMMON_ATTACK_ARGUMENTS)
-        wrong = sorted(set(settings.options) - ((own | forwarded) - set_here))
-        if wrong:
-            raise ConfigError(f"attack {settings.title}: options {wrong} are not arguments it takes, or are set by the "
-                              f"experiment; it takes: {', '.join(sorted((own | forwarded) - set_here))}")
-        where = f"attack {settings.title}: options"
-        check_argument_values(self.entry, {k: v for k, v in settings.options.items() if k in own}, where)
-        if self.forwards_to is not None:
-            check_argument_values(self.forwards_to, {k: v for k, v in settings.options.items() if k in forwarded}, where)
+    return dict(dataset=config.dataset, budget=budget, label_only=settings.label_only, arch=settings.arch,
+                root=config.root, test_size=config.test_size, seed=seed)
 
 
-#: Arguments every attack gets from the experiment (``common`` in :func:`attack`), never from ``options``.
+def check_attack_options(settings: AttackConfig) -> None:
+    """Refuse ``options`` the attack does not take, that the experiment sets itself, or of the wrong type, before any
+    stage runs.
+
+    Raises:
+        ConfigError: an unregistered attack (the message lists the registered ones), an unknown or experiment-set option
+            (the message lists those that can be set), or a value of the wrong type.
+    """
+    entry = ATTACKS.get(settings.name)
+    set_here = set(entry.runner_arguments(settings.epochs, settings.surrogate, "")) | set(COMMON_ATTACK_ARGUMENTS)
+    entry.check_options(settings.options, set_here, f"attack {settings.title}")
+
+
+#: Arguments every attack gets from the experiment (:func:`attack_arguments`), never from ``options``.
 COMMON_ATTACK_ARGUMENTS = ("dataset", "budget", "label_only", "arch", "root", "test_size", "seed")
-
-#: How the runner builds each attack of ``AttackConfig.name``.
-ATTACK_RUNNERS: Registry[AttackRunner] = Registry("attack")
-ATTACK_RUNNERS.register("knockoff")(AttackRunner(knockoff_job, lambda config, folder, settings: {
-    "surrogate": settings.surrogate, "max_epochs": settings.epochs, "cache_dir": str(transfer_dir(config))},
-    forwards_to=KnockoffDataModule))
-ATTACK_RUNNERS.register("jbda")(AttackRunner(jbda_job, lambda config, folder, settings: {
-    "targeted": False, "epochs_per_round": settings.epochs, "cache_dir": str(folder / "cache")}))
-ATTACK_RUNNERS.register("jbda_tr")(AttackRunner(jbda_job, lambda config, folder, settings: {
-    "targeted": True, "epochs_per_round": settings.epochs, "cache_dir": str(folder / "cache")}))
-ATTACK_RUNNERS.register("dfme")(AttackRunner(dfme_job, lambda config, folder, settings: {
-    "max_epochs": settings.epochs, "cache_dir": str(folder / "cache")}, forwards_to=DFMEModule))
-ATTACK_RUNNERS.register("maze")(AttackRunner(maze_job, lambda config, folder, settings: {
-    "max_epochs": settings.epochs, "cache_dir": str(folder / "cache")}, forwards_to=MAZEModule))
 
 
 def transfer_dir(config: ExperimentConfig) -> Path:
@@ -315,7 +264,7 @@ def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
 
 def _fingerprint(config: ExperimentConfig, router: str) -> str | None:
     """The public fingerprint of the experiment's router key, for a keyed ``router`` (else ``None``)."""
-    return key_fingerprint(config.edm.router_key) if router in KEYED_ROUTERS else None
+    return key_fingerprint(config.edm.router_key) if router_class(router).keyed else None
 
 
 def _classification_data(config: ExperimentConfig, dataset: str, settings: TrainConfig, test_size: int | None = None

@@ -43,12 +43,13 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
         rows += tables.summarise([r for r in records if r["attack"] == attack.title], max(attack.budgets), main_weight)
     notes = [
         f"Dataset {config.dataset}; target {config.target.arch}; EDM N={config.edm.num_members}, lambda={main_weight:g}, "
-        f"OOD set {config.edm.ood_dataset}, routers {', '.join(config.edm.routers)}; seeds {config.seeds}; "
+        f"OOD set {config.edm.ood_dataset}, routers {', '.join(config.edm.router_labels)}; seeds {config.seeds}; "
         "mean ± std over seeds.",
         f"Each attack at its largest budget. All stages took {compute / 60:.1f} min when they ran; this invocation "
         f"took {wall_time / 60:.1f} min (cached stages cost nothing). Configuration key {digest(config)}.",
     ]
-    edm_stats = [v for (defense, w, _, _), v in victims.items() if defense == f"edm-{config.edm.routers[0]}" and w == main_weight]
+    main_edm = f"edm-{config.edm.router_labels[0]}"
+    edm_stats = [v for (defense, w, _, _), v in victims.items() if defense == main_edm and w == main_weight]
     if edm_stats and "id/coherence" in edm_stats[0]:
         notes.append(f"EDM coherence on in-distribution test data {mean(s['id/coherence'] for s in edm_stats):.3f}, "
                      f"on held-out OOD data {mean(s['ood/coherence'] for s in edm_stats):.3f}.")
@@ -95,9 +96,9 @@ def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) ->
     for attack in config.attacks:
         averaging = attack.averaging
         copies = averaging["query_copies"]
-        if attack.name != "knockoff" or copies == 1 or attack.title == first.title:
+        if copies == 1 or attack.title == first.title:
             continue
-        for router in config.edm.routers:
+        for router in config.edm.router_labels:
             plain, averaged = (next((r for r in rows if r["attack"] == t and r["defense"] == f"edm-{router}"), None)
                                for t in (first.title, attack.title))
             spread = spreads.get((attack.title, router))

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edm_lightning.attacks import ATTACKS
 from edm_lightning.data import get_spec
 from edm_lightning.experiment import jobs
 from edm_lightning.experiment.config import (
@@ -34,9 +35,10 @@ from edm_lightning.experiment.config import (
     needs_misinformation,
     postprocessor_configs,
     stage_spec,
+    surrogate_attacks,
 )
 from edm_lightning.files import Secret, digest
-from edm_lightning.routing import DEFAULT_ROUTER_KEY, KEYED_ROUTERS, key_fingerprint, resolve_router_key
+from edm_lightning.routing import DEFAULT_ROUTER_KEY, key_fingerprint, resolve_router_key, router_class, router_label
 
 __all__ = ["Plan", "Stage", "build_plan"]
 
@@ -115,7 +117,7 @@ class _Builder:
         # The keyed routers' key decides their routes, so it is part of every stage behind them, as a Secret: hashed
         # into the stage's folder name, shown as a fingerprint in its config.json. The public default key is
         # left out of the keys of served and attack stages, so stages of earlier runs keep their folders.
-        keyed = any(router in KEYED_ROUTERS for router in config.edm.routers)
+        keyed = any(router_class(router).keyed for router in config.edm.routers)
         key = resolve_router_key(config.edm.router_key) if keyed else DEFAULT_ROUTER_KEY.encode()
         self.router_key = Secret(key.decode("latin-1"), f"<router key, fingerprint {key_fingerprint(key)}>")
         self.key_identity = {} if key == DEFAULT_ROUTER_KEY.encode() else {"router_key": self.router_key}
@@ -127,7 +129,7 @@ class _Builder:
 
     def keyed(self, victim: dict) -> dict:
         """The router key's part of a stage key behind ``victim`` (nothing for the public default key)."""
-        return self.key_identity if victim["router"] in KEYED_ROUTERS else {}
+        return self.key_identity if router_class(victim["router"]).keyed else {}
 
     def output(self, stage: Stage) -> str:
         return str(self.root / stage.id / "best.ckpt")
@@ -141,7 +143,7 @@ class _Builder:
         self.victims[("none", None, None, seed)] = {"checkpoint": self.output(target), "router": "fixed",
                                                     "trained": target.id, "served": target.id}
         hashnet = None
-        if "neural" in config.edm.routers:
+        if any(router_class(router).needs_hash_network for router in config.edm.routers):
             settings = config.hashnet
             hashnet = self.add(Stage(
                 "hashnet", {"dataset": settings.dataset, "balanced_on": config.dataset, "seed": seed,
@@ -161,10 +163,10 @@ class _Builder:
                 work(jobs.train_edm, config, seed=seed, weight=weight, hash_checkpoint=hash_checkpoint),
                 needs=(hashnet.id,) if hashnet else (),
                 estimate_s=_training_s(settings, self.train_images) * settings.num_members * _ENSEMBLE_STEP))
-            for router in settings.routers:  # one ensemble, served behind each router
+            for router, label in zip(settings.routers, settings.router_labels):  # one ensemble, behind each router
                 victim = {"checkpoint": self.output(edm), "router": router, "hash_checkpoint": hash_checkpoint,
                           "trained": edm.id}
-                self.victims[(f"edm-{router}", weight, None, seed)] = {**victim, "served": self.serve(victim).id}
+                self.victims[(f"edm-{label}", weight, None, seed)] = {**victim, "served": self.serve(victim).id}
         misinformation = None
         if needs_misinformation(config):
             misinformation = self.add(Stage(
@@ -182,12 +184,12 @@ class _Builder:
                               "postprocessors": postprocessor_configs(defense, value, model)}
                     served = self.serve(victim, extra=(misinformation.id,) if misinformation else ())
                     self.victims[(defense_label(defense, base), weight, value, seed)] = {**victim, "served": served.id}
-        surrogate = next((a.surrogate for a in config.attacks if a.name == "knockoff"), None)
-        for router in config.edm.routers:  # member shares and coherence: why EDM works (or not) behind a router
+        surrogate = next((a.surrogate for a in surrogate_attacks(config)), None)
+        for router in config.edm.router_labels:  # member shares and coherence: why EDM works (or not) behind a router
             victim = self.victims[(f"edm-{router}", config.edm.diversity_weight, None, seed)]
             self.diagnostics.setdefault(router, []).append(self.diagnose(victim, surrogate).id)
         for attack in averaging_attacks(config):  # why averaging works behind one router and not the other
-            for router in config.edm.routers:
+            for router in config.edm.router_labels:
                 victim = self.victims[(f"edm-{router}", config.edm.diversity_weight, None, seed)]
                 self.spreads.setdefault((attack.title, router), []).append(self.spread(victim, attack, seed).id)
 
@@ -199,7 +201,8 @@ class _Builder:
             key["postprocessors"] = posts
         what = " + ".join(f"{p['class_path']}({_shown_args(p['init_args'])})"
                           for p in posts)
-        label = f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router" + (f" + {what}" if what else "")
+        label = (f"{Path(victim['checkpoint']).parent.name} behind the {router_label(victim['router'])} router"
+                 + (f" + {what}" if what else ""))
         plain = _victim_dict(victim)
         return self.add(Stage("served", key, label, functools.partial(jobs.served_accuracy, self.config, victim=plain),
                               needs=(victim["trained"], *extra), estimate_s=2.0))
@@ -209,7 +212,7 @@ class _Builder:
                "ood_dataset": self.config.edm.ood_dataset, "test_size": self.config.test_size, **self.keyed(victim)}
         plain = _victim_dict(victim)
         return self.add(Stage(
-            "diagnostics", key, f"{Path(victim['checkpoint']).parent.name} behind the {victim['router']} router",
+            "diagnostics", key, f"{Path(victim['checkpoint']).parent.name} behind the {router_label(victim['router'])} router",
             functools.partial(jobs.diagnostics, self.config, victim=plain, surrogate=surrogate),
             needs=(victim["trained"],), estimate_s=3.0))
 
@@ -218,14 +221,14 @@ class _Builder:
                **attack.averaging, "images": 1000, **self.keyed(victim)}
         plain = _victim_dict(victim)
         return self.add(Stage(
-            "spread", key, f"{attack.title} copies behind the {victim['router']} router (seed {seed})",
+            "spread", key, f"{attack.title} copies behind the {router_label(victim['router'])} router (seed {seed})",
             functools.partial(jobs.routing_spread, self.config, victim=plain, attack=attack, seed=seed),
             needs=(victim["trained"],), estimate_s=2.0))
 
     def attack_runs(self) -> list[tuple]:
         """``(attack, defense, lambda, strength, budget, seed)`` for every attack run, in the order they run."""
         config, weights = self.config, self.weights
-        edm = [f"edm-{router}" for router in config.edm.routers]
+        edm = [f"edm-{router}" for router in config.edm.router_labels]
         first, curves = config.attacks[0].title, curve_attacks(config)
         runs = []
         for seed in config.seeds:
@@ -263,16 +266,17 @@ class _Builder:
                 "served": victim["served"]}
         needs = (victim["trained"], victim["served"])
         curve = (settings.title, defense, weight, strength, seed)
-        if settings.name == "knockoff" and curve in self.curve_ends:
-            # The budgets of one KnockoffNets curve read prefixes of one transfer set: the smaller runs first and
-            # buys its part, so every run (serial, workers, cluster) splits the purchase alike, and no worker
-            # waits on the set's lock.
+        entry = ATTACKS.get(settings.name)
+        if entry.shares_purchase and curve in self.curve_ends:
+            # The budgets of one curve read prefixes of one purchase (KnockoffNets' transfer set): the smaller runs
+            # first and buys its part, so every run (serial, workers, cluster) splits the purchase alike, and no
+            # worker waits on the purchase's lock.
             needs += (self.curve_ends[curve],)
         stage = self.add(Stage("attack", key, label,
                                functools.partial(jobs.attack, self.config, settings=settings, victim=plain, budget=budget,
                                                  seed=seed),
                                needs=tuple(dict.fromkeys(needs)), estimate_s=_attack_s(settings, budget)))
-        if settings.name == "knockoff":
+        if entry.shares_purchase:
             self.curve_ends[curve] = stage.id
         self.runs.append((stage.id, info))
         return stage
@@ -288,7 +292,6 @@ def _victim_dict(victim: dict) -> dict:
 # what the finished stages of this run really took, so only the ratios between stages matter.
 _SECONDS_PER_IMAGE_EPOCH = {"lenet5": 6e-5, "small_cnn": 5e-5, "resnet18": 6e-3, "vgg16_bn": 5e-3}
 _ENSEMBLE_STEP = 1.6  # an EDM member also sees an OOD batch: its step costs more than a target's
-_SECONDS_PER_QUERY = 5e-5  # buying: the victim's answer, the transfer set's save
 
 
 def _training_s(settings, images: int) -> float:
@@ -297,14 +300,7 @@ def _training_s(settings, images: int) -> float:
 
 def _attack_s(settings: AttackConfig, budget: int) -> float:
     per_image = _SECONDS_PER_IMAGE_EPOCH.get(settings.arch, 1e-3)
-    if settings.name == "knockoff":
-        items = budget // settings.averaging["query_copies"]
-        return budget * _SECONDS_PER_QUERY + settings.epochs * items * per_image + 3.0
-    if settings.name == "dfme":
-        return budget * _SECONDS_PER_QUERY * 35  # a generator and a clone step per few hundred queries
-    if settings.name == "maze":
-        return budget * _SECONDS_PER_QUERY * 35 * 2  # DFME's steps, plus 10 replay steps per iteration
-    return budget * _SECONDS_PER_QUERY * 10 + settings.epochs * budget * per_image * 6  # JBDA: a clone per round
+    return ATTACKS.get(settings.name).cost(budget, settings.epochs, per_image, settings.options)
 
 
 def _train_images(config: ExperimentConfig) -> int:

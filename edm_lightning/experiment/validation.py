@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from edm_lightning.attacks import ATTACKS
 from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.cli import Trainer
 from edm_lightning.command_line import arguments_of, check_argument_values
@@ -22,8 +23,14 @@ from edm_lightning.data.images import check_convertible
 from edm_lightning.defense.postprocessors import build_postprocessor, resolve_postprocessor
 from edm_lightning.defense.postprocessors.base import LINKED
 from edm_lightning.errors import ConfigError
-from edm_lightning.experiment.config import JOB_SECTIONS, ExperimentConfig, TrainConfig, postprocessor_configs
-from edm_lightning.experiment.jobs import ATTACK_RUNNERS, SET_BY_EXPERIMENT, TRAINING_JOBS
+from edm_lightning.experiment.config import (
+    JOB_SECTIONS,
+    ExperimentConfig,
+    TrainConfig,
+    postprocessor_configs,
+    surrogate_attacks,
+)
+from edm_lightning.experiment.jobs import SET_BY_EXPERIMENT, TRAINING_JOBS, check_attack_options
 from edm_lightning.models.ensemble import check_ensemble_settings
 from edm_lightning.nets import build_net
 
@@ -72,20 +79,30 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
     titles = [attack.title for attack in config.attacks]
     if len(set(titles)) != len(titles):
         raise ConfigError(f"attacks must have distinct labels (give a repeated attack a label), got {titles}")
-    if not config.edm.routers or len(set(config.edm.routers)) != len(config.edm.routers):
-        raise ConfigError(f"edm.routers must name each router once, got {config.edm.routers}")
+    try:  # an unknown router, or init_args it does not take, fail here
+        labels = config.edm.router_labels
+    except ConfigError as err:
+        raise ConfigError(f"edm.routers: {err}") from None
+    if not labels or len(set(labels)) != len(labels):
+        raise ConfigError(f"edm.routers must name each router once, got {labels}")
     if config.edm.ood_dataset == config.dataset:
         raise ConfigError(f"edm.ood_dataset must differ from the in-distribution dataset {config.dataset!r}")
     for attack in config.attacks:
-        if not attack.budgets or any(b <= 0 for b in attack.budgets):
-            raise ConfigError(f"attack {attack.name}: budgets must be positive integers, got {attack.budgets}")
-        runner = ATTACK_RUNNERS.get(attack.name)
-        batch = int(attack.options.get("batch_size", runner.default("batch_size")))
-        check_budget_covers_batch(min(attack.budgets), batch, where=f"attack {attack.name} (options.batch_size): ")
-        runner.check_options(config, attack)  # a misspelt option fails now, not after training
-        if attack.name == "knockoff":
+        entry = ATTACKS.get(attack.name)  # an unregistered name fails here, with the registered ones listed
+        where = f"attack {attack.title}"
+        if not attack.budgets or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in attack.budgets):
+            raise ConfigError(f"{where}: budgets must be positive integers, got {attack.budgets}")
+        batch = int(attack.options.get("batch_size", entry.default("batch_size")))
+        check_budget_covers_batch(min(attack.budgets), batch, where=f"{where} (options.batch_size): ")
+        check_attack_options(attack)  # a misspelt option fails now, not after training
+        for budget in attack.budgets:  # the attack's own check of what it would refuse at this budget
+            try:
+                entry.check(budget, attack.options)
+            except ConfigError as err:
+                raise ConfigError(f"{where} (budget {budget}): {err}") from None
+        if entry.surrogate_pool:
             check_convertible(get_spec(attack.surrogate).input_shape[0], spec.input_shape[0],
-                              f"attack knockoff: surrogate {attack.surrogate!r} images")
+                              f"{where}: surrogate {attack.surrogate!r} images")
             if attack.surrogate == config.edm.ood_dataset:
                 message = (
                     f"WARNING: the attacker's surrogate set ({attack.surrogate!r}) is the defender's OOD set: EDM was "
@@ -94,7 +111,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
                 warnings.warn(message, stacklevel=2)
                 print(message, file=log, flush=True)
             if attack.surrogate == config.dataset:
-                raise ConfigError(f"attack knockoff: the surrogate must not be the victim's own dataset {config.dataset!r}")
+                raise ConfigError(f"{where}: the surrogate must not be the victim's own dataset {config.dataset!r}")
     _validate_defenses(config, titles)
 
 
@@ -125,7 +142,7 @@ def _validate_job_sections(where: str, settings: TrainConfig) -> None:
 def _validate_data(config: ExperimentConfig) -> None:
     """Every dataset the plan reads must be fetched (and unchanged) before the first stage starts."""
     needed = {config.dataset, config.edm.ood_dataset, config.hashnet.dataset}
-    needed |= {attack.surrogate for attack in config.attacks if attack.name == "knockoff"}
+    needed |= {attack.surrogate for attack in surrogate_attacks(config)}
     for name in sorted(needed):
         for train in (True, False):
             open_dataset(name, config.root, train=train)  # DatasetNotFoundError names the fetch command
@@ -174,7 +191,7 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
         ConfigError: the first thing found wrong, naming the defense.
     """
     spec = get_spec(config.dataset)
-    bases = ["none"] + [f"edm-{router}" for router in config.edm.routers]
+    bases = ["none"] + [f"edm-{router}" for router in config.edm.router_labels]
     names = [defense.name for defense in config.defenses]
     if len(set(names)) != len(names):
         raise ConfigError(f"defenses must have distinct names, got {names}")

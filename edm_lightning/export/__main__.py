@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jsonargparse import auto_cli
 
-from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
 from edm_lightning.data import get_spec, load_images
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
@@ -28,7 +28,6 @@ from edm_lightning.export.writer import (
     write_manifest,
 )
 from edm_lightning.files import to_plain
-from edm_lightning.routing import refuse_keys_on_command_line
 
 __all__ = ["ExportConfig", "main", "run_export"]
 

@@ -4,7 +4,8 @@
 keyed router hashes bytes with BLAKE2b), which ``torch.jit.trace`` would silently freeze to the example
 batch's routing. :class:`ExportableVictim` computes the same answer in tensor operations only:
 
-* the route: the fixed member, or the paper's neural hash formula on the hash network's logits;
+* the route: the router's own :meth:`~edm_lightning.routing.Router.export_route` (the fixed member, or the paper's
+  neural hash formula on the hash network's logits);
 * every member on every input, then each input's routed answer picked with ``gather`` (N times one
   member's compute: the price of a static graph; the eager server runs each member on its inputs only);
 * the post-processors, as in the eager victim;
@@ -17,7 +18,7 @@ the eager router's fixed blocks of 64 rows), so an input's member is batch-indep
 runtime's float rounding: a serving layer that must deny an attacker control over batching calls the graph
 on fixed blocks of 64 rows, as the eager router does (the manifest says so).
 
-The keyed router is refused (:func:`check_exportable`): BLAKE2b has no ONNX or ``torch.export`` operator,
+A keyed router is refused (:func:`check_exportable`): BLAKE2b has no ONNX or ``torch.export`` operator,
 and a hash written in tensor operations would store the key as a constant that anyone holding the file reads.
 """
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from edm_lightning.defense import PredictionPoisoning, Victim
 from edm_lightning.errors import ConfigError
-from edm_lightning.routing import CoarseKeyedHashRouter, FixedRouter, KeyedHashRouter, NeuralHashRouter, neural_hash_index
+from edm_lightning.routing import ROUTERS
 
 __all__ = ["OUTPUT_NAMES", "ExportableVictim", "ExportError", "check_exportable"]
 
@@ -44,18 +45,21 @@ def check_exportable(victim: Victim) -> None:
     """Refuse a victim whose router or post-processors cannot be written in tensor operations.
 
     Raises:
-        ExportError: the keyed router, or Prediction Poisoning (MAD), with the reason and the alternative.
+        ExportError: a keyed router, a router without an exportable form, or Prediction Poisoning (MAD), with the
+            reason and the alternative.
     """
-    if isinstance(victim.router, (KeyedHashRouter, CoarseKeyedHashRouter)):
+    router = type(victim.router)
+    if router.keyed:
         raise ExportError(
-            f"the keyed router ({type(victim.router).__name__}) cannot be exported: it hashes each input's bytes with "
+            f"the keyed router ({router.__name__}) cannot be exported: it hashes each input's bytes with "
             "keyed BLAKE2b, which no ONNX or torch.export operator computes, and a hash written in tensor operations "
             "would store the key in the file as a constant anyone holding the file can read. Export router 'neural' "
             "(the paper's) or 'fixed', or serve the keyed router with `python -m edm_lightning.serve`, where the key "
             "stays in the server's environment."
         )
-    if not isinstance(victim.router, (FixedRouter, NeuralHashRouter)):
-        raise ExportError(f"router {type(victim.router).__name__} has no exportable form (fixed and neural have)")
+    if not router.exportable:
+        exportable = ", ".join(name for name, kind in ROUTERS.items() if kind.exportable)
+        raise ExportError(f"router {router.__name__} has no exportable form ({exportable} have)")
     for post in victim.postprocessors:
         if isinstance(post, PredictionPoisoning):
             raise ExportError(
@@ -97,9 +101,5 @@ class ExportableVictim(nn.Module):
         return probs, torch.where(valid, member, torch.full_like(member, -1)), valid
 
     def route(self, x: Tensor) -> Tensor:
-        """Member indices ``(N,)``: the eager router's formula, the hash network run on the whole batch at once."""
-        router = self.router
-        if isinstance(router, FixedRouter):
-            return torch.full_like(x[:, 0, 0, 0], router.member, dtype=torch.long)
-        probs = (router.hash_net(x).float() + router.logit_bias).softmax(dim=-1)
-        return neural_hash_index(probs, router.num_members, router.num_bins, router.multiplier)
+        """Member indices ``(N,)``: the eager router's formula in tensor operations (:meth:`Router.export_route`)."""
+        return self.router.export_route(x)

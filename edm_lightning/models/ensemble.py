@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,16 @@ from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.step_logs import log_training_step
 from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig, build_optimizer
-from edm_lightning.routing import KEYED_ROUTERS, answer_routed, as_secret, build_router, check_key_fingerprint
+from edm_lightning.routing import (
+    RouterConfig,
+    answer_routed,
+    as_secret,
+    build_router,
+    check_key_fingerprint,
+    plain_router,
+    router_class,
+    router_label,
+)
 
 __all__ = ["EnsembleModule", "check_ensemble_settings"]
 
@@ -60,8 +69,8 @@ class EnsembleModule(RecordedModule):
         optim: optimiser and schedule shared by all members.
         diversity_weight: lambda, the weight of the diversity loss on OOD batches.
         temperature: smooth-max temperature of the coherence (1: the paper's log-sum-exp).
-        router: router of the routed accuracy: ``keyed``, ``coarse``, ``neural`` (needs ``hash_checkpoint``) or ``fixed``
-            (member 0).
+        router: router of the routed accuracy: ``keyed``, ``coarse``, ``neural`` (needs ``hash_checkpoint``), ``fixed``
+            (member 0) or any registered router, with its own settings as ``{class_path: coarse, init_args: {grid: 5}}``.
         router_key: secret key of the ``keyed`` and ``coarse`` routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``,
             or the public default with a warning); never saved, shown as ``**********`` in config dumps.
         hash_checkpoint: hash network checkpoint of the ``neural`` router.
@@ -70,8 +79,8 @@ class EnsembleModule(RecordedModule):
             re-run without the experiment's key is refused instead of picking the best epoch by another key's routes.
 
     Raises:
-        ConfigError: bad ensemble settings, ``neural`` without ``hash_checkpoint``, or a router key whose fingerprint
-            is not ``router_key_fingerprint``.
+        ConfigError: bad ensemble settings, an unknown router (or init_args it does not take), a router that needs a
+            hash network without ``hash_checkpoint``, or a router key whose fingerprint is not ``router_key_fingerprint``.
     """
 
     def __init__(
@@ -85,21 +94,22 @@ class EnsembleModule(RecordedModule):
         optim: OptimConfig | None = None,
         diversity_weight: float = DIVERSITY_WEIGHT,
         temperature: float = 1.0,
-        router: Literal["keyed", "neural", "coarse", "fixed"] = "keyed",
+        router: str | RouterConfig = "keyed",
         router_key: SecretStr | None = None,
         hash_checkpoint: str | None = None,
         router_key_fingerprint: str | None = None,
     ):
         super().__init__()
         check_ensemble_settings(num_members, diversity_weight)
-        if router == "neural" and hash_checkpoint is None:
-            raise ConfigError("router 'neural' needs hash_checkpoint (train it with configs/hashnet.yaml)")
-        if router in KEYED_ROUTERS and router_key_fingerprint is not None:
-            check_key_fingerprint(router_key, router_key_fingerprint, f"this ensemble's {router} router")
+        kind = router_class(router)  # an unknown router, or init_args it does not take, fail here
+        if kind.needs_hash_network and hash_checkpoint is None:
+            raise ConfigError(f"router {router_label(router)!r} needs hash_checkpoint (train it with configs/hashnet.yaml)")
+        if kind.keyed and router_key_fingerprint is not None:
+            check_key_fingerprint(router_key, router_key_fingerprint, f"this ensemble's {router_label(router)} router")
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
         # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
         self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint", "router_key_fingerprint"])
-        self.router_kind, self.router_key, self.hash_checkpoint = router, as_secret(router_key), hash_checkpoint
+        self.router_kind, self.router_key, self.hash_checkpoint = plain_router(router), as_secret(router_key), hash_checkpoint
         self.optim = optim or OptimConfig()
         self.members = nn.ModuleList(build_net(arch, input_shape, num_classes, mean, std) for _ in range(num_members))
         self.diversity = DiversityLoss(temperature)

@@ -18,11 +18,11 @@ from typing import Literal
 
 from jsonargparse import auto_cli
 
-from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import digest, state_digest
-from edm_lightning.routing import KEYED_ROUTERS, key_fingerprint, refuse_keys_on_command_line, resolve_router_key
+from edm_lightning.routing import key_fingerprint, resolve_router_key, router_class
 from edm_lightning.serve.app import create_app
 from edm_lightning.serve.clients import add_client, load_clients
 from edm_lightning.serve.ledger import QueryLedger
@@ -70,7 +70,7 @@ def build_app(config: ServeConfig):
     if config.max_batch < 1 or not config.max_body_mb > 0 or not 0 < config.port < 65536:
         raise ConfigError(f"max_batch must be >= 1, max_body_mb > 0 and port in 1..65535, got {config.max_batch}, "
                           f"{config.max_body_mb} and {config.port}")
-    keyed = config.victim.router in KEYED_ROUTERS
+    keyed = router_class(config.victim.router).keyed
     if keyed:
         resolve_router_key(config.victim.key, public_default=False)  # a server never uses the public key
     clients = load_clients(config.clients_file)

@@ -1,0 +1,55 @@
+"""Perturbed copies of images: how an attacker re-sends one query so that a router may answer it with other members.
+
+Query averaging, EDM's adaptive attacker, sends each image as K copies with faint noise or small shifts and
+averages the answers; the routing measurements probe a router with the same copies.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from edm_lightning.errors import ConfigError
+
+__all__ = ["check_copies", "noisy_copies"]
+
+
+def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0, shift: int = 0) -> Tensor:
+    """``copies`` versions of each image in ``x`` ``(N, C, H, W)``, in order ``(N * copies, C, H, W)``.
+
+    Each copy is shifted by a random offset in ``[-shift, shift]`` pixels per axis (zero fill), then
+    ``clamp(copy + noise * eps, 0, 1)`` with Gaussian ``eps``. Both are drawn per image from
+    ``(seed, start + i)``, so item ``i`` of a transfer set always gets the same copies, however the run
+    was split into batches.
+
+    Returns:
+        The copies ``(N * copies, C, H, W)`` in [0, 1].
+    """
+    out = x.repeat_interleave(copies, dim=0)
+    if noise == 0 and shift == 0:
+        return out
+    # CPU generators keep only the low 32 bits of a seed (seed * 2**32 + i would repeat across seeds):
+    # items below a million get distinct streams for every seed below 4,294.
+    generators = [torch.Generator().manual_seed((seed * 1_000_003 + start + i) % 2**32) for i in range(len(x))]
+    eps = torch.cat([torch.randn((copies, *x.shape[1:]), generator=g) for g in generators]).to(x.device)
+    if shift > 0:
+        offsets = torch.cat([torch.randint(-shift, shift + 1, (copies, 2), generator=g) for g in generators])
+        padded = torch.nn.functional.pad(out, (shift, shift, shift, shift))
+        height, width = x.shape[-2:]
+        out = torch.stack([padded[j, :, shift + dy: shift + dy + height, shift + dx: shift + dx + width]
+                           for j, (dy, dx) in enumerate(offsets.tolist())])
+    return (out + noise * eps).clamp_(0, 1) if noise > 0 else out
+
+
+def check_copies(query_copies: int, copy_noise: float, copy_shift: int = 0) -> None:
+    """Refuse copy settings :func:`noisy_copies` cannot make (before any query is spent).
+
+    Raises:
+        ConfigError: ``query_copies < 1``, ``copy_noise`` outside [0, 1] or ``copy_shift`` outside 0..8.
+    """
+    if isinstance(query_copies, bool) or not isinstance(query_copies, int) or query_copies < 1:
+        raise ConfigError(f"query_copies must be an integer >= 1 (copies sent per surrogate image), got {query_copies!r}")
+    if not 0 <= copy_noise <= 1:
+        raise ConfigError(f"copy_noise must be in [0, 1] (noise std, images in [0, 1]), got {copy_noise!r}")
+    if isinstance(copy_shift, bool) or not isinstance(copy_shift, int) or not 0 <= copy_shift <= 8:
+        raise ConfigError(f"copy_shift must be an integer in [0, 8] (largest shift of a copy, in pixels), got {copy_shift!r}")
