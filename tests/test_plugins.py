@@ -121,3 +121,13 @@ def test_every_registered_architecture_trains_through_main_fit_or_refuses_the_sh
                 "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}", *QUIET])
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+def test_a_routers_own_options_on_the_command_line_reach_the_ensemble(fake_root: Path, tmp_path: Path):
+    cli = main(["--config", "configs/edm.yaml", f"--data.init_args.root={fake_root}",
+                "--model.router", "{class_path: coarse, init_args: {grid: 5, levels: 3}}"], run=False)
+    assert cli.model.router_kind == {"class_path": "coarse", "init_args": {"grid": 5, "levels": 3}}
+    with pytest.raises(SystemExit) as refused:  # a misspelt setting fails while the command line is parsed
+        main(["--config", "configs/edm.yaml", f"--data.init_args.root={fake_root}",
+              "--model.router", "{class_path: coarse, init_args: {levles: 3}}"], run=False)
+    assert refused.value.code == 2
