@@ -131,3 +131,36 @@ def test_a_routers_own_options_on_the_command_line_reach_the_ensemble(fake_root:
         main(["--config", "configs/edm.yaml", f"--data.init_args.root={fake_root}",
               "--model.router", "{class_path: coarse, init_args: {levles: 3}}"], run=False)
     assert refused.value.code == 2
+
+
+def test_an_experiments_router_settings_name_its_rows_and_a_misspelt_one_stops_the_parse(fake_root: Path, tmp_path: Path,
+                                                                                         capsys):
+    from edm_lightning.experiment.__main__ import main as experiment_main
+    from edm_lightning.experiment.plan import build_plan
+    from tests.helpers.experiment import tiny_config
+
+    config = tiny_config(fake_root, tmp_path)
+    config.edm.routers = ["neural", {"class_path": "coarse", "init_args": {"grid": 2, "levels": 3}}]
+    config.edm.__post_init__()
+    plan = build_plan(config)
+    assert {defense for defense, *_ in plan.victims} >= {"none", "edm-neural", "edm-coarse(grid=2,levels=3)"}
+    served = next(s for s in plan.stages if s.kind == "served" and s.key["router"] != "neural")
+    assert served.key["router"] == {"class_path": "coarse", "init_args": {"grid": 2, "levels": 3}}
+    with pytest.raises(SystemExit) as refused:
+        experiment_main(["--config", "configs/experiment/fashionmnist.yaml", "--dry_run", "true",
+                         "--edm.routers", "[neural, {class_path: coarse, init_args: {gird: 5}}]"])
+    assert refused.value.code == 2 and "router 'coarse' (CoarseKeyedHashRouter) takes no init_args ['gird']" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [name for name, entry in ATTACKS.items() if entry.queries_in_training])
+def test_every_attack_that_queries_in_its_training_loop_refuses_ddp(name, fake_root: Path, checkpoints, tmp_path: Path):
+    from types import SimpleNamespace
+
+    job = ATTACKS.get(name).build(VictimConfig(checkpoints["target"]), dataset="fashionmnist", root=str(fake_root),
+                                  cache_dir=str(tmp_path / "cache"), seed=0, **tiny_settings(name))
+    datamodule, module = job.build()
+    module._trainer = SimpleNamespace(world_size=2, datamodule=datamodule)  # what Lightning sets under DDP
+    with pytest.raises(ConfigError, match="queries the victim inside its training loop"):
+        module.on_fit_start()
+    assert datamodule.queries_spent == 0

@@ -1,4 +1,4 @@
-"""Model-stealing attacks and the oracle they query: KnockoffNets, JBDA / JBDA-TR, DFME, MAZE.
+"""Model-stealing attacks and the oracle they query: KnockoffNets, JBDA / JBDA-TR, DFME, MAZE, ActiveThief.
 
 Each attack is a DataModule (the victim behind a :class:`BlackBoxOracle`, the attacker's data, the
 evaluation set) and a LightningModule (the attacker's clone and what else it learns), run by

@@ -121,7 +121,7 @@ class EDMConfig(TrainConfig):
     diversity_weight: float = default_of(EnsembleModule, "diversity_weight")
     tradeoff_weights: list[float] = field(default_factory=list)
     ood_dataset: str = default_of(EDMDataModule, "ood_dataset")
-    routers: list[str | RouterConfig] = field(default_factory=lambda: ["neural", "keyed"])
+    routers: list[RouterConfig] = field(default_factory=lambda: ["neural", "keyed"])
     router_key: SecretStr | None = None
 
     def __post_init__(self) -> None:

@@ -151,7 +151,8 @@ class RouterConfig:
 
     Registered as a jsonargparse type, so such a mapping is read as a router, not as a class to instantiate, and an
     unknown router or an init argument it does not take fails while the config is parsed. Configs type a router as
-    ``str | RouterConfig``; the classes that take one keep it as :func:`plain_router` gives it.
+    ``str | RouterConfig`` (a list of them as ``list[RouterConfig]``, which also reads names); the classes that take
+    one keep it as :func:`plain_router` gives it.
 
     Args:
         class_path: a registered router's name.
@@ -163,7 +164,7 @@ class RouterConfig:
 
     @classmethod
     def parse(cls, value: Any) -> RouterConfig:
-        """The checked router (``value`` itself if it already is one).
+        """The checked router, from a name, a ``{class_path, init_args}`` mapping or a :class:`RouterConfig`.
 
         Returns:
             The router config.
@@ -178,11 +179,15 @@ class RouterConfig:
         """``{"class_path": ..., "init_args": {...}}``, as configs write it."""
         return {"class_path": self.class_path, "init_args": dict(self.init_args)}
 
+    def plain(self) -> str | dict[str, Any]:
+        """The name alone when there are no settings (as configs always named routers), else :meth:`as_dict`."""
+        return self.as_dict() if self.init_args else self.class_path
+
     def __repr__(self) -> str:
         return f"RouterConfig({self.class_path!r}, {self.init_args!r})"
 
 
-register_type(RouterConfig, serializer=RouterConfig.as_dict, deserializer=RouterConfig.parse,
+register_type(RouterConfig, serializer=RouterConfig.plain, deserializer=RouterConfig.parse,
               deserializer_exceptions=(ConfigError, ValueError, TypeError))
 
 
@@ -196,8 +201,7 @@ def plain_router(router: str | Mapping[str, Any] | RouterConfig) -> str | dict[s
     Raises:
         ConfigError: see :func:`router_spec`.
     """
-    name, options = router_spec(router)
-    return {"class_path": name, "init_args": options} if options else name
+    return RouterConfig.parse(router).plain()
 
 
 def router_spec(router: str | Mapping[str, Any] | RouterConfig) -> tuple[str, dict[str, Any]]:
