@@ -160,7 +160,23 @@ def test_every_attack_that_queries_in_its_training_loop_refuses_ddp(name, fake_r
     job = ATTACKS.get(name).build(VictimConfig(checkpoints["target"]), dataset="fashionmnist", root=str(fake_root),
                                   cache_dir=str(tmp_path / "cache"), seed=0, **tiny_settings(name))
     datamodule, module = job.build()
-    module._trainer = SimpleNamespace(world_size=2, datamodule=datamodule)  # what Lightning sets under DDP
+    module._trainer = datamodule.trainer = SimpleNamespace(world_size=2, datamodule=datamodule)  # as under DDP
+    try:  # the data side runs first (setup before on_fit_start): it refuses, or buys nothing
+        datamodule.setup("fit")
+    except ConfigError as err:
+        assert "queries the victim inside its training loop" in str(err)
+    assert datamodule.queries_spent == 0
     with pytest.raises(ConfigError, match="queries the victim inside its training loop"):
         module.on_fit_start()
     assert datamodule.queries_spent == 0
+
+
+def test_an_attack_against_a_router_with_its_own_settings_runs_and_caches_apart(fake_root: Path, checkpoints,
+                                                                               tmp_path: Path):
+    settings = dict(dataset="fashionmnist", root=str(fake_root), cache_dir=str(tmp_path / "cache"), test_size=40, seed=0,
+                    **tiny_settings("knockoff"))
+    coarse = {"class_path": "coarse", "init_args": {"grid": 2, "levels": 3}}
+    figures = [ATTACKS.get("knockoff").build(VictimConfig(checkpoints["ensemble"], router=router), **settings).run(
+        {"accelerator": "cpu"}) for router in (coarse, "coarse")]
+    assert [f["queries_this_run"] for f in figures] == [settings["budget"]] * 2  # another router: another transfer set
+    assert len(list((tmp_path / "cache").glob("knockoff-*.pt"))) == 2

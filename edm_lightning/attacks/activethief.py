@@ -147,7 +147,7 @@ class ActiveThiefModule(CloneModule):
             return
         round_ = (self.current_epoch + 1) // hp.epochs_per_round - 1
         datamodule: ActiveThiefDataModule = self.trainer.datamodule
-        entry = {"round": round_, "queries": datamodule.bought}
+        entry = {"round": round_, "images": datamodule.bought, "queries": datamodule.queries_spent}
         if "val/acc" in self.trainer.callback_metrics:
             entry["acc"] = float(self.trainer.callback_metrics["val/acc"])
             self.log("activethief/round_acc", entry["acc"])
@@ -241,6 +241,8 @@ class ActiveThiefDataModule(AttackDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.answers is None:
+            if self.trainer is not None:
+                require_single_process(self.trainer, "ActiveThief")  # before round 0 is bought, not after
             self.buy_round(0, None, tag="seed")
 
     @override
@@ -294,6 +296,9 @@ class ActiveThiefDataModule(AttackDataModule):
             if fresh:
                 remaining = self.oracle.remaining
                 chosen = chosen[: max(0, remaining)] if remaining is not None else chosen
+            elif len(chosen) > len(answers) + self.hparams.budget - self.queries_spent:  # a charged kill took the rest
+                chosen = chosen[: len(answers) + max(0, self.hparams.budget - self.queries_spent)]
+                save_atomic({"chosen": chosen, "answers": answers, "lost": lost}, path)
             answers = purchase.complete(lambda: self.oracle, self.pool[chosen], answers, self.hparams.batch_size,
                                         lambda bought: save_atomic({"chosen": chosen, "answers": bought, "lost": lost}, path))
         self.chosen = torch.cat([self.chosen, chosen])

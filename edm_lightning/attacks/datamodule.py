@@ -30,7 +30,7 @@ from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_co
 from edm_lightning.defense import Victim, VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, file_digest, state_digest
-from edm_lightning.routing import DEFAULT_ROUTER_KEY, as_secret, resolve_router_key, router_class
+from edm_lightning.routing import DEFAULT_ROUTER_KEY, as_secret, resolve_router_key, router_class, router_label
 
 __all__ = ["AttackDataModule", "victim_labels"]
 
@@ -229,7 +229,7 @@ def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict) -> 
     keyed = router_class(victim.router).keyed
     key = resolve_router_key(victim.key) if keyed else (victim.key or as_secret(DEFAULT_ROUTER_KEY))
     key = key.decode("latin-1") if isinstance(key, bytes) else key.get_secret_value()
-    parts = [file_digest(victim.checkpoint), victim.router, str(victim.member), key]
+    parts = [file_digest(victim.checkpoint), router_label(victim.router), str(victim.member), key]  # a bare name as ever
     if victim.hash_checkpoint:
         parts.append(file_digest(victim.hash_checkpoint))
     if victim.postprocessors:  # their settings and weights (MAD's proxy, misinformation model) change every answer

@@ -210,7 +210,7 @@ class DataFreeDataModule(AttackDataModule):
     def open_oracle(self, spent: int, ledger: Ledger | None = None) -> BlackBoxOracle:
         """The oracle, charged what earlier runs of the same attack spent (its :attr:`ledger`) and writing every call
         to it: a data-free attack keeps nothing it could resume from, so a re-run after a kill starts afresh with what
-        is left of the budget, and the victim answers at most the budget over all runs.
+        is left of the budget, and the victim answers at most the budget over all runs (runs at the same time share it).
 
         Returns:
             The oracle.

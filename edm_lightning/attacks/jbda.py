@@ -164,6 +164,8 @@ class JBDADataModule(AttackDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.substitute_x is None:
+            if self.trainer is not None:
+                require_single_process(self.trainer, "JBDA")  # before the seed set is bought, not after
             self.augment(0, self._seed_set, tag="seed")
 
     @override
@@ -206,6 +208,9 @@ class JBDADataModule(AttackDataModule):
                 remaining = self.oracle.remaining
                 if remaining is not None and remaining < len(x):
                     x = x[torch.randperm(len(x), generator=generator)[:remaining]]
+            elif len(x) > len(answers) + self.hparams.budget - self.queries_spent:  # a charged kill took what the rest needed
+                x = x[: len(answers) + max(0, self.hparams.budget - self.queries_spent)]
+                save_atomic({"x": x, "answers": answers, "lost": lost}, path)
             answers = purchase.complete(lambda: self.oracle, x, answers, self.hparams.batch_size,
                                         lambda bought: save_atomic({"x": x, "answers": bought, "lost": lost}, path))
         if self.substitute_x is None:

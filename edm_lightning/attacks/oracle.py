@@ -54,14 +54,14 @@ def check_budget_covers_batch(budget: int, batch_size: int, where: str = "") -> 
 
 
 class Ledger(Protocol):
-    """Where an oracle records its calls for later runs (:class:`~edm_lightning.attacks.purchase.QueryLedger`)."""
+    """Where an oracle charges its calls for every run of the attack (:class:`~edm_lightning.attacks.purchase.QueryLedger`)."""
 
-    def reserve(self, spent: int, count: int) -> None:
-        """``count`` queries are about to be asked on top of ``spent`` answered."""
+    def reserve(self, count: int, budget: int | None) -> None:
+        """Charge ``count`` queries before the victim sees them; raise :class:`QueryBudgetExceeded` past ``budget``."""
         ...
 
-    def record(self, spent: int) -> None:
-        """``spent`` queries are answered, none in flight."""
+    def refund(self, count: int) -> None:
+        """Take back ``count`` queries the victim refused before answering."""
         ...
 
 
@@ -88,8 +88,10 @@ class BlackBoxOracle:
             handle both answer kinds alike.
         spent: queries already spent in an earlier run of the same attack (a resume); they count
             against ``budget``.
-        ledger: where every call is recorded for later runs (a :class:`~edm_lightning.attacks.purchase.QueryLedger`:
-            ``reserve(spent, count)`` before the victim sees a batch, ``record(spent)`` after), or ``None``.
+        ledger: where every call is charged for all runs of the attack (a
+            :class:`~edm_lightning.attacks.purchase.QueryLedger`: ``reserve(count, budget)`` before the victim sees a
+            batch, refused once the runs together spent the budget; ``refund(count)`` when the victim refused it), or
+            ``None``.
     """
 
     def __init__(self, victim: Servable, budget: int | None, label_only: bool = False, spent: int = 0,
@@ -116,6 +118,11 @@ class BlackBoxOracle:
         return self._spent
 
     @property
+    def ledger(self) -> Ledger | None:
+        """Where the oracle charges its calls for every run of the attack (``None``: nowhere)."""
+        return self._ledger
+
+    @property
     def remaining(self) -> int | None:
         """Queries left (``None``: unlimited)."""
         return None if self.budget is None else self.budget - self._spent
@@ -138,7 +145,9 @@ class BlackBoxOracle:
 
         Raises:
             ValueError: ``x`` is not a tensor (a numpy array, a list, ``None``), or the victim refused it.
-            QueryBudgetExceeded: the batch would take the oracle past its budget; nothing was answered.
+            QueryBudgetExceeded: the batch would take the oracle past its budget (or, with a ledger, the attack's runs
+                together past it); nothing was answered.
+            TypeError: the victim refused the queries' type; nothing was answered.
         """
         if not isinstance(x, Tensor):
             raise ValueError(f"queries must be a torch.Tensor of images (N, {', '.join(map(str, self.input_shape))}), got "
@@ -149,16 +158,14 @@ class BlackBoxOracle:
         if self.budget is not None and self._spent + count > self.budget:
             raise QueryBudgetExceeded(self._spent, self.budget, count)
         if self._ledger is not None:
-            self._ledger.reserve(self._spent, count)  # a kill from here on is charged the batch
+            self._ledger.reserve(count, self.budget)  # a kill from here on is charged the batch
         try:
             answers = self._answer(x)  # the victim validates shape, dtype and range before answering
-        except Exception:  # refused or failed: the victim answered nothing (an interrupt keeps the batch reserved)
-            if self._ledger is not None:
-                self._ledger.record(self._spent)
+        except (ValueError, TypeError):  # the victim refused the queries before answering: nothing was answered
+            if self._ledger is not None:  # (an interrupt, or an API failure after the server answered, stays charged)
+                self._ledger.refund(count)
             raise
         self._spent += count
-        if self._ledger is not None:
-            self._ledger.record(self._spent)
         if self.label_only:
             answers = nn.functional.one_hot(answers.argmax(dim=-1), self.num_classes).to(answers.dtype)
         return answers

@@ -8,8 +8,9 @@ run is charged its queries (the victim may have answered them) and keeps that ch
 count errs towards the budget, never past it.
 
 An attack that queries as it learns (DFME, MAZE) keeps nothing it could resume from; its oracle writes a
-:class:`QueryLedger` instead: the queries spent over all runs, with the batch in flight recorded before the
-victim sees it. A re-run is charged what the killed runs spent and may spend only the rest of the budget.
+:class:`QueryLedger` instead: the queries charged over all runs, each batch charged before the victim sees it.
+A re-run is charged what the killed runs spent and may spend only the rest of the budget; runs at the same time
+share it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from edm_lightning.attacks.oracle import BlackBoxOracle
+from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
 from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.files import save_atomic, write_atomic
 
-__all__ = ["Purchase", "QueryLedger"]
+__all__ = ["REFUSALS", "Purchase", "QueryLedger"]
+
+#: What an oracle raises when it refused a batch before the victim answered any of it: the budget, or queries the
+#: victim validates and refuses (a prediction API's own failures are ``RuntimeError``: it may have answered).
+REFUSALS = (QueryBudgetExceeded, ValueError, TypeError)
 
 
 class Purchase:
@@ -43,7 +48,7 @@ class Purchase:
 
     Example:
         >>> import tempfile
-        >>> from edm_lightning.attacks.oracle import BlackBoxOracle
+        >>> from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
         >>> class Victim:
         ...     input_shape, num_classes = (1, 2, 2), 3
         ...     def __call__(self, x):
@@ -111,16 +116,15 @@ class Purchase:
             The answers ``(n, K)``. The record stays until :meth:`settle`: save the answers first.
 
         Raises:
-            Exception: whatever the oracle raises; when it answered nothing (a refusal), the record is cleared first.
-                An interrupt (``KeyboardInterrupt``) keeps it: whether the victim answered is not known.
+            Exception: whatever the oracle raises. A refusal (:data:`REFUSALS`: the budget, or queries the victim
+                refused before answering) clears the record first; anything else (an interrupt, a prediction API that
+                failed after the server may have answered and charged) keeps it: the victim may have answered.
         """
         save_atomic({"items": int(items), "queries": int(len(x) if queries is None else queries)}, self.pending_path)
-        spent = oracle.queries_spent
         try:
             return oracle(x)
-        except Exception:  # a refusal or a failure, not a kill (KeyboardInterrupt): the record stays for a kill
-            if oracle.queries_spent == spent:  # refused before the victim answered: nothing to charge
-                self.settle()
+        except REFUSALS:  # refused before the victim saw the batch: nothing to charge
+            self.settle()
             raise
 
     def settle(self) -> None:
@@ -152,11 +156,12 @@ class Purchase:
 
 
 class QueryLedger:
-    """The queries an attack spent over all its runs, in a small JSON file, for attacks that query as they learn.
+    """The queries an attack charged over all its runs, in a small JSON file, for attacks that query as they learn.
 
-    :class:`~edm_lightning.attacks.oracle.BlackBoxOracle` writes it around every call when it is given one:
-    :meth:`reserve` before the victim sees the batch, :meth:`record` after; a run killed in between leaves the
-    batch reserved, and :attr:`spent` charges it.
+    :class:`~edm_lightning.attacks.oracle.BlackBoxOracle` charges it before the victim sees a batch
+    (:meth:`reserve`, refused when the budget is spent, by this run or any other) and refunds a batch the victim
+    refused (:meth:`refund`); a run killed in between leaves the batch charged. Each change is a read-modify-write
+    under a file lock, so runs of one attack at the same time share one budget.
 
     Args:
         path: the ledger's file.
@@ -164,35 +169,44 @@ class QueryLedger:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = FileLock(self.path.with_name(self.path.name + ".lock"))
 
     @property
     def spent(self) -> int:
-        """Queries the victim may have answered in every run so far (reserved batches included).
+        """Queries the victim may have answered in every run so far (batches in flight included).
 
         Raises:
-            ConfigError: the file is not a ledger this package wrote (unreadable, or negative counts).
+            ConfigError: the file is not a ledger this package wrote (unreadable, or a negative count).
         """
         if not self.path.is_file():
             return 0
         try:
-            blob = json.loads(self.path.read_text())
-            spent, reserved = int(blob["spent"]), int(blob["reserved"])
+            spent = int(json.loads(self.path.read_text())["spent"])
         except Exception as err:
             raise ConfigError(f"{str(self.path)!r} is not a query ledger ({unreadable_file_reason(err)}): it records what "
                               "earlier runs of this attack spent; delete it only to start the attack over") from None
-        if spent < 0 or reserved < 0:
-            raise ConfigError(f"{str(self.path)!r} records negative counts (spent {spent}, reserved {reserved}): it was not "
-                              "written by this package; delete it only to start the attack over")
-        return spent + reserved
+        if spent < 0:
+            raise ConfigError(f"{str(self.path)!r} records a negative count ({spent}): it was not written by this package; "
+                              "delete it only to start the attack over")
+        return spent
 
-    def reserve(self, spent: int, count: int) -> None:
-        """Record ``count`` queries in flight on top of ``spent`` answered, before the victim sees them."""
-        self._write(spent, count)
+    def reserve(self, count: int, budget: int | None) -> None:
+        """Charge ``count`` queries before the victim sees them.
 
-    def record(self, spent: int) -> None:
-        """Record ``spent`` queries answered and none in flight."""
-        self._write(spent, 0)
+        Raises:
+            QueryBudgetExceeded: they would take the attack past ``budget`` over all its runs; nothing is charged.
+        """
+        with self._lock:
+            spent = self.spent
+            if budget is not None and spent + count > budget:
+                raise QueryBudgetExceeded(spent, budget, count)
+            self._write(spent + count)
 
-    def _write(self, spent: int, reserved: int) -> None:
+    def refund(self, count: int) -> None:
+        """Take back ``count`` queries the victim refused before answering any."""
+        with self._lock:
+            self._write(max(0, self.spent - count))
+
+    def _write(self, spent: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, json.dumps({"spent": int(spent), "reserved": int(reserved)}))
+        write_atomic(self.path, json.dumps({"spent": int(spent)}))

@@ -56,7 +56,8 @@ class AttackEntry:
         surrogate_pool: the attack queries natural images of another dataset (its ``surrogate`` argument): a
             runner checks that dataset before the first stage and passes its own ``surrogate``.
         queries_in_training: the attack queries the victim inside its training loop (one process only: under
-            DDP every process would spend the budget; its caches are its own, never shared between runs).
+            DDP every process would spend the budget; the module refuses DDP, and the budgets of a curve never share
+            a purchase: each stage keeps its own cache, which its re-run reads).
         shares_purchase: the budgets of one curve read prefixes of one purchase (a transfer set bought once):
             a runner gives them one shared cache and runs the smaller budget first.
         cost: ``(budget, epochs, seconds per training image and epoch of the clone's architecture, options) ->

@@ -135,7 +135,9 @@ def build_transfer_set(
     call the batch is recorded as pending (``<cache>.pending``) and cleared once its answers are saved: a
     run killed in between leaves the record, and the next run charges those queries as lost (the victim
     may have answered them), so the victim never answers more than ``budget`` over all runs. A kill after
-    the record but before the call is charged too: the count errs towards the budget, never past it.
+    the record but before the call is charged too: the count errs towards the budget, never past it. A run that
+    holds fewer items than its budget would buy because a batch lost just past them took the rest is charged that
+    batch as well (up to its budget), so its count is never below what the victim answered for it.
 
     Args:
         open_oracle: ``spent -> BlackBoxOracle``; called once with the queries the cache already holds
@@ -190,7 +192,10 @@ def _extend_transfer_set(purchase: Purchase, open_oracle, images: Tensor, labels
         raise ConfigError(f"the budget of {budget} queries was spent on {sum(q for _, q in cached.lost)} answers lost to "
                           "interrupted runs "
                           f"of this attack ({str(cache_path)!r}); raise the budget")
-    oracle: BlackBoxOracle = open_oracle(cached.charged(items) + min(len(cached), items) * query_copies)
+    spent = cached.charged(items) + min(len(cached), items) * query_copies
+    if items < budget // query_copies:  # the run wanted more, but what was lost at its end ate the rest: it paid that too
+        spent += min(budget - spent, sum(queries for offset, queries in cached.lost if offset == items))
+    oracle: BlackBoxOracle = open_oracle(spent)
     if len(cached) >= items:
         return cached.head(items)
     sampler: Sampler

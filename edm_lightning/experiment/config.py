@@ -150,8 +150,8 @@ class AttackConfig:
         name: a registered attack (:data:`~edm_lightning.attacks.ATTACKS`: ``knockoff``, ``jbda``, ``jbda_tr``,
             ``dfme``, ``maze``, and any attack registered with :func:`~edm_lightning.attacks.register_attack`).
         budgets: query budgets (the largest is the one in the results table; several draw a curve).
-        epochs: clone training epochs (KnockoffNets; JBDA: per round; DFME, MAZE: epochs of ``steps_per_epoch``):
-            the argument the attack's entry names as its ``epochs_argument``.
+        epochs: clone training epochs (KnockoffNets; JBDA and ActiveThief: per round; DFME, MAZE: epochs of
+            ``steps_per_epoch``): the argument the attack's entry names as its ``epochs_argument``.
         surrogate: the natural images an attack with a surrogate pool queries (KnockoffNets; it must differ from
             the defender's OOD set); unused by the others.
         arch: the clone's architecture.

@@ -22,7 +22,7 @@ from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refu
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import digest, state_digest
-from edm_lightning.routing import key_fingerprint, resolve_router_key, router_class
+from edm_lightning.routing import key_fingerprint, resolve_router_key, router_class, router_label
 from edm_lightning.serve.app import create_app
 from edm_lightning.serve.clients import add_client, load_clients
 from edm_lightning.serve.ledger import QueryLedger
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     import uvicorn  # optional: the [serve] extra (build_app checked it is installed)
 
-    print(f"serving {config.victim.checkpoint} ({config.victim.router} router) at http://{config.host}:{config.port}",
+    print(f"serving {config.victim.checkpoint} ({router_label(config.victim.router)} router) at http://{config.host}:{config.port}",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 
