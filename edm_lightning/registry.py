@@ -7,12 +7,14 @@ definition with ``@REGISTRY.register("name")``, so adding one never means editin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from edm_lightning.errors import ConfigError
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "import_plugins"]
 
 T = TypeVar("T")
 
@@ -89,3 +91,12 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def import_plugins(package: str, path: Iterable[str]) -> None:
+    """Import every module of ``package`` (its ``__path__``), so each registers itself without being listed anywhere.
+
+    Called at the end of a plug-in package's ``__init__`` (attacks, routers, post-processors).
+    """
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")

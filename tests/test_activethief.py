@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edm_lightning.attacks.activethief import check_rounds, entropy_selection, kcenter_selection, run_activethief
+from edm_lightning.attacks import ATTACKS
+from edm_lightning.attacks.activethief import check_rounds, entropy_selection, kcenter_selection
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment import run_experiment
 from edm_lightning.experiment.config import AttackConfig
@@ -38,12 +39,12 @@ def test_kcenter_never_picks_a_point_twice_and_entropy_picks_the_least_sure():
 
 
 def test_rounds_split_the_budget_and_every_query_is_reported(victim, fake_data, tmp_path: Path):
-    results = run_activethief(victim, budget=200, initial_size=40, rounds=3, epochs_per_round=1, batch_size=32,
+    results = ATTACKS.get("activethief").run(victim, budget=200, initial_size=40, rounds=3, epochs_per_round=1, batch_size=32,
                               strategy="uncertainty", cache_dir=str(tmp_path / "cache"), root=str(tmp_path))
     assert [entry["queries"] for entry in results["rounds"]] == [40, 93, 146, 200]  # 160 left: 53, 53, 54
     assert results["queries"] == results["queries_this_run"] == 200 == victim.rows - EVAL_SIZE
     assert results["transfer_set"] == 200 and results["attack"] == "activethief-uncertainty"
-    again = run_activethief(victim, budget=200, initial_size=40, rounds=3, epochs_per_round=1, batch_size=32,
+    again = ATTACKS.get("activethief").run(victim, budget=200, initial_size=40, rounds=3, epochs_per_round=1, batch_size=32,
                             strategy="uncertainty", cache_dir=str(tmp_path / "cache"), root=str(tmp_path))
     assert (again["queries"], again["queries_this_run"]) == (200, 0)  # every round read back, none bought twice
 

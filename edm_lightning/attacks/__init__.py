@@ -7,9 +7,6 @@ Each registers its ``*_job`` function in :data:`ATTACKS` with :func:`register_at
 this package is imported here, so a new attack's module is registered without being listed anywhere.
 """
 
-import importlib
-import pkgutil
-
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.dfme import DataFreeDataModule, DFMEModule, dfme_job, run_dfme
 from edm_lightning.attacks.jbda import JBDADataModule, JBDAModule, jacobian_augmentation, jbda_job, run_jbda
@@ -21,9 +18,9 @@ from edm_lightning.attacks.registry import ATTACKS, AttackEntry, register_attack
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob, attack_figures, run_attack
 from edm_lightning.attacks.transfer_set import TransferSet, build_transfer_set
+from edm_lightning.registry import import_plugins
 
-for _module in pkgutil.iter_modules(__path__):  # plug-ins: a module that registers an attack needs no line here
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_plugins(__name__, __path__)  # a module that registers an attack needs no line here
 
 __all__ = [
     "ATTACKS",

@@ -29,16 +29,16 @@ from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.purchase import Purchase
 from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
+from edm_lightning.attacks.rounds import RoundsCloneModule
 from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import save_atomic
-from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig
 
 __all__ = ["ActiveThiefDataModule", "ActiveThiefModule", "activethief_cost", "activethief_job", "check_rounds",
-           "entropy_selection", "kcenter_selection", "run_activethief"]
+           "entropy_selection", "kcenter_selection"]
 
 Strategy = Literal["uncertainty", "kcenter", "random"]
 STRATEGIES = ("uncertainty", "kcenter", "random")
@@ -87,7 +87,7 @@ def kcenter_selection(candidates: Tensor, centres: Tensor, count: int, block: in
     return torch.tensor(picked, dtype=torch.long)
 
 
-class ActiveThiefModule(CloneModule):
+class ActiveThiefModule(RoundsCloneModule):
     """The ActiveThief attacker: a clone that chooses its next queries every ``epochs_per_round`` epochs.
 
     Training runs ``(rounds + 1) * epochs_per_round`` epochs: after each round's epochs (except the last) the
@@ -101,6 +101,8 @@ class ActiveThiefModule(CloneModule):
         rounds: selection rounds after the initial random seed.
         epochs_per_round: clone training epochs on each round's set.
     """
+
+    attack_name = "ActiveThief"
 
     def __init__(
         self,
@@ -126,34 +128,23 @@ class ActiveThiefModule(CloneModule):
 
     @override
     def on_fit_start(self) -> None:
-        require_single_process(self.trainer, "ActiveThief")
-        datamodule = self.trainer.datamodule
-        if not isinstance(datamodule, ActiveThiefDataModule):
-            raise TypeError(f"ActiveThiefModule needs an ActiveThiefDataModule (its pool), got {type(datamodule).__name__}")
-        if datamodule.hparams.rounds != self.hparams.rounds:
+        super().on_fit_start()
+        rounds = self.trainer.datamodule.hparams.rounds
+        if rounds != self.hparams.rounds:
             raise ConfigError(f"the clone runs {self.hparams.rounds} rounds but the DataModule splits the budget into "
-                              f"{datamodule.hparams.rounds}: set the same rounds in model and data")
-        needed = (self.hparams.rounds + 1) * self.hparams.epochs_per_round
-        if self.trainer.max_epochs is not None and 0 < self.trainer.max_epochs < needed:
-            raise ConfigError(f"ActiveThief with rounds={self.hparams.rounds} and epochs_per_round="
-                              f"{self.hparams.epochs_per_round} trains {needed} epochs; trainer.max_epochs="
-                              f"{self.trainer.max_epochs} would stop it early. Set max_epochs: {needed}.")
-        self.trainer.reload_dataloaders_every_n_epochs = 1  # the transfer set grows between rounds
+                              f"{rounds}: set the same rounds in model and data")
 
-    @override
-    def on_train_epoch_end(self) -> None:
-        hp = self.hparams
-        if (self.current_epoch + 1) % hp.epochs_per_round:
-            return
-        round_ = (self.current_epoch + 1) // hp.epochs_per_round - 1
-        datamodule: ActiveThiefDataModule = self.trainer.datamodule
-        entry = {"round": round_, "images": datamodule.bought, "queries": datamodule.queries_spent}
-        if "val/acc" in self.trainer.callback_metrics:
-            entry["acc"] = float(self.trainer.callback_metrics["val/acc"])
-            self.log("activethief/round_acc", entry["acc"])
-        self.history.append(entry)
-        if round_ < hp.rounds:
-            datamodule.buy_round(round_ + 1, self.select, tag=self._tag())
+    def datamodule_type(self) -> type[ActiveThiefDataModule]:
+        """The DataModule of the pool and what was bought from it (:class:`ActiveThiefDataModule`)."""
+        return ActiveThiefDataModule
+
+    def buy_round(self, round_: int, datamodule: ActiveThiefDataModule) -> None:
+        """Round ``round_``: the pool images :meth:`select` picks with the clone as it is now, answered by the victim."""
+        datamodule.buy_round(round_, self.select, tag=self._tag())
+
+    def sizes(self, datamodule: ActiveThiefDataModule) -> dict[str, int]:
+        """Pool images bought and queries spent so far (a batch lost to a kill is a query without an image)."""
+        return {"images": datamodule.bought, "queries": datamodule.queries_spent}
 
     def select(self, pool: Tensor, bought: Tensor, count: int, generator: torch.Generator) -> Tensor:
         """Positions in ``pool`` ``(N, C, H, W)`` of the next ``count`` queries, given the images ``bought`` so far.
@@ -371,9 +362,9 @@ def activethief_job(
     test_size: int | None = None,
     seed: int = 0,
 ) -> AttackJob:
-    """ActiveThief as a job: what ``python main.py fit --config configs/attack/activethief.yaml`` builds.
-
-    The Trainer runs ``(rounds + 1) * epochs_per_round`` epochs.
+    """ActiveThief as a job: what ``python main.py fit --config configs/attack/activethief.yaml`` builds; from Python,
+    ``ATTACKS.get("activethief").run(victim, budget=5000, ...)``. The Trainer runs ``(rounds + 1) * epochs_per_round``
+    epochs.
 
     Returns:
         The job (:class:`~edm_lightning.attacks.run.AttackJob`).
@@ -384,19 +375,3 @@ def activethief_job(
     module_args = dict(arch=arch, optim=optim or OptimConfig(name="adam", lr=1e-3, schedule="constant"), strategy=strategy,
                        rounds=rounds, epochs_per_round=epochs_per_round)
     return AttackJob(ActiveThiefModule, module_args, ActiveThiefDataModule, data_args, (rounds + 1) * epochs_per_round, seed)
-
-
-def run_activethief(victim: VictimConfig | RemoteVictimConfig, *, trainer: dict[str, Any] | None = None,
-                    **settings: Any) -> dict[str, Any]:
-    """ActiveThief end to end from Python.
-
-    Args:
-        victim: the victim to steal from.
-        trainer: Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
-        settings: :func:`activethief_job`'s arguments (``strategy``, ``budget``, ``rounds`` ...).
-
-    Returns:
-        The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own (rounds).
-    """
-    return activethief_job(victim, **settings).run(trainer)
-

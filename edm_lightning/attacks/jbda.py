@@ -28,19 +28,19 @@ from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.purchase import Purchase
 from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
+from edm_lightning.attacks.rounds import RoundsCloneModule
 from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import save_atomic
-from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig
 
 __all__ = ["JBDADataModule", "JBDAModule", "jacobian_augmentation", "jbda_cost", "jbda_job", "run_jbda"]
 
 
-class JBDAModule(CloneModule):
+class JBDAModule(RoundsCloneModule):
     """The JBDA / JBDA-TR attacker: a clone that grows its own training set every ``epochs_per_round``.
 
     Training runs ``(rounds + 1) * epochs_per_round`` epochs: after each round's epochs (except the
@@ -55,6 +55,8 @@ class JBDAModule(CloneModule):
         epsilon: step size of the augmentation (images in [0, 1]).
         targeted: JBDA-TR (steps towards a random target class) instead of JBDA.
     """
+
+    attack_name = "JBDA"
 
     def __init__(
         self,
@@ -77,38 +79,17 @@ class JBDAModule(CloneModule):
         self.save_hyperparameters()
         self.history: list[dict[str, float]] = []
 
-    @override
-    def on_fit_start(self) -> None:
-        require_single_process(self.trainer, "JBDA")
-        datamodule = self.trainer.datamodule
-        if not isinstance(datamodule, JBDADataModule):
-            raise TypeError(f"JBDAModule needs a JBDADataModule (its substitute set), got {type(datamodule).__name__}")
-        needed = (self.hparams.rounds + 1) * self.hparams.epochs_per_round
-        if self.trainer.max_epochs is not None and 0 < self.trainer.max_epochs < needed:
-            raise ConfigError(
-                f"JBDA with rounds={self.hparams.rounds} and epochs_per_round={self.hparams.epochs_per_round} trains "
-                f"{needed} epochs; trainer.max_epochs={self.trainer.max_epochs} would stop it early. Set max_epochs: {needed}."
-            )
-        self.trainer.reload_dataloaders_every_n_epochs = 1  # the substitute set grows between rounds
+    def datamodule_type(self) -> type[JBDADataModule]:
+        """The DataModule of the substitute set (:class:`JBDADataModule`)."""
+        return JBDADataModule
 
-    @override
-    def on_train_epoch_end(self) -> None:
-        hp = self.hparams
-        if (self.current_epoch + 1) % hp.epochs_per_round:
-            return
-        round_ = (self.current_epoch + 1) // hp.epochs_per_round - 1
-        datamodule: JBDADataModule = self.trainer.datamodule
-        metrics = self.trainer.callback_metrics
-        entry = {"round": round_, "queries": len(datamodule.substitute_x)}  # one query per substitute point
-        for key in ("acc", "agreement"):
-            if f"val/{key}" in metrics:
-                entry[key] = float(metrics[f"val/{key}"])
-        self.history.append(entry)
-        if "acc" in entry:
-            self.log("jbda/round_acc", entry["acc"])
-        self.log("jbda/round", float(round_))
-        if round_ < hp.rounds:
-            datamodule.augment(round_ + 1, self._siblings, tag=self._tag())
+    def buy_round(self, round_: int, datamodule: JBDADataModule) -> None:
+        """Round ``round_``: a Jacobian step from every point bought so far, answered by the victim."""
+        datamodule.augment(round_, self._siblings, tag=self._tag())
+
+    def sizes(self, datamodule: JBDADataModule) -> dict[str, int]:
+        """The substitute set's size: one query per point."""
+        return {"queries": len(datamodule.substitute_x)}
 
     def figures(self) -> dict[str, Any]:
         """The attack's name and its per-round history (substitute set size, clone accuracy)."""

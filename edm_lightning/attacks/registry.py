@@ -145,6 +145,19 @@ class AttackEntry:
         """
         return self.job(victim, **self.fixed, **arguments)
 
+    def run(self, victim: Any, *, trainer: dict[str, Any] | None = None, **arguments: Any) -> dict[str, Any]:
+        """The attack end to end from Python (what ``run_knockoff`` ... do for theirs): fit, test, the figures.
+
+        Args:
+            victim: the victim to steal from (a ``VictimConfig``, a ``RemoteVictimConfig`` or a built victim).
+            trainer: Trainer arguments (``accelerator``, ``devices``, ``precision``, ``logger``, ...).
+            arguments: the job function's arguments (``budget``, ``surrogate``, ...).
+
+        Returns:
+            The figures of :func:`~edm_lightning.attacks.run_attack` plus the attack's own.
+        """
+        return self.build(victim, **arguments).run(trainer)
+
 
 #: Every attack by the name configs use; filled by :func:`register_attack` next to each attack.
 ATTACKS: Registry[AttackEntry] = Registry("attack")

@@ -18,9 +18,7 @@ what it is (keyed, needs a hash network, exportable) as class attributes; the ke
 Every module of this package is imported here, so a new router's module is registered without a line here.
 """
 
-import importlib
-import pkgutil
-
+from edm_lightning.registry import import_plugins
 from edm_lightning.routing.base import (
     ROUTERS,
     FixedRouter,
@@ -53,8 +51,7 @@ from edm_lightning.routing.neural import (
     neural_hash_index,
 )
 
-for _module in pkgutil.iter_modules(__path__):  # plug-ins: a module that registers a router needs no line here
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_plugins(__name__, __path__)  # a module that registers a router needs no line here
 
 __all__ = [
     "BALANCE_KEY",

@@ -3,9 +3,6 @@
 Every module of this package is imported here, so a new defense's module is registered without a line here.
 """
 
-import importlib
-import pkgutil
-
 from edm_lightning.defense.postprocessors.adaptive_misinformation import AdaptiveMisinformation
 from edm_lightning.defense.postprocessors.base import (
     POSTPROCESSORS,
@@ -19,9 +16,9 @@ from edm_lightning.defense.postprocessors.prediction_poisoning import Prediction
 from edm_lightning.defense.postprocessors.reverse_sigmoid import ReverseSigmoid
 from edm_lightning.defense.postprocessors.rounding import Rounding
 from edm_lightning.defense.postprocessors.top_label import TopLabel
+from edm_lightning.registry import import_plugins
 
-for _module in pkgutil.iter_modules(__path__):  # plug-ins: a module that registers a defense needs no line here
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_plugins(__name__, __path__)  # a module that registers a defense needs no line here
 
 __all__ = [
     "POSTPROCESSORS",
