@@ -140,20 +140,20 @@ class ActiveThiefModule(RoundsCloneModule):
 
     def buy_round(self, round_: int, datamodule: ActiveThiefDataModule) -> None:
         """Round ``round_``: the pool images :meth:`select` picks with the clone as it is now, answered by the victim."""
-        datamodule.buy_round(round_, self.select, tag=self._tag())
+        random = self.hparams.strategy == "random"  # the DataModule's own random picks, as for round 0
+        datamodule.buy_round(round_, None if random else self.select, tag=self._tag())
 
     def sizes(self, datamodule: ActiveThiefDataModule) -> dict[str, int]:
         """Pool images bought and queries spent so far (a batch lost to a kill is a query without an image)."""
         return {"images": datamodule.bought, "queries": datamodule.queries_spent}
 
     def select(self, pool: Tensor, bought: Tensor, count: int, generator: torch.Generator) -> Tensor:
-        """Positions in ``pool`` ``(N, C, H, W)`` of the next ``count`` queries, given the images ``bought`` so far.
+        """Positions in ``pool`` ``(N, C, H, W)`` of the next ``count`` queries, given the images ``bought`` so far, by
+        entropy (``uncertainty``) or k-center coverage (``kcenter``); ``random`` picks are the DataModule's own.
 
         Returns:
             Indices into ``pool`` ``(count,)``.
         """
-        if self.hparams.strategy == "random":
-            return torch.randperm(len(pool), generator=generator)[:count]
         probs = self._probabilities(pool)
         if self.hparams.strategy == "uncertainty":
             return entropy_selection(probs, count)
