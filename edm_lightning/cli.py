@@ -13,6 +13,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 import edm_lightning.models  # noqa: F401  (imported, their classes resolve by short name: --model EnsembleModule)
@@ -21,11 +22,12 @@ from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ense
 from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
 from edm_lightning.data import get_spec
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
-from edm_lightning.errors import ConfigError, exit_if_user_error
+from edm_lightning.errors import CheckpointNotFoundError, ConfigError, exit_if_user_error
 from edm_lightning.files import write_atomic
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
-__all__ = ["EDMLightningCLI", "JobRun", "Trainer", "check_checkpoint_fits", "check_optimizer_override", "main", "run_job"]
+__all__ = ["EDMLightningCLI", "JobRun", "Trainer", "check_checkpoint_fits", "check_optimizer_override", "main",
+           "resolve_checkpoint_name", "run_job"]
 
 
 class Trainer(L.Trainer):
@@ -80,7 +82,10 @@ class EDMLightningCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):  # Lightning's names for its own files
+        if ckpt_path in ("best", "last"):
+            ckpt_path = self.config[subcommand].ckpt_path = resolve_checkpoint_name(ckpt_path, subcommand,
+                                                                                    self.config[subcommand])
+        if not ckpt_path or ckpt_path in ("hpc", "registry"):  # Lightning's names for files only it can find
             return
         state = read_checkpoint(ckpt_path, "--ckpt_path", "python main.py fit --config ... writes checkpoints/best.ckpt")
         check_checkpoint_fits(state, str(ckpt_path), self.config[subcommand])
@@ -211,6 +216,49 @@ def check_optimizer_override(config: Any) -> None:
     if config.get("optimizer") and module and issubclass(getattr(importlib.import_module(module), name), DFMEModule):
         raise ConfigError(f"{model_class} steps its own optimisers (generator and clone); --optimizer/--lr_scheduler "
                           "cannot replace them: set its learning rates in model.init_args instead (see --model.help).")
+
+
+def resolve_checkpoint_name(name: str, subcommand: str, config: Any) -> str | None:
+    """The file ``--ckpt_path best`` or ``--ckpt_path last`` names: the configured ``ModelCheckpoint``'s
+    ``<dirpath>/<filename>.ckpt`` or ``<dirpath>/last.ckpt``.
+
+    Lightning resolves these names from what the checkpoint callback saved in the same process, so in a new
+    ``main.py test`` process ``last`` found nothing and the untrained model was tested with a mere warning. A
+    ``fit`` given ``last`` before any checkpoint exists starts from scratch (Lightning's set-and-forget use).
+
+    Args:
+        name: ``"best"`` or ``"last"``.
+        subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
+        config: that subcommand's parsed config (``trainer.callbacks``).
+
+    Returns:
+        The checkpoint's path, or ``None`` for a ``fit`` with no last checkpoint yet.
+
+    Raises:
+        CheckpointNotFoundError: no configured ``ModelCheckpoint`` names such a file, or the file does not exist.
+    """
+    files = []
+    for callback in (config.get("trainer") or {}).get("callbacks") or []:
+        if not str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint"):
+            continue
+        init_args = getattr(callback, "init_args", None) or {}
+        dirpath, filename = init_args.get("dirpath"), init_args.get("filename")
+        if name == "last" and dirpath and init_args.get("save_last"):
+            files.append(Path(dirpath) / "last.ckpt")
+        elif name == "best" and dirpath and filename and "{" not in filename and init_args.get("monitor"):
+            files.append(Path(dirpath) / f"{filename}.ckpt")
+    found = [path for path in files if path.is_file()]
+    if found:
+        return str(found[0])
+    if subcommand == "fit" and name == "last":
+        rank_zero_warn(f"--ckpt_path last: no {' or '.join(map(str, files)) or 'last checkpoint'} yet; fitting from "
+                       "scratch.")
+        return None
+    where = (f"there is no {' or '.join(map(str, files))}" if files else
+             f"no ModelCheckpoint callback of the config names a fixed {name} checkpoint file (dirpath"
+             f"{', filename and monitor' if name == 'best' else ' and save_last'})")
+    raise CheckpointNotFoundError(f"--ckpt_path {name}: {where}. Train it first (python main.py fit with the same "
+                                  "config), or give --ckpt_path the checkpoint's file.")
 
 
 def check_checkpoint_fits(state: dict, path: str, config: Any) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 # Tests never talk to a W&B server; the W&B tests opt into offline mode themselves.
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The synthetic datasets of `fake_root` use the published datasets' layouts; their digests cannot be the published ones.
+os.environ.setdefault("EDM_SYNTHETIC_TEST_DATA", "1")
 
 import lightning  # noqa: E402
 import pytest  # noqa: E402

