@@ -161,7 +161,8 @@ def drive(url: str, key: str, batch: int, clients: int, seconds: float) -> dict[
 
 
 def compare_exported(folder: Path, neural_args: list[str], batch_sizes: tuple[int, ...], rounds: int = 200) -> None:
-    """Images/s of the ONNX export (onnxruntime) and of the eager model, in this process, same inputs."""
+    """Images/s of the ONNX export (onnxruntime, loaded as users load it: digest and content checked) and of the
+    eager model, in this process, same inputs."""
     options = dict(zip([a.removeprefix("--victim.") for a in neural_args[::2]], neural_args[1::2]))
     victim = VictimConfig(**options).build()
     run = load_exported(export_victim(victim, folder / "edm.onnx", "onnx"))

@@ -1,8 +1,9 @@
 """``python -m edm_lightning.export --victim.checkpoint ... --format onnx --out model.onnx``
 
-Writes the victim (router, members, post-processors) as one graph, then runs it on ``--check`` held-out
-images of the victim's dataset beside the eager model: the export is kept only if every input goes to the
-same member and every answer is within ``--tolerance``.
+Writes the victim (router, members, post-processors) as one graph, then loads it back as any user would (its
+SHA-256 and content checked) and runs it on ``--check`` held-out images of the victim's dataset beside the eager
+model: the export is kept only if every input goes to the same member and every answer is within ``--tolerance``.
+Its manifest (``<out>.json``) records the file's SHA-256, which every load checks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refu
 from edm_lightning.data import get_spec, load_images
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
+from edm_lightning.export.verify import manifest_path, read_manifest
 from edm_lightning.export.writer import (
     check_format,
     compare_with_eager,
@@ -77,10 +79,11 @@ def run_export(config: ExportConfig) -> dict:
         images, _ = load_images(dataset, config.root, train=False, input_shape=get_spec(dataset).input_shape)
         images = images[: config.check].float().div_(255)
     out = Path(config.out or f"model.{config.format}")
-    written = export_victim(victim, partial_path(out), config.format)  # checked before it may replace `out`
+    source = to_plain(config.victim)  # the key as None
+    written = export_victim(victim, partial_path(out), config.format, source)  # checked before it may replace `out`
     check = None
     try:
-        if config.check:
+        if config.check:  # loaded as any user loads it: digest and content checked
             check = compare_with_eager(victim, load_exported(written, config.format), images) | {"dataset": f"{dataset} test"}
             if check["member_mismatches"] or not check["all_valid"] or check["max_abs_diff"] > config.tolerance:
                 raise ExportMismatch(
@@ -89,23 +92,24 @@ def run_export(config: ExportConfig) -> dict:
                     f"difference {check['max_abs_diff']:.2e} (tolerance {config.tolerance:.0e}), every input accepted: "
                     f"{check['all_valid']}; nothing was written"
                 )
+        sha256 = read_manifest(written, config.format)["sha256"]  # what export_victim wrote, not what `out` holds later
         os.replace(written, out)
     finally:
         written.unlink(missing_ok=True)
-    source = to_plain(config.victim)  # the key as None
-    manifest_path = write_manifest(out, victim, config.format, source, check)
-    return json.loads(Path(manifest_path).read_text())
+        manifest_path(written).unlink(missing_ok=True)
+    path = write_manifest(out, victim, config.format, source, check, sha256=sha256)
+    return json.loads(path.read_text())
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse the export config (YAML plus overrides), export, and print where the files went."""
+def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.export") -> dict:
+    """Parse the export config (YAML plus overrides), export, and print where the files went; ``prog`` is the
+    command as the user called it (``edm-lightning export`` from the dispatcher), for the help and usage lines."""
     try:
         argv = prepare_command_line(sys.argv[1:] if argv is None else list(argv))
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ExportConfig, args=argv, prog="python -m edm_lightning.export",
-                      usage=CONCISE_USAGE)
+    config = auto_cli(ExportConfig, args=argv, prog=prog, usage=CONCISE_USAGE)
     try:
         refuse_keys_on_command_line(config, argv)
         manifest = run_export(config)

@@ -4,13 +4,15 @@
 by PyTorch and cannot compile this package's annotated modules). :func:`export_victim` writes a file next to its
 target and renames it into place, so a failed export leaves nothing that looks like a model; the export command
 checks the file against the eager model before the rename, so a file that answers differently never replaces a
-good one. Its manifest (``<out>.json``) says what the graph computes, how its inputs must look, and how it
-compared with the eager model.
+good one. Its manifest (``<out>.json``) records the file's SHA-256, what the graph computes, how its inputs must
+look, and how it compared with the eager model; :func:`load_exported` loads nothing that its manifest does not
+vouch for, or that could run code (:mod:`edm_lightning.export.verify`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Callable
@@ -23,7 +25,8 @@ from torch import Tensor
 from edm_lightning.defense import Victim
 from edm_lightning.errors import ConfigError
 from edm_lightning.export.graph import OUTPUT_NAMES, ExportableVictim, ExportError
-from edm_lightning.files import write_atomic
+from edm_lightning.export.verify import ExportedFileError, manifest_path, verified_bytes
+from edm_lightning.files import file_digest, write_atomic
 
 __all__ = ["FORMATS", "check_format", "compare_with_eager", "export_victim", "load_exported", "partial_path", "write_manifest"]
 
@@ -32,17 +35,18 @@ FORMATS: tuple[str, ...] = ("onnx", "pt2")
 EXTRA = "pip install 'edm-lightning[serve]'"  # onnx, onnxscript and onnxruntime come with serving
 
 
-def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> Path:
-    """Write ``victim`` as one graph with a dynamic batch size (see :class:`ExportableVictim`).
+def export_victim(victim: Victim, out: str | Path, format: Format = "onnx", source: dict[str, Any] | None = None) -> Path:
+    """Write ``victim`` as one graph with a dynamic batch size (see :class:`ExportableVictim`), and its manifest.
 
     Args:
         victim: the eager victim (router, members, post-processors).
-        out: the file to write (``.onnx`` or ``.pt2`` by convention).
+        out: the file to write (``.onnx`` or ``.pt2`` by convention); the manifest goes to ``<out>.json``.
         format: ``onnx`` (opset of ``torch.onnx``'s exporter; run with onnxruntime) or ``pt2``
-            (``torch.export.save``; load with ``torch.export.load``).
+            (``torch.export.save``; load with :func:`load_exported`).
+        source: how the victim was built, recorded in the manifest (no secrets).
 
     Returns:
-        ``out`` as a path, written completely (or not at all).
+        ``out`` as a path, written completely (or not at all), beside the manifest recording its SHA-256.
 
     Raises:
         ExportError: an unknown format, TorchScript, or a victim that cannot be exported.
@@ -55,6 +59,7 @@ def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> P
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
+    partial.unlink(missing_ok=True)  # never write through a link planted at the temporary name
     try:
         with torch.no_grad():
             if format == "pt2":
@@ -63,9 +68,11 @@ def export_victim(victim: Victim, out: str | Path, format: Format = "onnx") -> P
             else:
                 torch.onnx.export(graph, (example,), str(partial), input_names=["images"], output_names=list(OUTPUT_NAMES),
                                   dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False)
+        sha256 = file_digest(partial)  # of the bytes just written, before anyone else can see them
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
+    write_manifest(out, victim, format, source, None, sha256=sha256)
     return out
 
 
@@ -93,38 +100,51 @@ def check_format(format: str) -> None:
 def load_exported(path: str | Path, format: Format | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """A function running an exported file: images ``(N, C, H, W)`` float32 -> ``(probabilities, member, valid)``.
 
-    ONNX runs on onnxruntime's CPU provider; ``pt2`` through ``torch.export.load``. Load only files you wrote:
-    a ``pt2`` archive is a program, not data.
+    The file is read once and checked before it is loaded (:func:`~edm_lightning.export.verify.verified_bytes`):
+    its SHA-256 against its manifest, and its content against what the export writes, so that a changed model,
+    a missing or edited manifest, or an archive that would unpickle or otherwise run code is refused. ONNX runs
+    on onnxruntime's CPU provider; ``pt2`` through ``torch.export.load``, from the checked bytes.
 
     Returns:
         The runner; its outputs are torch tensors.
 
     Raises:
         ExportError: the format is unknown (from the suffix when ``format`` is ``None``).
-        ConfigError: onnxruntime is missing (the message names the extra).
+        ExportedFileError: the file or its manifest is refused; the message says why and to export again.
+        ConfigError: onnx or onnxruntime is missing (the message names the extra).
     """
     path = Path(path)
     format = format or path.suffix.lstrip(".")
+    if format not in FORMATS:
+        raise ExportError(f"Unknown export format {format!r} for {str(path)!r}. Known formats: {', '.join(FORMATS)}")
     if format == "onnx":
+        _require("onnx", "checking an ONNX model")
         _require("onnxruntime", "running an ONNX model")
+    data = verified_bytes(path, format)
+    if format == "onnx":
         import onnxruntime  # optional: the [serve] extra
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own classes for a model it cannot run
+            raise ExportedFileError(f"onnxruntime cannot load {str(path)!r}: {str(err).strip()[:300]}") from None
 
         def run_onnx(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             outputs = session.run(list(OUTPUT_NAMES), {"images": images.float().numpy()})
             return tuple(torch.from_numpy(o) for o in outputs)
 
         return run_onnx
-    if format == "pt2":
-        module = torch.export.load(str(path)).module()
+    try:
+        module = torch.export.load(io.BytesIO(data)).module()
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for an archive it cannot deserialize
+        reason = f"{type(err).__name__}: {str(err).strip()[:300]}"
+        raise ExportedFileError(f"torch.export cannot load {str(path)!r}: {reason}") from None
 
-        def run_pt2(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            with torch.no_grad():
-                return module(images.float())
+    def run_pt2(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            return module(images.float())
 
-        return run_pt2
-    raise ExportError(f"Unknown export format {format!r} for {str(path)!r}. Known formats: {', '.join(FORMATS)}")
+    return run_pt2
 
 
 def compare_with_eager(
@@ -153,8 +173,18 @@ def compare_with_eager(
             "max_abs_diff": worst, "all_valid": valid_all}
 
 
-def write_manifest(out: Path, victim: Victim, format: str, source: dict[str, Any], check: dict[str, Any] | None) -> Path:
-    """``<out>.json``: what the graph computes, its input contract, its source and its comparison with eager.
+def write_manifest(out: Path, victim: Victim, format: str, source: dict[str, Any] | None, check: dict[str, Any] | None,
+                   *, sha256: str) -> Path:
+    """``<out>.json``: the file's SHA-256, what the graph computes, its input contract, its source and its comparison
+    with eager.
+
+    Args:
+        out: the exported file.
+        victim: the eager victim it was exported from.
+        format: ``onnx`` or ``pt2``.
+        source: how the victim was built (no secrets), or ``None``.
+        check: :func:`compare_with_eager`'s result, or ``None`` when the file was not compared.
+        sha256: the SHA-256 (hex) of the bytes the export wrote, which every load checks.
 
     Returns:
         The manifest's path.
@@ -163,6 +193,7 @@ def write_manifest(out: Path, victim: Victim, format: str, source: dict[str, Any
     manifest = {
         "format": format,
         "file": out.name,
+        "sha256": sha256,
         "input": {"name": "images", "dtype": "float32", "shape": ["N", channels, height, width],
                   "range": list(victim.input_range)},
         "outputs": {
@@ -181,7 +212,7 @@ def write_manifest(out: Path, victim: Victim, format: str, source: dict[str, Any
         "source": source,
         "equivalence": check,
     }
-    path = out.with_name(out.name + ".json")
+    path = manifest_path(out)
     write_atomic(path, json.dumps(manifest, indent=2) + "\n")
     return path
 
