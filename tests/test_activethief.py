@@ -66,3 +66,26 @@ def test_bad_rounds_and_an_unknown_strategy_are_refused_before_the_first_stage(f
         with pytest.raises(ConfigError, match=message):
             run_experiment(tiny_config(fake_root, tmp_path, attacks=[attack]))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("change", [
+    lambda blob: {**blob, "lost": -40},
+    lambda blob: {**blob, "chosen": blob["chosen"] + 10_000},
+    lambda blob: {**blob, "chosen": blob["chosen"][[0] * len(blob["chosen"])]},
+    lambda blob: {**blob, "answers": torch.cat([blob["answers"], blob["answers"][:1]])},
+    lambda blob: {**blob, "answers": blob["answers"] * 2},
+    lambda blob: "not a round",
+], ids=["negative lost", "outside the pool", "repeated picks", "a row more", "unnormalised answers", "not a mapping"])
+def test_a_damaged_round_file_is_refused_with_its_name_before_any_query(fake_data, tmp_path: Path, change):
+    from edm_lightning.attacks.activethief import ActiveThiefDataModule
+    from tests.helpers.victims import CountingVictim, linear_victim
+
+    common = dict(root=str(tmp_path), budget=200, initial_size=40, rounds=2, batch_size=32,
+                  cache_dir=str(tmp_path / "cache"))
+    ActiveThiefDataModule(CountingVictim(linear_victim()), **common).setup("fit")
+    (path,) = (tmp_path / "cache").glob("activethief-*-round0.pt")
+    torch.save(change(torch.load(path, weights_only=True)), path)
+    victim = CountingVictim(linear_victim())
+    with pytest.raises(ConfigError, match=rf"{path.name}.*delete it only to start the attack over"):
+        ActiveThiefDataModule(victim, **common).setup("fit")
+    assert victim.rows == EVAL_SIZE  # the evaluation labels only: no query

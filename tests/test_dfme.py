@@ -44,3 +44,43 @@ def test_budget_below_one_iteration_fails_before_any_query(victim, fake_data, tm
     with pytest.raises(ValueError, match="one DFME iteration costs"):
         run_dfme(victim, budget=40, batch_size=16, cache_dir=str(tmp_path), root=str(tmp_path))
     assert victim.rows == EVAL_SIZE  # only the evaluation labels, computed at setup
+
+
+def test_a_dfme_stage_killed_in_the_runner_is_charged_on_its_rerun(fake_root, tmp_path, checkpoint_factory, monkeypatch):
+    """The issue's example: DFME killed in its attack stage and run again by the runner answered 13,312 queries for a
+    budget of 8,000. The stage (the runner's own stage function, through LightningCLI) keeps a ledger of what it spent
+    beside its cache, so the re-run spends only the rest."""
+    from edm_lightning.attacks import oracle
+    from edm_lightning.experiment import AttackConfig
+    from edm_lightning.experiment.jobs import attack
+    from edm_lightning.models import ClassifierModule
+    from tests.helpers.experiment import tiny_config
+
+    answered, sealed = {"rows": 0, "calls": 0, "kill_at": 3}, oracle._sealed
+
+    def counted(victim):  # every row the victim answers through an oracle
+        answer = sealed(victim)
+
+        def wrapped(x):
+            answers = answer(x)
+            answered["rows"] += len(x)
+            answered["calls"] += 1
+            if answered["calls"] == answered["kill_at"]:
+                raise KeyboardInterrupt("killed after the victim answered")
+            return answers
+
+        return wrapped
+
+    monkeypatch.setattr(oracle, "_sealed", counted)
+    budget, folder = 300, tmp_path / "runs" / "attack-dfme"
+    settings = AttackConfig(name="dfme", budgets=[budget], epochs=10,
+                            options=dict(batch_size=16, steps_per_epoch=3, clone_steps=2, latent_dim=16))
+    victim = {"checkpoint": checkpoint_factory(ClassifierModule()), "router": "fixed"}
+    config = tiny_config(fake_root, tmp_path)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        attack(config, folder, settings, victim, budget, seed=0)
+    killed = answered["rows"]
+    answered["kill_at"] = None
+    figures = attack(config, folder, settings, victim, budget, seed=0)
+    assert 0 < killed and answered["rows"] <= figures["queries"] <= budget  # 13,312 for 8,000 before
+    assert figures["queries"] - figures["queries_this_run"] >= killed  # the re-run was charged the killed run's queries

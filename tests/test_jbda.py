@@ -62,3 +62,27 @@ def test_bad_input_fails_before_any_query(victim, fake_data, tmp_path):
     with pytest.raises(ValueError, match="epsilon"):
         jbda(victim, tmp_path, epsilon=0)
     assert victim.rows == 0
+
+
+@pytest.mark.parametrize("change", [
+    lambda blob: {**blob, "lost": -160},
+    lambda blob: {**blob, "lost": 2.5},
+    lambda blob: {**blob, "answers": torch.cat([blob["answers"], blob["answers"][:1]])},
+    lambda blob: {**blob, "answers": blob["answers"].index_fill(0, torch.tensor([2]), float("nan"))},
+    lambda blob: {**blob, "x": blob["x"] * 3},
+    lambda blob: {key: value for key, value in blob.items() if key != "answers"},
+], ids=["negative lost", "fractional lost", "a row more", "NaN answers", "pixels outside [0, 1]", "no answers"])
+def test_a_damaged_round_file_is_refused_with_its_name_before_any_query(fake_data, tmp_path, change):
+    """A round read back is checked like input from outside: a negative ``lost`` count would let the attack buy past its
+    budget, an extra answer would shift every answer after it."""
+    from edm_lightning.errors import ConfigError
+    from tests.helpers.victims import CountingVictim
+
+    common = dict(root=str(tmp_path), seed_size=40, budget=160, batch_size=32, cache_dir=str(tmp_path / "cache"))
+    JBDADataModule(CountingVictim(linear_victim()), **common).setup("fit")
+    (path,) = (tmp_path / "cache").glob("jbda-*-round0.pt")
+    torch.save(change(torch.load(path, weights_only=True)), path)
+    victim = CountingVictim(linear_victim())
+    with pytest.raises(ConfigError, match=rf"{path.name}.*delete it only to start the attack over"):
+        JBDADataModule(victim, **common).setup("fit")
+    assert victim.rows == EVAL_SIZE  # the evaluation labels only: no query

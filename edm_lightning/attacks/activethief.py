@@ -264,8 +264,8 @@ class ActiveThiefDataModule(AttackDataModule):
         with Purchase(path) as purchase:
             lost, fresh = 0, not (path.is_file() and self._oracle is None)
             if not fresh:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                chosen, answers, lost = blob["chosen"].long(), blob["answers"], int(blob.get("lost", 0))
+                chosen, answers, lost = self.read_round(path, "chosen", self._picks_problem)
+                chosen = chosen.long()
                 self._prepaid += len(answers) + lost
             else:
                 generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + round_)
@@ -295,6 +295,16 @@ class ActiveThiefDataModule(AttackDataModule):
         self.chosen = torch.cat([self.chosen, chosen])
         self.answers = answers if self.answers is None else torch.cat([self.answers, answers])
         return len(chosen)
+
+    def _picks_problem(self, chosen: object) -> str | None:
+        """What is wrong with a round's pool picks read back (``None``: distinct positions in the pool)."""
+        if not isinstance(chosen, Tensor) or chosen.ndim != 1 or chosen.is_floating_point() or chosen.dtype == torch.bool:
+            return "its picks are not a vector of pool positions"
+        if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= len(self.pool)):
+            return f"its picks are not positions in the pool of {len(self.pool)} images"
+        if len(chosen.unique()) != len(chosen):
+            return "its picks repeat pool images"
+        return None
 
     def figures(self) -> dict[str, Any]:
         """The pool, the initial random seed and the transfer set's final size."""

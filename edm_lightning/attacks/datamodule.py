@@ -13,6 +13,7 @@ queries: they are not counted and are never given to attack code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from edm_lightning.attacks.oracle import BlackBoxOracle, Ledger, check_budget_covers_batch
+from edm_lightning.attacks.oracle import (
+    BadAnswers,
+    BlackBoxOracle,
+    Ledger,
+    answer_problem,
+    check_budget_covers_batch,
+    victim_name,
+)
+from edm_lightning.attacks.purchase import DAMAGED, count_problem, load_record
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.data.datamodules import LinkedSpec
 from edm_lightning.data.datasets import get_spec
@@ -130,6 +139,33 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         else:
             self._oracle.charge(queries)
 
+    def read_round(self, path: Path, items_key: str, items_problem: Callable[[object], str | None]) -> tuple[Tensor, Tensor, int]:
+        """What an earlier run bought in one round (JBDA's points, ActiveThief's pool picks), read back from ``path`` and
+        checked like input from outside: a damaged file could otherwise feed the clone wrong answers, or let the attack
+        buy past its budget.
+
+        Args:
+            path: the round's file, ``{items_key: items, "answers": answers to the first items, "lost": queries}``.
+            items_key: the key of the round's items.
+            items_problem: what is wrong with the items (``None``: nothing).
+
+        Returns:
+            ``(items, answers (k, num_classes) to the first k items, lost queries)``.
+
+        Raises:
+            ConfigError: the file is unreadable or its contents do not fit together; the message names it.
+        """
+        blob = load_record(path, "round of bought answers", (items_key, "answers"))
+        items, answers, lost = blob[items_key], blob["answers"], blob.get("lost", 0)
+        problem = count_problem({"lost": lost}, ("lost",)) or items_problem(items)
+        if problem is None:
+            rows = len(answers) if isinstance(answers, Tensor) and answers.ndim else 0
+            problem = (f"{rows} answers for a round of {len(items)} queries" if rows > len(items)
+                       else answer_problem(answers, rows, self.num_classes))
+        if problem is not None:
+            raise ConfigError(f"{str(path)!r} is not a whole round of bought answers ({problem}); {DAMAGED}")
+        return items, answers, lost
+
     @property
     def queries_spent(self) -> int:
         """Queries the attack has bought so far, this run and earlier ones (without opening the oracle)."""
@@ -141,8 +177,12 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        problem = count_problem({"queries_spent": 0, **state} if isinstance(state, dict) else state, ("queries_spent",))
+        if problem is not None:
+            raise ConfigError(f"the checkpoint's attack state is not one this package wrote ({problem}); resume from "
+                              "another checkpoint of the attack")
         if self._oracle is None:
-            self._prepaid = max(self._prepaid, int(state.get("queries_spent", 0)))
+            self._prepaid = max(self._prepaid, state["queries_spent"] if "queries_spent" in state else 0)
 
     @property
     def cache_dir(self) -> Path:
@@ -197,11 +237,28 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
 
 
 def victim_labels(victim: nn.Module | None, images: Tensor, batch_size: int = 1024) -> Tensor:
-    """The victim's argmax on ``images`` (evaluation only: called directly, not through the oracle)."""
+    """The victim's argmax on ``images`` (evaluation only: called directly, not through the oracle), its answers checked
+    as the oracle checks them.
+
+    Returns:
+        The labels ``(N,)``.
+
+    Raises:
+        RuntimeError: the labels were computed already (the victim is no longer held).
+        BadAnswers: the victim's answers are not one probability vector per image (the message names it).
+    """
     if victim is None:
         raise RuntimeError("the victim's evaluation labels were already computed; the victim is no longer held")
+    labels = []
     with torch.no_grad():
-        return torch.cat([victim(part).argmax(dim=-1) for part in images.split(batch_size)])
+        for part in images.split(batch_size):
+            answers = victim(part)
+            problem = answer_problem(answers, len(part), int(victim.num_classes))
+            if problem is not None:
+                raise BadAnswers(f"{victim_name(victim)} answered the evaluation images with unusable answers: {problem}. "
+                                 "Check the victim before measuring a clone against it", len(part))
+            labels.append(answers.argmax(dim=-1))
+    return torch.cat(labels)
 
 
 def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict) -> tuple[nn.Module | RemoteVictim, str]:

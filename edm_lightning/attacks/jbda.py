@@ -172,8 +172,7 @@ class JBDADataModule(AttackDataModule):
         with Purchase(path) as purchase:
             lost, fresh = 0, not (path.is_file() and self._oracle is None)
             if not fresh:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
-                x, answers, lost = blob["x"], blob["answers"], int(blob.get("lost", 0))
+                x, answers, lost = self.read_round(path, "x", self._points_problem)
                 self._prepaid += len(answers) + lost
             else:
                 generator = torch.Generator().manual_seed(self.hparams.seed * 1000 + round_)
@@ -200,6 +199,15 @@ class JBDADataModule(AttackDataModule):
             self.substitute_x = torch.cat([self.substitute_x, x])
             self.substitute_y = torch.cat([self.substitute_y, answers])
         return len(x)
+
+    def _points_problem(self, x: object) -> str | None:
+        """What is wrong with a round's points read back (``None``: they are images of the victim's shape in [0, 1])."""
+        shape = (len(x), *self.input_shape) if isinstance(x, Tensor) and x.ndim else None
+        if shape is None or tuple(x.shape) != shape or not x.is_floating_point():
+            return f"its points are not floating-point images of shape (N, {', '.join(map(str, self.input_shape))})"
+        if len(x) and not (x.isfinite().all() and x.min() >= 0 and x.max() <= 1):
+            return "its points are not images in [0, 1]"
+        return None
 
     def figures(self) -> dict[str, Any]:
         """Seed images and the final substitute set's size."""

@@ -161,14 +161,15 @@ class KnockoffDataModule(AttackDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.train_set is None:
+            images, _ = self._surrogate_images()
             if self.transfer is None:  # another process bought it (DDP): read it back, as rank 0 left it
                 with FileLock(self.cache_path.with_name(self.cache_path.name + ".lock")):
                     bought = TransferSet.load(self.cache_path)
+                bought.check_fits(self.cache_path, self.num_classes, len(images))
                 items = bought.items_within(self.hparams.budget)
                 self.transfer = bought.head(items)
                 if len(self.transfer) < items:
                     raise RuntimeError(f"transfer set {self.cache_path} holds {len(self.transfer)} of {items} images")
-            images, _ = self._surrogate_images()
             x = images[self.transfer.indices].float().div_(255)
             self.train_set = BatchTensorDataset(x, self.transfer.answers)
 

@@ -5,7 +5,13 @@ An attack that keeps what it bought (KnockoffNets' transfer set, JBDA's rounds) 
 bought instead of paying again) and a *pending record*, written before each oracle call and cleared once
 the answers are saved. A run killed between the victim's answer and the save leaves the record; the next
 run is charged its queries (the victim may have answered them) and keeps that charge in its file, so the
-count errs towards the budget, never past it.
+count errs towards the budget, never past it. A victim that fails part-way through a call (a prediction API that
+answered the first requests of a split batch, then refused one) is not forgotten either: the answers that arrived
+are saved, and only what it may have answered besides stays charged as pending. Only a refusal before the victim
+saw the batch clears the record; answers the victim sent but the oracle refused (NaN, a row too many) stay charged.
+
+Every record read back (pending records, the ledger, and each attack's own files) is checked like input from
+outside: a count that is not a whole non-negative number is refused with the file's name, never trusted.
 
 An attack that queries as it learns (DFME, MAZE) keeps nothing it could resume from; its oracle writes a
 :class:`QueryLedger` instead: the queries charged over all runs, each batch charged before the victim sees it.
@@ -24,44 +30,89 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
+from edm_lightning.attacks.oracle import BlackBoxOracle, PartlyAnswered, QueryBudgetExceeded
 from edm_lightning.errors import ConfigError, unreadable_file_reason
 from edm_lightning.files import save_atomic, write_atomic
 
-__all__ = ["REFUSALS", "Purchase", "QueryLedger"]
+__all__ = ["DAMAGED", "REFUSALS", "Purchase", "QueryLedger", "count_problem", "load_record"]
 
 #: What an oracle raises when it refused a batch before the victim answered any of it: the budget, or queries the
 #: victim validates and refuses (a prediction API's own failures are ``RuntimeError``: it may have answered).
 REFUSALS = (QueryBudgetExceeded, ValueError, TypeError)
+
+#: What to do about a damaged record of what an attack bought (the end of every message refusing one).
+DAMAGED = ("it records what earlier runs of this attack bought and were charged: delete it only to start the attack over "
+           "(the victim is then asked again, and what it answered before counts nowhere)")
+
+
+def load_record(path: Path, what: str, keys: tuple[str, ...]) -> dict:
+    """The mapping an attack saved in ``path`` (a ``what``: a transfer set, a round), read without running any code.
+
+    Returns:
+        The mapping; it holds ``keys`` (their values are the caller's to check).
+
+    Raises:
+        ConfigError: the file is unreadable (truncated, a pickle of anything else), not a mapping, or lacks one of
+            ``keys``; the message names it.
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"{str(path)!r} is not a readable {what} ({unreadable_file_reason(err)}); {DAMAGED}") from None
+    missing = [key for key in keys if key not in blob] if isinstance(blob, dict) else list(keys)
+    if missing:
+        held = "no " + ", ".join(map(repr, missing)) if isinstance(blob, dict) else f"a {type(blob).__name__}"
+        raise ConfigError(f"{str(path)!r} is not a readable {what} ({held}); {DAMAGED}")
+    return blob
+
+
+def count_problem(record: object, keys: tuple[str, ...]) -> str | None:
+    """What is wrong with ``record`` as a mapping of ``keys`` to whole non-negative counts (read back from a file).
+
+    Returns:
+        ``None`` when it is one, else one line saying what is wrong.
+    """
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a mapping of {', '.join(keys)}"
+    missing = [key for key in keys if key not in record]
+    if missing:
+        return f"no {', '.join(map(repr, missing))}"
+    bad = {key: record[key] for key in keys
+           if isinstance(record[key], bool) or not isinstance(record[key], int) or record[key] < 0}
+    if bad:
+        return f"{', '.join(f'{key}={value!r}' for key, value in bad.items())}: expected whole non-negative counts"
+    return None
 
 
 class Purchase:
     """The guards around one file of bought answers: its lock and its pending record (see the module docstring).
 
     Use as a context manager: entering takes the lock (and removes what a save killed half-way left), leaving
-    releases it. Inside, :meth:`take_pending` says what a killed run may have been answered, and :meth:`ask`
-    queries the oracle with the record written first; :meth:`settle` clears it once the answers are saved;
-    :meth:`complete` buys what a set of queries still lacks that way, a batch at a time.
+    releases it. Inside, :meth:`take_pending` says what a killed run may have been answered, and :meth:`buy`
+    queries the oracle with the record written first and clears it once the answers are saved (keeping what a
+    victim that failed part-way answered); :meth:`complete` buys what a set of queries still lacks that way, a batch
+    at a time.
 
     Args:
         path: the file the attack keeps its answers in (the lock and the record go beside it).
 
     Example:
         >>> import tempfile
-        >>> from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
+        >>> from edm_lightning.attacks.oracle import BlackBoxOracle
         >>> class Victim:
         ...     input_shape, num_classes = (1, 2, 2), 3
         ...     def __call__(self, x):
         ...         return torch.full((len(x), 3), 1 / 3)
         >>> oracle = BlackBoxOracle(Victim(), budget=8)
+        >>> kept, pending = [], []
+        >>> def keep(answers):  # save the answers where the next run reads them
+        ...     kept.append(answers)
+        ...     pending.append(purchase.take_pending())  # a kill here would leave the record: the next run pays for it
         >>> with tempfile.TemporaryDirectory() as folder, Purchase(Path(folder) / "set.pt") as purchase:
-        ...     answers = purchase.ask(oracle, torch.zeros(4, 1, 2, 2), items=0, queries=4)
-        ...     # a kill here (the answers not yet saved) would leave the record: the next run pays for it
-        ...     left = purchase.take_pending()
-        ...     purchase.settle()
+        ...     purchase.buy(oracle, torch.zeros(4, 1, 2, 2), items=0, keep=keep)
         ...     after = purchase.take_pending()
-        >>> tuple(answers.shape), left, after
-        ((4, 3), {'items': 0, 'queries': 4}, None)
+        >>> tuple(kept[0].shape), pending, after
+        ((4, 3), [{'items': 0, 'queries': 4}], None)
     """
 
     def __init__(self, path: str | Path):
@@ -88,54 +139,69 @@ class Purchase:
             The record, or ``None`` when no run was killed in a call.
 
         Raises:
-            ConfigError: the record is unreadable or holds negative counts (it is not one this package wrote).
+            ConfigError: the record is unreadable, or not two whole non-negative counts (it is not one this package
+                wrote); it is left as it was.
         """
         if not self.pending_path.is_file():
             return None
         try:
             record = torch.load(self.pending_path, map_location="cpu", weights_only=True)
-            record = {"items": int(record["items"]), "queries": int(record["queries"])}
         except Exception as err:
             raise ConfigError(f"{str(self.pending_path)!r} is not a pending-query record ({unreadable_file_reason(err)}): "
-                              "delete the attack's cache to buy its answers afresh") from None
-        if min(record.values()) < 0:
-            raise ConfigError(f"{str(self.pending_path)!r} records negative counts {record}: delete the attack's cache to "
-                              "buy its answers afresh")
-        return record
+                              f"{DAMAGED}") from None
+        problem = count_problem(record, ("items", "queries"))
+        if problem is not None:
+            raise ConfigError(f"{str(self.pending_path)!r} is not a pending-query record ({problem}): {DAMAGED}")
+        return {"items": record["items"], "queries": record["queries"]}
 
-    def ask(self, oracle: BlackBoxOracle | Any, x: Tensor, items: int, queries: int | None = None) -> Tensor:
-        """The oracle's answers to ``x`` ``(n, C, H, W)``, with the pending record written before the victim sees them.
+    def buy(self, oracle: BlackBoxOracle | Any, x: Tensor, items: int, keep: Callable[[Tensor], None],
+            rows_per_item: int = 1) -> None:
+        """Ask the oracle for ``x`` ``(n, C, H, W)``, with the pending record written first; ``keep(answers)`` saves the
+        answers where the next run reads them, then the record is cleared.
 
         Args:
             oracle: the attack's oracle.
-            x: the queries.
+            x: the queries, ``rows_per_item`` consecutive rows per item the file keeps (copies of one image).
             items: what the file holds before these answers (where a killed run stopped).
-            queries: what the call costs (default ``len(x)``).
-
-        Returns:
-            The answers ``(n, K)``. The record stays until :meth:`settle`: save the answers first.
+            keep: saves answers ``(k * rows_per_item, K)`` to the first ``k`` items of ``x``.
+            rows_per_item: query rows per kept item.
 
         Raises:
-            Exception: whatever the oracle raises. A refusal (:data:`REFUSALS`: the budget, or queries the victim
-                refused before answering) clears the record first; anything else (an interrupt, a prediction API that
-                failed after the server may have answered and charged) keeps it: the victim may have answered.
+            PartlyAnswered: the victim answered part of the batch (or answers that were refused): the whole items it
+                answered are kept first, and the record is left holding only what it may have answered besides
+                (cleared when that is nothing).
+            Exception: whatever else the oracle raises. A refusal (:data:`REFUSALS`: the budget, or queries the victim
+                refused before answering) clears the record first; anything else (an interrupt, a failure after the
+                victim may have answered) keeps it: the next run is charged the batch.
         """
-        save_atomic({"items": int(items), "queries": int(len(x) if queries is None else queries)}, self.pending_path)
+        self._record(items, len(x))
         try:
-            return oracle(x)
+            answers = oracle(x)
         except REFUSALS:  # refused before the victim saw the batch: nothing to charge
             self.settle()
             raise
+        except PartlyAnswered as err:  # keep what arrived; what may have been answered besides stays charged
+            whole = len(err.answers) // rows_per_item
+            if whole:
+                keep(err.answers[: whole * rows_per_item])
+            left = err.charged - whole * rows_per_item
+            if left > 0:
+                self._record(items + whole, left)
+            else:
+                self.settle()
+            raise
+        keep(answers)
+        self.settle()
 
     def settle(self) -> None:
-        """Clear the pending record: the answers of the last :meth:`ask` are saved (or were charged)."""
+        """Clear the pending record: the answers of the last :meth:`buy` are saved (or were charged)."""
         self.pending_path.unlink(missing_ok=True)
 
     def complete(self, oracle: Callable[[], BlackBoxOracle], x: Tensor, answers: Tensor, batch_size: int,
                  save: Callable[[Tensor], None]) -> Tensor:
         """The answers to every row of ``x`` ``(n, C, H, W)``: ``answers`` holds the first ones (bought earlier), the
-        rest are asked ``batch_size`` rows per call, each call's answers saved (``save(all answers so far)``) before
-        its record is cleared.
+        rest are bought ``batch_size`` rows per call (:meth:`buy`), each call's answers saved (``save(all answers so
+        far)``) before its record is cleared.
 
         Args:
             oracle: gives the attack's oracle; called only when something is left to buy.
@@ -147,12 +213,18 @@ class Purchase:
         Returns:
             Answers ``(n, K)`` to every row.
         """
-        while len(answers) < len(x):
-            batch = x[len(answers): len(answers) + batch_size]
-            answers = torch.cat([answers, self.ask(oracle(), batch, items=len(answers))])
-            save(answers)
-            self.settle()
-        return answers
+        held = [answers]
+
+        def keep(bought: Tensor) -> None:
+            held.append(bought.to(answers.dtype))
+            save(torch.cat(held))
+
+        while (done := sum(len(part) for part in held)) < len(x):
+            self.buy(oracle(), x[done: done + batch_size], items=done, keep=keep)
+        return torch.cat(held)
+
+    def _record(self, items: int, queries: int) -> None:
+        save_atomic({"items": int(items), "queries": int(queries)}, self.pending_path)
 
 
 class QueryLedger:
@@ -181,14 +253,15 @@ class QueryLedger:
         if not self.path.is_file():
             return 0
         try:
-            spent = int(json.loads(self.path.read_text())["spent"])
+            record = json.loads(self.path.read_text())
         except Exception as err:
             raise ConfigError(f"{str(self.path)!r} is not a query ledger ({unreadable_file_reason(err)}): it records what "
                               "earlier runs of this attack spent; delete it only to start the attack over") from None
-        if spent < 0:
-            raise ConfigError(f"{str(self.path)!r} records a negative count ({spent}): it was not written by this package; "
-                              "delete it only to start the attack over")
-        return spent
+        problem = count_problem(record, ("spent",))
+        if problem is not None:
+            raise ConfigError(f"{str(self.path)!r} is not a query ledger this package wrote ({problem}): it records what "
+                              "earlier runs of this attack spent; delete it only to start the attack over")
+        return record["spent"]
 
     def reserve(self, count: int, budget: int | None) -> None:
         """Charge ``count`` queries before the victim sees them.

@@ -6,6 +6,10 @@ and KnockoffNets buys the same transfer set from a server as from the model it s
 is where the threat model puts it: only answers cross, and the router key and weights stay on the server.
 The server counts every query against the API key too, including the experimenter's evaluation labels
 (the victim's answers on its test set, which the oracle's budget does not count).
+
+A batch larger than one request is sent in several; when one fails, the answers of those before it are not lost:
+:class:`RemoteError` carries them (a :class:`~edm_lightning.attacks.oracle.PartlyAnswered`), with the rows of the
+failing request the server may have answered and charged (a lost reply, an answer that could not be read).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from jsonargparse.typing import SecretStr
 from torch import Tensor, nn
 
+from edm_lightning.attacks.oracle import BadAnswers, PartlyAnswered, answer_problem
 from edm_lightning.errors import ConfigError
 from edm_lightning.protocol import API_KEY_HEADER, INFO_PATH, NPY, PREDICT_PATH, encode_npy
 from edm_lightning.routing import SECRET_MASK
@@ -27,12 +32,22 @@ __all__ = ["API_KEY_ENV", "RemoteError", "RemoteVictim", "RemoteVictimConfig"]
 API_KEY_ENV = "EDM_API_KEY"
 
 
-class RemoteError(RuntimeError):
-    """The server refused or failed a request; the message is the server's, with its HTTP status."""
+#: Statuses of a request the server refused as malformed before charging it (the oracle's ``ValueError``).
+MALFORMED = (400, 413, 415, 422)
 
-    def __init__(self, status: int, detail: str):
+
+class RemoteError(PartlyAnswered):
+    """The server refused or failed a request; the message is the server's, with its HTTP status.
+
+    ``answers`` holds the answers of the requests before it in the same batch; ``unsure`` the rows of the failing
+    request the server may have answered and charged: all of them unless it refused the request (a 4xx, which this
+    package's server sends before charging) or the request never reached it (no connection).
+    """
+
+    def __init__(self, status: int, detail: str, rows: int = 0, answers: Tensor | None = None):
         self.status, self.detail = status, detail
-        super().__init__(f"the prediction API answered {status}: {detail}")
+        refused = 400 <= status < 500
+        super().__init__(f"the prediction API answered {status}: {detail}", answers, 0 if refused else rows)
 
 
 @dataclass
@@ -69,7 +84,7 @@ class RemoteVictim:
 
     A batch larger than one request may carry (the server's ``max_batch`` images and ``max_body_bytes``) is
     sent in several requests. A server that answers top-1 labels only is answered as one-hot vectors, as the
-    oracle's ``label_only`` does.
+    oracle's ``label_only`` does; labels that are not class ids of the served model are refused.
 
     Raises:
         ConfigError: httpx is missing (names the extra), the server cannot be reached, refuses the key, or
@@ -83,6 +98,7 @@ class RemoteVictim:
 
         self.url = url.rstrip("/")
         self._transport_error = httpx.HTTPError
+        self._connect_errors = (httpx.ConnectError, httpx.ConnectTimeout)
         self._client = httpx.Client(base_url=self.url, headers={API_KEY_HEADER: api_key}, timeout=timeout_s)
         try:
             response = self._client.get(INFO_PATH)
@@ -108,6 +124,11 @@ class RemoteVictim:
         """Nothing to switch: the server's model is always in eval mode (kept for the oracle's interface)."""
         return self
 
+    @property
+    def name(self) -> str:
+        """How messages name this victim: the API's URL (never the key)."""
+        return f"the prediction API at {self.url}"
+
     def __call__(self, x: Tensor) -> Tensor:
         """Probabilities ``(N, num_classes)`` (float32) for images ``x``, from the server.
 
@@ -115,35 +136,79 @@ class RemoteVictim:
             The server's answers, or one-hot labels where it answers labels only.
 
         Raises:
-            ValueError: the server refused the batch as malformed (400, 413, 415, 422), with its message.
-            RemoteError: any other refusal (the key, the budget: 401, 429), a server failure, an unreadable answer,
-                or no answer at all (connection, timeout). A batch sent in several requests may have been
-                charged by the server in part.
+            ValueError: the server refused the batch's first request as malformed (400, 413, 415, 422), with its
+                message; nothing was answered.
+            RemoteError: any other refusal (the key, the budget: 401, 429), a server failure, or no answer at all
+                (connection, timeout); it carries the answers of the requests before it (a batch is sent in several
+                requests of at most ``rows_per_request`` rows) and the rows the server may have answered besides.
+            BadAnswers: the server answered with something that is not answers to the batch (not JSON, labels that
+                are no class, a count other than asked); every row it answered so far is charged, none is kept.
         """
         if x.shape[0] == 0:
             return torch.zeros((0, self.num_classes))
-        return torch.cat([self._ask(part) for part in x.detach().cpu().float().split(self.rows_per_request)])
+        answered: list[Tensor] = []
+        for part in x.detach().cpu().float().split(self.rows_per_request):
+            done = sum(len(a) for a in answered)
+            try:
+                answered.append(self._ask(part))
+            except BadAnswers as err:  # the server answered (and charged) this request and those before it
+                raise BadAnswers(f"{self.name} answered request rows {done}-{done + len(part) - 1} of a batch of "
+                                 f"{len(x)} with unusable answers: {err}. Nothing of the batch was kept; its "
+                                 f"{done + len(part)} answered queries are counted", done + len(part)) from None
+            except RemoteError as err:
+                if err.status in MALFORMED and not answered:
+                    raise ValueError(f"the prediction API refused the batch ({err.status}): {err.detail}") from None
+                err.answers = torch.cat(answered) if answered else torch.zeros((0, self.num_classes))
+                raise
+        return torch.cat(answered)
 
     def _ask(self, x: Tensor) -> Tensor:
         try:
             response = self._client.post(PREDICT_PATH, content=encode_npy(x), headers={"content-type": NPY})
         except self._transport_error as err:
-            raise RemoteError(0, f"no answer from {self.url} ({type(err).__name__}: {err})") from None
-        if response.status_code in (400, 413, 415, 422):
-            raise ValueError(f"the prediction API refused the batch ({response.status_code}): {_detail(response)}")
+            never_sent = isinstance(err, self._connect_errors)  # no connection: the server never saw the request
+            raise RemoteError(0, f"no answer from {self.url} ({type(err).__name__}: {err})", 0 if never_sent else len(x)) \
+                from None
         if response.status_code != 200:
-            raise RemoteError(response.status_code, _detail(response))
+            raise RemoteError(response.status_code, _detail(response), len(x))
         try:
             body = response.json()
-        except ValueError:
-            raise RemoteError(200, f"an answer that is not JSON: {response.text[:200]!r}") from None
-        if "labels" in body:
-            labels = torch.tensor(body["labels"], dtype=torch.long)
-            return nn.functional.one_hot(labels, self.num_classes).float()
-        return torch.tensor(body["probabilities"], dtype=torch.float32)
+            if not isinstance(body, dict):
+                raise ValueError(f"a JSON {type(body).__name__}, not an object")
+            if "labels" in body:
+                return _one_hot(body["labels"], len(x), self.num_classes)
+            answers = torch.tensor(body["probabilities"], dtype=torch.float32)
+        except Exception as err:  # noqa: BLE001 - whatever the body is, the server answered it: charged, not kept
+            raise BadAnswers(f"its answer is not this API's ({_reason(err)}): {response.text[:200]!r}", len(x)) from None
+        problem = answer_problem(answers, len(x), self.num_classes)  # per request: one extra row would shift the rest
+        if problem is not None:
+            raise BadAnswers(problem, len(x))
+        return answers
 
     def __repr__(self) -> str:
         return f"RemoteVictim(url={self.url!r}, model_id={self.model_id!r})"  # never the key
+
+
+def _one_hot(labels: object, rows: int, num_classes: int) -> Tensor:
+    """A label-only answer as one-hot vectors.
+
+    Returns:
+        Float one-hot vectors ``(rows, num_classes)``.
+
+    Raises:
+        ValueError: ``labels`` is not a list of ``rows`` class ids in ``[0, num_classes)``.
+    """
+    if not isinstance(labels, list) or len(labels) != rows:
+        count = f"{len(labels)} labels" if isinstance(labels, list) else f"a {type(labels).__name__}"
+        raise ValueError(f"{count} for {rows} queries")
+    bad = [label for label in labels if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"labels {bad[:5]} are not class ids in [0, {num_classes})")
+    return nn.functional.one_hot(torch.tensor(labels, dtype=torch.long), num_classes).float()
+
+
+def _reason(err: BaseException) -> str:  # why an answer could not be read: our own message, or the error's
+    return str(err) if isinstance(err, ValueError) and str(err) else f"{type(err).__name__}: {err}"
 
 
 def _detail(response) -> str:

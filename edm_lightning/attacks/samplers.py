@@ -27,7 +27,9 @@ class Sampler(Protocol):
         ...
 
     def update(self, x: Tensor, answers: Tensor) -> None:
-        """Learn from the victim's ``answers`` ``(n, K)`` to the queried images ``x`` ``(n, C, H, W)``."""
+        """Learn from the victim's ``answers`` ``(n, K)`` to the queried images ``x`` ``(n, C, H, W)``: the first ``n``
+        items of the last :meth:`draw` (all of them, unless the victim failed part-way through the batch).
+        """
         ...
 
     def state_dict(self) -> dict | None:
@@ -35,7 +37,11 @@ class Sampler(Protocol):
         ...
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved :meth:`state_dict`."""
+        """Continue from a saved :meth:`state_dict`.
+
+        Raises:
+            ValueError: ``state`` is not one this sampler saved (it is read back from a file).
+        """
         ...
 
 
@@ -77,6 +83,9 @@ class BanditSampler:
     as in the paper's Algorithm 1. The loss reward uses the online clone's prediction *before* it is
     trained on the batch, i.e. how much the answer would still teach it.
     """
+
+    #: What :meth:`state_dict` saves besides the policy, its optimiser and the random generator.
+    _STATE = ("h", "pulls", "seen", "mean_reward", "reward_mean", "reward_var", "mean_answer", "cursor", "orders")
 
     def __init__(self, labels: Tensor, num_classes: int, policy: torch.nn.Module, lr: float, reward: str,
                  window: int, seed: int):
@@ -121,7 +130,7 @@ class BanditSampler:
         top2 = y.topk(2, dim=-1).values
         certainty = (top2[:, 0] - top2[:, 1]).tolist()
         loss = (-(y * log_probs.double()).sum(dim=-1)).tolist()
-        for i, arm in enumerate(self._arms.tolist()):
+        for i, arm in enumerate(self._arms[: len(x)].tolist()):  # a batch answered in part: its first items
             self.seen += 1
             self.mean_answer += (y[i] - self.mean_answer) / min(self.seen, self.window)
             diversity = float((y[i] - self.mean_answer).clamp(min=0).sum())
@@ -145,14 +154,21 @@ class BanditSampler:
 
     def state_dict(self) -> dict:
         """See :meth:`Sampler.state_dict`."""
-        keys = ("h", "pulls", "seen", "mean_reward", "reward_mean", "reward_var", "mean_answer", "cursor", "orders")
-        state = {key: getattr(self, key) for key in keys}
+        state = {key: getattr(self, key) for key in self._STATE}
         state.update(policy=self.policy.state_dict(), optimizer=self.optimizer.state_dict(),
                      generator=self.generator.get_state())
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """See :meth:`Sampler.load_state_dict`."""
+        expected = {*self._STATE, "policy", "optimizer", "generator"}
+        if not isinstance(state, dict) or set(state) != expected:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"an adaptive sampler's state holds {', '.join(sorted(expected))}; got {keys}")
+        for key in ("h", "pulls", "reward_mean", "reward_var", "mean_answer", "cursor"):
+            mine = getattr(self, key)
+            if not isinstance(state[key], Tensor) or state[key].shape != mine.shape or state[key].dtype != mine.dtype:
+                raise ValueError(f"its {key!r} is not a {mine.dtype} tensor of shape {tuple(mine.shape)}")
         for key, value in state.items():
             if key == "policy":
                 self.policy.load_state_dict(value)

@@ -9,17 +9,18 @@ a batch the victim may have answered before the kill is charged to every later r
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from edm_lightning.attacks.oracle import BlackBoxOracle
-from edm_lightning.attacks.purchase import Purchase
+from edm_lightning.attacks.oracle import BlackBoxOracle, answer_problem
+from edm_lightning.attacks.purchase import DAMAGED, Purchase, count_problem, load_record
 from edm_lightning.attacks.samplers import BanditSampler, RandomSampler, Sampler
 from edm_lightning.data.perturbations import check_copies, noisy_copies
-from edm_lightning.errors import ConfigError, unreadable_file_reason
+from edm_lightning.errors import ConfigError
 from edm_lightning.files import save_atomic
 from edm_lightning.progress import Progress
 
@@ -87,23 +88,54 @@ class TransferSet:
 
     @classmethod
     def load(cls, path: Path) -> TransferSet:
-        """Read a set written by :meth:`save`; a file that is not one (truncated, or a pickle of anything else:
-        a cache folder may hold files from anyone) is refused without running any of its code.
+        """Read a set written by :meth:`save`, checked like input from outside: a file that is not one (truncated, a
+        pickle of anything else: a cache folder may hold files from anyone) is refused without running any of its
+        code, and so is one whose contents do not fit together (answers that are not one probability vector per
+        item, a ``lost`` record that is not whole non-negative counts within the set): a damaged record could
+        otherwise let a run buy past its budget.
 
         Returns:
             The transfer set the file holds.
 
         Raises:
-            ConfigError: the file is not a readable transfer set; the message names it and says to delete it.
+            ConfigError: the file is not a readable, whole transfer set; the message names it and what is wrong.
         """
+        blob = load_record(path, "transfer set", ("indices", "answers", "state"))
+        indices, answers, state = blob["indices"], blob["answers"], blob["state"]
+        setting = (blob.get("query_copies", 1), blob.get("copy_noise", 0.0), blob.get("copy_shift", 0))
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            blob["indices"], blob["answers"], blob["state"]  # noqa: B018 - a file without them is not a transfer set
-        except Exception as err:
-            raise ConfigError(f"{str(path)!r} is not a readable transfer set ({unreadable_file_reason(err)}); delete it "
-                              "and run again to buy the set afresh") from None
-        return cls(blob["indices"], blob["answers"], blob["state"], blob.get("query_copies", 1), blob.get("copy_noise", 0.0),
-                   blob.get("copy_shift", 0), _lost_events(blob.get("lost")))
+            check_copies(*setting)
+            problem = None
+        except ConfigError as err:
+            problem = str(err)
+        if problem is None and (not isinstance(indices, Tensor) or indices.ndim != 1 or indices.is_floating_point()
+                                or indices.dtype == torch.bool or (len(indices) and int(indices.min()) < 0)):
+            problem = "its indices are not a vector of surrogate image positions"
+        if problem is None:
+            classes = answers.shape[-1] if isinstance(answers, Tensor) and answers.ndim else 0
+            problem = answer_problem(answers, len(indices), classes)
+        if problem is None and state is not None and not isinstance(state, dict):
+            problem = f"its sampler state is a {type(state).__name__}, not a mapping"
+        lost = None
+        if problem is None:
+            lost, problem = _lost_events(blob.get("lost"), len(indices))
+        if problem is not None:
+            raise ConfigError(f"{str(path)!r} is not a whole transfer set ({problem}); {DAMAGED}")
+        return cls(indices.long(), answers, state, *setting, lost=lost)
+
+    def check_fits(self, path: Path, num_classes: int, pool_size: int) -> None:
+        """Refuse a set read back that does not fit this attack: answers over another class count, or indices past
+        the surrogate's ``pool_size`` images.
+
+        Raises:
+            ConfigError: it does not fit; the message names ``path``.
+        """
+        if len(self) and self.answers.shape[1] != num_classes:
+            raise ConfigError(f"{str(path)!r} holds answers over {self.answers.shape[1]} classes, but the victim has "
+                              f"{num_classes}; {DAMAGED}")
+        if len(self) and int(self.indices.max()) >= pool_size:
+            raise ConfigError(f"{str(path)!r} holds surrogate image {int(self.indices.max())}, past the surrogate's "
+                              f"{pool_size} images; {DAMAGED}")
 
 
 def build_transfer_set(
@@ -183,6 +215,9 @@ def _extend_transfer_set(purchase: Purchase, open_oracle, images: Tensor, labels
             "give each setting its own cache path"
         )
     record = purchase.take_pending()
+    if record is not None and record["items"] > len(cached):
+        raise ConfigError(f"{str(purchase.pending_path)!r} records queries lost after item {record['items']}, but "
+                          f"{str(cache_path)!r} holds {len(cached)} items: the two do not belong together; {DAMAGED}")
     if record is not None:  # a run was killed between asking the victim and saving the answers: charge them
         cached.lost.append([record["items"], record["queries"]])
         cached.save(cache_path)
@@ -196,6 +231,7 @@ def _extend_transfer_set(purchase: Purchase, open_oracle, images: Tensor, labels
     if items < budget // query_copies:  # the run wanted more, but what was lost at its end ate the rest: it paid that too
         spent += min(budget - spent, sum(queries for offset, queries in cached.lost if offset == items))
     oracle: BlackBoxOracle = open_oracle(spent)
+    cached.check_fits(cache_path, oracle.num_classes, len(images))
     if len(cached) >= items:
         return cached.head(items)
     sampler: Sampler
@@ -208,36 +244,62 @@ def _extend_transfer_set(purchase: Purchase, open_oracle, images: Tensor, labels
     else:
         raise ConfigError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
     if cached.state is not None:
-        sampler.load_state_dict(cached.state)
+        try:
+            sampler.load_state_dict(cached.state)
+        except (ValueError, TypeError, KeyError, RuntimeError) as err:
+            raise ConfigError(f"{str(cache_path)!r} holds a sampler state this attack cannot resume from ({err}); "
+                              f"{DAMAGED}") from None
     indices, answers = ([cached.indices], [cached.answers]) if len(cached) else ([], [])
     done = len(cached)
     per_call = max(1, batch_size // query_copies)
     progress = Progress(items * query_copies, "buying the transfer set", "queries", initial=done * query_copies)
+
+    def keep(chosen: Tensor, x: Tensor, y: Tensor) -> None:  # the answers to the first len(y) // K items
+        nonlocal done
+        n = len(y) // query_copies
+        if query_copies > 1:
+            y = y.view(n, query_copies, -1).mean(dim=1)
+        sampler.update(x[:n], y)
+        indices.append(chosen[:n])
+        answers.append(y)
+        done += n
+        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting, lost=cached.lost).save(cache_path)
+        progress.update(n * query_copies)
+
     while done < items:
         count = min(per_call, items - done)
         chosen = sampler.draw(done, count)
         x = images[chosen].float().div_(255)
-        if query_copies == 1 and copy_noise == 0 and copy_shift == 0:
-            y = purchase.ask(oracle, x, items=done)
-        else:
-            copies = noisy_copies(x, query_copies, copy_noise, seed, done, copy_shift)
-            y = purchase.ask(oracle, copies, items=done).view(count, query_copies, -1).mean(dim=1)
-        sampler.update(x, y)
-        indices.append(chosen)
-        answers.append(y)
-        done += count
-        TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting, lost=cached.lost).save(cache_path)
-        purchase.settle()
-        progress.update(count * query_copies)
+        plain = query_copies == 1 and copy_noise == 0 and copy_shift == 0
+        queries = x if plain else noisy_copies(x, query_copies, copy_noise, seed, done, copy_shift)
+        purchase.buy(oracle, queries, items=done, keep=partial(keep, chosen, x), rows_per_item=query_copies)
     progress.close()
     return TransferSet(torch.cat(indices), torch.cat(answers), sampler.state_dict(), *setting, lost=cached.lost)
 
 
-def _lost_events(lost) -> list[list[int]]:
-    """``[[items, queries], ...]``; a plain count (sets written before the offsets were kept) is charged to every run."""
-    if isinstance(lost, int):
-        return [[0, lost]] if lost else []
-    return [[int(offset), int(queries)] for offset, queries in (lost or [])]
+def _lost_events(lost: object, items: int) -> tuple[list[list[int]] | None, str | None]:
+    """``[[items, queries], ...]`` read back, or what is wrong with it; a plain count (sets written before the offsets
+    were kept) is charged to every run.
+
+    Returns:
+        ``(events, None)``, or ``(None, the problem)`` when ``lost`` is not pairs of whole non-negative counts with
+        offsets within the set's ``items``.
+    """
+    if lost is None:
+        return [], None
+    if not isinstance(lost, (list, tuple)):
+        lost = [[0, lost]]
+    events = []
+    for event in lost:
+        pair = dict(zip(("offset", "queries"), event)) if isinstance(event, (list, tuple)) and len(event) == 2 else None
+        problem = count_problem(pair, ("offset", "queries")) if pair is not None else f"an entry {event!r}"
+        if problem is None and pair["offset"] > items:
+            problem = f"queries lost at item {pair['offset']} of a set of {items}"
+        if problem is not None:
+            return None, f"its record of lost queries is damaged: {problem}"
+        if pair["queries"]:
+            events.append([pair["offset"], pair["queries"]])
+    return events, None
 
 
 def check_budget_buys_an_image(budget: int, query_copies: int) -> None:
