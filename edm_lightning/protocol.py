@@ -3,8 +3,9 @@
 A request is ``POST /v1/predict`` with the client's key in ``X-API-Key`` (or ``Authorization: Bearer``) and a
 batch of images in [0, 1] as one of: a NumPy ``.npy`` array ``(N, C, H, W)`` (``application/x-npy``, read
 without pickle; floating point, other dtypes are refused as images), JSON ``{"inputs": [[[[...]]]]}``
-(``application/json``), or one PNG file of the model's size (``image/png``; 8-bit pixels become ``value / 255``).
-The answer is JSON:
+(``application/json``), or one opaque PNG file of the model's size (``image/png``; each pixel becomes
+``value / (2**depth - 1)`` for its own bit depth, 1 to 16; a grey image may have any colour type whose pixels are
+grey). The answer is JSON:
 ``{"probabilities": [[...]]}`` or ``{"labels": [...]}`` (the server's policy), with ``queries_spent``
 and ``budget`` of the key. Errors are JSON ``{"detail": message}`` with a 4xx/5xx status.
 """

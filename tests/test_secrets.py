@@ -59,6 +59,38 @@ def test_the_public_default_key_warns_loudly(monkeypatch, no_key_env):
         KeyedHashRouter(3, SECRET)  # a real key: no warning
 
 
+def test_experiments_may_set_the_public_key_explicitly_and_are_warned_the_same(monkeypatch, no_key_env):
+    monkeypatch.setattr(routing.keys, "_warned_public_key", False)
+    monkeypatch.setenv(routing.ROUTER_KEY_ENV, "edm-lightning")
+    with pytest.warns(PublicRouterKeyWarning, match="public default key"):
+        router = KeyedHashRouter(3)
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(router(x), KeyedHashRouter(3, routing.DEFAULT_ROUTER_KEY)(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KeyedHashRouter(3, "short key")  # experiments keep any key; only a server needs a secret one
+
+
+def test_a_served_key_must_be_one_nobody_else_can_compute(monkeypatch, tmp_path, no_key_env):
+    with pytest.raises(ConfigError, match="no router key is set"):
+        resolve_router_key(None, require_secret=True)
+    for key in ("edm-lightning", "EDM-Lightning", " edm-lightning\n", b"edm-lightning"):
+        with pytest.raises(ConfigError, match="is the public default 'edm-lightning'.*token_hex"):
+            resolve_router_key(key, require_secret=True)
+    for key in ("short-key", "x" * 15, "ab" * 20, "0" * 64):
+        with pytest.raises(ConfigError, match="too short or too plain to be secret.*at least 16 bytes"):
+            resolve_router_key(key, require_secret=True)
+    monkeypatch.setenv(routing.ROUTER_KEY_ENV, "edm-lightning")
+    with pytest.raises(ConfigError, match="from \\$EDM_ROUTER_KEY is the public default"):
+        resolve_router_key(None, require_secret=True)
+    monkeypatch.delenv(routing.ROUTER_KEY_ENV)
+    (tmp_path / "router.key").write_text("edm-lightning\n")
+    monkeypatch.setenv(routing.ROUTER_KEY_FILE_ENV, str(tmp_path / "router.key"))
+    with pytest.raises(ConfigError, match="from the key file .* is the public default"):
+        resolve_router_key(None, require_secret=True)
+    assert resolve_router_key(SECRET, require_secret=True) == SECRET.encode()
+
+
 def test_the_mask_of_a_saved_config_is_refused_not_used_as_a_key():
     with pytest.raises(ConfigError, match="mask a saved config shows"):
         resolve_router_key("**********")

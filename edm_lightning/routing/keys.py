@@ -1,8 +1,9 @@
 """The keyed routers' secret key: where it comes from, how it is hidden, and its public fingerprint.
 
 The key is resolved from an argument, ``$EDM_ROUTER_KEY`` or the file ``$EDM_ROUTER_KEY_FILE`` (or the public
-default, with a loud warning); configs type it as jsonargparse's ``SecretStr``, so dumps show ``**********``;
-a short keyed digest, its fingerprint, tells runs apart without revealing it.
+default, with a loud warning: experiments only; a server refuses it, and any short key, however it arrives);
+configs type it as jsonargparse's ``SecretStr``, so dumps show ``**********``; a short keyed digest, its
+fingerprint, tells runs apart without revealing it.
 """
 
 from __future__ import annotations
@@ -15,30 +16,36 @@ from jsonargparse.typing import SecretStr
 
 from edm_lightning.errors import ConfigError
 
-__all__ = ["DEFAULT_ROUTER_KEY", "ROUTER_KEY_ENV", "ROUTER_KEY_FILE_ENV", "SECRET_MASK", "PublicRouterKeyWarning", "as_secret",
-           "check_key_fingerprint", "key_fingerprint", "resolve_router_key"]
+__all__ = ["DEFAULT_ROUTER_KEY", "MIN_SECRET_KEY_BYTES", "ROUTER_KEY_ENV", "ROUTER_KEY_FILE_ENV", "SECRET_MASK",
+           "PublicRouterKeyWarning", "as_secret", "check_key_fingerprint", "key_fingerprint", "resolve_router_key"]
 
 DEFAULT_ROUTER_KEY = "edm-lightning"  # public: experiments only (a warning says so)
 ROUTER_KEY_ENV = "EDM_ROUTER_KEY"
 ROUTER_KEY_FILE_ENV = "EDM_ROUTER_KEY_FILE"
 SECRET_MASK = "**********"  # what jsonargparse writes for a SecretStr
+MIN_SECRET_KEY_BYTES = 16  # a served key's least length in bytes: 32 hex digits (128 bits) are what the message suggests
+_MAKE_A_KEY = "python -c \"import secrets; print(secrets.token_hex(32))\""
 _warned_public_key = False
 
 
-def resolve_router_key(key: str | bytes | SecretStr | None = None, public_default: bool = True) -> bytes:
+def resolve_router_key(key: str | bytes | SecretStr | None = None, require_secret: bool = False) -> bytes:
     """The keyed router's secret key as bytes: ``key`` if given, else ``$EDM_ROUTER_KEY``, else the contents of
-    the file ``$EDM_ROUTER_KEY_FILE``, else the public default :data:`DEFAULT_ROUTER_KEY` with a loud warning
-    (or, with ``public_default=False``, an error: a server must not serve with a key anyone knows).
+    the file ``$EDM_ROUTER_KEY_FILE``, else the public default :data:`DEFAULT_ROUTER_KEY`, with a loud warning
+    (also when the public default is given explicitly).
+
+    With ``require_secret`` (a server: its key must be one nobody else can compute), the public default is
+    refused however it arrives (unset, or set explicitly in the environment, a key file or a config), and so
+    is a key shorter than :data:`MIN_SECRET_KEY_BYTES` or made of fewer than 4 distinct characters.
 
     Configs type the key as jsonargparse's ``SecretStr``, so config dumps, ``--print_config`` and logged
     configs show ``**********`` instead; a key read back from such a dump is refused rather than used.
 
     Returns:
-        The key, 1 to 64 bytes.
+        The key, 1 to 64 bytes (16 to 64 with ``require_secret``).
 
     Raises:
-        ConfigError: an empty or too long key, a key file that cannot be read, the mask of a saved config, or
-            no key at all where ``public_default`` is false.
+        ConfigError: an empty or too long key, a key file that cannot be read, the mask of a saved config, or,
+            with ``require_secret``, no key, the public default or a key too short or too plain to be secret.
     """
     if isinstance(key, SecretStr):
         key = key.get_secret_value()
@@ -51,13 +58,11 @@ def resolve_router_key(key: str | bytes | SecretStr | None = None, public_defaul
             key, source = open(path, "rb").read().strip(), f"the key file {path!r}"
         except OSError as err:
             raise ConfigError(f"cannot read the router key file {path!r} (${ROUTER_KEY_FILE_ENV}): {err.strerror}") from None
-    elif key is None and not public_default:
+    elif key is None and require_secret:
         raise ConfigError(f"no router key is set, and the public default key would let anyone compute which member answers "
-                          f"a query: set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a random key "
-                          "(python -c \"import secrets; print(secrets.token_hex(32))\")")
+                          f"a query: set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a random key ({_MAKE_A_KEY})")
     elif key is None:
-        _warn_public_key()
-        key, source = DEFAULT_ROUTER_KEY, "the public default"
+        key, source = DEFAULT_ROUTER_KEY, "the public default"  # warned about below
     raw = key.encode() if isinstance(key, str) else bytes(key)
     if raw == SECRET_MASK.encode():
         raise ConfigError(
@@ -66,7 +71,27 @@ def resolve_router_key(key: str | bytes | SecretStr | None = None, public_defaul
         )
     if not 0 < len(raw) <= hashlib.blake2b.MAX_KEY_SIZE:
         raise ConfigError(f"the router key from {source} must be 1 to {hashlib.blake2b.MAX_KEY_SIZE} bytes, got {len(raw)}")
+    if require_secret:
+        _refuse_public_key(raw, source)
+    elif _is_public_default(raw):
+        _warn_public_key()  # unset or set explicitly: anyone can compute the routes
     return raw
+
+
+def _is_public_default(raw: bytes) -> bool:
+    return raw.strip().lower() == DEFAULT_ROUTER_KEY.encode()
+
+
+def _refuse_public_key(raw: bytes, source: str) -> None:
+    """Refuse a key anyone can compute: the public default (in any case, with any spaces), a short or plain one."""
+    if _is_public_default(raw):
+        raise ConfigError(f"the router key from {source} is the public default {DEFAULT_ROUTER_KEY!r}, which anyone can use "
+                          f"to compute which member answers a query: set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a "
+                          f"random key ({_MAKE_A_KEY})")
+    if len(raw) < MIN_SECRET_KEY_BYTES or len(set(raw)) < 4:
+        raise ConfigError(f"the router key from {source} is too short or too plain to be secret ({len(raw)} bytes, "
+                          f"{len(set(raw))} distinct): a served key needs at least {MIN_SECRET_KEY_BYTES} bytes of random "
+                          f"text ({_MAKE_A_KEY})")
 
 
 def as_secret(key: str | bytes | SecretStr | None) -> SecretStr | None:
@@ -110,7 +135,7 @@ def _warn_public_key() -> None:
     _warned_public_key = True
     message = (f"WARNING: the keyed router uses the public default key {DEFAULT_ROUTER_KEY!r}: anyone can compute "
                f"which member answers a query. Set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a random key "
-               "(e.g. `python -c \"import secrets; print(secrets.token_hex(32))\"`) before serving a real model.")
+               f"(e.g. `{_MAKE_A_KEY}`) before serving a real model.")
     warnings.warn(message, PublicRouterKeyWarning, stacklevel=3)
 
 

@@ -1,17 +1,18 @@
-"""``python -m edm_lightning.serve --config configs/serve.yaml``: the prediction API on localhost.
+"""``python -m edm_lightning.serve --config configs/serve.yaml`` (or ``edm-lightning serve``): the prediction API on localhost.
 
     python -m edm_lightning.serve add-client --file clients.yaml --name alice --budget 50000   # prints the key once
     python -m edm_lightning.serve --config configs/serve.yaml
 
 Clients and their budgets come from the clients file (key digests only); the router key, for ``router: keyed``
 or ``coarse``, from ``$EDM_ROUTER_KEY`` or ``$EDM_ROUTER_KEY_FILE`` (required: the server refuses the public
-default key), never the command line.
+default key and any key too short to be secret, however it is given), never the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -22,12 +23,25 @@ from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refu
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import digest, state_digest
-from edm_lightning.routing import key_fingerprint, resolve_router_key, router_class, router_label
+from edm_lightning.routing import (
+    ROUTER_KEY_ENV,
+    ROUTER_KEY_FILE_ENV,
+    key_fingerprint,
+    resolve_router_key,
+    router_class,
+    router_label,
+)
+from edm_lightning.routing.keys import MIN_SECRET_KEY_BYTES
 from edm_lightning.serve.app import create_app
 from edm_lightning.serve.clients import add_client, load_clients
 from edm_lightning.serve.ledger import QueryLedger
 
-__all__ = ["ServeConfig", "add_client_main", "build_app", "main"]
+__all__ = ["ServeConfig", "add_client_main", "build_app", "listen", "main"]
+
+DESCRIPTION = ("Serve a trained victim over HTTP, every query authenticated by a client's API key and counted against its "
+               "budget. Add each client first with `{prog} add-client --file clients.yaml --name NAME --budget QUERIES` "
+               "(it prints the client's key once; `{prog} add-client --help`). The keyed and coarse routers need a "
+               f"secret key (at least {MIN_SECRET_KEY_BYTES} bytes) in ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV}.")
 
 
 @dataclass
@@ -62,7 +76,8 @@ def build_app(config: ServeConfig):
         The application.
 
     Raises:
-        ConfigError: FastAPI/uvicorn missing (names the extra), bad limits, a bad clients file or victim.
+        ConfigError: FastAPI/uvicorn missing (names the extra), bad limits, a router key anyone could compute (the
+            public default, however given, or a short one), a bad clients file, ledger or victim.
     """
     for package in ("fastapi", "uvicorn"):
         if importlib.util.find_spec(package) is None:
@@ -72,28 +87,29 @@ def build_app(config: ServeConfig):
                           f"{config.max_body_mb} and {config.port}")
     keyed = router_class(config.victim.router).keyed
     if keyed:
-        resolve_router_key(config.victim.key, public_default=False)  # a server never uses the public key
+        resolve_router_key(config.victim.key, require_secret=True)  # a server never uses a key anyone can compute
     clients = load_clients(config.clients_file)
+    ledger = QueryLedger(config.ledger)  # a damaged ledger is refused before the victim is loaded
     victim = config.victim.build()
     identity = {"weights": state_digest(victim), "router": config.victim.router, "member": config.victim.member,
                 "postprocessors": config.victim.postprocessors, "answer": config.answer,
                 "key": key_fingerprint(config.victim.key) if keyed else None}
-    return create_app(victim, clients, QueryLedger(config.ledger), config.answer, config.max_batch,
+    return create_app(victim, clients, ledger, config.answer, config.max_batch,
                       int(config.max_body_mb * (1 << 20)), model_id=digest(identity, length=16))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the serving config, build the app and serve until interrupted (or run ``add-client``)."""
+def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.serve") -> None:
+    """Parse the serving config, build the app and serve until interrupted (or run ``add-client``); ``prog`` is
+    the name its help and errors give it (``edm-lightning serve`` from the dispatcher)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["add-client"]:
-        return add_client_main(argv[1:])
+        return add_client_main(argv[1:], prog=f"{prog} add-client")
     try:
         argv = prepare_command_line(argv)
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ServeConfig, args=argv, prog="python -m edm_lightning.serve",
-                      usage=CONCISE_USAGE)
+    config = auto_cli(ServeConfig, args=argv, prog=prog, usage=CONCISE_USAGE, description=DESCRIPTION.format(prog=prog))
     try:
         refuse_keys_on_command_line(config, argv)
         app = build_app(config)
@@ -102,14 +118,36 @@ def main(argv: list[str] | None = None) -> None:
         raise
     import uvicorn  # optional: the [serve] extra (build_app checked it is installed)
 
+    try:
+        listening = listen(config.host, config.port)
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
     print(f"serving {config.victim.checkpoint} ({router_label(config.victim.router)} router) at http://{config.host}:{config.port}",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info")).run(sockets=[listening])
 
 
-def add_client_main(argv: list[str]) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening, for uvicorn to serve on (which would exit 1 with a log line).
+
+    Returns:
+        The socket.
+
+    Raises:
+        ConfigError: the address is taken, not this machine's, or the host name does not resolve.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port, or stop what "
+                          "listens there") from None
+
+
+def add_client_main(argv: list[str], prog: str = "python -m edm_lightning.serve add-client") -> None:
     """``add-client --file clients.yaml --name alice --budget 50000``: a new client; its key printed once."""
-    parser = argparse.ArgumentParser(prog="python -m edm_lightning.serve add-client",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Add a client with a new random API key (printed once, stored as its digest).")
     parser.add_argument("--file", required=True, help="the clients file (created if missing)")
     parser.add_argument("--name", required=True, help="the client's public name (what its queries are counted under)")

@@ -6,7 +6,8 @@ between validating a batch and answering it, and every refusal is a precise 4xx;
 in one process that owns the model. LitServe's strengths (dynamic batching across requests, a worker per
 GPU) matter less when each request already is a batch, and its workers would each need the ledger anyway.
 
-Order of a request: key (401) -> body size (413) -> decoding (400/415) -> shape, dtype, range, NaN (422)
+Order of a request: key (401) -> body size (413) -> decoding (400/415; a PNG's work bounded by the model's input
+size, :mod:`~edm_lightning.serve.images`; 422 for transparency or colour to a grey model) -> shape, dtype, range, NaN (422)
 -> batch size (413) -> budget, committed (429 if it does not fit; nothing counted) -> answer (500 refunds).
 The model answers one batch at a time (a lock), so concurrent clients queue instead of oversubscribing cores.
 
@@ -21,15 +22,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from edm_lightning.defense import Victim, validate_inputs
 from edm_lightning.files import state_digest
 from edm_lightning.protocol import API_KEY_HEADER, INFO_PATH, NPY, PREDICT_PATH, USAGE_PATH, decode_npy
 from edm_lightning.serve.clients import Client, key_digest
+from edm_lightning.serve.images import UnsupportedImage, decode_png_body
 from edm_lightning.serve.ledger import BudgetExhausted, QueryLedger
 
-__all__ = ["check_png_size", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("edm_lightning.serve")
 Answer = Literal["probabilities", "labels"]
@@ -105,10 +106,9 @@ def create_app(
                     raise ValueError('the JSON body must be an object {"inputs": [[[[...]]]]} of shape (N, C, H, W)')
                 return torch.tensor(payload["inputs"], dtype=torch.float64)
             if kind == "image/png":
-                check_png_size(body, height, width)  # before decoding: a small file can declare a huge image
-                mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-                image = decode_image(torch.frombuffer(bytearray(body), dtype=torch.uint8), mode=mode)
-                return (image.float() / 255).unsqueeze(0)
+                return decode_png_body(body, victim.input_shape)  # header and image data checked before decoding
+        except UnsupportedImage as err:
+            raise HTTPException(422, str(err)) from None
         except (ValueError, TypeError, RuntimeError) as err:  # json, torch.tensor of ragged lists, image decoders
             raise HTTPException(400, f"malformed {kind} body: {err}") from None
         raise HTTPException(415, f"unsupported content type {kind!r}: send {NPY}, application/json or image/png")
@@ -174,15 +174,3 @@ def create_app(
 
     return app
 
-
-def check_png_size(body: bytes, height: int, width: int) -> None:
-    """Refuse a PNG whose header declares another size than ``height x width``, before it is decoded.
-
-    Raises:
-        ValueError: not a PNG, or another size.
-    """
-    if len(body) < 24 or body[:8] != b"\x89PNG\r\n\x1a\n" or body[12:16] != b"IHDR":
-        raise ValueError("not a PNG file")
-    have = (int.from_bytes(body[20:24], "big"), int.from_bytes(body[16:20], "big"))  # (height, width)
-    if have != (height, width):
-        raise ValueError(f"the image is {have[1]}x{have[0]} pixels; the model takes {width}x{height}")

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import write_atomic
@@ -56,8 +57,8 @@ def load_clients(path: str | Path) -> dict[str, Client]:
                           f"`python -m edm_lightning.serve add-client --file {path} --name NAME --budget QUERIES`")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"clients file {str(path)!r} is not valid YAML: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"clients file {str(path)!r} is not readable YAML: {err}") from None
     entries = data.get("clients") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"clients file {str(path)!r} must hold `clients:`, a non-empty list of {{name, key_sha256, budget}}")
@@ -82,6 +83,10 @@ def load_clients(path: str | Path) -> dict[str, Client]:
 def add_client(path: str | Path, name: str, budget: int) -> str:
     """Add a client with a new random key to the clients file (created if missing).
 
+    The read, the check and the write happen under a lock file beside it (``clients.yaml.lock``), and the
+    file is replaced atomically: concurrent calls each add their client, and a reader sees the old file or the
+    new one.
+
     Returns:
         The new key (shown to the operator once; only its digest is stored).
 
@@ -95,10 +100,12 @@ def add_client(path: str | Path, name: str, budget: int) -> str:
         raise ConfigError(f"client name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
         raise ConfigError(f"budget must be a whole number of queries >= 0, got {budget!r}")
-    entries = [asdict(c) for c in load_clients(path).values()] if path.is_file() else []
-    if any(entry["name"] == name for entry in entries):
-        raise ConfigError(f"client {name!r} is already in {str(path)!r}; choose another name")
-    key = secrets.token_urlsafe(32)
-    entries.append({"name": name, "key_sha256": key_digest(key), "budget": budget})
-    write_atomic(path, yaml.safe_dump({"clients": entries}, sort_keys=False))  # checked above: the file loads
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_name(path.name + ".lock")):  # another add-client's read-modify-write waits for this one
+        entries = [asdict(c) for c in load_clients(path).values()] if path.is_file() else []
+        if any(entry["name"] == name for entry in entries):
+            raise ConfigError(f"client {name!r} is already in {str(path)!r}; choose another name")
+        key = secrets.token_urlsafe(32)
+        entries.append({"name": name, "key_sha256": key_digest(key), "budget": budget})
+        write_atomic(path, yaml.safe_dump({"clients": entries}, sort_keys=False))  # checked above: the file loads
     return key
