@@ -127,7 +127,9 @@ def main(args: list[str] | None = None, run: bool = True) -> EDMLightningCLI:
             args=args,
             run=run,
             auto_configure_optimizers=True,
-            parser_kwargs={subcommand: {"usage": CONCISE_USAGE} for subcommand in LightningCLI.subcommands()},
+            parser_kwargs={"allow_abbrev": False,  # exact option names only: --trainer.max_epoch is not --trainer.max_epochs
+                           **{subcommand: {"usage": CONCISE_USAGE, "allow_abbrev": False}
+                              for subcommand in LightningCLI.subcommands()}},
         )
     except Exception as err:
         exit_if_user_error(err)

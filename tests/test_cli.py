@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edm_lightning import __main__ as command
 from edm_lightning.cli import main
 from tests.helpers.files import QUICK, localise_config
 
@@ -105,3 +106,49 @@ def test_target_learns_real_fashionmnist(real_data_root: Path, tmp_path: Path):
     cli = main(["test", "--config", str(config), "--ckpt_path", str(tmp_path / "runs/baseline/checkpoints/best.ckpt"),
                 "--data.init_args.test_size", "2000", "--trainer.enable_progress_bar", "false"])
     assert cli.trainer.callback_metrics["test/acc"].item() > 0.7
+
+
+def run_command(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``edm-lightning ARGS`` as the installed command runs it."""
+    monkeypatch.setattr("sys.argv", ["/some/venv/bin/edm-lightning", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        command.main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+@pytest.mark.parametrize("args", [(), ("--help",)])
+def test_the_command_lists_every_subcommand_with_what_it_does(monkeypatch, capsys, args):
+    code, out, err = run_command(monkeypatch, capsys, *args)
+    listed = out if args else err
+    assert code == (0 if args else 2)
+    for name in ("fit", "validate", "test", "predict", "experiment", "data", "export", "serve"):
+        assert f"\n  {name} " in listed
+    assert "add-client" in listed
+
+
+@pytest.mark.parametrize("tool", ["experiment", "data", "export", "serve"])
+def test_each_subcommand_names_itself_as_the_user_called_it(monkeypatch, capsys, tool):
+    code, out, _ = run_command(monkeypatch, capsys, tool, "--help")
+    assert code == 0 and f"usage: edm-lightning {tool} " in out and "python -m" not in out.split("\n")[0]
+
+
+def test_an_unknown_subcommand_is_refused_with_the_list(monkeypatch, capsys):
+    code, _, err = run_command(monkeypatch, capsys, "experiments")
+    assert code == 2 and "unknown command 'experiments'; choose one of: fit, validate" in err
+
+
+@pytest.mark.parametrize("args, prefix", [
+    (("fit", "--config", "configs/baseline.yaml", "--trainer.max_epoch", "2", "--print_config"), "--trainer.max_epoch"),
+    (("test", "--config", "configs/baseline.yaml", "--ckpt_pat", "x.ckpt"), "--ckpt_pat"),
+    (("experiment", "--config", "configs/experiment/fashionmnist.yaml", "--dry_ru", "true"), "--dry_ru"),
+    (("data", "fetch", "mnist", "--roo", "elsewhere"), "--roo"),
+    (("export", "--victim.checkpoint", "x.ckpt", "--forma", "onnx", "--out", "x.onnx"), "--forma"),
+    (("serve", "--config", "configs/serve.yaml", "--por", "9000"), "--por"),
+    (("serve", "add-client", "--file", "c.yaml", "--name", "a", "--budget", "1", "--budg", "2"), "--budg"),
+])
+def test_only_exact_option_names_are_accepted(monkeypatch, capsys, args, prefix):
+    """argparse's prefix matching took --trainer.max_epoch as --trainer.max_epochs without a word."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    code, _, err = run_command(monkeypatch, capsys, *args)
+    assert code == 2 and prefix in err and "unrecognized arguments" in err

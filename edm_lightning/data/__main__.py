@@ -10,10 +10,10 @@ from edm_lightning.data.fetch import FetchError, fetch
 from edm_lightning.data.datasets import DATASETS
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m edm_lightning.data", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.data") -> int:
+    parser = ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False)
     commands = parser.add_subcommands()
-    fetch_parser = ArgumentParser(description="Fetch datasets into a data root.")
+    fetch_parser = ArgumentParser(description="Fetch datasets into a data root.", allow_abbrev=False)
     fetch_parser.add_argument("names", nargs="+", choices=sorted(DATASETS), help="datasets to fetch")
     fetch_parser.add_argument("--root", default="data", help="data root (default: data)")
     fetch_parser.add_argument(

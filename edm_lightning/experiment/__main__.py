@@ -13,15 +13,16 @@ from edm_lightning.experiment.execution import StageFailed
 from edm_lightning.experiment.runner import run_experiment
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Parse an experiment config (YAML plus overrides), run it, and return its attack records."""
+def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.experiment") -> list[dict]:
+    """Parse an experiment config (YAML plus overrides), run it, and return its attack records; ``prog`` is the
+    name its help and errors give it."""
     try:
         argv = prepare_command_line(sys.argv[1:] if argv is None else list(argv))
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ExperimentConfig, args=argv, prog="python -m edm_lightning.experiment",
-                      usage=CONCISE_USAGE)
+    config = auto_cli(ExperimentConfig, args=argv, prog=prog,
+                      usage=CONCISE_USAGE, allow_abbrev=False)
     try:
         refuse_keys_on_command_line(config, argv)
         return run_experiment(config)

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.exp
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ExportConfig, args=argv, prog=prog, usage=CONCISE_USAGE)
+    config = auto_cli(ExportConfig, args=argv, prog=prog, usage=CONCISE_USAGE, allow_abbrev=False)
     try:
         refuse_keys_on_command_line(config, argv)
         manifest = run_export(config)

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.ser
     except Exception as err:
         exit_if_user_error(err)
         raise
-    config = auto_cli(ServeConfig, args=argv, prog=prog, usage=CONCISE_USAGE, description=DESCRIPTION.format(prog=prog))
+    config = auto_cli(ServeConfig, args=argv, prog=prog, usage=CONCISE_USAGE, allow_abbrev=False,
+                      description=DESCRIPTION.format(prog=prog))
     try:
         refuse_keys_on_command_line(config, argv)
         app = build_app(config)
@@ -147,7 +148,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def add_client_main(argv: list[str], prog: str = "python -m edm_lightning.serve add-client") -> None:
     """``add-client --file clients.yaml --name alice --budget 50000``: a new client; its key printed once."""
-    parser = argparse.ArgumentParser(prog=prog,
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
                                      description="Add a client with a new random API key (printed once, stored as its digest).")
     parser.add_argument("--file", required=True, help="the clients file (created if missing)")
     parser.add_argument("--name", required=True, help="the client's public name (what its queries are counted under)")
