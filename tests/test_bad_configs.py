@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import asdict
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from edm_lightning.cli import main
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.__main__ import main as experiment_main
+from tests.helpers.experiment import tiny_config
 from tests.helpers.files import QUICK, REPO_ROOT, localise_config
 from tests.helpers.victims import linear_victim
 
@@ -103,3 +105,25 @@ def test_a_setting_lightning_refuses_is_one_message(fake_root, tmp_path, capsys)
         main(["fit", "--config", str(config), "--trainer.max_epochs", "-5", "--trainer.logger=false"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "`max_epochs` must be a non-negative integer" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"query_copies": 0}, "query_copies must be an integer >= 1"),
+    ({"copy_noise": float("nan")}, "copy_noise must be in [0, 1]"),
+    ({"copy_noise": float("inf")}, "copy_noise must be in [0, 1]"),
+], ids=["no-copies", "nan-noise", "infinite-noise"])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+def test_an_experiment_refuses_what_its_attack_stages_would_before_any_stage(fake_root, tmp_path, capsys, options, message,
+                                                                            dry_run):
+    """Before: query_copies 0 ended in a ZeroDivisionError traceback; copy_noise NaN trained every victim, then failed
+    every attack stage. Now the attack's own check (the one its stage runs) refuses them first: one line, exit 2."""
+    config = asdict(tiny_config(fake_root, tmp_path, dry_run=dry_run))
+    config["attacks"][0]["options"].update(options)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))  # NaN and infinity as YAML writes them: .nan, .inf
+    with pytest.raises(SystemExit) as exit_info:
+        experiment_main(["--config", str(path)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert f"error: attack knockoff (budget 64): {message}" in captured.err and "Traceback" not in captured.err
+    assert captured.out == "" and not (tmp_path / "runs").exists()  # no plan printed, no stage started

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import importlib
 import json
@@ -65,21 +64,14 @@ def test_a_second_run_trains_nothing_and_spends_no_query(fake_root: Path, tmp_pa
         raise AssertionError("a cached stage ran again")
 
     monkeypatch.setattr("edm_lightning.experiment.cli_jobs.run_job", must_not_run)
-    replace_attack_entry(monkeypatch, "knockoff", must_not_run)
+    monkeypatch.setattr(jobs, "attack", must_not_run)  # the attack stages' work (validation builds their parts alone)
     assert run_experiment(config) == first
     log = capsys.readouterr().err
     assert log.count(": cached (") == 17 and ": running" not in log
 
 
-def replace_attack_entry(monkeypatch, name: str, entry) -> None:
-    """Make the runner call ``entry`` as attack ``name``'s job function (its registered AttackEntry is immutable)."""
-    registered = ATTACKS.get(name)
-    stand_in = functools.wraps(registered.job)(lambda *args, **kwargs: entry(*args, **kwargs))  # the job's signature
-    monkeypatch.setitem(ATTACKS._entries, name, dataclasses.replace(registered, job=stand_in))
-
-
 def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_path: Path, monkeypatch, capsys):
-    real = ATTACKS.get("knockoff").job
+    real = jobs.attack
     calls = {"n": 0}
 
     def killed_on_third(*args, **kwargs):
@@ -88,13 +80,13 @@ def test_a_killed_run_resumes_and_leaves_no_results_behind(fake_root: Path, tmp_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    replace_attack_entry(monkeypatch, "knockoff", killed_on_third)
+    monkeypatch.setattr(jobs, "attack", killed_on_third)  # the third attack stage is killed
     config = tiny_config(fake_root, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(config)
     assert not (tmp_path / "results/tiny/results.md").exists()
     capsys.readouterr()
-    replace_attack_entry(monkeypatch, "knockoff", real)
+    monkeypatch.setattr(jobs, "attack", real)
     run_experiment(config)
     log = capsys.readouterr().err
     assert log.count(": running") == 5  # the killed attack and the four after it; everything before is cached
@@ -138,11 +130,33 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
      r"defense 'rs': options: \['gama'\] are not arguments of ReverseSigmoid it may set; it may set: gamma$"),
     (lambda c: c.edm.model.update(temperature=None), r"edm.model.temperature: Expected a <class 'float'>. Got value: None"),
     (lambda c: c.attacks[0].options.update(copy_noise=None), r"options.copy_noise: Expected a <class 'float'>"),
+    # values a stage's own classes refuse, refused now by the same checks (not after the victims have trained)
+    (lambda c: c.attacks[0].options.update(copy_shift=9), r"knockoff \(budget 64\): copy_shift must be an integer in \[0, 8\]"),
+    (lambda c: c.attacks[0].options.update(query_copies=100), r"budget=64 cannot buy one image sent as query_copies=100"),
+    (lambda c: c.attacks[0].options.update(policy_lr=0.0), r"knockoff \(budget 64\): diversity_window and policy_lr"),
+    (lambda c: c.attacks[0].options.update(query_batch_size=0), r"knockoff \(budget 64\): query_batch_size must be a positive"),
+    (lambda c: c.attacks[0].options.update(clone_heads=0), r"knockoff \(budget 64\): clone_heads must be a whole number"),
+    (lambda c: c.attacks.append(AttackConfig("dfme", budgets=[2048], options={"steps_per_epoch": 0})),
+     r"attack dfme \(budget 2048\): steps_per_epoch must be positive"),
+    (lambda c: c.attacks.append(AttackConfig("maze", budgets=[2048], options={"replay_size": 0})),
+     r"attack maze \(budget 2048\): .*replay_size >= 1"),
+    (lambda c: c.attacks.append(AttackConfig("jbda", budgets=[100, 2048], options={"seed_size": 150, "batch_size": 32})),
+     r"attack jbda \(budget 100\): seed_size=150 exceeds the budget=100"),
+    (lambda c: setattr(c.target, "batch_size", 0), "target: batch_size must be a positive integer"),
+    (lambda c: setattr(c.hashnet, "val_size", -1), "hashnet: val_size must be a whole number >= 0"),
+    (lambda c: setattr(c, "test_size", 0), "test_size must be a positive integer, got 0"),
+    (lambda c: c.edm.model.update(temperature=0.0), "edm: temperature must be > 0"),
+    (lambda c: setattr(c.edm, "routers", ["neural", {"class_path": "coarse", "init_args": {"grid": 0}}]),
+     r"edm.routers: coarse\(grid=0\): grid must be >= 1"),
+    (lambda c: setattr(c, "seeds", [-1]), r"seeds must be whole numbers in \[0, 4294967295\]"),
 ], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched", "misspelt-option",
         "experiment-set-option", "misspelt-model-argument", "experiment-set-trainer-argument", "ddp-in-a-stage",
         "experiment-set-data-argument", "section-not-a-mapping", "model-value-type", "data-value-type",
         "trainer-value-type", "forwarded-option-type", "entry-option-type", "defense-option-type",
-        "misspelt-defense-option", "null-for-a-float", "null-option"])
+        "misspelt-defense-option", "null-for-a-float", "null-option", "copy-shift-too-large", "copies-past-the-budget",
+        "zero-policy-lr", "zero-query-batch", "zero-clone-heads", "dfme-zero-steps", "maze-zero-replay-size",
+        "jbda-seed-set-past-a-budget", "zero-batch-size", "negative-val-size", "zero-test-size", "zero-temperature",
+        "coarse-grid-zero", "negative-seed"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)
@@ -479,10 +493,11 @@ def test_progress_in_a_log_file_is_plain_lines_and_library_chatter_goes_to_the_s
 def _stage_results(runs: Path) -> list[str]:
     """Every stage's kind and figures (paths, which name the runs folder, and timings left out), sorted.
 
+    The checkpoints' digests (``outputs``) are left out too: a checkpoint records the folder it was written in.
     ``queries_this_run`` is compared too: the plan runs a KnockoffNets curve's budgets smallest first, so each buys
     the same part of their shared transfer set in any execution.
     """
-    left_out = ("stage_wall_time_s", "wall_time_s", "checkpoint", "hash_checkpoint")
+    left_out = ("stage_wall_time_s", "wall_time_s", "checkpoint", "hash_checkpoint", "outputs")
     return sorted(json.dumps([folder.name.split("-")[0], {k: v for k, v in json.loads((folder / "result.json").read_text())
                                                           .items() if k not in left_out}], sort_keys=True)
                   for folder in runs.iterdir() if (folder / "result.json").is_file())

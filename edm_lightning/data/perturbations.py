@@ -6,6 +6,8 @@ averages the answers; the routing measurements probe a router with the same copi
 
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 from torch import Tensor
 
@@ -42,14 +44,16 @@ def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int
 
 
 def check_copies(query_copies: int, copy_noise: float, copy_shift: int = 0) -> None:
-    """Refuse copy settings :func:`noisy_copies` cannot make (before any query is spent).
+    """Refuse copy settings :func:`noisy_copies` cannot make (before any query is spent); the experiment runner
+    calls it before its first stage, the attacks and the routing probes before they query.
 
     Raises:
-        ConfigError: ``query_copies < 1``, ``copy_noise`` outside [0, 1] or ``copy_shift`` outside 0..8.
+        ConfigError: ``query_copies`` not a whole number >= 1, ``copy_noise`` not a number in [0, 1] (NaN and
+            infinity included) or ``copy_shift`` not a whole number in 0..8.
     """
     if isinstance(query_copies, bool) or not isinstance(query_copies, int) or query_copies < 1:
         raise ConfigError(f"query_copies must be an integer >= 1 (copies sent per surrogate image), got {query_copies!r}")
-    if not 0 <= copy_noise <= 1:
-        raise ConfigError(f"copy_noise must be in [0, 1] (noise std, images in [0, 1]), got {copy_noise!r}")
+    if isinstance(copy_noise, bool) or not isinstance(copy_noise, Real) or not 0 <= copy_noise <= 1:  # NaN fails too
+        raise ConfigError(f"copy_noise must be in [0, 1] (a number: the noise std, images in [0, 1]), got {copy_noise!r}")
     if isinstance(copy_shift, bool) or not isinstance(copy_shift, int) or not 0 <= copy_shift <= 8:
         raise ConfigError(f"copy_shift must be an integer in [0, 8] (largest shift of a copy, in pixels), got {copy_shift!r}")

@@ -181,12 +181,15 @@ def _init_worker(threads: int, devices) -> None:
 
 def _run_stage(stage: Stage, folder: Path, store: StageStore) -> tuple[dict | None, bool, str | None]:
     """``(result, ran here, None)``, or ``(None, False, error)`` with the traceback written to the stage's log."""
-    with stage_log(folder / "stage.log"):
-        try:
-            return *store.run_once(stage.kind, stage.key, stage.work), None
-        except Exception as err:  # the run goes on with independent stages; KeyboardInterrupt stops it
-            traceback.print_exc()  # standard error is the stage's log here
-            return None, False, f"{type(err).__name__}: {err}"
+    try:
+        with stage_log(folder / "stage.log"):
+            try:
+                return *store.run_once(stage.kind, stage.key, stage.work, **stage.checks), None
+            except Exception as err:  # the run goes on with independent stages; KeyboardInterrupt stops it
+                traceback.print_exc()  # standard error is the stage's log here
+                return None, False, f"{type(err).__name__}: {err}"
+    except OSError as err:  # the log itself cannot be opened (a folder in its place, no space): said here instead
+        return None, False, f"its log cannot be written ({type(err).__name__}: {err}); remove or free {folder / 'stage.log'}"
 
 
 class _Tracker:
@@ -202,12 +205,14 @@ class _Tracker:
         self.estimated = self.measured = 0.0  # of the stages run here, to rescale the estimates of the rest
         self.left = 0.0
         for stage in plan.stages:
-            result = store.cached(stage.kind, stage.key)
+            result, problem = store.state(stage.kind, stage.key, **stage.checks)
             if result is not None:
                 self.results[stage.id] = result
                 self._print(stage, f"cached ({plan.folder(stage)})")
             else:
                 self.left += stage.estimate_s
+                if problem is not None:
+                    self._print(stage, f"WARNING: damaged ({problem}) in {plan.folder(stage)}: it runs again")
 
     def ready(self, stage: Stage) -> bool:
         return stage.id not in self.results and all(need in self.results for need in stage.needs)

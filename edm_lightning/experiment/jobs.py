@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from edm_lightning.attacks import ATTACKS, attack_figures
+from edm_lightning.attacks import ATTACKS, AttackJob, attack_figures
 from edm_lightning.cli import JobRun
 from edm_lightning.command_line import class_config
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
@@ -29,8 +29,8 @@ from edm_lightning.progress import EpochLines, interactive
 from edm_lightning.routing import key_fingerprint, router_class
 from edm_lightning.seeding import ReseedOnFit
 
-__all__ = ["attack", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet", "train_misinformation",
-           "train_target", "victim_config"]
+__all__ = ["attack", "attack_job", "diagnostics", "routing_spread", "served_accuracy", "train_edm", "train_hashnet",
+           "train_misinformation", "train_target", "training_arguments", "victim_config"]
 
 
 #: Each training stage's LightningModule and DataModule: the classes its ``config.yaml`` names.
@@ -40,6 +40,21 @@ TRAINING_JOBS: dict[str, tuple[type, type]] = {
     "edm": (EnsembleModule, EDMDataModule),
     "misinformation": (MisinformationModule, ClassificationDataModule),
 }
+
+#: What the runner reads back from each stage kind's ``result.json`` (besides ``stage_wall_time_s``): a finished stage
+#: whose result lacks one, or holds other than a finite number (or a list of them) there, is damaged and runs again.
+RESULT_FIGURES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(TRAINING_JOBS, ("test_acc",)),
+    "served": ("test_acc",),
+    "attack": ("clone_acc", "agreement", "queries", "wall_time_s"),
+    "diagnostics": ("share_test", "coherence_id", "coherence_ood", "coherence_edges"),
+    "spread": ("distinct_members", "distinct_if_random", "share_on_plain_member"),
+}
+
+#: The files each stage kind leaves in its folder: a training stage's ``best.ckpt`` (which later stages read) and
+#: ``last.ckpt`` (where its ``config.yaml`` resumes). A finished stage is whole only while they are the files it wrote;
+#: a damaged one runs again without them (so it trains afresh, not "resumes" a finished fit).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = dict.fromkeys(TRAINING_JOBS, ("best.ckpt", "last.ckpt"))
 
 #: What the experiment sets in every training job itself (from its schema, the CLI's links, or how stages run);
 #: a stage's ``model`` / ``data`` / ``trainer`` pass-through section may set any other argument of the class.
@@ -55,12 +70,37 @@ SET_BY_EXPERIMENT: dict[str, frozenset[str]] = {
 }
 
 
+def training_arguments(config: ExperimentConfig, kind: str, weight: float | None = None,
+                       hash_checkpoint: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The init arguments a training stage gives its LightningModule and DataModule (:data:`TRAINING_JOBS`).
+
+    Args:
+        config: the experiment.
+        kind: ``target``, ``hashnet``, ``edm`` or ``misinformation``.
+        weight: the ensemble's diversity weight (``edm``).
+        hash_checkpoint: the neural router's hash network (``edm``).
+
+    Returns:
+        ``(model arguments, data arguments)``, as Python values.
+    """
+    settings: TrainConfig = getattr(config, kind)
+    model = {"arch": settings.arch, "optim": settings.optim}
+    dataset = config.hashnet.dataset if kind == "hashnet" else config.dataset
+    data = {"dataset": dataset, "root": config.root, "batch_size": settings.batch_size, "val_size": settings.val_size,
+            "train_size": settings.train_size, "test_size": None if kind == "hashnet" else config.test_size,
+            "augment": settings.augment}
+    if kind == "edm":
+        router = config.edm.routers[0]
+        model |= {"num_members": config.edm.num_members, "diversity_weight": weight, "router": router,
+                  "router_key": None,  # the key: from the environment, checked by its fingerprint
+                  "router_key_fingerprint": _fingerprint(config, router), "hash_checkpoint": hash_checkpoint}
+        data |= {"ood_dataset": config.edm.ood_dataset}
+    return model | settings.model, data | settings.data
+
+
 def train_target(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """The undefended target: its best checkpoint and test accuracy."""
-    settings = config.target
-    model = class_config(TRAINING_JOBS["target"][0], {"arch": settings.arch, "optim": settings.optim, **settings.model})
-    run = _fit_and_test(config, folder, seed, "target", settings, model,
-                        _classification_data(config, config.dataset, settings, config.test_size))
+    run = _fit_and_test(config, folder, seed, "target", config.target, *_training_configs(config, "target"))
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
 
 
@@ -70,27 +110,15 @@ def train_hashnet(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     shape, target_shape = get_spec(settings.dataset).input_shape, get_spec(config.dataset).input_shape
     if tuple(shape) != tuple(target_shape):
         raise ConfigError(f"hashnet.dataset {settings.dataset!r} has shape {shape}, the target {target_shape}")
-    model = class_config(TRAINING_JOBS["hashnet"][0], {"arch": settings.arch, "optim": settings.optim, **settings.model})
     balance = class_config(HashBalanceCallback, {"dataset": config.dataset, "root": config.root})
-    run = _fit_and_test(config, folder, seed, "hashnet", settings, model,
-                        _classification_data(config, settings.dataset, settings), callbacks=[balance])
+    run = _fit_and_test(config, folder, seed, "hashnet", settings, *_training_configs(config, "hashnet"), callbacks=[balance])
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
 
 
 def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, hash_checkpoint: str | None) -> dict:
     """One EDM ensemble at diversity weight ``weight``: routed accuracy, coherence, members' shares."""
-    settings = config.edm
-    model_class, data_class = TRAINING_JOBS["edm"]
-    data = class_config(data_class, {
-        "dataset": config.dataset, "ood_dataset": settings.ood_dataset, "root": config.root,
-        "batch_size": settings.batch_size, "val_size": settings.val_size, "train_size": settings.train_size,
-        "test_size": config.test_size, "augment": settings.augment, **settings.data})
-    model = class_config(model_class, {
-        "arch": settings.arch, "num_members": settings.num_members, "optim": settings.optim, "diversity_weight": weight,
-        "router": settings.routers[0], "router_key": None,  # the key: from the environment, checked by its fingerprint
-        "router_key_fingerprint": _fingerprint(config, settings.routers[0]), "hash_checkpoint": hash_checkpoint,
-        **settings.model})
-    metrics = _fit_and_test(config, folder, seed, "ensemble", settings, model, data).metrics
+    parts = _training_configs(config, "edm", weight, hash_checkpoint)
+    metrics = _fit_and_test(config, folder, seed, "ensemble", config.edm, *parts).metrics
     keep = ("test/acc", "test/id/coherence", "test/ood/coherence", "test/id/coherent_share", "test/ood/coherent_share")
     shares = {k: v for k, v in metrics.items() if k.startswith("test/member_")}
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": metrics["test/acc"], "hash_checkpoint": hash_checkpoint,
@@ -100,11 +128,17 @@ def train_edm(config: ExperimentConfig, folder: Path, seed: int, weight: float, 
 
 def train_misinformation(config: ExperimentConfig, folder: Path, seed: int) -> dict:
     """Adaptive Misinformation's misinformation model: trained on the defender's data to be confidently wrong."""
-    settings = config.misinformation
-    model = class_config(TRAINING_JOBS["misinformation"][0], {"arch": settings.arch, "optim": settings.optim, **settings.model})
-    data = _classification_data(config, config.dataset, settings, config.test_size)
-    run = _fit_and_test(config, folder, seed, "misinformation", settings, model, data, monitor=("val/loss", "min"))
+    run = _fit_and_test(config, folder, seed, "misinformation", config.misinformation,
+                        *_training_configs(config, "misinformation"), monitor=("val/loss", "min"))
     return {"checkpoint": str(folder / "best.ckpt"), "test_acc": run.metrics["test/acc"]}
+
+
+def _training_configs(config: ExperimentConfig, kind: str, weight: float | None = None,
+                      hash_checkpoint: str | None = None) -> tuple[dict, dict]:
+    """:func:`training_arguments` as the ``model`` and ``data`` sections of the stage's config."""
+    model, data = training_arguments(config, kind, weight, hash_checkpoint)
+    model_class, data_class = TRAINING_JOBS[kind]
+    return class_config(model_class, model), class_config(data_class, data)
 
 
 def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: str, settings: TrainConfig, model: dict,
@@ -206,16 +240,27 @@ def attack(config: ExperimentConfig, folder: Path, settings: AttackConfig, victi
     Returns:
         The attack's figures (:func:`~edm_lightning.attacks.attack_figures`).
     """
-    entry = ATTACKS.get(settings.name)
-    cache = transfer_dir(config) if entry.shares_purchase else folder / "cache"
-    job = entry.build(victim_config(config, victim), **entry.runner_arguments(settings.epochs, settings.surrogate, str(cache)),
-                      **attack_arguments(config, settings, budget, seed), **settings.options)
+    cache = transfer_dir(config) if ATTACKS.get(settings.name).shares_purchase else folder / "cache"
+    job = attack_job(config, settings, victim_config(config, victim), budget, seed, cache)
     last = class_config(ModelCheckpoint, {"dirpath": str(folder), "save_last": True, "save_top_k": 0,
                                           "enable_version_counter": False})
     trainer = trainer_config(config, folder, seed, "attack", job.max_epochs, [last])
     cli_config = job.cli_config() | {"trainer": trainer | {"enable_progress_bar": False, "num_sanity_val_steps": 0}}
     run = run_stage_job(config, folder, cli_config, tested="last.ckpt", test_checkpoint=None)
     return attack_figures(run.datamodule, run.model, run.metrics, run.fit_seconds)
+
+
+def attack_job(config: ExperimentConfig, settings: AttackConfig, victim: Any, budget: int, seed: int,
+               cache: Path) -> AttackJob:
+    """The attack's job as its stage builds it (nothing is built or bought yet): the runner's arguments, the
+    experiment's (:func:`attack_arguments`) and the config's ``options``, against ``victim``.
+
+    Returns:
+        The :class:`~edm_lightning.attacks.AttackJob`.
+    """
+    entry = ATTACKS.get(settings.name)
+    return entry.build(victim, **entry.runner_arguments(settings.epochs, settings.surrogate, str(cache)),
+                       **attack_arguments(config, settings, budget, seed), **settings.options)
 
 
 def attack_arguments(config: ExperimentConfig, settings: AttackConfig, budget: int, seed: int) -> dict[str, Any]:
@@ -265,10 +310,3 @@ def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
 def _fingerprint(config: ExperimentConfig, router: str) -> str | None:
     """The public fingerprint of the experiment's router key, for a keyed ``router`` (else ``None``)."""
     return key_fingerprint(config.edm.router_key) if router_class(router).keyed else None
-
-
-def _classification_data(config: ExperimentConfig, dataset: str, settings: TrainConfig, test_size: int | None = None
-                         ) -> dict:
-    return class_config(TRAINING_JOBS["target"][1], {
-        "dataset": dataset, "root": config.root, "batch_size": settings.batch_size, "val_size": settings.val_size,
-        "train_size": settings.train_size, "test_size": test_size, "augment": settings.augment, **settings.data})

@@ -70,6 +70,21 @@ class Stage:
         """``<kind>-<digest of key>``: the stage's folder name, the same in every run of the same config."""
         return f"{self.kind}-{digest(self.key)}"
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The files of its folder that outlive it (:data:`~.jobs.STAGE_OUTPUTS`)."""
+        return jobs.STAGE_OUTPUTS.get(self.kind, ())
+
+    @property
+    def figures(self) -> tuple[str, ...]:
+        """What the runner reads back from its ``result.json`` (:data:`~.jobs.RESULT_FIGURES`)."""
+        return jobs.RESULT_FIGURES.get(self.kind, ())
+
+    @property
+    def checks(self) -> dict[str, tuple[str, ...]]:
+        """``outputs`` and ``figures``, as :class:`~.stages.StageStore` takes them."""
+        return {"outputs": self.outputs, "figures": self.figures}
+
 
 @dataclass
 class Plan:

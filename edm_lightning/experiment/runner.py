@@ -62,10 +62,13 @@ def describe_plan(plan: Plan, store: StageStore) -> str:
     """One line per stage (done or to run, estimated time), and the estimated total of what is left."""
     lines, left, finished = [], 0.0, 0
     for k, stage in enumerate(plan.stages, 1):
-        done = store.cached(stage.kind, stage.key) is not None
+        result, problem = store.state(stage.kind, stage.key, **stage.checks)
+        done = result is not None
         left += 0.0 if done else stage.estimate_s
         finished += done
         state = "done" if done else f"~{format_seconds(stage.estimate_s)}"
+        if problem is not None:
+            state += f" (damaged: {problem}; it runs again)"
         lines.append(f"[{k}/{len(plan.stages)}] {stage.kind} {stage.label}: {state}")
     lines.append(f"{len(plan.stages)} stages, {finished} already done; about {format_seconds(left)} of work left "
                  f"(estimates for a 2-core CPU) in {plan.root}")

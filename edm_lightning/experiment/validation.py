@@ -1,38 +1,56 @@
 """Everything about an experiment's configuration that can be checked before any stage starts.
 
 :func:`validate` refuses names, sizes, budgets, devices and executors that could not finish, and flags a
-setup that would flatter the defense, so a bad configuration costs seconds, not hours of training.
+setup that would flatter the defense, so a bad configuration costs seconds, not hours of training. A value a
+stage's own classes would refuse is refused here by the same checks: each stage's parts (training modules, attack
+modules against a stand-in victim, routers) are built on the meta device, without data, weights or queries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import secrets
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 
 import torch
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 
 from edm_lightning.attacks import ATTACKS
 from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.cli import Trainer
 from edm_lightning.command_line import arguments_of, check_argument_values
 from edm_lightning.data import get_spec, open_dataset
+from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.data.images import check_convertible
+from edm_lightning.defense import Victim
 from edm_lightning.defense.postprocessors import build_postprocessor, resolve_postprocessor
 from edm_lightning.defense.postprocessors.base import LINKED
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import (
     JOB_SECTIONS,
+    AttackConfig,
     ExperimentConfig,
     TrainConfig,
+    needs_misinformation,
     postprocessor_configs,
     surrogate_attacks,
 )
-from edm_lightning.experiment.jobs import SET_BY_EXPERIMENT, TRAINING_JOBS, check_attack_options
+from edm_lightning.experiment.jobs import (
+    SET_BY_EXPERIMENT,
+    TRAINING_JOBS,
+    attack_job,
+    check_attack_options,
+    training_arguments,
+    transfer_dir,
+)
 from edm_lightning.models.ensemble import check_ensemble_settings
 from edm_lightning.nets import build_net
+from edm_lightning.routing import FixedRouter, build_router, router_class, router_label
 
 __all__ = ["validate"]
 
@@ -55,6 +73,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
         raise ConfigError(f"workers must be a positive integer (stages run at once), got {config.workers!r}")
     if not config.seeds:
         raise ConfigError("seeds must name at least one seed")
+    _validate_seeds(config.seeds)
     trained = {"target": config.target, "hashnet": config.hashnet, "edm": config.edm, "misinformation": config.misinformation}
     for where, part in trained.items():
         _validate_job_sections(where, part)
@@ -64,7 +83,8 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
             raise ConfigError(f"{where}: epochs must be a positive integer, got {part.epochs!r}")
         shape = get_spec(config.hashnet.dataset if where == "hashnet" else config.dataset).input_shape
         try:  # an unknown architecture, or one that cannot take these inputs, fails now rather than after training
-            build_net(part.arch, shape, 10)
+            with _building():
+                build_net(part.arch, shape, 10)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
     for weight in [config.edm.diversity_weight, *config.edm.tradeoff_weights]:  # the ensemble module's own check
@@ -85,6 +105,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
         raise ConfigError(f"edm.routers: {err}") from None
     if not labels or len(set(labels)) != len(labels):
         raise ConfigError(f"edm.routers must name each router once, got {labels}")
+    _validate_routers(config)
     if config.edm.ood_dataset == config.dataset:
         raise ConfigError(f"edm.ood_dataset must differ from the in-distribution dataset {config.dataset!r}")
     for attack in config.attacks:
@@ -100,6 +121,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
                 entry.check(budget, attack.options)
             except ConfigError as err:
                 raise ConfigError(f"{where} (budget {budget}): {err}") from None
+        _validate_attack_parts(config, attack)
         if entry.surrogate_pool:
             check_convertible(get_spec(attack.surrogate).input_shape[0], spec.input_shape[0],
                               f"{where}: surrogate {attack.surrogate!r} images")
@@ -113,6 +135,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
             if attack.surrogate == config.dataset:
                 raise ConfigError(f"{where}: the surrogate must not be the victim's own dataset {config.dataset!r}")
     _validate_defenses(config, titles)
+    _validate_training_parts(config)
 
 
 def _validate_job_sections(where: str, settings: TrainConfig) -> None:
@@ -137,6 +160,103 @@ def _validate_job_sections(where: str, settings: TrainConfig) -> None:
             raise ConfigError(f"{where}.{section}: {wrong} are not {classes[section].__name__} arguments it may set{reason}; "
                               f"it may set: {', '.join(sorted(takes))}")
         check_argument_values(classes[section], given, f"{where}.{section}")
+
+
+def _validate_training_parts(config: ExperimentConfig) -> None:
+    """Build each training stage's LightningModule and DataModule with the arguments the stage gives them, so every
+    value their own checks refuse (``batch_size: 0``, ``test_size: -5``, ``edm.model.temperature: 0`` ...) is refused
+    now, by those checks. Nothing is read or trained: the datasets are opened in ``setup``.
+
+    Raises:
+        ConfigError: a value the stage's classes refuse, naming the stage.
+    """
+    kinds = ["target", "edm"] + (["misinformation"] if needs_misinformation(config) else [])
+    if any(router_class(router).needs_hash_network for router in config.edm.routers):
+        kinds.insert(1, "hashnet")
+    for kind in kinds:
+        model, data = training_arguments(config, kind, config.edm.diversity_weight, hash_checkpoint=_NOT_YET_TRAINED)
+        if kind == "edm":  # the key is checked against its fingerprint when the stage runs, with the key in its environment
+            model["router_key_fingerprint"] = None
+        model_class, data_class = TRAINING_JOBS[kind]
+        with _refused_as(kind), _building():
+            datamodule = data_class(**data)
+            model_class(**model, **_linked(datamodule))
+
+
+def _validate_attack_parts(config: ExperimentConfig, attack: AttackConfig) -> None:
+    """Build the attack's DataModule and LightningModule as each of its stages builds them, against a stand-in victim of
+    the dataset's shape: every option their own checks refuse (``query_copies: 0``, ``copy_noise: .nan``,
+    ``steps_per_epoch: 0`` ...) is refused now, not after the victims have trained. Nothing is read or bought.
+
+    Raises:
+        ConfigError: a value the attack refuses at one of its budgets, naming the attack and the budget.
+    """
+    spec = get_spec(config.dataset)
+    stand_in = Victim([torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(spec.input_shape), spec.num_classes))],
+                      FixedRouter(1), spec.input_shape, spec.num_classes)
+    for budget in sorted(set(attack.budgets)):
+        with _refused_as(f"attack {attack.title} (budget {budget})"), _building():
+            job = attack_job(config, attack, stand_in, budget, config.seeds[0], transfer_dir(config))
+            datamodule = job.datamodule(**job.data_args)  # AttackJob.build without its seeding
+            job.module(**job.module_args, **_linked(datamodule))
+
+
+@contextlib.contextmanager
+def _building() -> Iterator[None]:
+    """Build a stage's parts for their checks alone: weights on the meta device (no memory, no initialisation: a
+    VGG ensemble costs milliseconds), and the random state the stages seed themselves left as it was.
+    """
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        yield
+
+
+def _linked(datamodule) -> dict:
+    """What the CLI links from a stage's DataModule into its LightningModule (class count, input shape, normalisation)."""
+    return {key: getattr(datamodule, key) for key in LINKED_ARGUMENTS}
+
+
+#: Stands for a hash network the plan trains before the ensemble: its classes only check that one is named.
+_NOT_YET_TRAINED = "<the hash network the plan trains>"
+
+
+def _validate_routers(config: ExperimentConfig) -> None:
+    """Build every router the plan serves EDM behind (but the neural one, whose hash network is trained first) with a
+    stand-in key, so settings the router refuses (``coarse`` with ``grid: 0``) are refused now.
+
+    Raises:
+        ConfigError: a setting a router refuses, naming it.
+    """
+    spec = get_spec(config.dataset)
+    for router in config.edm.routers:
+        if not router_class(router).needs_hash_network:
+            with _refused_as(f"edm.routers: {router_label(router)}"):
+                build_router(router, config.edm.num_members, key=secrets.token_hex(32), input_shape=spec.input_shape)
+
+
+def _validate_seeds(seeds: list[int]) -> None:
+    """Every seed must be one Lightning's ``seed_everything`` takes (each stage starts with it).
+
+    Raises:
+        ConfigError: a seed that is not a whole number in its bounds.
+    """
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not min_seed_value <= seed <= max_seed_value:
+            raise ConfigError(f"seeds must be whole numbers in [{min_seed_value}, {max_seed_value}] (what each stage seeds "
+                              f"with), got {seed!r}")
+
+
+@contextlib.contextmanager
+def _refused_as(where: str) -> Iterator[None]:
+    """A value a stage's class refuses (its ``ConfigError``, or the ``ValueError`` of a range check), as a
+    ``ConfigError`` naming ``where``.
+
+    Raises:
+        ConfigError: what the class refused, naming ``where``.
+    """
+    try:
+        yield
+    except ValueError as err:  # ConfigError is one
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _validate_data(config: ExperimentConfig) -> None:
