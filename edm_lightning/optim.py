@@ -6,6 +6,7 @@ and :func:`~edm_lightning.checkpoints.read_checkpoint` must accept it without th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -40,11 +41,13 @@ class OptimConfig:
     step_size: int = 10
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.step_size <= 0:
+        if not 0 < self.lr < math.inf:  # written so that NaN fails too
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < math.inf:
+            raise ConfigError(f"optim.momentum must be a finite number >= 0, got {self.momentum}")
+        if not self.step_size > 0:
             raise ConfigError(f"optim.step_size must be > 0, got {self.step_size}")
 
 

@@ -38,7 +38,9 @@ def test_config_can_be_saved_twice_in_one_folder(fake_root: Path, tmp_path: Path
     [
         (["--data.init_args.dataset", "fashion"], "Unknown dataset 'fashion'"),
         (["--model.init_args.arch", "alexnet"], "Unknown architecture 'alexnet'"),
-        (["--model.init_args.optim.lr", "-1"], "optim.lr must be > 0"),
+        (["--model.init_args.optim.lr", "-1"], "optim.lr must be a finite number > 0"),
+        (["--model.init_args.optim.lr", ".inf"], "optim.lr must be a finite number > 0, got inf"),
+        (["--model.init_args.optim.weight_decay", ".nan"], "optim.weight_decay must be a finite number >= 0, got nan"),
     ],
 )
 def test_bad_values_end_with_one_clear_message(fake_root: Path, tmp_path: Path, capsys, override, message):
@@ -152,3 +154,40 @@ def test_only_exact_option_names_are_accepted(monkeypatch, capsys, args, prefix)
     monkeypatch.chdir(Path(__file__).parents[1])
     code, _, err = run_command(monkeypatch, capsys, *args)
     assert code == 2 and prefix in err and "unrecognized arguments" in err
+
+
+def test_a_missing_prerequisite_names_the_commands_that_train_it(monkeypatch, tmp_path: Path, capsys):
+    """From a fresh clone, the EDM + Adaptive Misinformation attack names every checkpoint it still needs, each with
+    the config that trains it (the hint used to end in a literal `python main.py fit --config ...`)."""
+    from edm_lightning.models import ClassifierModule, EnsembleModule
+    from tests.helpers.files import REPO_ROOT, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # the config's runs/... paths are read from here: nothing trained yet
+    config = str(REPO_ROOT / "configs/attack/knockoff_vs_edm_am.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "..." not in err, err
+    for trained_by in ("edm", "hashnet", "misinformation"):
+        assert f"Train it first (python main.py fit --config configs/{trained_by}.yaml)" in err
+    (tmp_path / "runs/edm/checkpoints").mkdir(parents=True)
+    (tmp_path / "runs/hashnet/checkpoints").mkdir(parents=True)
+    save_checkpoint(EnsembleModule(num_members=2), tmp_path / "runs/edm/checkpoints/best.ckpt")
+    save_checkpoint(ClassifierModule(arch="small_cnn"), tmp_path / "runs/hashnet/checkpoints/best.ckpt")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", config])
+    err = capsys.readouterr().err
+    assert ("AdaptiveMisinformation: misinformation_model checkpoint 'runs/misinformation/checkpoints/best.ckpt' does "
+            "not exist. Train it first (python main.py fit --config configs/misinformation.yaml).") in err
+    assert "configs/edm.yaml" not in err and "configs/hashnet.yaml" not in err
+
+
+def test_a_missing_ckpt_path_names_the_config_that_writes_it(monkeypatch, tmp_path: Path, capsys):
+    from tests.helpers.files import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(REPO_ROOT / "configs/baseline.yaml"),
+              "--ckpt_path", "runs/baseline/checkpoints/best.ckpt"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Train it first (python main.py fit --config configs/baseline.yaml)" in err

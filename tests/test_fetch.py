@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from edm_lightning.data import DatasetCorruptError, FetchError, fetch, get_spec, load_images, open_dataset
+from edm_lightning.data import DatasetCorruptError, FetchError, fetch, get_spec, integrity, load_images, open_dataset
 from edm_lightning.data.__main__ import main as data_main
-from edm_lightning.data import integrity
 from edm_lightning.data.integrity import MANIFEST, SYNTHETIC_TEST_DATA
 from edm_lightning.errors import ConfigError
 

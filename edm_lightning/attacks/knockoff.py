@@ -30,6 +30,7 @@ budget B buys B // K images, K times the queries per transfer-set item, and the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,9 @@ class KnockoffDataModule(AttackDataModule):
             raise ConfigError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
         if reward not in ("cert", "div", "loss", "all"):
             raise ConfigError(f"unknown reward {reward!r}: expected 'cert', 'div', 'loss' or 'all'")
-        if diversity_window <= 0 or policy_lr <= 0:
-            raise ConfigError("diversity_window and policy_lr must be positive")
+        if not (0 < diversity_window < math.inf and 0 < policy_lr < math.inf):  # NaN fails too
+            raise ConfigError(f"diversity_window and policy_lr must be finite and positive, got {diversity_window!r} "
+                              f"and {policy_lr!r}")
         if isinstance(query_batch_size, bool) or not isinstance(query_batch_size, int) or query_batch_size < 1:
             raise ConfigError(f"query_batch_size must be a positive integer (queries per oracle call), got {query_batch_size!r}")
         check_copies(query_copies, copy_noise, copy_shift)

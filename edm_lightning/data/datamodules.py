@@ -18,7 +18,15 @@ from edm_lightning.data.images import ImageTensorDataset, batch_loader, load_ima
 from edm_lightning.data.datasets import DatasetSpec, get_spec
 from edm_lightning.errors import ConfigError
 
-__all__ = ["LINKED_ARGUMENTS", "ClassificationDataModule", "LinkedSpec", "OODDataModule", "ProbeDataModule", "seeded_indices"]
+__all__ = [
+    "LINKED_ARGUMENTS",
+    "ClassificationDataModule",
+    "LinkedSpec",
+    "OODDataModule",
+    "ProbeDataModule",
+    "check_positive",
+    "seeded_indices",
+]
 
 
 #: What LightningCLI links from every DataModule into the model's arguments (``EDMLightningCLI``).
@@ -77,7 +85,7 @@ class ClassificationDataModule(LinkedSpec, L.LightningDataModule):
     ):
         super().__init__()
         self.spec = get_spec(dataset)  # unknown names fail here, before any training starts
-        _check_positive(batch_size=batch_size, train_size=train_size, test_size=test_size)
+        check_positive(batch_size=batch_size, train_size=train_size, test_size=test_size)
         if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
             raise ConfigError(f"val_size must be a whole number >= 0 (0: no validation split), got {val_size!r}")
         self.save_hyperparameters()
@@ -146,7 +154,7 @@ class OODDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.spec = get_spec(dataset)
-        _check_positive(batch_size=batch_size, train_size=train_size, holdout_size=holdout_size)
+        check_positive(batch_size=batch_size, train_size=train_size, holdout_size=holdout_size)
         if len(input_shape) != 3:
             raise ConfigError(f"input_shape must be (channels, height, width), got {input_shape}")
         self.save_hyperparameters()
@@ -212,7 +220,7 @@ class ProbeDataModule(LinkedSpec, L.LightningDataModule):
     ):
         super().__init__()
         self.spec = get_spec(dataset)
-        _check_positive(test_size=test_size, images=images, batch_size=batch_size)
+        check_positive(test_size=test_size, images=images, batch_size=batch_size)
         self.sets = list(sets)
         if not self.sets or len(set(self.sets)) != len(self.sets) or not set(self.sets) <= {"test", "ood", "surrogate"}:
             raise ConfigError(f"sets must name each of test, ood, surrogate at most once, and at least one, got {self.sets}")
@@ -265,7 +273,12 @@ def _loader(dataset: ImageTensorDataset | None, batch_size: int, shuffle: bool, 
     return batch_loader(dataset, batch_size, shuffle, num_workers)
 
 
-def _check_positive(**values: int | None) -> None:
+def check_positive(**values: int | None) -> None:
+    """Refuse a size or batch size that is not positive (``None``: all, where the argument allows it).
+
+    Raises:
+        ConfigError: the first such value, by name.
+    """
     for key, value in values.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{key} must be a positive integer (or null for all), got {value}")

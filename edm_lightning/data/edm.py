@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from edm_lightning.data.datamodules import ClassificationDataModule, LinkedSpec, OODDataModule
+from edm_lightning.data.datamodules import ClassificationDataModule, LinkedSpec, OODDataModule, check_positive
 from edm_lightning.data.datasets import get_spec
 from edm_lightning.errors import ConfigError
 
@@ -64,6 +64,8 @@ class EDMDataModule(LinkedSpec, L.LightningDataModule):
                 f"ood_dataset must differ from the in-distribution dataset, both are {dataset!r}: "
                 "diversity on in-distribution data would fight the accuracy term"
             )
+        check_positive(batch_size=batch_size, ood_batch_size=ood_batch_size, train_size=train_size, test_size=test_size,
+                       ood_train_size=ood_train_size, ood_holdout_size=ood_holdout_size)
         self.spec = get_spec(dataset)
         get_spec(ood_dataset)  # unknown names fail here, before any training starts
         self.save_hyperparameters()
