@@ -252,7 +252,7 @@ def test_defenses_are_served_attacked_and_reported_per_strength(fake_root: Path,
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: setattr(c.defenses[0], "postprocessor", "ReverseSigmoidd"), "unknown post-processor 'ReverseSigmoidd'"),
-    (lambda c: setattr(c.defenses[0], "values", [-1.0]), r"beta \(strength\) must be >= 0"),
+    (lambda c: setattr(c.defenses[0], "values", [-1.0]), r"beta \(strength\) must be a finite number >= 0"),
     (lambda c: setattr(c.defenses[1], "values", [1.5]), r"tau .* must be in \[0, 1\]"),
     (lambda c: setattr(c.defenses[0], "defends", ["edm-hash"]), "defends must name what it is applied to"),
     (lambda c: setattr(c.defenses[1], "attacks", ["knockoff-avg8"]), "must be labels of configured attacks"),

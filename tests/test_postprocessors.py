@@ -214,15 +214,19 @@ def test_misinformation_loss_is_minus_log_of_the_wrong_classes_mass():
     [
         (lambda: Rounding(-1), "decimals must be an integer >= 0"),
         (lambda: Rounding(1.5), "decimals must be an integer >= 0"),
-        (lambda: ReverseSigmoid(-0.1), r"beta \(strength\) must be >= 0"),
-        (lambda: ReverseSigmoid(0.5, 0.0), "gamma .* must be > 0"),
+        (lambda: ReverseSigmoid(-0.1), r"beta \(strength\) must be a finite number >= 0"),
+        (lambda: ReverseSigmoid(math.inf), r"beta \(strength\) must be a finite number >= 0, got inf"),
+        (lambda: ReverseSigmoid(0.5, 0.0), "gamma .* must be a finite number > 0"),
+        (lambda: ReverseSigmoid(0.5, math.nan), "gamma .* must be a finite number > 0, got nan"),
         (lambda: PredictionPoisoning(-0.1, tiny_net()), r"epsilon .* must be in \[0, 2\]"),
         (lambda: PredictionPoisoning(1.5, tiny_net(), norm="l2"), r"must be in \[0, 1.414\]"),
         (lambda: PredictionPoisoning(0.1, tiny_net(), norm="linf"), "norm must be 'l1' or 'l2'"),
         (lambda: PredictionPoisoning(0.1, None), "fresh proxy .* needs num_classes"),
         (lambda: PredictionPoisoning(0.1, tiny_net(classes=3), num_classes=K, input_shape=SHAPE), "predicts 3 classes"),
         (lambda: AdaptiveMisinformation(-0.1, 10.0, tiny_net()), r"tau .* must be in \[0, 1\], got -0.1"),
-        (lambda: AdaptiveMisinformation(0.5, 0.0, tiny_net()), "nu .* must be > 0"),
+        (lambda: AdaptiveMisinformation(0.5, 0.0, tiny_net()), "nu .* must be a finite number > 0"),
+        (lambda: AdaptiveMisinformation(0.5, math.inf, tiny_net()), "nu .* must be a finite number > 0, got inf"),
+        (lambda: AdaptiveMisinformation(math.nan, 10.0, tiny_net()), r"tau .* must be in \[0, 1\], got nan"),
         (lambda: AdaptiveMisinformation(0.5, 10.0, tiny_net(classes=7), num_classes=K, input_shape=SHAPE),
          "predicts 7 classes but the victim 5"),
     ],
@@ -319,7 +323,7 @@ def test_a_misspelt_postprocessor_fails_when_the_config_is_made(target_checkpoin
 
     with pytest.raises(ConfigError, match=r"postprocessors\[1\]: unknown post-processor 'ReverseSigmiod'"):
         VictimConfig(target_checkpoint, postprocessors=[SPECS["rs"], {"class_path": "ReverseSigmiod"}])
-    with pytest.raises(ConfigError, match=r"beta \(strength\) must be >= 0"):
+    with pytest.raises(ConfigError, match=r"beta \(strength\) must be a finite number >= 0"):
         VictimConfig(target_checkpoint, postprocessors=[{"class_path": "ReverseSigmoid", "init_args": {"beta": -1}}]).build()
     # a dict made in code (the experiment's) skips the config's parse: the builder checks it alike, not a TypeError
     for init_args, message in (({"beta": 0.3, "gamma": "strong"}, r"\(ReverseSigmoid\): .*gamma.*Expected a <class 'float'>"),

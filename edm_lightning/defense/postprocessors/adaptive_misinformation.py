@@ -4,6 +4,7 @@ with Adaptive Misinformation").
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -52,8 +53,8 @@ class AdaptiveMisinformation(Postprocessor):
         super().__init__()
         if not 0 <= tau <= 1:
             raise ConfigError(f"AdaptiveMisinformation: tau (threshold on the max probability) must be in [0, 1], got {tau!r}")
-        if not nu > 0:
-            raise ConfigError(f"AdaptiveMisinformation: nu (sharpness) must be > 0, got {nu!r}")
+        if not 0 < nu < math.inf:
+            raise ConfigError(f"AdaptiveMisinformation: nu (sharpness) must be a finite number > 0, got {nu!r}")
         self.misinformation_model = frozen_classifier(misinformation_model, "AdaptiveMisinformation: misinformation_model",
                                                 num_classes, input_shape)
         self.tau, self.nu = float(tau), float(nu)

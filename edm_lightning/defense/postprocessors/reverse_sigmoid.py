@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -39,10 +41,10 @@ class ReverseSigmoid(Postprocessor):
 
     def __init__(self, beta: float, gamma: float = 1.0):
         super().__init__()
-        if not beta >= 0:
-            raise ConfigError(f"ReverseSigmoid: beta (strength) must be >= 0, got {beta!r}")
-        if not gamma > 0:
-            raise ConfigError(f"ReverseSigmoid: gamma (sigmoid slope) must be > 0, got {gamma!r}")
+        if not 0 <= beta < math.inf:  # written so that NaN fails too
+            raise ConfigError(f"ReverseSigmoid: beta (strength) must be a finite number >= 0, got {beta!r}")
+        if not 0 < gamma < math.inf:
+            raise ConfigError(f"ReverseSigmoid: gamma (sigmoid slope) must be a finite number > 0, got {gamma!r}")
         self.beta, self.gamma = float(beta), float(gamma)
 
     @override
