@@ -193,3 +193,14 @@ def test_published_digests_are_checked_without_a_manifest(real_data_root: Path, 
     labels.write_bytes(labels.read_bytes()[:8] + bytes(10000))
     with pytest.raises(DatasetCorruptError, match="raw/t10k-labels-idx1-ubyte .* differ from the published files"):
         open_dataset(name, tmp_path, train=False)
+
+
+def test_every_missing_dataset_is_named_at_once_with_one_fetch_command(fake_root: Path, tmp_path: Path):
+    from edm_lightning.data import DatasetNotFoundError, require_fetched
+
+    with pytest.raises(DatasetNotFoundError, match=r"2 datasets are not fetched under .*: kmnist, svhn\. Fetch them "
+                                                   r"first: python -m edm_lightning\.data fetch kmnist svhn --root"):
+        require_fetched(["fashionmnist", "kmnist", "mnist", "svhn"], fake_root)
+    with pytest.raises(DatasetNotFoundError, match="python -m edm_lightning.data fetch kmnist --root"):
+        require_fetched(["kmnist"], tmp_path / "nothing")  # one missing: its own message
+    require_fetched(["fashionmnist", "mnist"], fake_root)

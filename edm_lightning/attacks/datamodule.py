@@ -34,7 +34,7 @@ from edm_lightning.attacks.oracle import (
 from edm_lightning.attacks.purchase import DAMAGED, count_problem, load_record
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.data.datamodules import LinkedSpec
-from edm_lightning.data.datasets import get_spec
+from edm_lightning.data.datasets import get_spec, require_fetched
 from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_convertible, convert_images, load_images
 from edm_lightning.defense import Victim, VictimConfig
 from edm_lightning.errors import ConfigError
@@ -192,6 +192,8 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
     @override
     def setup(self, stage: str | None = None) -> None:
         if self.test_set is None:
+            surrogate = self.hparams.get("surrogate")  # the pool-based attacks' natural images
+            require_fetched([self.hparams.dataset, *([surrogate] if surrogate else [])], self.hparams.root)
             images, labels = load_images(self.hparams.dataset, self.hparams.root, train=False)
             images = images[: self.hparams.test_size]
             labels = labels[: self.hparams.test_size]

@@ -5,7 +5,7 @@ from edm_lightning.data.edm import EDMDataModule
 from edm_lightning.data.fetch import FetchError, fetch
 from edm_lightning.data.integrity import DatasetCorruptError
 from edm_lightning.data.images import ImageTensorDataset, convert_images, load_images
-from edm_lightning.data.datasets import DATASETS, DatasetNotFoundError, DatasetSpec, get_spec, open_dataset
+from edm_lightning.data.datasets import DATASETS, DatasetNotFoundError, DatasetSpec, get_spec, open_dataset, require_fetched
 
 __all__ = [
     "DATASETS",
@@ -23,4 +23,5 @@ __all__ = [
     "get_spec",
     "load_images",
     "open_dataset",
+    "require_fetched",
 ]

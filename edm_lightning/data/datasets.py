@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
@@ -26,6 +26,7 @@ __all__ = [
     "DatasetSpec",
     "get_spec",
     "open_dataset",
+    "require_fetched",
 ]
 
 
@@ -153,3 +154,25 @@ def open_dataset(name: str, root: str | Path, train: bool) -> Dataset:
             f"{str(root / spec.folder)!r}: {err}. Fetch it with: "
             f"python -m edm_lightning.data fetch {name} --root {root}"
         ) from None
+
+
+def require_fetched(names: Iterable[str], root: str | Path) -> None:
+    """Open both splits of every dataset in ``names``, naming all the missing ones at once with one fetch command.
+
+    Raises:
+        DatasetNotFoundError: one or more are missing or unreadable (all named, with the command that fetches them).
+        DatasetCorruptError: one changed since it was fetched (at once: it is not fixed by fetching the others).
+    """
+    missing = []
+    for name in dict.fromkeys(names):  # in order, once each
+        try:
+            open_dataset(name, root, train=True)
+            open_dataset(name, root, train=False)
+        except DatasetNotFoundError as err:
+            missing.append((name, err))
+    if len(missing) == 1:
+        raise missing[0][1]
+    if missing:
+        names = [name for name, _ in missing]
+        raise DatasetNotFoundError(f"{len(names)} datasets are not fetched under {str(root)!r}: {', '.join(names)}. Fetch "
+                                   f"them first: python -m edm_lightning.data fetch {' '.join(names)} --root {root}")

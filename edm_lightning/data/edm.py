@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from edm_lightning.data.datamodules import ClassificationDataModule, LinkedSpec, OODDataModule, check_positive
-from edm_lightning.data.datasets import get_spec
+from edm_lightning.data.datasets import get_spec, require_fetched
 from edm_lightning.errors import ConfigError
 
 __all__ = ["EDMDataModule"]
@@ -90,6 +90,7 @@ class EDMDataModule(LinkedSpec, L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        require_fetched([self.hparams.dataset, self.hparams.ood_dataset], self.hparams.root)  # both named if missing
         self.id_data.setup(stage)
         self.ood_data.setup(stage)
 

@@ -24,7 +24,7 @@ from edm_lightning.attacks import ATTACKS
 from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.cli import Trainer
 from edm_lightning.command_line import arguments_of, check_argument_values
-from edm_lightning.data import get_spec, open_dataset
+from edm_lightning.data import get_spec, require_fetched
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense import Victim
@@ -263,9 +263,7 @@ def _validate_data(config: ExperimentConfig) -> None:
     """Every dataset the plan reads must be fetched (and unchanged) before the first stage starts."""
     needed = {config.dataset, config.edm.ood_dataset, config.hashnet.dataset}
     needed |= {attack.surrogate for attack in surrogate_attacks(config)}
-    for name in sorted(needed):
-        for train in (True, False):
-            open_dataset(name, config.root, train=train)  # DatasetNotFoundError names the fetch command
+    require_fetched(sorted(needed), config.root)  # every missing one named, with the command that fetches them
 
 
 def _validate_executor(config: ExperimentConfig) -> None:
