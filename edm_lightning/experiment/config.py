@@ -291,7 +291,7 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     test_size: int | None = None
     runs_dir: str = "runs/experiments"
-    results_dir: str = "results"
+    results_dir: str = "runs/results"
     wandb_project: str | None = "edm-lightning"
     target: TrainConfig = field(default_factory=TrainConfig)
     hashnet: HashNetConfig = field(default_factory=HashNetConfig)
