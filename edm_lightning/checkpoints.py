@@ -8,10 +8,12 @@ loader here serves targets, EDM ensembles, hash networks and misinformation mode
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
@@ -25,37 +27,45 @@ torch.serialization.add_safe_globals([OptimConfig, (OptimConfig, "edm_lightning.
 #: Checkpoint entry where this package's LightningModules record their class (``NetModule``, ``EnsembleModule``).
 CLASS_KEY = "edm_lightning_class"
 
+#: The committed configs, shipped inside the package (in a clone, a link to ``configs/``): they name the files
+#: their jobs write, so a missing checkpoint is named with the command that writes it.
+_SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
 __all__ = [
     "CLASS_KEY",
     "check_structure",
     "checkpoint_class",
     "checkpoint_nets",
+    "configured_checkpoints",
     "is_ensemble",
     "load_classifier_net",
+    "missing_checkpoint_message",
     "read_checkpoint",
+    "train_command",
     "trained_on",
 ]
 
 
-def read_checkpoint(path: str | Path, what: str, train_hint: str = "python main.py fit --config ...") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, what: str, train_hint: str | None = None) -> dict[str, Any]:
     """The contents of a Lightning checkpoint, read without running any code it may hold.
 
     Args:
         path: the ``.ckpt`` file.
         what: what the file should be, for messages ("Victim", "Hash network").
-        train_hint: the command that trains such a checkpoint, for the message when it is missing.
+        train_hint: how such a checkpoint is trained, for the message when it is missing and no config writes
+            ``path`` (:func:`train_command` names the exact command when one does).
 
     Returns:
         The checkpoint's dict (``state_dict``, ``hyper_parameters`` and Lightning's other entries).
 
     Raises:
-        CheckpointNotFoundError: no file at ``path``.
+        CheckpointNotFoundError: no file at ``path``; the message names the command that writes it.
         ConfigError: the file is not a readable checkpoint (truncated, holding other Python objects, or
             without hyper-parameters).
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointNotFoundError(f"{what} checkpoint {str(path)!r} does not exist. Train it first ({train_hint}).")
+        raise CheckpointNotFoundError(missing_checkpoint_message(path, what, train_hint))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -64,6 +74,84 @@ def read_checkpoint(path: str | Path, what: str, train_hint: str = "python main.
     if not isinstance(state, dict) or not isinstance(state.get("hyper_parameters"), dict):
         raise ConfigError(f"{what} checkpoint {str(path)!r} is not a Lightning checkpoint with hyper-parameters")
     return state
+
+
+def train_command(path: str | Path) -> str | None:
+    """The command that writes checkpoint ``path``: a shipped config's, or that of the ``config.yaml`` beside it (a
+    stage of the experiment runner), whose ``ModelCheckpoint`` saves exactly this file.
+
+    Relative paths are taken from the current folder, as the CLI takes a config's ``dirpath``.
+
+    Returns:
+        ``python main.py fit --config <config>``, or ``None`` when no such config names ``path``.
+
+    Example:
+        >>> train_command("runs/misinformation/checkpoints/best.ckpt")
+        'python main.py fit --config configs/misinformation.yaml'
+    """
+    target = os.path.abspath(path)
+    beside = [folder / "config.yaml" for folder in (Path(path).parent, Path(path).parent.parent)]
+    for config in [*sorted(_SHIPPED_CONFIGS.rglob("*.yaml")), *(c for c in beside if c.is_file())]:
+        if target in {os.path.abspath(file) for file in _checkpoint_files(config)}:
+            shipped = config.is_relative_to(_SHIPPED_CONFIGS)
+            return f"python main.py fit --config {f'configs/{config.relative_to(_SHIPPED_CONFIGS)}' if shipped else config}"
+    return None
+
+
+def missing_checkpoint_message(path: str | Path, what: str, train_hint: str | None = None) -> str:
+    """What to say of a checkpoint that does not exist: the command that writes it (:func:`train_command`), else
+    ``train_hint``, else the files the shipped configs write (a mistyped path shows beside them).
+
+    Returns:
+        One sentence or two, ``"<what> checkpoint '<path>' does not exist. Train it first (<command>)."``.
+    """
+    command = train_command(path) or train_hint
+    if command:
+        return f"{what} checkpoint {str(path)!r} does not exist. Train it first ({command})."
+    written = [f"{file} (configs/{config.relative_to(_SHIPPED_CONFIGS)})"
+               for config in sorted(_SHIPPED_CONFIGS.glob("*.yaml")) for file in _checkpoint_files(config, best_only=True)]
+    return (f"{what} checkpoint {str(path)!r} does not exist. Train it first with the config that writes it, or check "
+            f"the path: no shipped config writes it (they write {', '.join(written)}).")
+
+
+def configured_checkpoints(callbacks: Any) -> dict[str, list[Path]]:
+    """The files a config's ``ModelCheckpoint`` callbacks write, by Lightning's names for them.
+
+    Args:
+        callbacks: ``trainer.callbacks`` of a config, as YAML mappings or as the CLI parsed them
+            (``class_path``, ``init_args``); anything else names no file.
+
+    Returns:
+        ``{"best": [dirpath/filename.ckpt for a fixed, monitored filename], "last": [dirpath/last.ckpt with save_last]}``.
+    """
+    files: dict[str, list[Path]] = {"best": [], "last": []}
+    for callback in callbacks if isinstance(callbacks, list) else []:
+        if not hasattr(callback, "get") or not str(callback.get("class_path") or "").endswith("ModelCheckpoint"):
+            continue
+        init_args = callback.get("init_args") or {}
+        dirpath, filename = init_args.get("dirpath"), init_args.get("filename")
+        if not dirpath:
+            continue
+        if filename and "{" not in str(filename) and init_args.get("monitor"):
+            files["best"].append(Path(dirpath) / f"{filename}.ckpt")
+        if init_args.get("save_last"):
+            files["last"].append(Path(dirpath) / "last.ckpt")
+    return files
+
+
+def _checkpoint_files(config: Path, best_only: bool = False) -> list[Path]:
+    """The checkpoint files the LightningCLI config file ``config`` writes (:func:`configured_checkpoints`).
+
+    Returns:
+        The files (``best`` ones only with ``best_only``); none for a file that is not such a config.
+    """
+    try:
+        job = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    trainer = job.get("trainer") if isinstance(job, dict) else None
+    files = configured_checkpoints(trainer.get("callbacks") if isinstance(trainer, dict) else None)
+    return files["best"] if best_only else files["best"] + files["last"]
 
 
 def is_ensemble(state: dict[str, Any]) -> bool:
@@ -171,7 +259,7 @@ def checkpoint_nets(state: dict[str, Any], path: str | Path, what: str) -> list[
 
 
 def load_classifier_net(path: str | Path, what: str = "classifier",
-                        train_hint: str = "python main.py fit --config ...") -> tuple[nn.Module, dict[str, Any], dict]:
+                        train_hint: str | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
     """The frozen net of a single-classifier checkpoint (target, hash network, misinformation model, clone).
 
     Returns:

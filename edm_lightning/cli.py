@@ -24,6 +24,7 @@ from edm_lightning.data import get_spec
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError, exit_if_user_error
 from edm_lightning.files import write_atomic
+from edm_lightning.models.summary import JobSummary
 from edm_lightning.tracking import LogConfigCallback, fill_wandb_defaults, finish_wandb_run, resolve_wandb_mode
 
 __all__ = ["EDMLightningCLI", "JobRun", "Trainer", "check_checkpoint_fits", "check_optimizer_override", "main",
@@ -89,6 +90,19 @@ class EDMLightningCLI(LightningCLI):
             return
         state = read_checkpoint(ckpt_path, "--ckpt_path", "python main.py fit --config ... writes checkpoints/best.ckpt")
         check_checkpoint_fits(state, str(ckpt_path), self.config[subcommand])
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The configured Trainer, ending every job with :class:`~edm_lightning.models.summary.JobSummary`'s line
+        (what it produced and where), whatever callbacks the config lists.
+
+        Returns:
+            The Trainer.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(callback, JobSummary) for callback in trainer.callbacks):
+            trainer.callbacks.append(JobSummary())
+        return trainer
 
     @override
     def before_instantiate_classes(self) -> None:

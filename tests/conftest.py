@@ -77,4 +77,5 @@ def fake_data(monkeypatch):
         return synthetic_images(n, seed, mix)
 
     monkeypatch.setattr("edm_lightning.attacks.datamodule.load_images", load_images)
+    monkeypatch.setattr("edm_lightning.attacks.datamodule.require_fetched", lambda names, root: None)  # served above
     return sizes

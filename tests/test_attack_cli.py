@@ -61,3 +61,25 @@ def test_knockoff_cli_on_real_data(tmp_path, real_data_root):
     assert cli.datamodule.oracle.queries_spent == 2000
     assert 0.15 < float(metrics["val/agreement"]) <= 1.0  # better than a constant guess on 10 classes
     assert len(list((tmp_path / "cache").glob("knockoff-*.pt"))) == 1
+
+
+def test_python_and_the_configs_cache_purchases_in_one_folder():
+    """run_knockoff ... and main.py read one cache: the same victim's queries are not bought twice."""
+    import inspect
+
+    import yaml
+
+    from edm_lightning.attacks import ATTACKS, AttackDataModule
+    from edm_lightning.attacks.registry import CACHE_DIR
+
+    for config in CONFIGS:
+        assert yaml.safe_load(config.read_text())["data"]["init_args"]["cache_dir"] == CACHE_DIR, config
+    for name in ATTACKS.names():
+        assert ATTACKS.get(name).default("cache_dir") == CACHE_DIR, name
+    classes, seen = [AttackDataModule], []
+    while classes:
+        cls = classes.pop()
+        seen.append(cls)
+        classes.extend(cls.__subclasses__())
+        assert inspect.signature(cls).parameters["cache_dir"].default == CACHE_DIR, cls.__name__
+    assert len(seen) > 3

@@ -1,12 +1,15 @@
 """Victim: the routed member's softmax out, bad queries refused, checkpoints loaded or refused clearly."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from edm_lightning.defense import Victim, VictimConfig
+from edm_lightning.errors import CheckpointNotFoundError
 from edm_lightning.models import ClassifierModule, EnsembleModule, OptimConfig
 from edm_lightning.nets import build_net
 from edm_lightning.routing import FixedRouter, KeyedHashRouter
@@ -183,3 +186,42 @@ def test_the_public_api_loads_a_trained_checkpoint_in_a_fresh_interpreter(checkp
     result = subprocess.run([sys.executable, "-c", code, path], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(2, 10)"
+
+
+def test_every_missing_checkpoint_of_a_victim_is_named_at_once_with_the_config_that_trains_it(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the shipped configs' runs/... paths, read from a folder where nothing is trained
+    config = VictimConfig("runs/edm/checkpoints/best.ckpt", router="neural",
+                          hash_checkpoint="runs/hashnet/checkpoints/best.ckpt",
+                          postprocessors=[{"class_path": "AdaptiveMisinformation", "init_args": {
+                              "tau": 0.5, "nu": 1000.0, "misinformation_model": "runs/misinformation/checkpoints/best.ckpt"}}])
+    with pytest.raises(CheckpointNotFoundError) as error:
+        config.build()
+    message = str(error.value)
+    assert "Victim checkpoint 'runs/edm/checkpoints/best.ckpt' does not exist. Train it first (python main.py fit " \
+           "--config configs/edm.yaml)." in message
+    assert "Hash network checkpoint 'runs/hashnet/checkpoints/best.ckpt' does not exist. Train it first (python " \
+           "main.py fit --config configs/hashnet.yaml)." in message
+    assert "(python main.py fit --config configs/misinformation.yaml)" in message and "..." not in message
+
+
+def test_a_missing_checkpoint_beside_its_jobs_config_names_that_config(tmp_path):
+    """An experiment stage's checkpoint is written by the config.yaml beside it."""
+    stage = tmp_path / "edm-1234"
+    stage.mkdir()
+    (stage / "config.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(stage), "filename": "best", "monitor": "val/acc", "save_last": True}}]}}))
+    for name in ("best.ckpt", "last.ckpt"):
+        with pytest.raises(CheckpointNotFoundError, match=re.escape(f"(python main.py fit --config {stage / 'config.yaml'})")):
+            VictimConfig(str(stage / name)).build()
+
+
+def test_a_missing_checkpoint_no_config_writes_is_shown_beside_those_they_do(tmp_path):
+    """A misinformation model at a path of the user's (a typo, say): the message lists the files the configs write."""
+    from edm_lightning.defense.postprocessors import AdaptiveMisinformation
+
+    with pytest.raises(CheckpointNotFoundError) as error:
+        AdaptiveMisinformation(tau=0.5, nu=1000.0, misinformation_model=str(tmp_path / "misinformation.ckpt"))
+    message = str(error.value)
+    assert "runs/misinformation/checkpoints/best.ckpt (configs/misinformation.yaml)" in message, message
+    assert "runs/baseline/checkpoints/best.ckpt (configs/baseline.yaml)" in message and "..." not in message

@@ -14,7 +14,7 @@ from edm_lightning.attacks.knockoff import KnockoffDataModule, knockoff_job, run
 from edm_lightning.attacks.maze import MAZEModule, maze_job, run_maze
 from edm_lightning.attacks.oracle import BlackBoxOracle, QueryBudgetExceeded
 from edm_lightning.attacks.purchase import Purchase, QueryLedger
-from edm_lightning.attacks.registry import ATTACKS, AttackEntry, register_attack
+from edm_lightning.attacks.registry import ATTACKS, CACHE_DIR, AttackEntry, register_attack
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob, attack_figures, run_attack
 from edm_lightning.attacks.transfer_set import TransferSet, build_transfer_set
@@ -24,6 +24,7 @@ import_plugins(__name__, __path__)  # a module that registers an attack needs no
 
 __all__ = [
     "ATTACKS",
+    "CACHE_DIR",
     "AttackDataModule",
     "AttackEntry",
     "AttackJob",

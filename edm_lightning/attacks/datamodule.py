@@ -32,6 +32,7 @@ from edm_lightning.attacks.oracle import (
     victim_name,
 )
 from edm_lightning.attacks.purchase import DAMAGED, count_problem, load_record
+from edm_lightning.attacks.registry import CACHE_DIR
 from edm_lightning.attacks.remote import RemoteVictim, RemoteVictimConfig
 from edm_lightning.data.datamodules import LinkedSpec
 from edm_lightning.data.datasets import get_spec, require_fetched
@@ -78,7 +79,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         root: str = "data",
         batch_size: int = 128,
         test_size: int | None = None,
-        cache_dir: str = "runs/attacks/cache",
+        cache_dir: str = CACHE_DIR,
         num_workers: int = 0,
         seed: int = 0,
     ):
@@ -192,8 +193,9 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
     @override
     def setup(self, stage: str | None = None) -> None:
         if self.test_set is None:
-            surrogate = self.hparams.get("surrogate")  # the pool-based attacks' natural images
-            require_fetched([self.hparams.dataset, *([surrogate] if surrogate else [])], self.hparams.root)
+            surrogate = self.hparams.get("surrogate")  # the pool-based attacks' natural images (train split)
+            if surrogate:  # both named at once when both are missing
+                require_fetched([surrogate, self.hparams.dataset], self.hparams.root)
             images, labels = load_images(self.hparams.dataset, self.hparams.root, train=False)
             images = images[: self.hparams.test_size]
             labels = labels[: self.hparams.test_size]

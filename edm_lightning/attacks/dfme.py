@@ -30,7 +30,7 @@ from typing_extensions import override
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.oracle import BlackBoxOracle, Ledger
 from edm_lightning.attacks.purchase import QueryLedger
-from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
+from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.defense import VictimConfig
@@ -193,7 +193,7 @@ class DataFreeDataModule(AttackDataModule):
         root: str = "data",
         batch_size: int = 256,
         test_size: int | None = None,
-        cache_dir: str = "runs/attacks/cache",
+        cache_dir: str = CACHE_DIR,
         num_workers: int = 0,
         seed: int = 0,
     ):
@@ -320,7 +320,7 @@ def dfme_job(
     label_only: bool = False,
     arch: str = "lenet5",
     optim: OptimConfig | None = None,
-    cache_dir: str = "runs/attacks/cache",
+    cache_dir: str = CACHE_DIR,
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,

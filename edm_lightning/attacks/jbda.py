@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
 from edm_lightning.attacks.purchase import Purchase
-from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
+from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.rounds import RoundsCloneModule
 from edm_lightning.attacks.run import AttackJob, require_single_process
@@ -128,7 +128,7 @@ class JBDADataModule(AttackDataModule):
         root: str = "data",
         batch_size: int = 128,
         test_size: int | None = None,
-        cache_dir: str = "runs/attacks/cache",
+        cache_dir: str = CACHE_DIR,
         num_workers: int = 0,
         seed: int = 0,
     ):
@@ -277,7 +277,7 @@ def jbda_job(
     arch: str = "lenet5",
     optim: OptimConfig | None = None,
     batch_size: int = 128,
-    cache_dir: str = "runs/attacks/cache",
+    cache_dir: str = CACHE_DIR,
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,

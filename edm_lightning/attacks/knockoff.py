@@ -40,7 +40,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
-from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
+from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
 from edm_lightning.attacks.transfer_set import Reward, Strategy, TransferSet, build_transfer_set, check_budget_buys_an_image
@@ -99,7 +99,7 @@ class KnockoffDataModule(AttackDataModule):
         root: str = "data",
         batch_size: int = 128,
         test_size: int | None = None,
-        cache_dir: str = "runs/attacks/cache",
+        cache_dir: str = CACHE_DIR,
         num_workers: int = 0,
         seed: int = 0,
     ):
@@ -214,7 +214,7 @@ def knockoff_job(
     optim: OptimConfig | None = None,
     max_epochs: int = 20,
     batch_size: int = 128,
-    cache_dir: str = "runs/attacks/cache",
+    cache_dir: str = CACHE_DIR,
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,

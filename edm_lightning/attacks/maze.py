@@ -19,7 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from edm_lightning.attacks.dfme import DFMEModule, data_free_job
-from edm_lightning.attacks.registry import SECONDS_PER_QUERY, register_attack
+from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
 from edm_lightning.defense import VictimConfig
@@ -138,7 +138,7 @@ def maze_job(
     label_only: bool = False,
     arch: str = "lenet5",
     optim: OptimConfig | None = None,
-    cache_dir: str = "runs/attacks/cache",
+    cache_dir: str = CACHE_DIR,
     root: str = "data",
     test_size: int | None = None,
     seed: int = 0,

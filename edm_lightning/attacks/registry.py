@@ -25,7 +25,12 @@ from edm_lightning.command_line import arguments_of, check_argument_values, defa
 from edm_lightning.errors import ConfigError
 from edm_lightning.registry import Registry
 
-__all__ = ["ATTACKS", "AVERAGING_OPTIONS", "SECONDS_PER_QUERY", "AttackEntry", "register_attack"]
+__all__ = ["ATTACKS", "AVERAGING_OPTIONS", "CACHE_DIR", "SECONDS_PER_QUERY", "AttackEntry", "register_attack"]
+
+#: Where an attack keeps what it bought (``cache_dir``) unless told otherwise: the default of every attack's DataModule
+#: and ``*_job`` function (so of ``run_knockoff`` ...), and what ``configs/attack/*.yaml`` set, so that a victim's
+#: queries bought from Python are not bought again by ``main.py`` (or the other way round).
+CACHE_DIR = "runs/attack/cache"
 
 #: Seconds one query costs on the 2-core CPU the estimates were measured on (the victim's answer, the save).
 SECONDS_PER_QUERY = 5e-5

@@ -156,8 +156,9 @@ def open_dataset(name: str, root: str | Path, train: bool) -> Dataset:
         ) from None
 
 
-def require_fetched(names: Iterable[str], root: str | Path) -> None:
-    """Open both splits of every dataset in ``names``, naming all the missing ones at once with one fetch command.
+def require_fetched(names: Iterable[str], root: str | Path, splits: tuple[bool, ...] = (True, False)) -> None:
+    """Open the ``splits`` (``True``: train) of every dataset in ``names``, naming all the missing ones at once with
+    one fetch command.
 
     Raises:
         DatasetNotFoundError: one or more are missing or unreadable (all named, with the command that fetches them).
@@ -166,8 +167,8 @@ def require_fetched(names: Iterable[str], root: str | Path) -> None:
     missing = []
     for name in dict.fromkeys(names):  # in order, once each
         try:
-            open_dataset(name, root, train=True)
-            open_dataset(name, root, train=False)
+            for train in splits:
+                open_dataset(name, root, train=train)
         except DatasetNotFoundError as err:
             missing.append((name, err))
     if len(missing) == 1:

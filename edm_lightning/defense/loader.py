@@ -7,10 +7,17 @@ from pathlib import Path
 
 from jsonargparse.typing import SecretStr
 
-from edm_lightning.checkpoints import checkpoint_class, checkpoint_nets, is_ensemble, read_checkpoint, trained_on
+from edm_lightning.checkpoints import (
+    checkpoint_class,
+    checkpoint_nets,
+    is_ensemble,
+    missing_checkpoint_message,
+    read_checkpoint,
+    trained_on,
+)
 from edm_lightning.defense.postprocessors import PostprocessorConfig, build_postprocessors
 from edm_lightning.defense.victim import Victim
-from edm_lightning.errors import ConfigError
+from edm_lightning.errors import CheckpointNotFoundError, ConfigError
 from edm_lightning.routing import (
     FixedRouter,
     RouterConfig,
@@ -23,6 +30,12 @@ from edm_lightning.routing import (
 )
 
 __all__ = ["VictimConfig", "load_victim"]
+
+#: How a victim's checkpoint is trained, for the message when it is missing and no config writes it.
+VICTIM_HINT = ("a target: python main.py fit --config configs/baseline.yaml; an EDM ensemble: python main.py fit "
+               "--config configs/edm.yaml")
+#: How a hash network is trained, likewise.
+HASH_HINT = "python main.py fit --config configs/hashnet.yaml"
 
 
 @dataclass
@@ -87,11 +100,13 @@ def load_victim(config: VictimConfig) -> Victim:
         The victim, ready to answer queries.
 
     Raises:
-        CheckpointNotFoundError: no file at ``config.checkpoint``.
+        CheckpointNotFoundError: a checkpoint the victim needs does not exist (the victim's, the hash network's, a
+            post-processor's ``.ckpt``); the message names every missing one with the command that trains it.
         ConfigError: an unreadable, foreign or inconsistent checkpoint, or a router it cannot be served behind.
     """
+    _check_checkpoints_exist(config)
     path = Path(config.checkpoint)
-    state = read_checkpoint(path, "Victim")
+    state = read_checkpoint(path, "Victim", VICTIM_HINT)
     hp = state["hyper_parameters"]
     if not {"arch", "input_shape", "num_classes"} <= hp.keys():
         raise ConfigError(f"{str(path)!r} is not a target or EDM ensemble checkpoint (hyper-parameters: {sorted(hp)})")
@@ -128,3 +143,25 @@ def load_victim(config: VictimConfig) -> Victim:
 
 #: The LightningModules whose checkpoints can be served (as their class names record them).
 VICTIM_CLASSES = ("ClassifierModule", "EnsembleModule")
+
+
+def _check_checkpoints_exist(config: VictimConfig) -> None:
+    """Name every checkpoint ``config`` needs that does not exist, at once: a new user following a config for
+    "EDM + Adaptive Misinformation" learns of all three trainings it needs, not of one per attempt.
+
+    Post-processor checkpoints are the string arguments ending in ``.ckpt`` (a model of another suffix is checked
+    when the post-processor loads it).
+
+    Raises:
+        CheckpointNotFoundError: one sentence per missing file, each with the command that trains it.
+    """
+    needed = [(config.checkpoint, "Victim", VICTIM_HINT)]
+    if config.hash_checkpoint is not None and router_class(config.router).needs_hash_network:
+        needed.append((config.hash_checkpoint, "Hash network", HASH_HINT))
+    for post in config.postprocessors:
+        for name, value in (post.get("init_args") or {}).items():
+            if isinstance(value, (str, Path)) and str(value).endswith(".ckpt"):
+                needed.append((value, f"{str(post['class_path']).rpartition('.')[2]}: {name}", None))
+    missing = [missing_checkpoint_message(path, what, hint) for path, what, hint in needed if not Path(path).is_file()]
+    if missing:
+        raise CheckpointNotFoundError(" ".join(missing))

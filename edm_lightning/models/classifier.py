@@ -21,7 +21,7 @@ class ClassifierModule(NetModule):
     ``num_classes``, ``input_shape``, ``mean`` and ``std`` are linked from the DataModule by the CLI.
 
     Args:
-        arch: architecture name (``lenet5``, ``resnet18``, ``vgg16_bn``).
+        arch: architecture name (``lenet5``, ``small_cnn``: the hash network's, ``resnet18``, ``vgg16_bn``).
         num_classes: number of classes.
         input_shape: (channels, height, width) of the inputs.
         mean: per-channel normalisation mean (the net's first layer).

@@ -31,7 +31,7 @@ class CloneModule(NetModule):
     (the victim's dataset: the attacker is assumed to know the task's input format and class count).
 
     Args:
-        arch: clone architecture (``lenet5``, ``resnet18``, ``vgg16_bn``).
+        arch: clone architecture (``lenet5``, ``small_cnn``, ``resnet18``, ``vgg16_bn``).
         num_classes: number of classes of the victim.
         input_shape: (channels, height, width) of the victim's inputs.
         mean: per-channel normalisation mean (the net's first layer).

@@ -60,7 +60,7 @@ class EnsembleModule(RecordedModule):
     batches together; members with BatchNorm keep their own statistics per batch kind and run twice.
 
     Args:
-        arch: member architecture (``lenet5``, ``resnet18``, ``vgg16_bn``).
+        arch: member architecture (``lenet5``, ``small_cnn``, ``resnet18``, ``vgg16_bn``).
         num_members: N, the number of independently initialised members (the paper: 5).
         num_classes: number of classes (linked from the DataModule).
         input_shape: (channels, height, width) (linked from the DataModule).
@@ -103,7 +103,9 @@ class EnsembleModule(RecordedModule):
         check_ensemble_settings(num_members, diversity_weight)
         kind = router_class(router)  # an unknown router, or init_args it does not take, fail here
         if kind.needs_hash_network and hash_checkpoint is None:
-            raise ConfigError(f"router {router_label(router)!r} needs hash_checkpoint (train it with configs/hashnet.yaml)")
+            raise ConfigError(f"router {router_label(router)!r} needs hash_checkpoint: train the hash network with `python "
+                              "main.py fit --config configs/hashnet.yaml` and pass --model.init_args.hash_checkpoint "
+                              "runs/hashnet/checkpoints/best.ckpt")
         if kind.keyed and router_key_fingerprint is not None:
             check_key_fingerprint(router_key, router_key_fingerprint, f"this ensemble's {router_label(router)} router")
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
