@@ -45,7 +45,7 @@ def coherence(probs: Tensor, temperature: float = 1.0) -> Tensor:
         Coherence per input ``(batch,)``, in [0, 1] for probability inputs.
 
     Raises:
-        ValueError: ``temperature <= 0``.
+        ValueError: ``temperature`` not a finite number > 0.
 
     Example:
         >>> agree = torch.tensor([[[0.9, 0.1]], [[0.9, 0.1]], [[0.9, 0.1]]])  # 3 members, 1 input
@@ -55,8 +55,8 @@ def coherence(probs: Tensor, temperature: float = 1.0) -> Tensor:
         >>> coherence(disagree).abs() < 1e-6
         tensor([True])
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:  # written so that NaN fails too
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     sims = pairwise_similarity(probs)
     num_pairs = sims.shape[-1]
     return (torch.logsumexp(temperature * sims, dim=-1) - math.log(num_pairs)) / temperature
@@ -115,8 +115,8 @@ class DiversityLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         self.temperature = float(temperature)
 
     @override

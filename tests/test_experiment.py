@@ -106,7 +106,7 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: setattr(c.edm, "diversity_weight", -1.0), "must be >= 0"),
+    (lambda c: setattr(c.edm, "diversity_weight", -1.0), "must be a finite number >= 0"),
     (lambda c: setattr(c.edm, "num_members", 1), "num_members must be an integer >= 2"),
     (lambda c: setattr(c.edm, "arch", "foo"), "edm: Unknown architecture 'foo'"),
     (lambda c: setattr(c.attacks[0], "arch", "bar"), "attack knockoff: Unknown architecture 'bar'"),
@@ -145,7 +145,9 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
     (lambda c: setattr(c.target, "batch_size", 0), "target: batch_size must be a positive integer"),
     (lambda c: setattr(c.hashnet, "val_size", -1), "hashnet: val_size must be a whole number >= 0"),
     (lambda c: setattr(c, "test_size", 0), "test_size must be a positive integer, got 0"),
-    (lambda c: c.edm.model.update(temperature=0.0), "edm: temperature must be > 0"),
+    (lambda c: c.edm.model.update(temperature=0.0), "edm: temperature must be a finite number > 0"),
+    (lambda c: c.edm.model.update(temperature=float("nan")), "edm: temperature must be a finite number > 0, got nan"),
+    (lambda c: setattr(c.edm, "diversity_weight", float("inf")), r"diversity_weight \(lambda\) must be a finite number"),
     (lambda c: setattr(c.edm, "routers", ["neural", {"class_path": "coarse", "init_args": {"grid": 0}}]),
      r"edm.routers: coarse\(grid=0\): grid must be >= 1"),
     (lambda c: setattr(c, "seeds", [-1]), r"seeds must be whole numbers in \[0, 4294967295\]"),
@@ -158,7 +160,7 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
         "misspelt-defense-option", "null-for-a-float", "null-option", "copy-shift-too-large", "copies-past-the-budget",
         "zero-policy-lr", "zero-query-batch", "zero-clone-heads", "dfme-zero-steps", "maze-zero-replay-size",
         "jbda-seed-set-past-a-budget", "zero-batch-size", "negative-val-size", "zero-test-size", "zero-temperature",
-        "coarse-grid-zero", "negative-seed", "nan-policy-lr", "zero-ood-batch"])
+        "nan-temperature", "infinite-lambda", "coarse-grid-zero", "negative-seed", "nan-policy-lr", "zero-ood-batch"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -213,8 +214,8 @@ def check_ensemble_settings(num_members: Any, diversity_weight: Any) -> None:
     if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
         raise ConfigError(f"num_members must be an integer >= 2, got {num_members!r} "
                           "(an EDM ensemble needs num_members >= 2 members to disagree)")
-    if not diversity_weight >= 0:
-        raise ConfigError(f"diversity_weight (lambda) must be >= 0, got {diversity_weight!r}")
+    if not 0 <= diversity_weight < math.inf:  # written so that NaN fails too
+        raise ConfigError(f"diversity_weight (lambda) must be a finite number >= 0, got {diversity_weight!r}")
 
 
 class EnsembleMetrics(nn.Module):
