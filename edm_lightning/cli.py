@@ -18,7 +18,14 @@ from typing_extensions import override
 
 import edm_lightning.models  # noqa: F401  (imported, their classes resolve by short name: --model EnsembleModule)
 from edm_lightning.attacks import DFMEModule
-from edm_lightning.checkpoints import check_structure, checkpoint_class, is_ensemble, read_checkpoint, trained_on
+from edm_lightning.checkpoints import (
+    check_structure,
+    checkpoint_class,
+    configured_checkpoints,
+    is_ensemble,
+    read_checkpoint,
+    trained_on,
+)
 from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
 from edm_lightning.data import get_spec
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
@@ -88,7 +95,7 @@ class EDMLightningCLI(LightningCLI):
                                                                                     self.config[subcommand])
         if not ckpt_path or ckpt_path in ("hpc", "registry"):  # Lightning's names for files only it can find
             return
-        state = read_checkpoint(ckpt_path, "--ckpt_path", "python main.py fit --config ... writes checkpoints/best.ckpt")
+        state = read_checkpoint(ckpt_path, "--ckpt_path")  # a missing one is named with the config that writes it
         check_checkpoint_fits(state, str(ckpt_path), self.config[subcommand])
 
     @override
@@ -253,16 +260,7 @@ def resolve_checkpoint_name(name: str, subcommand: str, config: Any) -> str | No
     Raises:
         CheckpointNotFoundError: no configured ``ModelCheckpoint`` names such a file, or the file does not exist.
     """
-    files = []
-    for callback in (config.get("trainer") or {}).get("callbacks") or []:
-        if not str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint"):
-            continue
-        init_args = getattr(callback, "init_args", None) or {}
-        dirpath, filename = init_args.get("dirpath"), init_args.get("filename")
-        if name == "last" and dirpath and init_args.get("save_last"):
-            files.append(Path(dirpath) / "last.ckpt")
-        elif name == "best" and dirpath and filename and "{" not in filename and init_args.get("monitor"):
-            files.append(Path(dirpath) / f"{filename}.ckpt")
+    files = configured_checkpoints((config.get("trainer") or {}).get("callbacks"))[name]
     found = [path for path in files if path.is_file()]
     if found:
         return str(found[0])
