@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from edm_lightning.checkpoints import (
     read_checkpoint,
     trained_on,
 )
-from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
+from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line, refuse_nan
 from edm_lightning.data import get_spec
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError, exit_if_user_error
@@ -87,13 +88,18 @@ class EDMLightningCLI(LightningCLI):
         Lightning's own version reads the checkpoint's hyper-parameters into the config, so a checkpoint of
         another class or shape silently replaces the configured model. Here the file is read safely and a
         checkpoint that does not fit the configured model (class, architecture, members, dataset) is refused.
+
+        Raises:
+            ConfigError: an empty ``--ckpt_path``, or a checkpoint that does not fit (its message says why).
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path in ("best", "last"):
+        if ckpt_path == "":
+            raise ConfigError("--ckpt_path is empty: give a checkpoint file, or best, last or hpc")
+        if ckpt_path in ("best", "last", "hpc"):
             ckpt_path = self.config[subcommand].ckpt_path = resolve_checkpoint_name(ckpt_path, subcommand,
                                                                                     self.config[subcommand])
-        if not ckpt_path or ckpt_path in ("hpc", "registry"):  # Lightning's names for files only it can find
+        if not ckpt_path or ckpt_path == "registry":  # Lightning's name for a model registry only it can reach
             return
         state = read_checkpoint(ckpt_path, "--ckpt_path")  # a missing one is named with the config that writes it
         check_checkpoint_fits(state, str(ckpt_path), self.config[subcommand])
@@ -115,6 +121,7 @@ class EDMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         refuse_keys_on_command_line(config, self._command_line)
+        refuse_nan(config)
         check_optimizer_override(config)
         if fill_wandb_defaults(config):
             resolve_wandb_mode()  # before the WandbLogger exists: offline when there are no credentials
@@ -242,15 +249,16 @@ def check_optimizer_override(config: Any) -> None:
 
 
 def resolve_checkpoint_name(name: str, subcommand: str, config: Any) -> str | None:
-    """The file ``--ckpt_path best`` or ``--ckpt_path last`` names: the configured ``ModelCheckpoint``'s
-    ``<dirpath>/<filename>.ckpt`` or ``<dirpath>/last.ckpt``.
+    """The file ``--ckpt_path best``, ``last`` or ``hpc`` names: the configured ``ModelCheckpoint``'s
+    ``<dirpath>/<filename>.ckpt`` or ``<dirpath>/last.ckpt``, or the newest ``hpc_ckpt_<N>.ckpt`` in the trainer's
+    ``default_root_dir``.
 
     Lightning resolves these names from what the checkpoint callback saved in the same process, so in a new
     ``main.py test`` process ``last`` found nothing and the untrained model was tested with a mere warning. A
     ``fit`` given ``last`` before any checkpoint exists starts from scratch (Lightning's set-and-forget use).
 
     Args:
-        name: ``"best"`` or ``"last"``.
+        name: ``"best"``, ``"last"`` or ``"hpc"``.
         subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
         config: that subcommand's parsed config (``trainer.callbacks``).
 
@@ -260,6 +268,14 @@ def resolve_checkpoint_name(name: str, subcommand: str, config: Any) -> str | No
     Raises:
         CheckpointNotFoundError: no configured ``ModelCheckpoint`` names such a file, or the file does not exist.
     """
+    if name == "hpc":  # what SLURM's pre-emption saved: Lightning's hpc_ckpt_<N>.ckpt with the highest N
+        folder = Path((config.get("trainer") or {}).get("default_root_dir") or ".")
+        saved = {int(match[1]): path for path in folder.glob("hpc_ckpt_*.ckpt")
+                 if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))}
+        if saved:
+            return str(saved[max(saved)])
+        raise CheckpointNotFoundError(f"--ckpt_path hpc: there is no hpc_ckpt_<N>.ckpt in {str(folder)!r} (Lightning "
+                                      "saves one there when SLURM pre-empts a fit); give --ckpt_path a checkpoint file.")
     files = configured_checkpoints((config.get("trainer") or {}).get("callbacks"))[name]
     found = [path for path in files if path.is_file()]
     if found:

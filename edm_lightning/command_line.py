@@ -6,15 +6,17 @@ secrets refused where the shell history and ``ps`` would keep them.
 from __future__ import annotations
 
 import inspect
+import math
+import sys
 from collections.abc import Sequence
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, auto_cli
 from jsonargparse.typing import SecretStr
 
-from edm_lightning.errors import ConfigError
+from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import to_plain
 from edm_lightning.routing import ROUTER_KEY_ENV, ROUTER_KEY_FILE_ENV, SECRET_MASK
 
@@ -25,8 +27,10 @@ __all__ = [
     "check_argument_values",
     "class_config",
     "default_of",
+    "parse_command_line",
     "prepare_command_line",
     "refuse_keys_on_command_line",
+    "refuse_nan",
     "shipped_config",
 ]
 
@@ -34,6 +38,57 @@ __all__ = [
 #: The usage line of the project's commands (``main.py``'s subcommands, the ``python -m`` ones). argparse's own lists
 #: every nested option (about a hundred lines for the experiment), burying the one-line error printed under it.
 CONCISE_USAGE = "%(prog)s [--config FILE ...] [--KEY VALUE ...]"
+
+
+def parse_command_line(component: Any, argv: list[str] | None, prog: str, **parser_kwargs: Any) -> tuple[Any, list[str]]:
+    """A ``python -m`` tool's config: its command line prepared (:func:`prepare_command_line`) and parsed into
+    ``component`` by jsonargparse's ``auto_cli``, with exact option names only and the concise usage line.
+
+    A value the component's own class refuses (its ``__post_init__``, e.g. ``optim.lr: .nan``) ends the tool with its
+    one-line message and exit status 2, as jsonargparse's own errors do, never with a traceback.
+
+    Args:
+        component: the dataclass or function ``auto_cli`` parses into.
+        argv: the arguments (``None``: ``sys.argv[1:]``).
+        prog: the tool's name as the user called it, for its help and errors.
+        **parser_kwargs: more ``ArgumentParser`` arguments (``description``).
+
+    Returns:
+        The parsed config and the prepared arguments.
+
+    Raises:
+        SystemExit: status 2 for any mistake in the command line or config.
+    """
+    try:
+        argv = prepare_command_line(sys.argv[1:] if argv is None else list(argv))
+        config = auto_cli(component, args=argv, prog=prog, usage=CONCISE_USAGE, allow_abbrev=False, **parser_kwargs)
+    except Exception as err:
+        exit_if_user_error(err)
+        raise
+    return config, argv
+
+
+def refuse_nan(config: Any, where: str = "") -> None:
+    """Refuse NaN anywhere in a config: no setting means "not a number", and a class that compares with ``<``
+    lets it through (a NaN ``gradient_clip_val`` turned every gradient into NaN without a word).
+
+    Args:
+        config: a parsed config (a jsonargparse ``Namespace``, a dataclass, dicts and lists).
+        where: the name its keys are under, for the message.
+
+    Raises:
+        ConfigError: the first NaN, by its dotted key.
+    """
+    plain = to_plain(config.as_dict() if hasattr(config, "as_dict") else config)
+    stack = [(where, plain)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{key}.{name}" if key else name, item) for name, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{key}[{position}]", item) for position, item in enumerate(value))
+        elif isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{key} is NaN; no setting takes NaN: give it a number")
 
 
 def prepare_command_line(argv: list[str]) -> list[str]:

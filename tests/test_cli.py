@@ -40,7 +40,8 @@ def test_config_can_be_saved_twice_in_one_folder(fake_root: Path, tmp_path: Path
         (["--model.init_args.arch", "alexnet"], "Unknown architecture 'alexnet'"),
         (["--model.init_args.optim.lr", "-1"], "optim.lr must be a finite number > 0"),
         (["--model.init_args.optim.lr", ".inf"], "optim.lr must be a finite number > 0, got inf"),
-        (["--model.init_args.optim.weight_decay", ".nan"], "optim.weight_decay must be a finite number >= 0, got nan"),
+        (["--model.init_args.optim.weight_decay", ".nan"], "optim.weight_decay is NaN; no setting takes NaN"),
+        (["--trainer.gradient_clip_val", ".nan"], "trainer.gradient_clip_val is NaN; no setting takes NaN"),
     ],
 )
 def test_bad_values_end_with_one_clear_message(fake_root: Path, tmp_path: Path, capsys, override, message):
@@ -191,3 +192,15 @@ def test_a_missing_ckpt_path_names_the_config_that_writes_it(monkeypatch, tmp_pa
               "--ckpt_path", "runs/baseline/checkpoints/best.ckpt"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Train it first (python main.py fit --config configs/baseline.yaml)" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--target.optim", "{lr: .nan}"], "optim.lr must be a finite number > 0, got nan"),
+    (["--edm.trainer", "{gradient_clip_val: .nan}"], "edm.trainer.gradient_clip_val is NaN"),
+])
+def test_the_experiment_ends_a_value_its_classes_refuse_in_one_line(monkeypatch, capsys, override, message):
+    """A dataclass's own check (OptimConfig) raised through jsonargparse as a 29-line traceback, exit 1."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    code, _, err = run_command(monkeypatch, capsys, "experiment", "--config", "configs/experiment/fashionmnist.yaml",
+                               *override, "--dry_run", "true")
+    assert code == 2 and message in err and "Traceback" not in err

@@ -124,8 +124,9 @@ def test_a_stage_whose_checkpoint_was_deleted_is_trained_again_and_its_dependant
 
 
 def test_the_runner_re_runs_the_stages_of_an_experiment_whose_files_were_damaged(fake_root: Path, tmp_path: Path):
-    """The issue's examples on a real (tiny) experiment: a result.json truncated, replaced by [] or by binary bytes, and
-    the target's best.ckpt deleted with its result.json kept. The same command finishes, naming each damaged stage."""
+    """The issue's examples on a real (tiny) experiment: a result.json truncated, replaced by [] or by binary bytes,
+    and the target's best.ckpt and an attack's clone deleted with their result.json kept. The same command finishes,
+    naming each damaged stage."""
     config = tiny_config(fake_root, tmp_path)
     first = run_experiment(config, log=io.StringIO())
     runs = tmp_path / "runs/tiny"
@@ -134,13 +135,16 @@ def test_the_runner_re_runs_the_stages_of_an_experiment_whose_files_were_damaged
     attacks = sorted(runs.glob("attack-*"))
     (attacks[0] / "result.json").write_text((attacks[0] / "result.json").read_text()[:30])
     (attacks[1] / "result.json").write_text("[]")
+    assert len(attacks) >= 3
+    (attacks[2] / "last.ckpt").unlink()  # the clone its config.yaml tests
     served = sorted(runs.glob("served-*"))[0]
     (served / "result.json").write_bytes(os.urandom(64) + b"\xff")
     log = io.StringIO()
     again = run_experiment(config, log=log)
     damaged = [line for line in log.getvalue().splitlines() if "WARNING: damaged" in line]
-    assert len(damaged) == 4 and sum("running ..." in line for line in log.getvalue().splitlines()) == 4
+    assert len(damaged) == 5 and sum("running ..." in line for line in log.getvalue().splitlines()) == 5
     assert any(f"damaged (best.ckpt is missing) in {target}" in line for line in damaged)
+    assert any(f"damaged (last.ckpt is missing) in {attacks[2]}" in line for line in damaged)
     assert (target / "best.ckpt").is_file() and "FAILED" not in log.getvalue()
     assert [r["clone_acc"] for r in again] == [r["clone_acc"] for r in first]  # the same seeds, the same figures
     assert (tmp_path / "results/tiny/results.md").is_file()

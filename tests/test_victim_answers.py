@@ -283,3 +283,19 @@ def test_a_damaged_transfer_set_is_refused_with_its_name_before_any_query(change
     with pytest.raises(ConfigError, match="transfer.pt"):
         build_transfer_set(lambda spent: BlackBoxOracle(linear_victim(), 200, spent=spent), images, labels, 200, path,
                            batch_size=50)
+
+
+def test_a_victim_failing_part_way_ends_a_cli_in_one_line_not_a_traceback(capsys):
+    """A key out of budget (429) or unusable answers are conditions the user acts on: exit status 2 with the message,
+    also when the trainer re-raises them wrapped."""
+    from edm_lightning.errors import exit_if_user_error
+
+    for error in (BadAnswers("the prediction API at http://127.0.0.1:1 answered NaN", 64),
+                  RemoteError(429, "query budget exhausted", rows=64)):
+        try:
+            raise RuntimeError("the fit failed") from error
+        except RuntimeError as wrapped:
+            with pytest.raises(SystemExit) as exit_info:
+                exit_if_user_error(wrapped)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip() == f"error: {error}"

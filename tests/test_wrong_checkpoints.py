@@ -142,3 +142,22 @@ def test_last_names_the_configured_checkpoint_callbacks_last_file(fake_root, tmp
     assert cli.config.test.ckpt_path == str(folder / "last.ckpt")
     labels = torch.cat([y for _, y in cli.datamodule.test_dataloader()][:1])
     assert cli.trainer.callback_metrics["test/acc"] == pytest.approx((labels == 0).float().mean().item())
+
+
+def test_an_empty_checkpoint_name_is_an_error(fake_root, tmp_path, capsys):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    code, err = run_test(["--config", str(config), "--ckpt_path", ""], capsys)
+    assert code == 2 and "--ckpt_path is empty" in err and "Traceback" not in err
+
+
+def test_hpc_names_the_newest_preemption_checkpoint_or_is_an_error(fake_root, tmp_path, capsys):
+    config = localise_config("configs/baseline.yaml", tmp_path, fake_root)
+    code, err = run_test(["--config", str(config), "--ckpt_path", "hpc"], capsys)
+    assert code == 2 and "there is no hpc_ckpt_<N>.ckpt in" in err
+    folder = tmp_path / "runs/baseline"
+    folder.mkdir(parents=True)
+    for n in (2, 10):
+        lightning_checkpoint(ClassifierModule(mean=(0.2860,), std=(0.3530,)), folder / f"hpc_ckpt_{n}.ckpt")
+    (folder / "hpc_ckpt_x.ckpt").write_text("not Lightning's name")
+    cli = main(["test", "--config", str(config), "--ckpt_path", "hpc", *QUICK_TEST])
+    assert cli.config.test.ckpt_path == str(folder / "hpc_ckpt_10.ckpt")  # 10 > 2, numerically

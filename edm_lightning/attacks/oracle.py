@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from edm_lightning.errors import ConfigError
+from edm_lightning.errors import ConfigError, UserError
 
 __all__ = ["SUM_TOLERANCE", "BadAnswers", "BlackBoxOracle", "Ledger", "PartlyAnswered", "QueryBudgetExceeded", "Servable",
            "answer_problem", "check_budget_covers_batch", "victim_name"]
@@ -89,8 +89,11 @@ class QueryBudgetExceeded(RuntimeError):
         )
 
 
-class PartlyAnswered(RuntimeError):
+class PartlyAnswered(UserError, RuntimeError):
     """The victim failed after it answered some rows of a batch, or may have: what it answered is charged, never forgotten.
+
+    A user error: its message names the victim and what went wrong (a key out of budget, a server failure, unusable
+    answers), and the CLIs end with it in one line (exit status 2), not a traceback.
 
     A victim raises it with its answers to the batch's first rows (a prediction API that answered the first requests
     of a split batch); the oracle charges them and :attr:`unsure` and raises it on, with the answers checked, to the

@@ -52,9 +52,11 @@ RESULT_FIGURES: dict[str, tuple[str, ...]] = {
 }
 
 #: The files each stage kind leaves in its folder: a training stage's ``best.ckpt`` (which later stages read) and
-#: ``last.ckpt`` (where its ``config.yaml`` resumes). A finished stage is whole only while they are the files it wrote;
-#: a damaged one runs again without them (so it trains afresh, not "resumes" a finished fit).
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = dict.fromkeys(TRAINING_JOBS, ("best.ckpt", "last.ckpt"))
+#: ``last.ckpt`` (where its ``config.yaml`` resumes), an attack's clone (``last.ckpt``, what its ``config.yaml``
+#: tests). A finished stage is whole only while they are the files it wrote; a damaged one runs again without them
+#: (so it trains afresh, not "resumes" a finished fit; an attack keeps what it bought).
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {**dict.fromkeys(TRAINING_JOBS, ("best.ckpt", "last.ckpt")),
+                                             "attack": ("last.ckpt",)}
 
 #: What the experiment sets in every training job itself (from its schema, the CLI's links, or how stages run);
 #: a stage's ``model`` / ``data`` / ``trainer`` pass-through section may set any other argument of the class.

@@ -23,7 +23,7 @@ from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from edm_lightning.attacks import ATTACKS
 from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.cli import Trainer
-from edm_lightning.command_line import arguments_of, check_argument_values
+from edm_lightning.command_line import arguments_of, check_argument_values, refuse_nan
 from edm_lightning.data import get_spec, require_fetched
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS
 from edm_lightning.data.images import check_convertible
@@ -64,6 +64,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
         ConfigError: the first thing found wrong, with what was expected.
     """
     log = log or sys.stderr
+    refuse_nan(config)  # whatever section it is in, and whatever the stage's class would make of it
     spec = get_spec(config.dataset)
     get_spec(config.edm.ood_dataset)
     get_spec(config.hashnet.dataset)

@@ -14,9 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jsonargparse import auto_cli
-
-from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
+from edm_lightning.command_line import parse_command_line, refuse_keys_on_command_line
 from edm_lightning.data import get_spec, load_images
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
@@ -104,12 +102,7 @@ def run_export(config: ExportConfig) -> dict:
 def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.export") -> dict:
     """Parse the export config (YAML plus overrides), export, and print where the files went; ``prog`` is the
     command as the user called it (``edm-lightning export`` from the dispatcher), for the help and usage lines."""
-    try:
-        argv = prepare_command_line(sys.argv[1:] if argv is None else list(argv))
-    except Exception as err:
-        exit_if_user_error(err)
-        raise
-    config = auto_cli(ExportConfig, args=argv, prog=prog, usage=CONCISE_USAGE, allow_abbrev=False)
+    config, argv = parse_command_line(ExportConfig, argv, prog)
     try:
         refuse_keys_on_command_line(config, argv)
         manifest = run_export(config)
