@@ -14,6 +14,7 @@ folder; in a clone, ``python main.py ...`` and ``configs/...`` paths work as bef
 from __future__ import annotations
 
 import sys
+from importlib.metadata import version
 
 from edm_lightning import cli
 from edm_lightning.data.__main__ import main as data_main
@@ -49,6 +50,8 @@ def main() -> None:
         result = _TOOLS[command](sys.argv[2:], prog=f"edm-lightning {command}")
         if command == "data":
             raise SystemExit(result)
+    elif command == "--version":
+        print(f"edm-lightning {version('edm-lightning')}")
     elif command in (None, "-h", "--help"):
         print(overview(), file=sys.stdout if command else sys.stderr)
         raise SystemExit(0 if command else 2)
@@ -65,7 +68,7 @@ def overview() -> str:
     """The command's help: its usage line and one line per subcommand."""
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
-    return "\n".join(["usage: edm-lightning COMMAND [--config FILE ...] [--KEY VALUE ...]", "", "commands:", *lines,
+    return "\n".join(["usage: edm-lightning COMMAND [--config FILE ...] [--KEY VALUE ...] | --version", "", "commands:", *lines,
                       "", "Run 'edm-lightning COMMAND --help' for a command's options."])
 
 

