@@ -66,7 +66,7 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
 
 
 def test_oversized_subset_is_refused(fake_root: Path):
-    with pytest.raises(ConfigError, match="only 200 are available"):
+    with pytest.raises(ConfigError, match="asks for more training images than the 200 left after val_size=40"):
         _fit_split(fake_root, train_size=500)
 
 

@@ -146,12 +146,14 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
     (lambda c: setattr(c.hashnet, "val_size", -1), "hashnet: val_size must be a whole number >= 0"),
     (lambda c: setattr(c, "test_size", 0), "test_size must be a positive integer, got 0"),
     (lambda c: c.edm.model.update(temperature=0.0), "edm: temperature must be a finite number > 0"),
-    (lambda c: c.edm.model.update(temperature=float("nan")), "edm: temperature must be a finite number > 0, got nan"),
+    (lambda c: c.edm.model.update(temperature=float("nan")), r"edm\.model\.temperature is NaN; no setting takes NaN"),
     (lambda c: setattr(c.edm, "diversity_weight", float("inf")), r"diversity_weight \(lambda\) must be a finite number"),
     (lambda c: setattr(c.edm, "routers", ["neural", {"class_path": "coarse", "init_args": {"grid": 0}}]),
      r"edm.routers: coarse\(grid=0\): grid must be >= 1"),
     (lambda c: setattr(c, "seeds", [-1]), r"seeds must be whole numbers in \[0, 4294967295\]"),
-    (lambda c: c.attacks[0].options.update(policy_lr=float("nan")), r"diversity_window and policy_lr must be finite"),
+    (lambda c: c.attacks[0].options.update(policy_lr=float("nan")), r"attacks\[0\]\.options\.policy_lr is NaN"),
+    (lambda c: setattr(c.target, "train_size", 10**8), "target: train_size=100000000 asks for more training images"),
+    (lambda c: setattr(c.hashnet, "val_size", 10**8), "hashnet: val_size=100000000 leaves no training images"),
     (lambda c: c.edm.data.update(ood_batch_size=0), "ood_batch_size must be a positive integer"),
 ], ids=["negative-lambda", "one-member", "edm-arch", "attack-arch", "surrogate-not-fetched", "misspelt-option",
         "experiment-set-option", "misspelt-model-argument", "experiment-set-trainer-argument", "ddp-in-a-stage",
@@ -160,7 +162,8 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
         "misspelt-defense-option", "null-for-a-float", "null-option", "copy-shift-too-large", "copies-past-the-budget",
         "zero-policy-lr", "zero-query-batch", "zero-clone-heads", "dfme-zero-steps", "maze-zero-replay-size",
         "jbda-seed-set-past-a-budget", "zero-batch-size", "negative-val-size", "zero-test-size", "zero-temperature",
-        "nan-temperature", "infinite-lambda", "coarse-grid-zero", "negative-seed", "nan-policy-lr", "zero-ood-batch"])
+        "nan-temperature", "infinite-lambda", "coarse-grid-zero", "negative-seed", "nan-policy-lr", "train-size-past-the-split", "val-size-past-the-split",
+        "zero-ood-batch"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)

@@ -6,6 +6,7 @@ import torch
 from edm_lightning.attacks import BlackBoxOracle, KnockoffDataModule, build_transfer_set, run_knockoff
 from edm_lightning.attacks.transfer_set import TransferSet
 from edm_lightning.defense import VictimConfig
+from edm_lightning.errors import ConfigError
 from tests.helpers.victims import EVAL_SIZE, CountingVictim, linear_victim, untrained_agreement
 
 
@@ -230,3 +231,10 @@ def test_bad_query_averaging_settings_fail_before_any_query(victim, fake_data, t
     with pytest.raises(ValueError, match=message):
         knockoff(victim, tmp_path, **options)
     assert victim.rows == 0
+
+
+@pytest.mark.parametrize("setting", [{"policy_lr": float("nan")}, {"policy_lr": float("inf")},
+                                     {"diversity_window": float("nan")}, {"policy_lr": 0.0}])
+def test_the_adaptive_policy_refuses_settings_that_are_no_finite_positive_number(setting, tmp_path):
+    with pytest.raises(ConfigError, match="diversity_window and policy_lr must be finite and positive"):
+        KnockoffDataModule(linear_victim(), root=str(tmp_path), budget=512, strategy="adaptive", **setting)

@@ -25,6 +25,7 @@ __all__ = [
     "OODDataModule",
     "ProbeDataModule",
     "check_positive",
+    "check_split_sizes",
     "seeded_indices",
 ]
 
@@ -95,8 +96,7 @@ class ClassificationDataModule(LinkedSpec, L.LightningDataModule):
         hp = self.hparams
         if stage in (None, "fit", "validate") and self.train_set is None:
             images, labels = load_images(hp.dataset, hp.root, train=True)
-            if hp.val_size >= len(images):
-                raise ConfigError(f"val_size={hp.val_size} leaves no training images ({len(images)} in all)")
+            check_split_sizes(len(images), hp.val_size, hp.train_size)
             val_idx, train_idx = seeded_indices(len(images), hp.val_size, hp.train_size, hp.seed)
             transform = _augmentation(self.input_shape) if hp.augment else None
             self.train_set = ImageTensorDataset(images[train_idx], labels[train_idx], transform)
@@ -243,6 +243,19 @@ class ProbeDataModule(LinkedSpec, L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [_loader(self.probes[name], self.hparams.batch_size, False, 0) for name in self.sets]
+
+
+def check_split_sizes(available: int, val_size: int, train_size: int | None) -> None:
+    """Refuse a validation hold-out or a training subset that the training split (``available`` images) cannot give.
+
+    Raises:
+        ConfigError: what was asked for, and how many images there are.
+    """
+    if val_size >= available:
+        raise ConfigError(f"val_size={val_size} leaves no training images ({available} in all)")
+    if train_size is not None and train_size > available - val_size:
+        raise ConfigError(f"train_size={train_size} asks for more training images than the {available - val_size} "
+                          f"left after val_size={val_size} ({available} in all)")
 
 
 def seeded_indices(n: int, first: int, second: int | None, seed: int) -> tuple[Tensor, Tensor]:

@@ -24,8 +24,8 @@ from edm_lightning.attacks import ATTACKS
 from edm_lightning.attacks.oracle import check_budget_covers_batch
 from edm_lightning.cli import Trainer
 from edm_lightning.command_line import arguments_of, check_argument_values, refuse_nan
-from edm_lightning.data import get_spec, require_fetched
-from edm_lightning.data.datamodules import LINKED_ARGUMENTS
+from edm_lightning.data import get_spec, open_dataset, require_fetched
+from edm_lightning.data.datamodules import LINKED_ARGUMENTS, check_split_sizes
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense import Victim
 from edm_lightning.defense.postprocessors import build_postprocessor, resolve_postprocessor
@@ -265,6 +265,13 @@ def _validate_data(config: ExperimentConfig) -> None:
     needed = {config.dataset, config.edm.ood_dataset, config.hashnet.dataset}
     needed |= {attack.surrogate for attack in surrogate_attacks(config)}
     require_fetched(sorted(needed), config.root)  # every missing one named, with the command that fetches them
+    parts = {"target": (config.target, config.dataset), "hashnet": (config.hashnet, config.hashnet.dataset),
+             "edm": (config.edm, config.dataset)}
+    if needs_misinformation(config):
+        parts["misinformation"] = (config.misinformation, config.dataset)
+    for where, (part, dataset) in parts.items():  # the split each training stage's DataModule will make
+        with _refused_as(where):
+            check_split_sizes(len(open_dataset(dataset, config.root, train=True)), part.val_size, part.train_size)
 
 
 def _validate_executor(config: ExperimentConfig) -> None:
