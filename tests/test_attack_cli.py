@@ -15,24 +15,12 @@ def test_every_attack_config_builds_its_attacker_and_victim_side(config, tmp_pat
     checkpoints at the paths it names: a target or an ensemble, a hash network, a misinformation model."""
     import yaml
 
-    from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
-    from tests.helpers.files import REPO_ROOT, localise_config, save_checkpoint
+    from tests.helpers.files import REPO_ROOT, localise_config, save_victim
 
     local = localise_config(config, tmp_path, REPO_ROOT / "data")
+    save_victim(local, members=3)
     victim = yaml.safe_load(local.read_text())["data"]["init_args"]["victim"]
     ensemble = victim.get("router", "fixed") != "fixed"
-
-    def save(module, path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(module, Path(path))
-
-    save(EnsembleModule(num_members=3) if ensemble else ClassifierModule(), victim["checkpoint"])
-    if victim.get("hash_checkpoint"):
-        save(ClassifierModule(), victim["hash_checkpoint"])
-    for spec in victim.get("postprocessors", []):
-        for value in spec.get("init_args", {}).values():
-            if str(value).endswith(".ckpt"):
-                save(MisinformationModule(), value)
     cli = main(["--config", str(local), f"--data.init_args.cache_dir={tmp_path}"], run=False)
     assert cli.model.hparams.input_shape == (1, 28, 28) and cli.model.hparams.num_classes == 10
     assert cli.datamodule.queries_spent == 0

@@ -162,8 +162,8 @@ def test_bad_input_fails_before_training(fake_root: Path, tmp_path: Path):
         "misspelt-defense-option", "null-for-a-float", "null-option", "copy-shift-too-large", "copies-past-the-budget",
         "zero-policy-lr", "zero-query-batch", "zero-clone-heads", "dfme-zero-steps", "maze-zero-replay-size",
         "jbda-seed-set-past-a-budget", "zero-batch-size", "negative-val-size", "zero-test-size", "zero-temperature",
-        "nan-temperature", "infinite-lambda", "coarse-grid-zero", "negative-seed", "nan-policy-lr", "train-size-past-the-split", "val-size-past-the-split",
-        "zero-ood-batch"])
+        "nan-temperature", "infinite-lambda", "coarse-grid-zero", "negative-seed",
+        "nan-policy-lr", "train-size-past-the-split", "val-size-past-the-split", "zero-ood-batch"])
 def test_every_mistake_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
     """Not after the target and the hash network (or all training) as before: nothing may run."""
     config = tiny_config(fake_root, tmp_path)

@@ -13,8 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from edm_lightning.checkpoints import checkpoint_class, read_checkpoint
 from edm_lightning.cli import main
 from edm_lightning.errors import ConfigError
-from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
-from tests.helpers.files import QUICK, REPO_ROOT, localise_config, save_checkpoint
+from tests.helpers.files import QUICK, REPO_ROOT, localise_config, save_victim
 
 VICTIM_JOBS = sorted(path.relative_to(REPO_ROOT) for path in (REPO_ROOT / "configs").glob("*.yaml")
                      if "model" in yaml.safe_load(path.read_text()))  # serve.yaml is the API's, not a job
@@ -37,25 +36,6 @@ TINY = {
     "jbda": JBDA,
     "jbda_tr": JBDA,
 }
-
-
-def save_victim(local: Path) -> None:
-    """Fresh checkpoints at every path the (localised) attack config's victim names: target or ensemble, hash network,
-    post-processors' models."""
-    victim = yaml.safe_load(local.read_text())["data"]["init_args"]["victim"]
-
-    def save(module, path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(module, Path(path))
-
-    save(EnsembleModule(num_members=2) if victim.get("router", "fixed") != "fixed" else ClassifierModule(),
-         victim["checkpoint"])
-    if victim.get("hash_checkpoint"):
-        save(ClassifierModule(), victim["hash_checkpoint"])
-    for spec in victim.get("postprocessors", []):
-        for value in spec.get("init_args", {}).values():
-            if str(value).endswith(".ckpt"):
-                save(MisinformationModule(), value)
 
 
 def checkpoint_folder(local: Path) -> Path:

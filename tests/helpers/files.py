@@ -69,3 +69,24 @@ def save_checkpoint(module: lightning.LightningModule, path: Path, **hparam_over
         path,
     )
     return path
+
+
+def save_victim(local: Path, members: int = 2) -> None:
+    """Fresh checkpoints at every path a (localised) attack config's victim names: a target, or an ensemble of
+    ``members`` behind a router, its hash network, its post-processors' models."""
+    from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule
+
+    victim = yaml.safe_load(local.read_text())["data"]["init_args"]["victim"]
+
+    def save(module: lightning.LightningModule, path: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(module, Path(path))
+
+    save(EnsembleModule(num_members=members) if victim.get("router", "fixed") != "fixed" else ClassifierModule(),
+         victim["checkpoint"])
+    if victim.get("hash_checkpoint"):
+        save(ClassifierModule(), victim["hash_checkpoint"])
+    for spec in victim.get("postprocessors", []):
+        for value in spec.get("init_args", {}).values():
+            if str(value).endswith(".ckpt"):
+                save(MisinformationModule(), value)
