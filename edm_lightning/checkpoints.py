@@ -68,6 +68,11 @@ def read_checkpoint(path: str | Path, what: str, train_hint: str | None = None) 
         raise CheckpointNotFoundError(missing_checkpoint_message(path, what, train_hint))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError) as err:  # torch's archive reader on a file cut short or damaged
+        command = train_command(path) or train_hint
+        raise ConfigError(f"{what} checkpoint {str(path)!r} is not a readable Lightning checkpoint: it is cut short or "
+                          f"damaged ({unreadable_file_reason(err)}); restore it from a backup, or train it again"
+                          + (f" ({command})" if command else "")) from None
     except Exception as err:
         raise ConfigError(f"{what} checkpoint {str(path)!r} is not a readable Lightning checkpoint: "
                           f"{unreadable_file_reason(err)}") from None

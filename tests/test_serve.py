@@ -235,7 +235,7 @@ def test_clients_file_holds_digests_only_and_refuses_bad_entries(tmp_path):
         with pytest.raises(ConfigError):
             add_client(fresh, name, budget)
     assert not fresh.exists()  # refused before anything was written
-    with pytest.raises(ConfigError, match="not a file"):
+    with pytest.raises(ConfigError, match="is a folder, not a clients file"):
         add_client(tmp_path, "bob", 5)
 
 

@@ -5,6 +5,7 @@ ledger at start-up."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ from edm_lightning import __main__ as dispatcher
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models import EnsembleModule
+from edm_lightning.routing import resolve_router_key
 from edm_lightning.serve import QueryLedger, add_client, key_digest, load_clients
 from edm_lightning.serve import images as png_module
 from edm_lightning.serve.__main__ import ServeConfig, build_app
@@ -349,13 +351,16 @@ def damaged_ledgers(folder: Path) -> list[tuple[str, Path, str]]:
     truncated.write_bytes(good.read_bytes()[:700])
     garbage = folder / "garbage.sqlite"
     garbage.write_bytes(bytes(range(256)) * 64)
-    (folder / "a-folder.sqlite").mkdir()
+    (folder / "emptied.sqlite").write_bytes(b"")  # `> ledger.sqlite`
     spent = "CREATE TABLE spent (client TEXT PRIMARY KEY, queries INTEGER NOT NULL)"
     return [
         ("not a database", garbage, "file is not a database"),
         ("a text file", folder / "notes.txt", "file is not a database"),
         ("truncated", truncated, "not a readable query ledger"),
-        ("a folder", folder / "a-folder.sqlite", "OperationalError"),
+        ("an empty file", folder / "emptied.sqlite",
+         "is an empty file: .*every client's spent queries would restart at 0: .*delete it to start a new ledger knowingly"),
+        ("a database without tables", ledger_with(folder / "no-tables.sqlite", "PRAGMA user_version = 7"),
+         "it holds no tables"),
         ("another schema", ledger_with(folder / "schema.sqlite", "CREATE TABLE spent (who TEXT, n REAL)"),
          "has the columns \\['who TEXT', 'n REAL'\\]"),
         ("another program's tables", ledger_with(folder / "other.sqlite", "CREATE TABLE users (id INTEGER)"),
@@ -421,3 +426,135 @@ def test_serve_help_names_the_command_as_called_and_tells_how_to_add_a_client(ca
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and out.startswith("usage: edm-lightning serve ") and "add-client" in out
 
+
+
+# ---------------------------------------------------------------------------------------------------------- links, empty files
+def test_add_client_through_a_link_and_through_its_file_at_once_adds_every_key(tmp_path):
+    """8 processes name the clients file by a link, 8 by its own name: one file, one lock, 16 keys, the link kept."""
+    (tmp_path / "real").mkdir()
+    real, link = tmp_path / "real" / "clients.yaml", tmp_path / "link.yaml"
+    link.symlink_to(Path("real") / "clients.yaml")  # relative, as `ln -s real/clients.yaml link.yaml` makes it
+    context = multiprocessing.get_context("fork")
+    start, keys = context.Barrier(16), context.Queue()
+    workers = [context.Process(target=add_one, args=(str(link if i % 2 else real), f"client-{i}", start, keys))
+               for i in range(16)]
+    for worker in workers:
+        worker.start()
+    printed = dict(keys.get(timeout=120) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert not (tmp_path / "link.yaml.lock").exists()  # the lock is the real file's
+    for file in (link, real):
+        clients = load_clients(file)
+        assert len(printed) == len(clients) == 16
+        assert all(clients[key_digest(key)].name == name for name, key in printed.items())
+
+
+def test_a_linked_ledger_is_the_file_it_points_to_and_a_link_to_nothing_is_refused(tmp_path):
+    link, real = tmp_path / "ledger.sqlite", tmp_path / "state" / "ledger.sqlite"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError, match="is a link to .*which does not exist: .*restart every client's spent queries"):
+        QueryLedger(link)  # its file lost (or its volume not mounted): not a new ledger
+    assert not real.parent.exists()
+    QueryLedger(real).charge("alice", 3, 10)
+    assert QueryLedger(link).charge("alice", 4, 10) == 7 and QueryLedger(real).spent("alice") == 7
+    assert link.is_symlink() and sorted(path.name for path in tmp_path.iterdir()) == ["ledger.sqlite", "state"]
+    assert sorted(path.name for path in real.parent.iterdir()) == ["ledger.sqlite"]  # no temporary file left
+
+
+def open_and_charge(path: str, start, done) -> None:
+    start.wait(timeout=60)
+    QueryLedger(path).charge("alice", 1, 100)
+    done.put(True)
+
+
+def test_servers_starting_together_on_a_new_ledger_all_open_it_and_none_finds_it_empty(tmp_path):
+    """Only a path where nothing is makes a new ledger, and it appears whole: 8 openers racing each count once."""
+    path = str(tmp_path / "new" / "ledger.sqlite")
+    context = multiprocessing.get_context("fork")
+    start, done = context.Barrier(8), context.Queue()
+    workers = [context.Process(target=open_and_charge, args=(path, start, done)) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert QueryLedger(path).spent("alice") == 8
+    assert [p.name for p in (tmp_path / "new").iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------------------------------------------------- key files
+@pytest.mark.parametrize("how", ["environment", "key file", "config"])
+@pytest.mark.parametrize("key, message", [
+    ("\ufeffedm-lightning", "is the public default 'edm-lightning'"),  # an editor's byte-order mark before it
+    ("\ufeff EDM-Lightning\r", "is the public default 'edm-lightning'"),
+    ("\ufeff0123456789abc", "too short or too plain to be secret \\(13 bytes"),  # 16 bytes with the mark
+])
+def test_a_byte_order_mark_does_not_make_a_public_key_secret(how, key, message, tmp_path, checkpoint_factory, capsys,
+                                                             monkeypatch, no_key_env):
+    checkpoint = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
+    add_client(tmp_path / "clients.yaml", "alice", 10)
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(serve_with_key(how, key, "keyed", tmp_path, checkpoint, monkeypatch))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_a_key_file_saved_with_a_byte_order_mark_serves_the_key_it_reads_as(tmp_path, checkpoint_factory, monkeypatch,
+                                                                           no_key_env):
+    checkpoint = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
+    (tmp_path / "router.key").write_bytes(b"\xef\xbb\xbf" + GOOD_KEY.encode() + b"\r\n")
+    monkeypatch.setenv("EDM_ROUTER_KEY_FILE", str(tmp_path / "router.key"))
+    from_file = VictimConfig(checkpoint, router="keyed").build()
+    typed = VictimConfig(checkpoint, router="keyed", key=GOOD_KEY).build()
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(from_file(x), typed(x))
+
+
+def test_a_key_of_random_bytes_in_the_environment_is_used_as_it_is(monkeypatch, no_key_env):
+    raw = bytes(range(200, 232))  # not UTF-8: the environment holds it as the bytes it is
+    monkeypatch.setenv("EDM_ROUTER_KEY", os.fsdecode(raw))
+    assert resolve_router_key(require_secret=True) == raw
+
+
+# ---------------------------------------------------------------------------------------------------------- wording
+def test_start_up_messages_say_what_is_wrong(tmp_path, checkpoint_factory, capsys, monkeypatch):
+    checkpoint = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
+    add_client(tmp_path / "clients.yaml", "alice", 10)
+    (tmp_path / "a-folder").mkdir()
+    whole = Path(checkpoint).read_bytes()
+    for cut in (0, 100, 40_000, len(whole) // 2):  # EOFError, RuntimeError, OSError [Errno 22] from torch
+        (tmp_path / f"cut-{cut}.ckpt").write_bytes(whole[:cut])
+
+    def unresolvable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    cases = [
+        (["--clients_file", str(tmp_path / "a-folder")], "'.*a-folder' is a folder, not a clients file", "does not exist"),
+        (["--ledger", str(tmp_path / "a-folder")], "'.*a-folder' is a folder, not a ledger file", "restore it"),
+        (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:.*the host '192.0.2.1' cannot be bound here", "--port"),
+        (["--host", "no-such-host.invalid"], "cannot resolve the host 'no-such-host.invalid'", "--port"),
+        *((["--victim.checkpoint", str(tmp_path / f"cut-{cut}.ckpt")],
+           f"Victim checkpoint '.*cut-{cut}.ckpt' is not a readable Lightning checkpoint: it is cut short or damaged "
+           ".*restore it from a backup, or train it again", "Traceback") for cut in (0, 100, 40_000, len(whole) // 2)),
+    ]
+    for options, message, absent in cases:
+        with monkeypatch.context() as patch:
+            if "no-such-host.invalid" in options:
+                patch.setattr(socket, "getaddrinfo", unresolvable)  # no name server asked
+            with pytest.raises(SystemExit) as exit_info:
+                serve_main(["--victim.checkpoint", checkpoint, "--clients_file", str(tmp_path / "clients.yaml"),
+                            "--ledger", str(tmp_path / "ledger.sqlite"), *options])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, (options, err)
+        assert re.search(message, err) and absent not in err, (options, err)
+
+
+def test_add_client_says_a_running_server_sees_the_key_after_a_restart(tmp_path, capsys):
+    serve_main(["add-client", "--file", str(tmp_path / "clients.yaml"), "--name", "alice", "--budget", "10"])
+    captured = capsys.readouterr()
+    assert "a running server sees it after a restart" in captured.err and len(captured.err.strip().splitlines()) == 1
+    key = captured.out.strip()
+    assert load_clients(tmp_path / "clients.yaml")[key_digest(key)].name == "alice"

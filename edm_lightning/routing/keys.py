@@ -8,6 +8,7 @@ fingerprint, tells runs apart without revealing it.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import warnings
@@ -31,7 +32,8 @@ _warned_public_key = False
 def resolve_router_key(key: str | bytes | SecretStr | None = None, require_secret: bool = False) -> bytes:
     """The keyed router's secret key as bytes: ``key`` if given, else ``$EDM_ROUTER_KEY``, else the contents of
     the file ``$EDM_ROUTER_KEY_FILE``, else the public default :data:`DEFAULT_ROUTER_KEY`, with a loud warning
-    (also when the public default is given explicitly).
+    (also when the public default is given explicitly). A key from the environment or a key file is its text as
+    it reads: a UTF-8 byte-order mark an editor saved before it and the whitespace around it are not part of it.
 
     With ``require_secret`` (a server: its key must be one nobody else can compute), the public default is
     refused however it arrives (unset, or set explicitly in the environment, a key file or a config), and so
@@ -51,11 +53,11 @@ def resolve_router_key(key: str | bytes | SecretStr | None = None, require_secre
         key = key.get_secret_value()
     source = "the config"
     if key is None and os.environ.get(ROUTER_KEY_ENV):
-        key, source = os.environ[ROUTER_KEY_ENV], f"${ROUTER_KEY_ENV}"
+        key, source = _as_typed(os.fsencode(os.environ[ROUTER_KEY_ENV])), f"${ROUTER_KEY_ENV}"
     elif key is None and os.environ.get(ROUTER_KEY_FILE_ENV):
         path = os.environ[ROUTER_KEY_FILE_ENV]
         try:
-            key, source = open(path, "rb").read().strip(), f"the key file {path!r}"
+            key, source = _as_typed(open(path, "rb").read()), f"the key file {path!r}"
         except OSError as err:
             raise ConfigError(f"cannot read the router key file {path!r} (${ROUTER_KEY_FILE_ENV}): {err.strerror}") from None
     elif key is None and require_secret:
@@ -64,7 +66,7 @@ def resolve_router_key(key: str | bytes | SecretStr | None = None, require_secre
     elif key is None:
         key, source = DEFAULT_ROUTER_KEY, "the public default"  # warned about below
     raw = key.encode() if isinstance(key, str) else bytes(key)
-    if raw == SECRET_MASK.encode():
+    if _as_typed(raw) == SECRET_MASK.encode():
         raise ConfigError(
             f"the router key from {source} is {SECRET_MASK!r}, the mask a saved config shows in place of the key: "
             f"give the real key through ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} (or --...router_key)"
@@ -78,19 +80,38 @@ def resolve_router_key(key: str | bytes | SecretStr | None = None, require_secre
     return raw
 
 
+def _as_typed(raw: bytes) -> bytes:
+    """A key as its text reads: without the byte-order mark an editor may save before it (``utf-8-sig``) or the
+    whitespace around it; a key that is not UTF-8 text (random bytes) loses a leading mark and ASCII whitespace.
+
+    Returns:
+        The key's bytes, what the routers use (from the environment or a key file) and what the checks see.
+    """
+    try:
+        return raw.decode("utf-8-sig").strip().encode()
+    except UnicodeDecodeError:
+        return raw.removeprefix(codecs.BOM_UTF8).strip()
+
+
 def _is_public_default(raw: bytes) -> bool:
-    return raw.strip().lower() == DEFAULT_ROUTER_KEY.encode()
+    return _as_typed(raw).lower() == DEFAULT_ROUTER_KEY.encode()
 
 
 def _refuse_public_key(raw: bytes, source: str) -> None:
-    """Refuse a key anyone can compute: the public default (in any case, with any spaces), a short or plain one."""
-    if _is_public_default(raw):
+    """Refuse a key anyone can compute: the public default (in any case, with any spaces or byte-order mark around
+    it), a short or plain one (measured without them).
+
+    Raises:
+        ConfigError: such a key, with how to make a random one.
+    """
+    typed = _as_typed(raw)
+    if _is_public_default(typed):
         raise ConfigError(f"the router key from {source} is the public default {DEFAULT_ROUTER_KEY!r}, which anyone can use "
                           f"to compute which member answers a query: set ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV} to a "
                           f"random key ({_MAKE_A_KEY})")
-    if len(raw) < MIN_SECRET_KEY_BYTES or len(set(raw)) < 4:
-        raise ConfigError(f"the router key from {source} is too short or too plain to be secret ({len(raw)} bytes, "
-                          f"{len(set(raw))} distinct): a served key needs at least {MIN_SECRET_KEY_BYTES} bytes of random "
+    if len(typed) < MIN_SECRET_KEY_BYTES or len(set(typed)) < 4:
+        raise ConfigError(f"the router key from {source} is too short or too plain to be secret ({len(typed)} bytes, "
+                          f"{len(set(typed))} distinct): a served key needs at least {MIN_SECRET_KEY_BYTES} bytes of random "
                           f"text ({_MAKE_A_KEY})")
 
 

@@ -11,7 +11,9 @@ default key and any key too short to be secret, however it is given), never the 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -136,14 +138,27 @@ def listen(host: str, port: int) -> socket.socket:
         The socket.
 
     Raises:
-        ConfigError: the address is taken, not this machine's, or the host name does not resolve.
+        ConfigError: the host name does not resolve, the address is not this machine's, the port is taken or
+            reserved; each says which and what to change.
     """
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError as err:  # socket.gaierror
+        raise ConfigError(f"cannot resolve the host {host!r} ({err.strerror or err}): give --host an address of this "
+                          "machine (127.0.0.1 for it alone, 0.0.0.0 for every interface) or a name that resolves "
+                          "to one") from None
+    try:
         return socket.create_server((host, port), family=family)
     except OSError as err:
-        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port, or stop what "
-                          "listens there") from None
+        if err.errno == errno.EADDRINUSE:
+            what = "choose another --port, or stop what listens there"
+        elif err.errno == errno.EACCES:
+            what = "choose a --port above 1023, or run with the right to bind it"
+        else:  # EADDRNOTAVAIL and the like: the address is not one of this machine's
+            what = (f"the host {host!r} cannot be bound here: give --host an address of this machine (127.0.0.1 for it "
+                    "alone, 0.0.0.0 for every interface)")
+        reason = os.strerror(err.errno) if err.errno else str(err)  # without create_server's own addition
+        raise ConfigError(f"cannot listen on {host}:{port} ({reason}): {what}") from None
 
 
 def add_client_main(argv: list[str], prog: str = "python -m edm_lightning.serve add-client") -> None:
@@ -159,7 +174,8 @@ def add_client_main(argv: list[str], prog: str = "python -m edm_lightning.serve 
     except Exception as err:
         exit_if_user_error(err)
         raise
-    print(f"added client {args.name!r} (budget {args.budget}) to {args.file}; its API key, shown only now:", file=sys.stderr)
+    print(f"added client {args.name!r} (budget {args.budget}) to {args.file}; a running server sees it after a restart "
+          "(it reads the clients file when it starts). Its API key, shown only now:", file=sys.stderr)
     print(key)
 
 

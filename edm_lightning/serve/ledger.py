@@ -8,13 +8,19 @@ threads and server processes sharing the file never spend past a budget together
 (``synchronous=FULL``) before the model answers: a crash or ``SIGKILL`` loses no answered query. A batch
 that does not fit the remaining budget is refused whole and counts nothing.
 
-A file that is not such a ledger (not SQLite, damaged, another schema or another program's tables, a count
-that is not a whole number >= 0) is refused when the ledger is opened, before anything is served.
+Only a path where nothing exists starts a new ledger, made whole under a temporary name and then linked into
+place, so a ledger file is never empty. A file that is not such a ledger (empty, not SQLite, damaged, no tables,
+another schema or another program's tables, a count that is not a whole number >= 0) is refused when the ledger
+is opened, before anything is served: starting over would forget every client's spent queries. A link is
+followed first, so the ledger, its journal and its temporary file lie beside the file it points to; a link to
+nothing is refused too.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import tempfile
 from pathlib import Path
 
 from edm_lightning.errors import ConfigError
@@ -36,10 +42,10 @@ _COLUMNS_SQL = "client TEXT PRIMARY KEY, queries INTEGER NOT NULL"
 
 
 def _ledger_problem(db: sqlite3.Connection) -> str | None:
-    """What makes ``db`` something other than a query ledger (or an empty file, which becomes one), or ``None``."""
+    """What makes ``db`` something other than a query ledger, or ``None``."""
     tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
     if not tables:
-        return None
+        return "it holds no tables (an empty database)"
     if tables != ["spent"]:
         return f"it holds the tables {sorted(tables)}, not only a query ledger's 'spent'"
     columns = [(name, kind.upper(), notnull, pk) for _, name, kind, notnull, _, pk in db.execute("PRAGMA table_info(spent)")]
@@ -67,23 +73,61 @@ class QueryLedger:
     """
 
     def __init__(self, path: str | Path, timeout_s: float = 30.0):
-        self.path = Path(path)
         self.timeout_s = timeout_s
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(path).resolve()  # a link and its target: one ledger, its journal beside the target
+            if Path(path).is_symlink() and not self.path.exists():
+                raise ConfigError(f"the ledger {str(path)!r} is a link to {str(self.path)!r}, which does not exist: a new "
+                                  "ledger there would restart every client's spent queries at 0: restore the file it "
+                                  "points to (or mount its folder), or remove the link to start a new ledger knowingly")
+            if not self.path.exists():
+                self._create()
+            if self.path.is_dir():
+                raise ConfigError(f"the ledger {str(path)!r} is a folder, not a ledger file: name the SQLite file "
+                                  f"(e.g. {str(Path(path) / 'ledger.sqlite')!r})")
+            if not self.path.is_file():
+                raise ConfigError(f"the ledger {str(path)!r} is not a regular file (a device or a pipe?): name the "
+                                  "SQLite file of the query ledger")
+            if self.path.stat().st_size == 0:
+                raise ConfigError(f"the ledger {str(path)!r} is an empty file: opened as a ledger, every client's spent "
+                                  "queries would restart at 0: restore it from a backup, or delete it to start a new "
+                                  "ledger knowingly")
             db = self._connect()
             try:
                 problem = _ledger_problem(db)  # read only: a foreign file is not changed
                 if problem is None:
-                    db.execute("PRAGMA journal_mode=WAL")
-                    db.execute(f"CREATE TABLE IF NOT EXISTS spent ({_COLUMNS_SQL})")
+                    db.execute("PRAGMA journal_mode=WAL")  # a ledger made by hand, in another journal mode
             finally:
                 db.close()
-        except (sqlite3.Error, OSError) as err:
+        except (sqlite3.Error, OSError, RuntimeError) as err:  # RuntimeError: a link loop (Python < 3.13)
             problem = f"{type(err).__name__}: {err}"
         if problem is not None:
-            raise ConfigError(f"the ledger {str(self.path)!r} is not a readable query ledger ({problem}): restore it from "
+            raise ConfigError(f"the ledger {str(path)!r} is not a readable query ledger ({problem}): restore it from "
                               "a backup, or name another --ledger file (a new ledger forgets every client's spent queries)")
+
+    def _create(self) -> None:
+        """A new, empty ledger at ``self.path``, made under a temporary name and linked into place: never seen
+        half-made (or empty), and a ledger another process created meanwhile is kept.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(handle)
+        try:
+            db = sqlite3.connect(name, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # kept in the file
+                db.execute(f"CREATE TABLE spent ({_COLUMNS_SQL})")
+            finally:
+                db.close()
+            try:
+                os.link(name, self.path)  # never replaces: a ledger another process made first is kept
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not self.path.exists():
+                    os.replace(name, self.path)
+        finally:
+            Path(name).unlink(missing_ok=True)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)  # transactions by hand
