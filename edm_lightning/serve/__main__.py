@@ -19,9 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from jsonargparse import auto_cli
-
-from edm_lightning.command_line import CONCISE_USAGE, prepare_command_line, refuse_keys_on_command_line
+from edm_lightning.command_line import parse_command_line, refuse_keys_on_command_line
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import digest, state_digest
@@ -106,13 +104,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.ser
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["add-client"]:
         return add_client_main(argv[1:], prog=f"{prog} add-client")
-    try:
-        argv = prepare_command_line(argv)
-    except Exception as err:
-        exit_if_user_error(err)
-        raise
-    config = auto_cli(ServeConfig, args=argv, prog=prog, usage=CONCISE_USAGE, allow_abbrev=False,
-                      description=DESCRIPTION.format(prog=prog))
+    config, argv = parse_command_line(ServeConfig, argv, prog, description=DESCRIPTION.format(prog=prog))
     try:
         refuse_keys_on_command_line(config, argv)
         app = build_app(config)
