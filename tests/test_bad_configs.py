@@ -108,9 +108,9 @@ def test_a_setting_lightning_refuses_is_one_message(fake_root, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"query_copies": 0}, "query_copies must be an integer >= 1"),
-    ({"copy_noise": float("nan")}, "copy_noise must be in [0, 1]"),
-    ({"copy_noise": float("inf")}, "copy_noise must be in [0, 1]"),
+    ({"query_copies": 0}, "attack knockoff (budget 64): query_copies must be an integer >= 1"),
+    ({"copy_noise": float("nan")}, "attacks[0].options.copy_noise is NaN; no setting takes NaN"),  # any setting's NaN
+    ({"copy_noise": float("inf")}, "attack knockoff (budget 64): copy_noise must be in [0, 1]"),
 ], ids=["no-copies", "nan-noise", "infinite-noise"])
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
 def test_an_experiment_refuses_what_its_attack_stages_would_before_any_stage(fake_root, tmp_path, capsys, options, message,
@@ -125,5 +125,5 @@ def test_an_experiment_refuses_what_its_attack_stages_would_before_any_stage(fak
         experiment_main(["--config", str(path)])
     captured = capsys.readouterr()
     assert exit_info.value.code == 2
-    assert f"error: attack knockoff (budget 64): {message}" in captured.err and "Traceback" not in captured.err
+    assert f"error: {message}" in captured.err and "Traceback" not in captured.err
     assert captured.out == "" and not (tmp_path / "runs").exists()  # no plan printed, no stage started

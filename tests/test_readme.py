@@ -130,8 +130,8 @@ def skip_reason(command: Command) -> str | None:
 class Walk:
     """The walk's state: its folder (a clone's layout) and the shell variables the README sets."""
 
-    def __init__(self, folder: Path, capsys, monkeypatch):
-        self.folder, self.capsys, self.monkeypatch = folder, capsys, monkeypatch
+    def __init__(self, folder: Path, capsys, monkeypatch, real_root: Path):
+        self.folder, self.capsys, self.monkeypatch, self.real_root = folder, capsys, monkeypatch, real_root
         self.variables: dict[str, str] = {}
 
     def resolve(self, words: list[str]) -> list[str]:
@@ -190,7 +190,9 @@ def run_experiment(walk: Walk, words: list[str], tiny: bool = True) -> None:
     overrides = tiny_overrides(args) if tiny else []
     dry = "--dry_run" in args or not overrides  # an experiment without tiny settings is only planned
     before = walk.files()
-    experiment_command.main([*args, *overrides, *(["--dry_run", "true"] if dry and "--dry_run" not in args else [])])
+    # a plan of a committed config's full sizes is checked against the real datasets (the synthetic ones are too small)
+    real = ["--root", str(walk.real_root)] if dry and not overrides else []
+    experiment_command.main([*args, *overrides, *real, *(["--dry_run", "true"] if dry and "--dry_run" not in args else [])])
     out, err = walk.output()
     if dry:
         plan = re.search(r"(\d+) stages, (\d+) already done", out)
@@ -284,7 +286,8 @@ def test_every_readme_command_is_walked_or_skipped_for_a_stated_reason():
 
 
 @pytest.mark.integration
-def test_the_readme_walks_from_top_to_bottom(fake_root: Path, tmp_path_factory, monkeypatch, capsys, fresh_wandb_session):
+def test_the_readme_walks_from_top_to_bottom(fake_root: Path, real_data_root: Path, tmp_path_factory, monkeypatch, capsys,
+                                             fresh_wandb_session):
     folder = tmp_path_factory.mktemp("clone")
     for name in ("configs", "main.py"):
         (folder / name).symlink_to(REPO_ROOT / name)
@@ -293,7 +296,7 @@ def test_the_readme_walks_from_top_to_bottom(fake_root: Path, tmp_path_factory, 
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the W&B commands log nowhere
     monkeypatch.setattr(edm_lightning, "run_knockoff",
                         lambda victim, **settings: run_knockoff(victim, **{**settings, **TINY_KNOCKOFF}))
-    walk = Walk(folder, capsys, monkeypatch)
+    walk = Walk(folder, capsys, monkeypatch, real_data_root)
     for command in COMMANDS:
         if not skip_reason(command):
             run(walk, str(command), walker(command), walk, command.words)
