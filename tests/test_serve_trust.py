@@ -265,18 +265,28 @@ def add_one(path: str, name: str, start, keys) -> None:
     keys.put((name, add_client(path, name, 10)))
 
 
-def test_add_client_run_16_times_at_once_adds_16_working_keys(tmp_path):
-    """16 processes released together on one clients file: every printed key is in the file."""
-    path = str(tmp_path / "clients.yaml")
+def add_at_once(paths: list[str]) -> dict[str, str]:
+    """``add-client`` in one forked process per path, all released together; every process must succeed.
+
+    Returns:
+        Client name -> the key its process printed.
+    """
     context = multiprocessing.get_context("fork")
-    start, keys = context.Barrier(16), context.Queue()
-    workers = [context.Process(target=add_one, args=(path, f"client-{i}", start, keys)) for i in range(16)]
+    start, keys = context.Barrier(len(paths)), context.Queue()
+    workers = [context.Process(target=add_one, args=(path, f"client-{i}", start, keys)) for i, path in enumerate(paths)]
     for worker in workers:
         worker.start()
     printed = dict(keys.get(timeout=120) for _ in workers)
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
+    return printed
+
+
+def test_add_client_run_16_times_at_once_adds_16_working_keys(tmp_path):
+    """16 processes released together on one clients file: every printed key is in the file."""
+    path = str(tmp_path / "clients.yaml")
+    printed = add_at_once([path] * 16)
     clients = load_clients(path)
     assert len(printed) == len(clients) == 16
     assert all(clients[key_digest(key)].name == name for name, key in printed.items())
@@ -434,16 +444,7 @@ def test_add_client_through_a_link_and_through_its_file_at_once_adds_every_key(t
     (tmp_path / "real").mkdir()
     real, link = tmp_path / "real" / "clients.yaml", tmp_path / "link.yaml"
     link.symlink_to(Path("real") / "clients.yaml")  # relative, as `ln -s real/clients.yaml link.yaml` makes it
-    context = multiprocessing.get_context("fork")
-    start, keys = context.Barrier(16), context.Queue()
-    workers = [context.Process(target=add_one, args=(str(link if i % 2 else real), f"client-{i}", start, keys))
-               for i in range(16)]
-    for worker in workers:
-        worker.start()
-    printed = dict(keys.get(timeout=120) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    printed = add_at_once([str(link if i % 2 else real) for i in range(16)])
     assert link.is_symlink() and link.resolve() == real.resolve()
     assert not (tmp_path / "link.yaml.lock").exists()  # the lock is the real file's
     for file in (link, real):
