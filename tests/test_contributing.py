@@ -13,7 +13,7 @@ import torch
 from edm_lightning.attacks import ATTACKS
 from edm_lightning.routing import ROUTERS, build_router
 from tests.helpers.files import REPO_ROOT
-from tests.test_purchase import AnsweredThenKilled
+from tests.helpers.victims import AnsweredThenKilled
 
 BLOCKS = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "CONTRIBUTING.md").read_text(), re.S)
 

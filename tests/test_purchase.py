@@ -17,26 +17,12 @@ from edm_lightning.attacks.oracle import BadAnswers, PartlyAnswered
 from edm_lightning.attacks.remote import RemoteError
 from edm_lightning.errors import ConfigError
 from tests.helpers.attacks import tiny_settings
-from tests.helpers.victims import CountingVictim, linear_victim
+from tests.helpers.victims import AnsweredThenKilled, CountingVictim, linear_victim
 
 #: Oracle calls each attack is killed in, after the victim answered it: early, and in its last stretch, where a
 #: charged batch leaves less budget than the purchase was planned for (its tiny settings make several calls).
 KILLED_IN = {"activethief": (3, 7), "knockoff": (3, 5), "jbda": (4, 6), "jbda_tr": (4, 6), "dfme": (3, 10),
              "maze": (3, 10)}
-
-
-class AnsweredThenKilled(CountingVictim):
-    """Answers every query (counting it), and dies right after answering its ``killed_in``-th call."""
-
-    def __init__(self, killed_in: int | None = None):
-        super().__init__(linear_victim())
-        self.killed_in = killed_in
-
-    def forward(self, x: Tensor) -> Tensor:
-        answers = super().forward(x)
-        if self.calls == self.killed_in:
-            raise KeyboardInterrupt("killed after the victim answered")
-        return answers
 
 
 class RefusedPartWay(CountingVictim):
@@ -251,7 +237,7 @@ def api_server(tmp_path_factory):
     from edm_lightning.models import EnsembleModule
     from edm_lightning.serve import add_client
     from tests.helpers.files import save_checkpoint
-    from tests.test_serve import Server
+    from tests.helpers.server import Server
 
     folder = tmp_path_factory.mktemp("api")
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from edm_lightning.serve import images as png_module
 from edm_lightning.serve.__main__ import ServeConfig, build_app
 from edm_lightning.serve.__main__ import main as serve_main
 from edm_lightning.serve.images import MAX_PNG_CHUNKS, UnsupportedImage, decode_png_body
-from tests.test_serve import ROUTER_KEY, Server
+from tests.helpers.server import ROUTER_KEY, Server
 
 GOOD_KEY = "3f0c9a51d27e48b6a1c5e09f7d3b2a86"  # 32 hex digits, as the message tells operators to make one
 

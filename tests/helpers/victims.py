@@ -74,3 +74,17 @@ def untrained_agreement(datamodule, arch: str = "lenet5", seed: int = 0) -> floa
     module = CloneModule(arch, datamodule.num_classes, datamodule.input_shape, datamodule.mean, datamodule.std)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     return trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/agreement"]
+
+
+class AnsweredThenKilled(CountingVictim):
+    """Answers every query (counting it), and dies right after answering its ``killed_in``-th call."""
+
+    def __init__(self, killed_in: int | None = None):
+        super().__init__(linear_victim())
+        self.killed_in = killed_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        answers = super().forward(x)
+        if self.calls == self.killed_in:
+            raise KeyboardInterrupt("killed after the victim answered")
+        return answers
