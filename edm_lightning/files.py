@@ -18,7 +18,20 @@ import torch
 from jsonargparse.typing import SecretStr
 from torch import nn
 
-__all__ = ["Secret", "digest", "file_digest", "save_atomic", "state_digest", "to_plain", "write_atomic"]
+__all__ = [
+    "SHIPPED_CONFIGS",
+    "Secret",
+    "cached_file_digest",     "digest",
+    "file_digest",
+    "save_atomic",
+    "state_digest",
+    "to_plain",
+    "write_atomic",
+]
+
+#: The committed configs, shipped inside the package (in a clone, a link to ``configs/``): found by name from any
+#: folder, and read for the checkpoint files their jobs write.
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 
 
 class Secret:
@@ -89,6 +102,24 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             sha.update(block)
     return sha.hexdigest()
+
+
+def cached_file_digest(path: str | Path) -> str:
+    """:func:`file_digest`, computed once per process for a file of unchanged size and modification time (checking a
+    dataset or a stage's checkpoints again on every load would read them again).
+
+    Returns:
+        The SHA-256 of the file's bytes (hex).
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime) -> SHA-256, for cached_file_digest
 
 
 def state_digest(module: nn.Module) -> str:

@@ -10,12 +10,12 @@ too, with or without a manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from edm_lightning.errors import UserError
+from edm_lightning.files import cached_file_digest
 
 __all__ = [
     "MANIFEST",
@@ -55,8 +55,6 @@ KNOWN = {
     },
 }
 
-_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256, so a process hashes a file once
-
 
 class DatasetCorruptError(UserError, RuntimeError):
     """A dataset's files no longer match what was fetched; the message names them and the command to re-fetch."""
@@ -68,7 +66,7 @@ def write_manifest(folder: Path) -> dict[str, str]:
     Returns:
         Relative path -> SHA-256 of each file recorded.
     """
-    checksums = {str(path.relative_to(folder)): _sha256(path) for path in _files(folder)}
+    checksums = {str(path.relative_to(folder)): cached_file_digest(path) for path in _files(folder)}
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(checksums, indent=2, sort_keys=True))
     tmp.replace(folder / MANIFEST)
@@ -84,7 +82,7 @@ def corrupt_files(folder: Path, expected: dict[str, str]) -> list[str]:
     bad = []
     for relative, checksum in sorted(expected.items()):
         path = folder / relative
-        if not path.is_file() or _sha256(path) != checksum:
+        if not path.is_file() or cached_file_digest(path) != checksum:
             bad.append(relative)
     return bad
 
@@ -148,15 +146,3 @@ def known_mismatches(name: str, folder: Path) -> list[str]:
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, f".{MANIFEST}.tmp"))
-
-
-def _sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _verified:
-        sha = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                sha.update(block)
-        _verified[key] = sha.hexdigest()
-    return _verified[key]

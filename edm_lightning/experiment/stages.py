@@ -23,7 +23,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from edm_lightning.files import digest, file_digest, to_plain, write_atomic
+from edm_lightning.files import cached_file_digest, digest, to_plain, write_atomic
 
 __all__ = ["StageStore"]
 
@@ -44,7 +44,6 @@ class StageStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256: each file hashed once
 
     def folder(self, kind: str, config: Any) -> Path:
         """``<root>/<kind>-<digest of config>``."""
@@ -115,7 +114,7 @@ class StageStore:
                 raise RuntimeError(f"the stage in {folder} finished, but its result is not whole ({problem}); nothing "
                                    "was recorded")
             if outputs:
-                result[OUTPUT_DIGESTS] = {name: self._digest(folder / name) for name in outputs}
+                result[OUTPUT_DIGESTS] = {name: cached_file_digest(folder / name) for name in outputs}
             write_atomic(folder / "result.json", json.dumps(result, indent=2, sort_keys=True))
             return result, True
 
@@ -131,16 +130,9 @@ class StageStore:
             if name not in recorded:  # a stage finished before digests were recorded: its output need only be there
                 if path.stat().st_size == 0:
                     return f"{name} is empty"
-            elif self._digest(path) != recorded[name]:
+            elif cached_file_digest(path) != recorded[name]:
                 return f"{name} is not the file the stage wrote (its SHA-256 differs)"
         return None
-
-    def _digest(self, path: Path) -> str:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._digests:
-            self._digests[key] = file_digest(path)
-        return self._digests[key]
 
 
 def _result_problem(result: Any, figures: Sequence[str]) -> str | None:
