@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError, unreadable_file_reason
+from edm_lightning.files import SHIPPED_CONFIGS
 from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig
 
@@ -26,10 +27,6 @@ torch.serialization.add_safe_globals([OptimConfig, (OptimConfig, "edm_lightning.
 
 #: Checkpoint entry where this package's LightningModules record their class (``NetModule``, ``EnsembleModule``).
 CLASS_KEY = "edm_lightning_class"
-
-#: The committed configs, shipped inside the package (in a clone, a link to ``configs/``): they name the files
-#: their jobs write, so a missing checkpoint is named with the command that writes it.
-_SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 
 __all__ = [
     "CLASS_KEY",
@@ -96,10 +93,10 @@ def train_command(path: str | Path) -> str | None:
     """
     target = os.path.abspath(path)
     beside = [folder / "config.yaml" for folder in (Path(path).parent, Path(path).parent.parent)]
-    for config in [*sorted(_SHIPPED_CONFIGS.rglob("*.yaml")), *(c for c in beside if c.is_file())]:
+    for config in [*sorted(SHIPPED_CONFIGS.rglob("*.yaml")), *(c for c in beside if c.is_file())]:
         if target in {os.path.abspath(file) for file in _checkpoint_files(config)}:
-            shipped = config.is_relative_to(_SHIPPED_CONFIGS)
-            return f"python main.py fit --config {f'configs/{config.relative_to(_SHIPPED_CONFIGS)}' if shipped else config}"
+            shipped = config.is_relative_to(SHIPPED_CONFIGS)
+            return f"python main.py fit --config {f'configs/{config.relative_to(SHIPPED_CONFIGS)}' if shipped else config}"
     return None
 
 
@@ -113,8 +110,8 @@ def missing_checkpoint_message(path: str | Path, what: str, train_hint: str | No
     command = train_command(path) or train_hint
     if command:
         return f"{what} checkpoint {str(path)!r} does not exist. Train it first ({command})."
-    written = [f"{file} (configs/{config.relative_to(_SHIPPED_CONFIGS)})"
-               for config in sorted(_SHIPPED_CONFIGS.glob("*.yaml")) for file in _checkpoint_files(config, best_only=True)]
+    written = [f"{file} (configs/{config.relative_to(SHIPPED_CONFIGS)})"
+               for config in sorted(SHIPPED_CONFIGS.glob("*.yaml")) for file in _checkpoint_files(config, best_only=True)]
     return (f"{what} checkpoint {str(path)!r} does not exist. Train it first with the config that writes it, or check "
             f"the path: no shipped config writes it (they write {', '.join(written)}).")
 

@@ -17,7 +17,7 @@ from jsonargparse import ArgumentParser, auto_cli
 from jsonargparse.typing import SecretStr
 
 from edm_lightning.errors import ConfigError, exit_if_user_error
-from edm_lightning.files import to_plain
+from edm_lightning.files import SHIPPED_CONFIGS, to_plain
 from edm_lightning.routing import ROUTER_KEY_ENV, ROUTER_KEY_FILE_ENV, SECRET_MASK
 
 __all__ = [
@@ -128,10 +128,6 @@ def prepare_command_line(argv: list[str]) -> list[str]:
         if not found.read_text().strip():
             raise ConfigError(f"config file {path!r} is empty: expected a YAML mapping such as the files under configs/")
     return args
-
-
-#: The committed configs, shipped inside the package (in a clone, a link to ``configs/``).
-SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 
 
 def shipped_config(path: str) -> Path:
