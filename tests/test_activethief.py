@@ -78,14 +78,8 @@ def test_bad_rounds_and_an_unknown_strategy_are_refused_before_the_first_stage(f
 ], ids=["negative lost", "outside the pool", "repeated picks", "a row more", "unnormalised answers", "not a mapping"])
 def test_a_damaged_round_file_is_refused_with_its_name_before_any_query(fake_data, tmp_path: Path, change):
     from edm_lightning.attacks.activethief import ActiveThiefDataModule
-    from tests.helpers.victims import CountingVictim, linear_victim
+    from tests.helpers.attacks import assert_a_damaged_round_is_refused
 
-    common = dict(root=str(tmp_path), budget=200, initial_size=40, rounds=2, batch_size=32,
-                  cache_dir=str(tmp_path / "cache"))
-    ActiveThiefDataModule(CountingVictim(linear_victim()), **common).setup("fit")
-    (path,) = (tmp_path / "cache").glob("activethief-*-round0.pt")
-    torch.save(change(torch.load(path, weights_only=True)), path)
-    victim = CountingVictim(linear_victim())
-    with pytest.raises(ConfigError, match=rf"{path.name}.*delete it only to start the attack over"):
-        ActiveThiefDataModule(victim, **common).setup("fit")
-    assert victim.rows == EVAL_SIZE  # the evaluation labels only: no query
+    settings = dict(root=str(tmp_path), budget=200, initial_size=40, rounds=2, batch_size=32,
+                    cache_dir=str(tmp_path / "cache"))
+    assert_a_damaged_round_is_refused(ActiveThiefDataModule, settings, tmp_path / "cache", "activethief", change)

@@ -75,14 +75,7 @@ def test_bad_input_fails_before_any_query(victim, fake_data, tmp_path):
 def test_a_damaged_round_file_is_refused_with_its_name_before_any_query(fake_data, tmp_path, change):
     """A round read back is checked like input from outside: a negative ``lost`` count would let the attack buy past its
     budget, an extra answer would shift every answer after it."""
-    from edm_lightning.errors import ConfigError
-    from tests.helpers.victims import CountingVictim
+    from tests.helpers.attacks import assert_a_damaged_round_is_refused
 
-    common = dict(root=str(tmp_path), seed_size=40, budget=160, batch_size=32, cache_dir=str(tmp_path / "cache"))
-    JBDADataModule(CountingVictim(linear_victim()), **common).setup("fit")
-    (path,) = (tmp_path / "cache").glob("jbda-*-round0.pt")
-    torch.save(change(torch.load(path, weights_only=True)), path)
-    victim = CountingVictim(linear_victim())
-    with pytest.raises(ConfigError, match=rf"{path.name}.*delete it only to start the attack over"):
-        JBDADataModule(victim, **common).setup("fit")
-    assert victim.rows == EVAL_SIZE  # the evaluation labels only: no query
+    settings = dict(root=str(tmp_path), seed_size=40, budget=160, batch_size=32, cache_dir=str(tmp_path / "cache"))
+    assert_a_damaged_round_is_refused(JBDADataModule, settings, tmp_path / "cache", "jbda", change)

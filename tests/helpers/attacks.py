@@ -1,7 +1,19 @@
-"""Tiny settings of every registered attack, for the tests parametrised from the registry.
+"""Tiny settings of every registered attack, for the tests parametrised from the registry, and the checks the attacks
+that buy in rounds share.
 
-A newly registered attack needs an entry here (a test says so); nothing else in the tests names attacks.
+A newly registered attack needs an entry in :data:`TINY_ATTACKS` (a test says so).
 """
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from edm_lightning.errors import ConfigError
+from tests.helpers.victims import EVAL_SIZE, CountingVictim, linear_victim
 
 #: Job arguments of each registered attack on tiny data (besides the victim, dataset, root and cache).
 TINY_ATTACKS = {
@@ -23,3 +35,16 @@ def tiny_settings(name: str) -> dict:
     """
     assert name in TINY_ATTACKS, f"attack {name!r} is registered but has no tiny settings in tests/helpers/attacks.py"
     return dict(TINY_ATTACKS[name])
+
+
+def assert_a_damaged_round_is_refused(datamodule_class: type, settings: dict, cache: Path, prefix: str,
+                                      change: Callable[[object], object]) -> None:
+    """Buy round 0 (``<cache>/<prefix>-*-round0.pt``), damage its file with ``change``, and check that the next run
+    refuses it by name before asking the victim anything (only the evaluation labels are computed)."""
+    datamodule_class(CountingVictim(linear_victim()), **settings).setup("fit")
+    (path,) = cache.glob(f"{prefix}-*-round0.pt")
+    torch.save(change(torch.load(path, weights_only=True)), path)
+    victim = CountingVictim(linear_victim())
+    with pytest.raises(ConfigError, match=rf"{path.name}.*delete it only to start the attack over"):
+        datamodule_class(victim, **settings).setup("fit")
+    assert victim.rows == EVAL_SIZE
