@@ -1,6 +1,7 @@
 """Exported models are files someone else may have written: each load checks the SHA-256 its manifest records,
 and refuses a ``pt2`` archive that would unpickle (or otherwise run code) and an ONNX model reading outside itself."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -91,7 +92,8 @@ def test_a_pt2_whose_sample_inputs_hold_a_pickle_is_refused_and_runs_nothing(exp
     with pytest.raises(ExportedFileError, match="sample inputs .* do not load with weights_only=True.*could run code"):
         load_exported(path)
     assert not marker.exists()
-    with pytest.raises(Exception):  # noqa: B017 - the attack is real: torch.export.load runs the payload, then fails
+    # The attack is real: torch.export.load runs the payload (whether it then fails depends on torch's build).
+    with contextlib.suppress(Exception):
         torch.export.load(str(path))
     assert marker.exists()
 
