@@ -253,6 +253,16 @@ def test_defenses_are_served_attacked_and_reported_per_strength(fake_root: Path,
         assert f"reach {result['distinct_members']:.2f} distinct members" in text
     for name in ("tradeoff.png", "tradeoff_knockoff-avg4.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # each victim both attacks ran against, judged by the stronger of the two
+    assert "## Each victim against its strongest attack" in text
+    strongest = {row["defense"]: row for row in csv.DictReader((out / "strongest.csv").open())}
+    assert set(strongest) == {"none", "edm-neural", "edm-keyed", "edm-keyed+adaptive-misinformation"}
+    for defense, row in strongest.items():
+        clones = {r["attack"]: r["clone_acc"] for r in records if r["defense"] == defense
+                  and r["diversity_weight"] in (None, 0.5) and r["strength"] in (None, 0.9)}  # the main lambda only
+        assert set(clones) == {"knockoff", "knockoff-avg4"}
+        assert row["strongest"] == max(clones, key=clones.get) and float(row["clone_acc_mean"]) == max(clones.values())
+        assert f"| {defense} | " in text.split("## Every attack against every victim")[0]
 
 
 @pytest.mark.parametrize("change, message", [

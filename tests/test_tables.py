@@ -11,6 +11,8 @@ from edm_lightning.experiment.tables import (
     plot_budget_curve,
     plot_tradeoff,
     setting,
+    strongest_attacks,
+    strongest_attacks_markdown,
     summarise,
     write_csv,
     write_markdown,
@@ -102,6 +104,24 @@ def test_best_within_a_point_ranks_by_clone_accuracy_and_excludes_costlier_defen
     assert [(r["defense"], r["strength"]) for r in best] == [("edm-neural", None), ("reverse-sigmoid", 0.2)]
     assert [r["strength"] for r in best_within(rows, "knockoff", 0.05)] == [0.8, None, 0.2]
     assert setting(best[1]) == "beta=0.2" and setting(best[0]) == "lambda=0.5"
+
+
+def test_each_victim_is_judged_by_its_strongest_attack():
+    # A second attack: weaker than knockoff on the undefended model, stronger on EDM (as JBDA-TR is).
+    records = _records() + [
+        {**r, "attack": "jbda_tr", "clone_acc": {"none": 0.55, "edm-neural": 0.52}[r["defense"]] + r["seed"] / 100}
+        for r in _records() if r["budget"] == 5000 and r["defense"] in ("none", "edm-neural")
+        and r["diversity_weight"] in (None, 0.5)]
+    none, edm, *defenses = strongest_attacks(records, 5000, diversity_weight=0.5)
+    assert (none["defense"], none["strongest"], none["clone_acc_mean"]) == ("none", "knockoff", pytest.approx(0.61))
+    assert (edm["defense"], edm["strongest"], edm["clone_acc_mean"]) == ("edm-neural", "jbda_tr", pytest.approx(0.525))
+    assert edm["protection_left"] == pytest.approx(0.61 - 0.525)  # not knockoff's 23.5-point drop
+    assert list(edm["attacks"]) == ["jbda_tr", "knockoff"]
+    assert [d["strength"] for d in defenses] == [0.2, 0.8]  # tried by one attack only: that one is the strongest
+    assert defenses[1]["protection_left"] == pytest.approx(0.61 - 0.205)
+    text = "\n".join(strongest_attacks_markdown([none, edm], 5000))
+    assert "| edm-neural | lambda=0.5 | 90.0 ± 0.0 | jbda_tr | 52.5 ± 0.7 | 8.5 | jbda_tr 52.5, knockoff 37.5 | 2 |" in text
+    assert "| none | - | 90.0 ± 0.0 | knockoff | 61.0 ± 1.4 | - |" in text
 
 
 def test_plots_are_written(tmp_path: Path):

@@ -68,6 +68,14 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
     if diagnostics and tables.plot_coherence(next(iter(diagnostics.values())), out / "coherence.png"):
         images.append("coherence.png")
     notes += [f"![{name}]({name})" for name in images]
+    strongest = _strongest_attacks(records, main_weight)
+    if strongest:
+        notes += ["", "## Each victim against its strongest attack", ""]
+        for budget, judged in strongest.items():
+            notes += [*tables.strongest_attacks_markdown(judged, budget), ""]
+        notes.append("## Every attack against every victim")
+        tables.write_csv([{**v, "budget": budget, "attacks": json.dumps(v["attacks"])}
+                          for budget, judged in strongest.items() for v in judged], out / "strongest.csv")
     tables.write_csv(records, out / "records.csv")
     tables.write_csv(rows, out / "results.csv")
     text = tables.write_markdown(rows, out / "results.md", f"EDM evaluation: {config.name}", notes)
@@ -76,6 +84,21 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
     if config.wandb_project:
         with stage_log(Path(config.runs_dir) / config.name / "results.log"):  # W&B's banners, not on the screen
             _log_results_to_wandb(config, rows, [out / name for name in images], out)
+
+
+def _strongest_attacks(records: list[dict], diversity_weight: float) -> dict[int, list[dict]]:
+    """The victims against their strongest attack (:func:`.tables.strongest_attacks`) at each budget where at least
+    two attacks ran against one victim.
+
+    Returns:
+        ``budget -> victims``, largest budget first; empty when no budget has two attacks.
+    """
+    strongest = {}
+    for budget in sorted({r["budget"] for r in records}, reverse=True):
+        victims = [v for v in tables.strongest_attacks(records, budget, diversity_weight) if len(v["attacks"]) > 1]
+        if victims:
+            strongest[budget] = victims
+    return strongest
 
 
 def _defense_notes(config: ExperimentConfig, rows: list[dict], spreads: dict) -> list[str]:

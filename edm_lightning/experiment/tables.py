@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 from edm_lightning.files import write_atomic
 
 __all__ = ["METRICS", "ResultRow", "best_within", "plot_budget_curve", "plot_coherence", "plot_routing_shares",
-           "plot_tradeoff", "setting", "summarise", "write_csv", "write_markdown"]
+           "plot_tradeoff", "setting", "strongest_attacks", "strongest_attacks_markdown", "summarise", "write_csv",
+           "write_markdown"]
 
 METRICS = ("defender_acc", "clone_acc", "agreement", "queries", "wall_time_s")
 
@@ -84,6 +85,56 @@ def best_within(rows: Sequence[dict], attack: str, max_loss: float) -> list[dict
     eligible = [r for r in rows if r["attack"] == attack and r["defense"] != "none"
                 and not math.isnan(r.get("defender_acc_loss_mean", math.nan)) and r["defender_acc_loss_mean"] <= max_loss]
     return sorted(eligible, key=lambda r: r["clone_acc_mean"])
+
+
+def strongest_attacks(records: Sequence[dict], budget: int, diversity_weight: float | None = None) -> list[dict]:
+    """Each victim against its strongest attack at ``budget`` queries: the evaluation standard of security defenses
+    (a defense is as strong as the best attack tried against it; Carlini et al. 2019), not an average over attacks.
+
+    A victim is a (defense, strength) pair; its strongest attack is the one whose clone accuracy (mean over seeds) is
+    highest among the attacks run against it at ``budget``. ``protection_left`` is the strongest clone accuracy against
+    the undefended model minus the strongest against this victim (each attacker picks its best attack), so a defense
+    that stops one attack but not another is credited only with what holds against both.
+
+    Returns:
+        One dict per victim, undefended first: ``defense``, ``strength_name``, ``strength``, ``diversity_weight``,
+        ``defender_acc_mean``/``_std``, ``strongest`` (the attack's label), ``clone_acc_mean``/``_std`` under it,
+        ``protection_left`` (fraction; NaN without an undefended row), ``attacks`` (``{label: clone_acc_mean}`` of
+        every attack tried, strongest first).
+    """
+    rows = summarise(records, budget, diversity_weight)
+    victims: dict[tuple, list[ResultRow]] = defaultdict(list)
+    for row in rows:
+        victims[(row["defense"], row["strength"])].append(row)
+    undefended = victims.get(("none", None), [])
+    ceiling = max((r["clone_acc_mean"] for r in undefended), default=math.nan)
+    result = []
+    for (defense, strength), group in victims.items():
+        ranked = sorted(group, key=lambda r: -r["clone_acc_mean"])
+        best = ranked[0]
+        result.append({"defense": defense, "strength_name": best["strength_name"], "strength": strength,
+                       "diversity_weight": best["diversity_weight"], "defender_acc_mean": best["defender_acc_mean"],
+                       "defender_acc_std": best["defender_acc_std"], "strongest": best["attack"],
+                       "clone_acc_mean": best["clone_acc_mean"], "clone_acc_std": best["clone_acc_std"],
+                       "protection_left": ceiling - best["clone_acc_mean"], "seeds": best["seeds"],
+                       "attacks": {r["attack"]: r["clone_acc_mean"] for r in ranked}})
+    return sorted(result, key=lambda r: (r["defense"] != "none", r["protection_left"] if r["defense"] != "none" else 0))
+
+
+def strongest_attacks_markdown(victims: Sequence[dict], budget: int) -> list[str]:
+    """The table of :func:`strongest_attacks` as Markdown lines (accuracies in %), most protection left last."""
+    lines = [f"Each victim against its strongest attack at {budget:,} queries (the highest clone accuracy of the attacks "
+             "run against it; protection left = the strongest clone of the undefended model minus this one, in points):",
+             "",
+             "| victim | setting | defender acc (%) | strongest attack | clone acc (%) | protection left (points) "
+             "| every attack tried (clone acc %) | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in victims:
+        left = "-" if v["defense"] == "none" or math.isnan(v["protection_left"]) else f"{v['protection_left'] * 100:.1f}"
+        tried = ", ".join(f"{label} {acc * 100:.1f}" for label, acc in v["attacks"].items())
+        lines.append(f"| {v['defense']} | {setting(v) or '-'} | {_pm(v, 'defender_acc', 100)} | {v['strongest']} "
+                     f"| {_pm(v, 'clone_acc', 100)} | {left} | {tried} | {v['seeds']} |")
+    return lines
 
 
 def _row_order(key: tuple, attacks: list[str]) -> tuple:
