@@ -41,9 +41,9 @@ def test_runs_until_the_budget_and_reports_exactly_what_it_spent_replay_included
 def test_replay_keeps_the_latest_answers_up_to_its_size():
     module = MAZEModule(replay_size=5)
     for start in (0, 3, 6):
-        x = torch.full((3, 1, 28, 28), float(start))
-        module._remember(x, torch.full((3, 10), float(start)))
-    assert module._replay_count == 5
-    assert sorted(module._replay_x[:, 0, 0, 0].tolist()) == [3.0, 3.0, 6.0, 6.0, 6.0]  # the oldest replaced first
+        module._replay.add(torch.full((3, 1, 28, 28), float(start)), torch.full((3, 10), float(start)))
+    assert len(module._replay) == 5
+    x, answers = module._replay.sample(50, replace=True)  # MAZE draws with replacement: more rows than are kept
+    assert len(x) == 50 and set(x[:, 0, 0, 0].tolist()) == {3.0, 6.0} and torch.equal(x[:, 0, 0, 0], answers[:, 0])
     with pytest.raises(ConfigError, match="replay_steps must be >= 0"):
         MAZEModule(replay_steps=-1)

@@ -1,4 +1,5 @@
-"""Model-stealing attacks and the oracle they query: KnockoffNets, JBDA / JBDA-TR, DFME, MAZE, ActiveThief.
+"""Model-stealing attacks and the oracle they query: KnockoffNets (and its FixMatch clone), JBDA / JBDA-TR, ActiveThief,
+DFME, MAZE, DisGUIDE (and any attack registered the same way).
 
 Each attack is a DataModule (the victim behind a :class:`BlackBoxOracle`, the attacker's data, the
 evaluation set) and a LightningModule (the attacker's clone and what else it learns), run by

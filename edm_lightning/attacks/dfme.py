@@ -38,8 +38,8 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig, build_optimizer
 
-__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "data_free_job", "dfme_cost", "dfme_job", "l1_logit_disagreement",
-           "run_dfme", "to_images", "victim_logits", "zeroth_order_gradient"]
+__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "ReplayBuffer", "data_free_job", "dfme_cost", "dfme_job",
+           "l1_logit_disagreement", "run_dfme", "to_images", "victim_logits", "zeroth_order_gradient"]
 
 
 class DFMEModule(CloneModule):
@@ -256,6 +256,50 @@ class Generator(nn.Module):
         return self.blocks(self.project(z).view(z.shape[0], -1, *self.start))
 
 
+class ReplayBuffer:
+    """The (query, answer) pairs bought so far, up to ``capacity`` (the oldest replaced first), kept on the CPU.
+
+    Sampling it asks the victim nothing: the experience replay of MAZE and DisGUIDE.
+
+    Args:
+        capacity: most pairs kept.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self._x: Tensor | None = None
+        self._answers: Tensor | None = None
+        self._next, self._count = 0, 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, x: Tensor, answers: Tensor) -> None:
+        """Keep queries ``x`` ``(N, C, H, W)`` and their answers ``(N, K)`` (as float32, on the CPU)."""
+        if self._x is None:
+            self._x = torch.empty((self.capacity, *x.shape[1:]))
+            self._answers = torch.empty((self.capacity, answers.shape[1]))
+        rows = (self._next + torch.arange(len(x))) % self.capacity
+        self._x[rows], self._answers[rows] = x.detach().float().cpu(), answers.detach().float().cpu()
+        self._next = int(rows[-1] + 1) % self.capacity
+        self._count = min(self._count + len(x), self.capacity)
+
+    def sample(self, size: int, device: torch.device | str = "cpu", replace: bool = False) -> tuple[Tensor, Tensor]:
+        """``size`` pairs drawn uniformly, on ``device``: distinct ones (all of them while fewer are kept), or with
+        ``replace`` independent draws (MAZE's).
+
+        Returns:
+            ``(x, answers)``.
+
+        Raises:
+            RuntimeError: nothing was kept yet.
+        """
+        if not self._count:
+            raise RuntimeError("the replay buffer is empty: buy a batch before replaying")
+        rows = torch.randint(self._count, (size,)) if replace else torch.randperm(self._count)[:size]
+        return self._x[rows].to(device), self._answers[rows].to(device)
+
+
 def to_images(pre: Tensor) -> Tensor:
     """Generator pre-activations to images in [0, 1] (DFME's tanh, rescaled to this framework's range)."""
     return (torch.tanh(pre) + 1) / 2
@@ -353,11 +397,11 @@ def run_dfme(victim: VictimConfig | RemoteVictimConfig, *, trainer: dict[str, An
     return dfme_job(victim, **settings).run(trainer)
 
 
-def data_free_job(module_class: type[DFMEModule], victim: VictimConfig | RemoteVictimConfig, *, dataset: str,
+def data_free_job(module_class: type[CloneModule], victim: VictimConfig | RemoteVictimConfig, *, dataset: str,
                   budget: int, steps_per_epoch: int, max_epochs: int, batch_size: int, label_only: bool, arch: str,
                   optim: OptimConfig | None, cache_dir: str, root: str, test_size: int | None, seed: int,
                   **options: Any) -> AttackJob:
-    """A data-free attack (``module_class``: DFME or MAZE) against ``victim``: what :func:`dfme_job` and
+    """A data-free attack (``module_class``: DFME, MAZE or DisGUIDE) against ``victim``: what :func:`dfme_job` and
     :func:`~edm_lightning.attacks.maze.maze_job` share.
 
     Returns:

@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 from typing_extensions import override
 
-from edm_lightning.attacks.dfme import DFMEModule, data_free_job
+from edm_lightning.attacks.dfme import DFMEModule, ReplayBuffer, data_free_job
 from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
@@ -71,9 +70,7 @@ class MAZEModule(DFMEModule):
         super().__init__(arch, num_classes, input_shape, mean, std, optim, generator_lr, latent_dim, directions,
                          grad_epsilon, generator_steps, clone_steps)
         self.save_hyperparameters()
-        self._replay_x: Tensor | None = None
-        self._replay_y: Tensor | None = None
-        self._replay_next, self._replay_count = 0, 0
+        self._replay = ReplayBuffer(replay_size)
 
     @staticmethod
     @override
@@ -84,15 +81,14 @@ class MAZEModule(DFMEModule):
     @override
     def clone_step(self, optimizer, x: Tensor, answers: Tensor) -> Tensor:
         """Keep the bought answers for replay, then one clone update on their KL divergence; its loss."""
-        self._remember(x, answers)
+        self._replay.add(x, answers)
         return self._kl_step(optimizer, x, answers)
 
     @override
     def after_clone_steps(self, optimizer, batch_size: int) -> None:
         """Experience replay: ``replay_steps`` clone updates on answers already bought (no query)."""
         for _ in range(self.hparams.replay_steps):
-            rows = torch.randint(self._replay_count, (batch_size,))
-            self._kl_step(optimizer, self._replay_x[rows].to(self.device), self._replay_y[rows].to(self.device))
+            self._kl_step(optimizer, *self._replay.sample(batch_size, self.device, replace=True))
 
     def _kl_step(self, optimizer, x: Tensor, answers: Tensor) -> Tensor:
         loss = kl_disagreement(self(x), answers).mean()
@@ -100,16 +96,6 @@ class MAZEModule(DFMEModule):
         self.manual_backward(loss)
         optimizer.step()
         return loss.detach()
-
-    def _remember(self, x: Tensor, answers: Tensor) -> None:
-        capacity = self.hparams.replay_size
-        if self._replay_x is None:
-            self._replay_x = torch.empty((capacity, *x.shape[1:]), dtype=x.dtype)
-            self._replay_y = torch.empty((capacity, answers.shape[1]), dtype=answers.dtype)
-        rows = (self._replay_next + torch.arange(len(x))) % capacity
-        self._replay_x[rows], self._replay_y[rows] = x.detach().cpu(), answers.detach().cpu()
-        self._replay_next = int(rows[-1] + 1) % capacity
-        self._replay_count = min(self._replay_count + len(x), capacity)
 
     @override
     def figures(self) -> dict[str, Any]:

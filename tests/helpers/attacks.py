@@ -19,11 +19,16 @@ from tests.helpers.victims import EVAL_SIZE, CountingVictim, linear_victim
 TINY_ATTACKS = {
     "activethief": dict(budget=200, initial_size=40, rounds=2, epochs_per_round=1, batch_size=32, strategy="kcenter"),
     "knockoff": dict(budget=320, batch_size=64, query_batch_size=64, max_epochs=1),
+    "ddae": dict(budget=320, batch_size=32, query_batch_size=64, max_epochs=1, share=0.2, probes=48, shadows=3,
+                 held_out=1, shadow_epochs=1, edm_members=2, pool_images=60, kit_steps=20),
+    "knockoff_fixmatch": dict(budget=160, batch_size=32, query_batch_size=32, max_epochs=1, mu=2, tau=0.5),
     "jbda": dict(seed_size=40, rounds=2, epochs_per_round=1, batch_size=32, budget=160),
     "jbda_tr": dict(seed_size=40, rounds=2, epochs_per_round=1, batch_size=32, budget=160),
     "dfme": dict(budget=300, batch_size=16, steps_per_epoch=3, max_epochs=10, clone_steps=2, latent_dim=16),
     "maze": dict(budget=400, batch_size=16, steps_per_epoch=3, max_epochs=10, clone_steps=2, directions=2, replay_steps=3,
                  latent_dim=16),
+    "disguide": dict(budget=160, batch_size=16, steps_per_epoch=3, max_epochs=10, clone_steps=2, replay_steps=2,
+                     latent_dim=16),
 }
 
 
