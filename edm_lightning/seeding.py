@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import lightning as L
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from typing_extensions import override
 
-__all__ = ["ReseedOnFit"]
+__all__ = ["ReseedOnFit", "seeded"]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's generators seeded with ``seed`` inside, and leave every generator (the CPU's and each CUDA
+    device's) as it was outside: what is built inside depends on ``seed`` alone, and the caller's own draws do not
+    move (so whether a cached part was built in this process or read back changes nothing downstream).
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class ReseedOnFit(L.Callback):

@@ -64,6 +64,9 @@ def test_the_restorer_undoes_a_known_perturbation_on_held_out_answers():
      "the shadow kit supplies its own"),
     ({"defenses": ["EDM", "EDM"]}, "listed twice"),
     ({"defenses": []}, "non-empty list"),
+    ({"shadow_epochs": 0}, "shadow_epochs must be an integer >= 1"),  # the kit's settings too, before any stage
+    ({"edm_members": 1}, "edm_members must be an integer >= 2"),
+    ({"kit_steps": 2.5}, "kit_steps must be an integer >= 1"),
 ])
 def test_bad_settings_are_refused_before_anything_is_built_with_the_allowed_values(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -125,6 +125,22 @@ def test_the_learning_rates_decay_at_the_budgets_milestones():
         assert optimizer.param_groups[0]["lr"] == pytest.approx(lr), spent
 
 
+def test_a_resumed_fit_does_not_decay_the_learning_rates_twice():
+    module = DisGUIDEModule(lr_milestones=(0.4,), lr_decay=0.5)
+    optimizer = torch.optim.SGD(module.net.parameters(), lr=0.1)
+    oracle = BlackBoxOracle(_Victim(), budget=100)
+    oracle._spent = 50
+    module._decay_learning_rates(oracle, [optimizer])
+    checkpoint = {"state_dict": {}, "hyper_parameters": dict(module.hparams)}  # what Lightning's checkpoint holds
+    module.on_save_checkpoint(checkpoint)
+    resumed = DisGUIDEModule(lr_milestones=(0.4,), lr_decay=0.5)
+    resumed.on_load_checkpoint(checkpoint)
+    restored = torch.optim.SGD(resumed.net.parameters(), lr=0.1)
+    restored.load_state_dict(optimizer.state_dict())  # Lightning restores the optimiser with its decayed rate
+    resumed._decay_learning_rates(oracle, [restored])
+    assert restored.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 class _Victim:
     input_shape, num_classes = (1, 28, 28), 10
 

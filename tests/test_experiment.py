@@ -401,7 +401,7 @@ def test_the_full_cpu_config_holds_everything_the_default_left_out():
                      for n in ("fashionmnist", "fashionmnist_full_cpu"))
     assert {s.id for s in default.stages} < {s.id for s in full.stages}  # the default's stages are reused, not redone
     attacks = {info["attack"] for _, info in full.attack_runs}
-    assert {"knockoff", "jbda_tr", "dfme", "knockoff-avg8-noise", "knockoff-avg8-shift"} <= attacks
+    assert {"knockoff", "jbda_tr", "dfme", "maze", "disguide", "knockoff-avg8-noise", "knockoff-avg8-shift"} <= attacks
     assert {"misinformation", "spread"} <= {s.kind for s in full.stages}
     assert any(info["diversity_weight"] == 0.0 for _, info in full.attack_runs)  # the control ensemble
 

@@ -43,6 +43,7 @@ def test_replay_keeps_the_latest_answers_up_to_its_size():
     for start in (0, 3, 6):
         module._replay.add(torch.full((3, 1, 28, 28), float(start)), torch.full((3, 10), float(start)))
     assert len(module._replay) == 5
+    assert sorted(module._replay._x[:, 0, 0, 0].tolist()) == [3.0, 3.0, 6.0, 6.0, 6.0]  # the oldest replaced first
     x, answers = module._replay.sample(50, replace=True)  # MAZE draws with replacement: more rows than are kept
     assert len(x) == 50 and set(x[:, 0, 0, 0].tolist()) == {3.0, 6.0} and torch.equal(x[:, 0, 0, 0], answers[:, 0])
     with pytest.raises(ConfigError, match="replay_steps must be >= 0"):

@@ -71,6 +71,13 @@ TINY_BY_CONFIG = {
     "configs/attack/knockoff_vs_edm.yaml": _KNOCKOFF,
     "configs/attack/knockoff_vs_edm_am.yaml": _KNOCKOFF,
     "configs/attack/jbda_tr.yaml": _JBDA,
+    "configs/attack/knockoff_fixmatch.yaml": [*_KNOCKOFF, "--data.init_args.mu", "2"],
+    # D-DAE's shadow kit: 3 shadows per defense, 1 epoch each, on a fifth of the synthetic training split
+    "configs/attack/ddae.yaml": [*_KNOCKOFF, "--data.init_args.budget", "320", "--data.init_args.share", "0.2",
+                                 "--data.init_args.probes", "48", "--data.init_args.shadows", "3",
+                                 "--data.init_args.held_out", "1", "--data.init_args.shadow_epochs", "1",
+                                 "--data.init_args.edm_members", "2", "--data.init_args.pool_images", "60",
+                                 "--data.init_args.kit_steps", "20"],
     # the quick start: one epoch of each part, 2 members, one small budget, 40 test images (10 stages, seconds each)
     "configs/experiment/fashionmnist.yaml": [
         "--test_size", "40", "--target.epochs", "1", "--target.batch_size", "32", "--target.val_size", "40",

@@ -107,21 +107,36 @@ def test_best_within_a_point_ranks_by_clone_accuracy_and_excludes_costlier_defen
 
 
 def test_each_victim_is_judged_by_its_strongest_attack():
-    # A second attack: weaker than knockoff on the undefended model, stronger on EDM (as JBDA-TR is).
+    # A second attack, run at 1,000 queries only: weaker than knockoff on the undefended model, stronger on EDM (as
+    # JBDA-TR is). An attacker who can pay 5,000 can run it, so it counts at 5,000.
     records = _records() + [
-        {**r, "attack": "jbda_tr", "clone_acc": {"none": 0.55, "edm-neural": 0.52}[r["defense"]] + r["seed"] / 100}
+        {**r, "attack": "jbda_tr", "budget": 1000,
+         "clone_acc": {"none": 0.55, "edm-neural": 0.52}[r["defense"]] + r["seed"] / 100}
         for r in _records() if r["budget"] == 5000 and r["defense"] in ("none", "edm-neural")
         and r["diversity_weight"] in (None, 0.5)]
-    none, edm, *defenses = strongest_attacks(records, 5000, diversity_weight=0.5)
+    # the same victims answering top-1 labels: judged apart, against the undefended top-1 victim
+    records += [{**r, "attack": "knockoff-top1", "answers": "top-1", "clone_acc": r["clone_acc"] - 0.1}
+                for r in _records() if r["budget"] == 5000 and r["defense"] in ("none", "edm-neural")]
+    none, edm, *rest = strongest_attacks(records, 5000, diversity_weight=0.5)
+    weak, strong, top1_none, top1_edm = rest
     assert (none["defense"], none["strongest"], none["clone_acc_mean"]) == ("none", "knockoff", pytest.approx(0.61))
-    assert (edm["defense"], edm["strongest"], edm["clone_acc_mean"]) == ("edm-neural", "jbda_tr", pytest.approx(0.525))
+    assert (edm["defense"], edm["strongest"], edm["strongest_budget"]) == ("edm-neural", "jbda_tr", 1000)
+    assert edm["clone_acc_mean"] == pytest.approx(0.525)
     assert edm["protection_left"] == pytest.approx(0.61 - 0.525)  # not knockoff's 23.5-point drop
-    assert list(edm["attacks"]) == ["jbda_tr", "knockoff"]
-    assert [d["strength"] for d in defenses] == [0.2, 0.8]  # tried by one attack only: that one is the strongest
-    assert defenses[1]["protection_left"] == pytest.approx(0.61 - 0.205)
-    text = "\n".join(strongest_attacks_markdown([none, edm], 5000))
-    assert "| edm-neural | lambda=0.5 | 90.0 ± 0.0 | jbda_tr | 52.5 ± 0.7 | 8.5 | jbda_tr 52.5, knockoff 37.5 | 2 |" in text
-    assert "| none | - | 90.0 ± 0.0 | knockoff | 61.0 ± 1.4 | - |" in text
+    assert list(edm["attacks"]) == ["jbda_tr", "knockoff"] and edm["untried"] == []
+    # tried by knockoff only: judged against the undefended model under knockoff, and jbda_tr named as untried
+    assert [(d["defense"], d["strength"]) for d in (weak, strong)] == [("reverse-sigmoid", 0.2), ("reverse-sigmoid", 0.8)]
+    assert strong["protection_left"] == pytest.approx(0.61 - 0.205) and strong["untried"] == ["jbda_tr"]
+    assert (top1_none["answers"], top1_edm["answers"]) == ("top-1", "top-1")
+    assert top1_edm["protection_left"] == pytest.approx((0.61 - 0.1) - (0.375 - 0.1))  # against the top-1 undefended
+    assert strongest_attacks(records, 1000, diversity_weight=0.5)[1]["attacks"] == {
+        "jbda_tr": pytest.approx(0.525), "knockoff": pytest.approx(0.1875)}  # knockoff's 1,000-query run only
+    text = "\n".join(strongest_attacks_markdown([none, edm, strong], 5000))
+    assert ("| edm-neural | probabilities | lambda=0.5 | 90.0 ± 0.0 | jbda_tr (1,000) | 52.5 ± 0.7 | 8.5 "
+            "| jbda_tr 52.5, knockoff 37.5 | - | 2 |") in text
+    assert "| none | probabilities | - | 90.0 ± 0.0 | knockoff | 61.0 ± 1.4 | - |" in text
+    assert ("| reverse-sigmoid | probabilities | beta=0.8 | 87.0 ± 0.0 | knockoff | 20.5 ± 0.7 | 40.5 | knockoff 20.5 "
+            "| jbda_tr |") in text
 
 
 def test_plots_are_written(tmp_path: Path):

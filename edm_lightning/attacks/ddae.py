@@ -53,6 +53,8 @@ DEFAULT_DEFENSES: tuple[str | dict[str, Any], ...] = (
 )
 
 DEFAULTS = {"share": 0.02, "probes": 128, "shadows": 8, "held_out": 2, "batch_size": 128}
+#: The shadow kit's training settings (checked with the rest before a runner's first stage).
+KIT_DEFAULTS = {"shadow_epochs": 30, "edm_members": 5, "pool_images": 2000, "kit_steps": 1500}
 
 
 class DDAEDataModule(KnockoffDataModule):
@@ -91,10 +93,10 @@ class DDAEDataModule(KnockoffDataModule):
         probes: int = DEFAULTS["probes"],
         shadows: int = DEFAULTS["shadows"],
         held_out: int = DEFAULTS["held_out"],
-        shadow_epochs: int = 30,
-        edm_members: int = 5,
-        pool_images: int = 2000,
-        kit_steps: int = 1500,
+        shadow_epochs: int = KIT_DEFAULTS["shadow_epochs"],
+        edm_members: int = KIT_DEFAULTS["edm_members"],
+        pool_images: int = KIT_DEFAULTS["pool_images"],
+        kit_steps: int = KIT_DEFAULTS["kit_steps"],
         defenses: list[str | dict[str, Any]] | None = None,
         shadow_arch: str = "lenet5",
         label_only: bool = False,
@@ -110,11 +112,8 @@ class DDAEDataModule(KnockoffDataModule):
         seed: int = 0,
     ):
         candidates = check_ddae(budget, dict(share=share, probes=probes, shadows=shadows, held_out=held_out,
-                                             defenses=defenses, batch_size=batch_size))
-        for key, value in {"shadow_epochs": shadow_epochs, "edm_members": edm_members, "pool_images": pool_images,
-                           "kit_steps": kit_steps}.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "edm_members" else 1):
-                raise ConfigError(f"{key} must be an integer >= {2 if key == 'edm_members' else 1}, got {value!r}")
+                                             defenses=defenses, batch_size=batch_size, shadow_epochs=shadow_epochs,
+                                             edm_members=edm_members, pool_images=pool_images, kit_steps=kit_steps))
         super().__init__(victim, dataset, surrogate, strategy, reward, budget, label_only, policy_arch, policy_lr,
                          diversity_window, 1, 0.0, 0, query_batch_size, root, batch_size, test_size, cache_dir,
                          num_workers, seed)
@@ -168,10 +167,9 @@ class DDAEDataModule(KnockoffDataModule):
         images, labels = self.load_attacker_images(self.hparams.dataset, train=True)
         count = max(1, round(self.hparams.share * len(images)))
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.seed * 7919 + 3))[:count]
-        device = self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
-        accelerator = {"cuda": "gpu", "mps": "mps"}.get(device, "cpu")
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         path = self.cache_dir / f"ddae-kit-{settings.key()}.pt"
-        return shadow_kit(path, settings, self, (images[chosen].float().div_(255), labels[chosen]), pool, accelerator)
+        return shadow_kit(path, settings, self, (images[chosen].float().div_(255), labels[chosen]), pool, device)
 
     def _buy(self, probe_x: Tensor, images: Tensor, labels: Tensor) -> tuple[Tensor, TransferSet]:
         """The victim's answers on the probes and the transfer set; the probes first (see the module docstring)."""
@@ -237,14 +235,16 @@ class DDAEDataModule(KnockoffDataModule):
 
 def check_ddae(budget: int, options: Mapping[str, Any]) -> list:
     """Refuse D-DAE settings before anything is built or bought (the DataModule and a runner call it alike): ``share``,
-    ``probes``, ``shadows``, ``held_out``, ``batch_size`` and ``defenses`` from ``options`` (defaults otherwise).
+    ``probes``, ``shadows``, ``held_out``, the kit's settings, ``batch_size`` and ``defenses`` from ``options``
+    (defaults otherwise).
 
     Returns:
         The candidate defenses (:class:`~edm_lightning.attacks.shadows.CandidateDefense`).
 
     Raises:
-        ConfigError: ``share`` outside (0, 1]; ``probes``, ``shadows`` or ``held_out`` not whole numbers (at least 1
-            probe, 2 shadows, 1 held out and 1 training); a budget that cannot pay the probes and one transfer-set batch;
+        ConfigError: ``share`` outside (0, 1]; ``probes``, ``shadows``, ``held_out`` or the kit's settings
+            (``shadow_epochs``, ``edm_members``, ``pool_images``, ``kit_steps``) not whole numbers (at least 1 probe,
+            2 shadows, 1 held out and 1 training, 2 members); a budget that cannot pay the probes and one transfer-set batch;
             an unknown candidate defense (the message lists the allowed values).
     """
     get = {key: options.get(key, value) for key, value in DEFAULTS.items()}
@@ -252,7 +252,10 @@ def check_ddae(budget: int, options: Mapping[str, Any]) -> list:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:  # NaN fails too
         raise ConfigError(f"share (the attacker's fraction of the victim's training data) must be in (0, 1], e.g. 0.02 "
                           f"(D-DAE's 2%), got {share!r}")
-    for key, value, low in (("probes", probes, 1), ("shadows", shadows, 2), ("held_out", held_out, 1)):
+    kit = {key: options.get(key, value) for key, value in KIT_DEFAULTS.items()}
+    for key, value, low in (("probes", probes, 1), ("shadows", shadows, 2), ("held_out", held_out, 1),
+                            ("shadow_epochs", kit["shadow_epochs"], 1), ("edm_members", kit["edm_members"], 2),
+                            ("pool_images", kit["pool_images"], 1), ("kit_steps", kit["kit_steps"], 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
     if held_out >= shadows:
@@ -277,9 +280,10 @@ def ddae_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options:
         The estimate, in seconds.
     """
     share = float(options.get("share", DEFAULTS["share"]))
-    shadows, epochs_s = int(options.get("shadows", DEFAULTS["shadows"])), int(options.get("shadow_epochs", 30))
-    members = int(options.get("edm_members", 5))
-    answered = int(options.get("probes", DEFAULTS["probes"])) + int(options.get("pool_images", 2000)) + share * 60_000
+    shadows = int(options.get("shadows", DEFAULTS["shadows"]))
+    epochs_s, members = (int(options.get(key, KIT_DEFAULTS[key])) for key in ("shadow_epochs", "edm_members"))
+    answered = (int(options.get("probes", DEFAULTS["probes"])) + int(options.get("pool_images", KIT_DEFAULTS["pool_images"]))
+                + share * 60_000)
     per_shadow = epochs_s * share * 60_000 * seconds_per_image_epoch * (2 + 1.6 * members) + 2e-3 * answered + 5.0
     return shadows * per_shadow + 30.0 + budget * SECONDS_PER_QUERY + epochs * budget * seconds_per_image_epoch + 3.0
 

@@ -285,6 +285,16 @@ class DisGUIDEModule(CloneModule):
             self._lr_factor = factor
 
     @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["disguide_lr_factor"] = self._lr_factor  # the optimisers it saves hold the decayed rates
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._lr_factor = float(checkpoint.get("disguide_lr_factor", 1.0))  # a resumed fit does not decay them twice
+
+    @override
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:

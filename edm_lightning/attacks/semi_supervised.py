@@ -8,8 +8,8 @@ The fewer queries bought, the more of the pool is left unlabelled: the attack ma
 
 Each training step pairs a batch of ``B`` bought images with ``mu * B`` unlabelled ones. An epoch is one pass over
 the bought images (as KnockoffNets' epoch, so equal epochs mean equal labelled steps); the unlabelled images are
-drawn afresh every epoch, without replacement until the pool is used up. Nothing is queried during training, so
-DDP is fine: each process trains on its own share of both sets.
+reshuffled every epoch, each repeated equally often when an epoch needs more of them than the pool holds. Nothing
+is queried during training, so DDP is fine: each process trains on its own share of both sets.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class UnlabelledImages(Dataset):
     """The pool images at ``positions``, served as float images in [0, 1], cycled to ``length`` items.
 
     Item ``i`` is ``images[positions[i % len(positions)]]``: a length that is a multiple of the positions' count
-    holds every image equally often, so a shuffled pass draws without replacement until the pool is used up.
+    holds every image equally often.
 
     Args:
         images: the pool, uint8 ``(N, C, H, W)``.

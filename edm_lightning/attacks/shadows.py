@@ -13,7 +13,10 @@ attacker's pool as its OOD set, behind a keyed router with a random key. From th
   set network over the probe rows (each row with the undefended shadows' mean answer on that probe, then mean and
   spread over the rows), so that a handful of shadows trains it (random halves of the rows augment each shadow);
 * a restorer per defense (paper Sec. IV-C, Eq. 3): an MLP mapping a defended answer row to the undefended one,
-  trained with the L1 loss on (defended, undefended) shadow answer pairs over pool and share images.
+  trained with the L1 loss on (defended, undefended) shadow answer pairs over pool and share images. For a
+  post-processor the pair is one model's answer with and without it; for ``EDM`` the undefended answer is the
+  undefended shadow trained on the same share (an EDM ensemble has no undefended self), so its restorer learns a
+  noisier map and its restoration error is not comparable with the post-processors'.
 
 The kit depends on the task, the pool and these settings, never on the victim: it is cached and reused by every
 victim, budget and re-run. Detection accuracy and restoration error are measured on held-out shadows.
@@ -48,6 +51,7 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, save_atomic
 from edm_lightning.models import ClassifierModule, EnsembleModule, MisinformationModule, OptimConfig
 from edm_lightning.routing import FixedRouter, KeyedHashRouter
+from edm_lightning.seeding import seeded
 
 __all__ = ["EDM", "NONE", "CandidateDefense", "MetaClassifier", "Restorer", "ShadowKit", "ShadowSettings",
            "detection_accuracy", "parse_defenses", "restoration_error", "train_meta_classifier", "train_restorer"]
@@ -177,7 +181,7 @@ def train_meta_classifier(answers: Mapping[str, Tensor], reference: Tensor, step
     classes, shadows, probes, k = x.shape
     x, target = x.flatten(0, 1), torch.arange(classes).repeat_interleave(shadows)
     generator = torch.Generator().manual_seed(seed)
-    with _seeded(seed):
+    with seeded(seed):
         model = MetaClassifier(k, classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     rows = max(1, int(probes * subset))
@@ -235,7 +239,7 @@ def train_restorer(defended: Tensor, clean: Tensor, steps: int = 1500, batch_siz
         The trained restorer (eval mode).
     """
     generator = torch.Generator().manual_seed(seed)
-    with _seeded(seed):
+    with seeded(seed):
         model = Restorer(defended.shape[-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     defended, clean = defended.float(), clean.float()
@@ -354,16 +358,16 @@ class ShadowKit:
                      "figures": self.figures}, path)
 
     @classmethod
-    def load(cls, path: Path, settings: ShadowSettings, num_classes: int) -> ShadowKit:
-        """Read a kit :meth:`save` wrote for ``settings``, without running any code from the file.
+    def load(cls, path: Path, settings: ShadowSettings, num_classes: int, pool_size: int) -> ShadowKit:
+        """Read a kit :meth:`save` wrote for ``settings`` and a pool of ``pool_size`` images, without running any code
+        from the file.
 
         Returns:
             The kit.
 
         Raises:
-            ConfigError: the file is not such a kit (unreadable, other labels, weights of another shape); the message
-                names it.
-            ValueError: never: raised inside and reported as the ConfigError.
+            ConfigError: the file is not such a kit (unreadable, other labels, other probe images, weights of another
+                shape); the message names it.
         """
         keys = ("version", "labels", "probe_indices", "reference", "meta", "restorers", "figures")
         retrain = "delete it and the kit is trained again (nothing is bought for it)"
@@ -371,27 +375,38 @@ class ShadowKit:
             blob = load_record(path, "D-DAE shadow kit", keys)
         except ConfigError as err:
             raise ConfigError(str(err).split(";")[0] + f"; {retrain}") from None
-        try:
-            if blob["version"] != KIT_VERSION or list(blob["labels"]) != settings.labels:
-                raise ValueError(f"it tells apart {blob['labels']!r}, not {settings.labels!r}")
-            probes, reference = blob["probe_indices"], blob["reference"]
-            if tuple(probes.shape) != (settings.probes,) or tuple(reference.shape) != (settings.probes, num_classes):
-                raise ValueError(f"probes {tuple(probes.shape)} and reference {tuple(reference.shape)}, not "
-                                 f"({settings.probes},) and ({settings.probes}, {num_classes})")
-            meta = MetaClassifier(num_classes, len(settings.labels))
-            meta.load_state_dict(blob["meta"])
-            restorers = {}
-            for name in settings.labels[1:]:
-                restorers[name] = Restorer(num_classes)
-                restorers[name].load_state_dict(blob["restorers"][name])
-            figures = dict(blob["figures"])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-            raise ConfigError(f"{str(path)!r} is not a D-DAE shadow kit for these settings ({err}); {retrain}") from None
-        return cls(settings, probes.long(), reference, meta.eval(), {k: r.eval() for k, r in restorers.items()}, figures)
+        problem, kit = _read_kit(blob, settings, num_classes, pool_size)
+        if kit is None:
+            raise ConfigError(f"{str(path)!r} is not a D-DAE shadow kit for these settings ({problem}); {retrain}")
+        return kit
+
+
+def _read_kit(blob: dict, settings: ShadowSettings, num_classes: int, pool_size: int) -> tuple[str, ShadowKit | None]:
+    """The kit ``blob`` holds, or what is wrong with it (``(problem, None)``)."""
+    if blob["version"] != KIT_VERSION or list(blob["labels"]) != settings.labels:
+        return f"it tells apart {blob['labels']!r}, not {settings.labels!r}", None
+    probes, reference = blob["probe_indices"], blob["reference"]
+    if not isinstance(probes, Tensor) or not isinstance(reference, Tensor) or tuple(probes.shape) != (settings.probes,) \
+            or tuple(reference.shape) != (settings.probes, num_classes):
+        return f"probes and reference of other shapes than ({settings.probes},) and ({settings.probes}, {num_classes})", None
+    if not torch.equal(probes.long(), pool_draw(settings, pool_size)[0]):
+        return "its probes are not this seed's probe images of this pool", None
+    try:
+        meta = MetaClassifier(num_classes, len(settings.labels))
+        meta.load_state_dict(blob["meta"])
+        restorers = {}
+        for name in settings.labels[1:]:
+            restorers[name] = Restorer(num_classes)
+            restorers[name].load_state_dict(blob["restorers"][name])
+        figures = dict(blob["figures"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        return str(err), None
+    return "", ShadowKit(settings, probes.long(), reference, meta.eval(), {k: r.eval() for k, r in restorers.items()},
+                         figures)
 
 
 def shadow_kit(path: Path, settings: ShadowSettings, spec: Any, share: tuple[Tensor, Tensor], pool: Tensor,
-               accelerator: str = "cpu") -> ShadowKit:
+               device: torch.device | str = "cpu") -> ShadowKit:
     """The kit ``settings`` describe: read from ``path``, or trained (one process at a time) and saved there.
 
     Args:
@@ -401,15 +416,15 @@ def shadow_kit(path: Path, settings: ShadowSettings, spec: Any, share: tuple[Ten
         share: the attacker's share of the training split: images in [0, 1] ``(n, C, H, W)`` and labels ``(n,)``.
         pool: the attacker's pool, images in [0, 1] ``(N, C, H, W)``; ``probe_indices`` and the other pool images are
             drawn from it with the seed.
-        accelerator: where the shadows train (``cpu`` or the attack's own device).
+        device: where the shadows train (``cpu``, or the attack's own device, e.g. ``cuda:1``).
 
     Returns:
         The kit.
     """
     with FileLock(path.with_name(path.name + ".lock")):
         if path.is_file():
-            return ShadowKit.load(path, settings, spec.num_classes)
-        kit = train_shadow_kit(settings, spec, share, pool, accelerator)
+            return ShadowKit.load(path, settings, spec.num_classes, len(pool))
+        kit = train_shadow_kit(settings, spec, share, pool, device)
         kit.save(path)
         return kit
 
@@ -426,7 +441,7 @@ def pool_draw(settings: ShadowSettings, pool_size: int) -> tuple[Tensor, Tensor]
 
 
 def train_shadow_kit(settings: ShadowSettings, spec: Any, share: tuple[Tensor, Tensor], pool: Tensor,
-                     accelerator: str = "cpu") -> ShadowKit:
+                     device: torch.device | str = "cpu") -> ShadowKit:
     """Train the shadows, the meta-classifier and the restorers (see the module docstring); the global random state is
     left as it was.
 
@@ -441,21 +456,21 @@ def train_shadow_kit(settings: ShadowSettings, spec: Any, share: tuple[Tensor, T
     shape, k = tuple(spec.input_shape), spec.num_classes
     for i in range(settings.shadows):
         seed = settings.seed * 1000 + i
-        net = _fit_classifier(ClassifierModule, settings, spec, share, seed, accelerator)
+        net = _fit_classifier(ClassifierModule, settings, spec, share, seed, device)
         undefended = Victim([net], FixedRouter(1), shape, k).eval()
         misinformation = None
         for label in labels:
             if label == NONE:
                 victim = undefended
             elif label == EDM:
-                victim = _edm_shadow(settings, spec, share, pool[other_at], seed, accelerator)
+                victim = _edm_shadow(settings, spec, share, pool[other_at], seed, device)
             else:
                 defense = next(d for d in settings.defenses if d.name == label)
                 if "misinformation_model" in inspect.signature(defense.postprocessor).parameters and misinformation is None:
-                    misinformation = _fit_classifier(MisinformationModule, settings, spec, share, seed, accelerator)
+                    misinformation = _fit_classifier(MisinformationModule, settings, spec, share, seed, device)
                 post = defense.build(k, shape, {"misinformation_model": misinformation, "proxy": None, "seed": seed})
                 victim = Victim([net], FixedRouter(1), shape, k, postprocessors=[post]).eval()
-            with _seeded(seed):
+            with seeded(seed):
                 probe_answers[label].append(victim(probes))
                 input_answers[label].append(victim(inputs))
     train = slice(0, settings.shadows - settings.held_out)
@@ -481,36 +496,36 @@ def train_shadow_kit(settings: ShadowSettings, spec: Any, share: tuple[Tensor, T
 
 
 def _fit_classifier(module_class: type[ClassifierModule], settings: ShadowSettings, spec: Any,
-                    share: tuple[Tensor, Tensor], seed: int, accelerator: str) -> nn.Module:
+                    share: tuple[Tensor, Tensor], seed: int, device: torch.device | str) -> nn.Module:
     """A shadow classifier (or misinformation net) trained on the share.
 
     Returns:
         Its net, on the CPU, in eval mode.
     """
-    with _seeded(seed):
+    with seeded(seed):
         module = module_class(settings.arch, spec.num_classes, tuple(spec.input_shape), spec.mean, spec.std,
                               OptimConfig(name="adam", lr=1e-3, schedule="constant"))
         loader = batch_loader(BatchTensorDataset(*share), settings.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(seed))
-        _fit(module, loader, settings.epochs, accelerator)
+        _fit(module, loader, settings.epochs, device)
     return module.net.cpu().eval()
 
 
 def _edm_shadow(settings: ShadowSettings, spec: Any, share: tuple[Tensor, Tensor], ood: Tensor, seed: int,
-                accelerator: str) -> Victim:
+                device: torch.device | str) -> Victim:
     """A shadow EDM ensemble trained by EnsembleModule's own objective (the share in distribution, ``ood`` out of it),
     served behind a keyed router with a random key.
 
     Returns:
         The shadow EDM as a victim serves it.
     """
-    with _seeded(seed):
+    with seeded(seed):
         module = EnsembleModule(settings.arch, settings.edm_members, spec.num_classes, tuple(spec.input_shape), spec.mean,
                                 spec.std, OptimConfig(name="adam", lr=1e-3, schedule="constant"), router="fixed")
         generator = torch.Generator().manual_seed(seed)
         loaders = {"id": batch_loader(BatchTensorDataset(*share), settings.batch_size, shuffle=True, generator=generator),
                    "ood": batch_loader(_Images(ood), settings.batch_size, shuffle=True, generator=generator)}
-        _fit(module, CombinedLoader(loaders, mode="max_size_cycle"), settings.epochs, accelerator)
+        _fit(module, CombinedLoader(loaders, mode="max_size_cycle"), settings.epochs, device)
         key = bytes(torch.randint(0, 256, (16,), generator=generator).tolist())
     router = KeyedHashRouter(settings.edm_members, key=key)
     return Victim([m.cpu().eval() for m in module.members], router, tuple(spec.input_shape), spec.num_classes).eval()
@@ -523,10 +538,13 @@ class _Images(TensorDataset):
         return self.tensors[0][torch.as_tensor(indices, dtype=torch.long)]
 
 
-def _fit(module: L.LightningModule, loader: Any, epochs: int, accelerator: str) -> None:
-    """A quiet nested fit on in-memory data: no logger, checkpoint, progress bar or validation, one device."""
+def _fit(module: L.LightningModule, loader: Any, epochs: int, device: torch.device | str) -> None:
+    """A quiet nested fit on in-memory data: no logger, checkpoint, progress bar or validation, on ``device`` alone."""
+    device = torch.device(device)
+    accelerator = {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
+    devices = [device.index] if device.type == "cuda" and device.index is not None else 1
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator=accelerator, devices=1, num_sanity_val_steps=0,
+                        enable_model_summary=False, accelerator=accelerator, devices=devices, num_sanity_val_steps=0,
                         limit_val_batches=0)
     with _quiet():
         trainer.fit(module, train_dataloaders=loader)
@@ -548,9 +566,3 @@ def _quiet() -> Iterator[None]:
             log.setLevel(level)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch inside, and leave the global random state as it was (the attack's own draws do not move)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield

@@ -7,6 +7,7 @@ this module decides which of them an experiment gets and the notes that explain 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from statistics import mean
@@ -73,9 +74,11 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
         notes += ["", "## Each victim against its strongest attack", ""]
         for budget, judged in strongest.items():
             notes += [*tables.strongest_attacks_markdown(judged, budget), ""]
-        notes.append("## Every attack against every victim")
-        tables.write_csv([{**v, "budget": budget, "attacks": json.dumps(v["attacks"])}
+        notes.append("## Each attack at its largest budget")
+        tables.write_csv([{**v, "budget": budget, "attacks": json.dumps(v["attacks"]), "untried": " ".join(v["untried"])}
                           for budget, judged in strongest.items() for v in judged], out / "strongest.csv")
+    else:
+        (out / "strongest.csv").unlink(missing_ok=True)  # an earlier run's table, which these results do not have
     tables.write_csv(records, out / "records.csv")
     tables.write_csv(rows, out / "results.csv")
     text = tables.write_markdown(rows, out / "results.md", f"EDM evaluation: {config.name}", notes)
@@ -87,14 +90,18 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
 
 
 def _strongest_attacks(records: list[dict], diversity_weight: float) -> dict[int, list[dict]]:
-    """The victims against their strongest attack (:func:`.tables.strongest_attacks`) at each budget where at least
-    two attacks ran against one victim.
+    """The victims against their strongest attack (:func:`.tables.strongest_attacks`) at each budget at which two
+    attacks or more ran against one victim (the attacks run with fewer queries count too).
 
     Returns:
         ``budget -> victims``, largest budget first; empty when no budget has two attacks.
     """
+    attacks_at: dict[tuple, set[str]] = defaultdict(set)
+    for r in records:
+        attacks_at[(r["budget"], r["defense"], r.get("strength"), r.get("answers"))].add(r["attack"])
+    budgets = {key[0] for key, attacks in attacks_at.items() if len(attacks) > 1}
     strongest = {}
-    for budget in sorted({r["budget"] for r in records}, reverse=True):
+    for budget in sorted(budgets, reverse=True):
         victims = [v for v in tables.strongest_attacks(records, budget, diversity_weight) if len(v["attacks"]) > 1]
         if victims:
             strongest[budget] = victims

@@ -276,7 +276,8 @@ class _Builder:
                                               strength is not None and f"strength={strength:g}") if part)
         label = f"{settings.title} vs {defense}{f' ({setting})' if setting else ''} ({budget:,} queries, seed {seed})"
         plain = _victim_dict(victim)
-        info = {"attack": settings.title, "defense": defense, "diversity_weight": weight,
+        info = {"attack": settings.title, "answers": "top-1" if settings.label_only else "probabilities",
+                "defense": defense, "diversity_weight": weight,
                 "strength_name": self.strength_names.get(defense), "strength": strength, "budget": budget, "seed": seed,
                 "served": victim["served"]}
         needs = (victim["trained"], victim["served"])

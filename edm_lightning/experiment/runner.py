@@ -81,7 +81,8 @@ def _records(plan: Plan, results: dict[str, dict]) -> list[dict]:
     for stage_id, info in plan.attack_runs:
         result = results[stage_id]
         records.append({
-            "attack": info["attack"], "defense": info["defense"], "diversity_weight": info["diversity_weight"],
+            "attack": info["attack"], "answers": info["answers"], "defense": info["defense"],
+            "diversity_weight": info["diversity_weight"],
             "strength_name": info["strength_name"], "strength": info["strength"], "budget": info["budget"],
             "seed": info["seed"], "defender_acc": results[info["served"]]["test_acc"], "clone_acc": result["clone_acc"],
             "agreement": result["agreement"], "queries": result["queries"], "wall_time_s": result["wall_time_s"],

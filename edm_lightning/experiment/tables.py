@@ -1,6 +1,7 @@
 """Turning per-seed attack records into the tables and plots the model-stealing literature reports.
 
-A record is one attack run: ``attack`` (its label), ``defense`` (``none``; ``edm-<router>``; an
+A record is one attack run: ``attack`` (its label), ``answers`` (``probabilities``, or ``top-1`` where the victim
+answers its top-1 label only), ``defense`` (``none``; ``edm-<router>``; an
 output-perturbation defense's name, alone or composed as ``edm-<router>+<name>``), ``diversity_weight``
 (EDM's lambda; ``None`` without EDM), ``strength_name`` / ``strength`` (the defense's swept parameter;
 ``None`` without one), ``budget``, ``seed`` and the measured ``defender_acc``, ``clone_acc``,
@@ -87,53 +88,80 @@ def best_within(rows: Sequence[dict], attack: str, max_loss: float) -> list[dict
     return sorted(eligible, key=lambda r: r["clone_acc_mean"])
 
 
-def strongest_attacks(records: Sequence[dict], budget: int, diversity_weight: float | None = None) -> list[dict]:
-    """Each victim against its strongest attack at ``budget`` queries: the evaluation standard of security defenses
-    (a defense is as strong as the best attack tried against it; Carlini et al. 2019), not an average over attacks.
+def strongest_attacks(records: Sequence[dict], budget: int, diversity_weight: float | None) -> list[dict]:
+    """Each victim against its strongest attack with at most ``budget`` queries: the evaluation standard of security
+    defenses (a defense is as strong as the best attack tried against it; Carlini et al. 2019), not an average.
 
-    A victim is a (defense, strength) pair; its strongest attack is the one whose clone accuracy (mean over seeds) is
-    highest among the attacks run against it at ``budget``. ``protection_left`` is the strongest clone accuracy against
-    the undefended model minus the strongest against this victim (each attacker picks its best attack), so a defense
-    that stops one attack but not another is credited only with what holds against both.
+    A victim is a (defense, strength, answer policy) triple: a victim answering top-1 labels only (``answers``
+    ``top-1`` in the records, what most production APIs return) is judged apart from the same model answering
+    probabilities. Each attack counts with its best run at any budget up to ``budget`` (an attacker who can pay 50k
+    can run a 5k attack). The strongest attack is the one whose clone accuracy (mean over seeds) is highest.
+    ``protection_left`` is the undefended model's strongest clone accuracy (same answer policy, over the same attacks)
+    minus this victim's: a defense that stops one attack but not another is credited only with what holds against
+    both, and never for an attack that was not tried against it (``untried`` names those).
+
+    Args:
+        records: per-seed attack records (see the module docstring; ``answers`` defaults to ``probabilities``).
+        budget: the most queries an attack may spend.
+        diversity_weight: EDM's lambda whose victims are judged (other lambdas' records are left out).
 
     Returns:
-        One dict per victim, undefended first: ``defense``, ``strength_name``, ``strength``, ``diversity_weight``,
-        ``defender_acc_mean``/``_std``, ``strongest`` (the attack's label), ``clone_acc_mean``/``_std`` under it,
-        ``protection_left`` (fraction; NaN without an undefended row), ``attacks`` (``{label: clone_acc_mean}`` of
-        every attack tried, strongest first).
+        One dict per victim, undefended first, then least protection left first: ``defense``, ``answers``,
+        ``strength_name``, ``strength``, ``diversity_weight``, ``defender_acc_mean``/``_std``, ``strongest`` (the
+        attack's label), ``strongest_budget``, ``clone_acc_mean``/``_std`` under it, ``protection_left`` (a fraction;
+        NaN without an undefended row), ``attacks`` (``{label: clone_acc_mean}`` of every attack tried, strongest
+        first), ``untried`` (attacks run against the undefended model but not this victim), ``seeds``.
     """
-    rows = summarise(records, budget, diversity_weight)
-    victims: dict[tuple, list[ResultRow]] = defaultdict(list)
-    for row in rows:
-        victims[(row["defense"], row["strength"])].append(row)
-    undefended = victims.get(("none", None), [])
-    ceiling = max((r["clone_acc_mean"] for r in undefended), default=math.nan)
+    chosen = [r for r in records if r["budget"] <= budget]
+    answers = {r["attack"]: r.get("answers", "probabilities") for r in chosen}
+    best: dict[tuple, dict[str, ResultRow]] = defaultdict(dict)
+    for each_budget in sorted({r["budget"] for r in chosen}):
+        for row in summarise(chosen, each_budget, diversity_weight):
+            victim, attack = (row["defense"], row["strength"], answers[row["attack"]]), row["attack"]
+            if attack not in best[victim] or row["clone_acc_mean"] > best[victim][attack]["clone_acc_mean"]:
+                best[victim][attack] = row
     result = []
-    for (defense, strength), group in victims.items():
-        ranked = sorted(group, key=lambda r: -r["clone_acc_mean"])
-        best = ranked[0]
-        result.append({"defense": defense, "strength_name": best["strength_name"], "strength": strength,
-                       "diversity_weight": best["diversity_weight"], "defender_acc_mean": best["defender_acc_mean"],
-                       "defender_acc_std": best["defender_acc_std"], "strongest": best["attack"],
-                       "clone_acc_mean": best["clone_acc_mean"], "clone_acc_std": best["clone_acc_std"],
-                       "protection_left": ceiling - best["clone_acc_mean"], "seeds": best["seeds"],
-                       "attacks": {r["attack"]: r["clone_acc_mean"] for r in ranked}})
-    return sorted(result, key=lambda r: (r["defense"] != "none", r["protection_left"] if r["defense"] != "none" else 0))
+    for (defense, strength, policy), by_attack in best.items():
+        ranked = sorted(by_attack.values(), key=lambda r: -r["clone_acc_mean"])
+        top = ranked[0]
+        undefended = best.get(("none", None, policy), {})
+        shared = [undefended[a]["clone_acc_mean"] for a in by_attack if a in undefended]
+        result.append({"defense": defense, "answers": policy, "strength_name": top["strength_name"], "strength": strength,
+                       "diversity_weight": top["diversity_weight"], "defender_acc_mean": top["defender_acc_mean"],
+                       "defender_acc_std": top["defender_acc_std"], "strongest": top["attack"],
+                       "strongest_budget": top["budget"], "clone_acc_mean": top["clone_acc_mean"],
+                       "clone_acc_std": top["clone_acc_std"],
+                       "protection_left": max(shared) - top["clone_acc_mean"] if shared else math.nan,
+                       "attacks": {r["attack"]: r["clone_acc_mean"] for r in ranked},
+                       "untried": sorted(set(undefended) - set(by_attack)), "seeds": top["seeds"]})
+
+    def order(victim: dict) -> tuple:
+        left = victim["protection_left"]
+        return victim["answers"] != "probabilities", victim["defense"] != "none", math.isnan(left), left
+
+    return sorted(result, key=order)
 
 
 def strongest_attacks_markdown(victims: Sequence[dict], budget: int) -> list[str]:
-    """The table of :func:`strongest_attacks` as Markdown lines (accuracies in %), most protection left last."""
-    lines = [f"Each victim against its strongest attack at {budget:,} queries (the highest clone accuracy of the attacks "
-             "run against it; protection left = the strongest clone of the undefended model minus this one, in points):",
+    """The table of :func:`strongest_attacks` as Markdown lines (accuracies in %).
+
+    Returns:
+        The lines: a sentence saying what the table is, a blank line, the table.
+    """
+    lines = [f"Each victim against its strongest attack with at most {budget:,} queries (the highest clone accuracy of "
+             "the attacks run against it, each at its best budget up to that; protection left = the undefended model's "
+             "strongest clone over the same attacks minus this one, in points):",
              "",
-             "| victim | setting | defender acc (%) | strongest attack | clone acc (%) | protection left (points) "
-             "| every attack tried (clone acc %) | seeds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| victim | answers | setting | defender acc (%) | strongest attack | clone acc (%) | protection left (points) "
+             "| every attack tried (clone acc %) | not tried | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in victims:
         left = "-" if v["defense"] == "none" or math.isnan(v["protection_left"]) else f"{v['protection_left'] * 100:.1f}"
+        strongest = v["strongest"] + (f" ({v['strongest_budget']:,})" if v["strongest_budget"] != budget else "")
         tried = ", ".join(f"{label} {acc * 100:.1f}" for label, acc in v["attacks"].items())
-        lines.append(f"| {v['defense']} | {setting(v) or '-'} | {_pm(v, 'defender_acc', 100)} | {v['strongest']} "
-                     f"| {_pm(v, 'clone_acc', 100)} | {left} | {tried} | {v['seeds']} |")
+        lines.append(f"| {v['defense']} | {v['answers']} | {setting(v) or '-'} | {_pm(v, 'defender_acc', 100)} "
+                     f"| {strongest} | {_pm(v, 'clone_acc', 100)} | {left} | {tried} | {', '.join(v['untried']) or '-'} "
+                     f"| {v['seeds']} |")
     return lines
 
 

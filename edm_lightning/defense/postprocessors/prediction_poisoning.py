@@ -15,6 +15,7 @@ from typing_extensions import override
 from edm_lightning.defense.postprocessors.base import POSTPROCESSORS, Postprocessor, check_classes, frozen_classifier
 from edm_lightning.errors import ConfigError
 from edm_lightning.nets import build_net
+from edm_lightning.seeding import seeded
 
 __all__ = ["PredictionPoisoning", "mad_target"]
 
@@ -87,8 +88,7 @@ class PredictionPoisoning(Postprocessor):
         if proxy is None:
             if num_classes is None or input_shape is None:
                 raise ConfigError("PredictionPoisoning: a fresh proxy (proxy: null) needs num_classes and input_shape")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded(seed):
                 proxy = build_net(proxy_arch, tuple(input_shape), int(num_classes))
         self.proxy = frozen_classifier(proxy, "PredictionPoisoning: proxy", num_classes, input_shape)
         names = [name for name, p in self.proxy.named_parameters() if gradient_params == "all" or p.ndim >= 2]
