@@ -38,12 +38,91 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.models.clone import CloneModule
 from edm_lightning.optim import OptimConfig, build_optimizer
 
-__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "ReplayBuffer", "data_free_job", "dfme_cost", "dfme_job",
-           "l1_logit_disagreement", "run_dfme", "to_images", "victim_logits", "zeroth_order_gradient"]
+__all__ = ["DFMEModule", "DataFreeDataModule", "Generator", "GeneratorAttackModule", "ReplayBuffer", "data_free_job",
+           "dfme_cost", "dfme_job", "l1_logit_disagreement", "run_dfme", "to_images", "victim_logits",
+           "zeroth_order_gradient"]
 
 
-class DFMEModule(CloneModule):
-    """The DFME attacker: clone + generator, trained with manual optimisation (two optimisers).
+class GeneratorAttackModule(CloneModule):
+    """What the data-free attacks share: a clone and a generator of queries, trained with manual optimisation (the
+    clone's optimiser from ``optim`` and its schedule, stepped once an epoch; the generator's Adam), one iteration at
+    a time while the budget, carried over runs by the DataModule's ledger, pays a whole one.
+
+    Subclasses give :meth:`queries_per_iteration`, :meth:`check_budget` and ``training_step`` (which calls
+    :meth:`out_of_budget` first).
+
+    Args:
+        arch, num_classes, input_shape, mean, std, optim: see :class:`CloneModule`.
+        generator_lr: the generator's Adam learning rate.
+        latent_dim: size of the generator's noise input.
+    """
+
+    #: The attack's name in messages.
+    title = "data-free attack"
+
+    def __init__(self, arch: str, num_classes: int, input_shape: tuple[int, int, int], mean: tuple[float, ...] | None,
+                 std: tuple[float, ...] | None, optim: OptimConfig, generator_lr: float, latent_dim: int):
+        super().__init__(arch, num_classes, input_shape, mean, std, optim)
+        self.automatic_optimization = False
+        self.generator = Generator(latent_dim, input_shape)
+        self._generator_lr, self._latent_dim = generator_lr, latent_dim
+
+    def queries_per_iteration(self, batch_size: int) -> int:
+        """Queries one training iteration spends."""
+        raise NotImplementedError
+
+    def check_budget(self, batch_size: int, budget: int) -> None:
+        """Refuse a budget that cannot pay one iteration.
+
+        Raises:
+            ConfigError: it cannot (the message says what an iteration costs).
+        """
+        raise NotImplementedError
+
+    @override
+    def on_fit_start(self) -> None:
+        require_single_process(self.trainer, self.title)
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, AttackDataModule):
+            raise TypeError(f"{type(self).__name__} needs an attack DataModule (its oracle), got {type(datamodule).__name__}")
+        size, budget = datamodule.hparams.batch_size, datamodule.hparams.budget
+        self.check_budget(size, budget)
+        oracle: BlackBoxOracle = datamodule.oracle
+        cost = self.queries_per_iteration(size)
+        if oracle.remaining is not None and oracle.remaining < cost:
+            raise ConfigError(
+                f"earlier runs of this attack against this victim spent {oracle.queries_spent} of its {budget} queries "
+                f"(recorded in {str(datamodule.ledger_path)!r}), which leaves less than one iteration ({cost}): raise the "
+                "budget, or delete that file to start a new attack (the victim answered those queries all the same)."
+            )
+
+    def out_of_budget(self, oracle: BlackBoxOracle, batch_size: int) -> bool:
+        """Whether the budget left cannot pay another whole iteration (the fit is then stopped)."""
+        if oracle.remaining is not None and oracle.remaining < self.queries_per_iteration(batch_size):
+            self.trainer.should_stop = True
+            return True
+        return False
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+
+    @override
+    def configure_optimizers(self):
+        clone = build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)
+        generator = torch.optim.Adam(self.generator.parameters(), lr=self._generator_lr)
+        if isinstance(clone, dict):
+            return [clone["optimizer"], generator], [clone["lr_scheduler"]["scheduler"]]
+        return [clone, generator]
+
+    def _noise(self, size: int) -> Tensor:
+        return torch.randn(size, self._latent_dim, device=self.device)
+
+
+class DFMEModule(GeneratorAttackModule):
+    """The DFME attacker: clone + generator, the generator steered by gradients estimated through the victim.
 
     Args:
         arch, num_classes, input_shape, mean, std: see :class:`CloneModule`.
@@ -55,6 +134,8 @@ class DFMEModule(CloneModule):
         generator_steps: generator updates per iteration.
         clone_steps: clone updates per iteration.
     """
+
+    title = "DFME"
 
     def __init__(
         self,
@@ -77,10 +158,9 @@ class DFMEModule(CloneModule):
                 raise ConfigError(f"{key} must be positive, got {value}")
         if not grad_epsilon > 0 or not generator_lr > 0:
             raise ConfigError("grad_epsilon and generator_lr must be positive")
-        super().__init__(arch, num_classes, input_shape, mean, std, optim or OptimConfig(name="sgd", lr=0.1))
+        super().__init__(arch, num_classes, input_shape, mean, std, optim or OptimConfig(name="sgd", lr=0.1), generator_lr,
+                         latent_dim)
         self.save_hyperparameters()
-        self.automatic_optimization = False
-        self.generator = Generator(latent_dim, input_shape)
 
     def queries_per_iteration(self, batch_size: int) -> int:
         """Queries one training iteration spends: ``batch_size * ((directions + 1) * generator_steps + clone_steps)``."""
@@ -88,23 +168,12 @@ class DFMEModule(CloneModule):
         return batch_size * ((hp.directions + 1) * hp.generator_steps + hp.clone_steps)
 
     @override
-    def on_fit_start(self) -> None:
-        require_single_process(self.trainer, "DFME")
-        datamodule = self.trainer.datamodule
-        if not isinstance(datamodule, AttackDataModule):
-            raise TypeError(f"DFMEModule needs an attack DataModule (its oracle), got {type(datamodule).__name__}")
-        cost, budget = self.queries_per_iteration(datamodule.hparams.batch_size), datamodule.hparams.budget
+    def check_budget(self, batch_size: int, budget: int) -> None:
+        cost = self.queries_per_iteration(batch_size)
         if cost > budget:
             raise ConfigError(
-                f"one DFME iteration costs {cost} queries (batch {datamodule.hparams.batch_size} x ((directions + 1) x "
-                f"generator_steps + clone_steps)) but the budget is {budget}: raise the budget or lower batch_size."
-            )
-        oracle: BlackBoxOracle = datamodule.oracle
-        if oracle.remaining is not None and oracle.remaining < cost:
-            raise ConfigError(
-                f"earlier runs of this attack against this victim spent {oracle.queries_spent} of its {budget} queries "
-                f"(recorded in {str(datamodule.ledger_path)!r}), which leaves less than one iteration ({cost}): raise the "
-                "budget, or delete that file to start a new attack (the victim answered those queries all the same)."
+                f"one DFME iteration costs {cost} queries (batch {batch_size} x ((directions + 1) x generator_steps + "
+                f"clone_steps)) but the budget is {budget}: raise the budget or lower batch_size."
             )
 
     @override
@@ -112,8 +181,7 @@ class DFMEModule(CloneModule):
         datamodule = self.trainer.datamodule
         oracle: BlackBoxOracle = datamodule.oracle
         size, hp = datamodule.hparams.batch_size, self.hparams
-        if oracle.remaining is not None and oracle.remaining < self.queries_per_iteration(size):
-            self.trainer.should_stop = True  # the budget cannot pay for another full iteration
+        if self.out_of_budget(oracle, size):
             return
         clone_opt, generator_opt = self.optimizers()
         self.generator.train()
@@ -149,26 +217,9 @@ class DFMEModule(CloneModule):
     def after_clone_steps(self, optimizer, batch_size: int) -> None:
         """What an iteration does after its clone steps, without queries (DFME: nothing; MAZE: experience replay)."""
 
-    @override
-    def on_train_epoch_end(self) -> None:
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
-
-    @override
-    def configure_optimizers(self):
-        clone = build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)
-        generator = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.generator_lr)
-        if isinstance(clone, dict):
-            return [clone["optimizer"], generator], [clone["lr_scheduler"]["scheduler"]]
-        return [clone, generator]
-
     def figures(self) -> dict[str, Any]:
         """The attack's name for the results."""
         return {"attack": "dfme"}
-
-    def _noise(self, size: int) -> Tensor:
-        return torch.randn(size, self.hparams.latent_dim, device=self.device)
 
 
 class DataFreeDataModule(AttackDataModule):

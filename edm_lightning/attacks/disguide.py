@@ -36,17 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from edm_lightning.attacks.datamodule import AttackDataModule
-from edm_lightning.attacks.dfme import Generator, ReplayBuffer, data_free_job, to_images, victim_logits
+from edm_lightning.attacks.dfme import GeneratorAttackModule, ReplayBuffer, data_free_job, to_images, victim_logits
 from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
-from edm_lightning.attacks.run import AttackJob, require_single_process
+from edm_lightning.attacks.run import AttackJob
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
-from edm_lightning.models.clone import CloneModule
 from edm_lightning.nets import build_net
-from edm_lightning.optim import OptimConfig, build_optimizer
+from edm_lightning.optim import OptimConfig
 
 __all__ = ["DisGUIDEModule", "SoftVote", "check_disguide", "disguide_cost", "disguide_job",
            "generator_loss"]
@@ -128,7 +126,7 @@ def _check_settings(settings: Mapping[str, Any]) -> None:
                           f"{decay!r}")
 
 
-class DisGUIDEModule(CloneModule):
+class DisGUIDEModule(GeneratorAttackModule):
     """The DisGUIDE attacker: a generator and ``students`` clones, trained with manual optimisation.
 
     ``self.net`` is the students' :class:`SoftVote`, so the clone that is validated, tested and saved is their
@@ -152,6 +150,8 @@ class DisGUIDEModule(CloneModule):
     Raises:
         ConfigError: a setting out of range (the message names what is allowed).
     """
+
+    title = "DisGUIDE"
 
     def __init__(
         self,
@@ -178,12 +178,10 @@ class DisGUIDEModule(CloneModule):
                              replay_steps=replay_steps, replay_size=replay_size, student_loss=student_loss,
                              lr_milestones=lr_milestones, lr_decay=lr_decay))
         optim = optim or OptimConfig(name="sgd", lr=0.1, weight_decay=5e-4, schedule="constant")
-        super().__init__(arch, num_classes, input_shape, mean, std, optim)
+        super().__init__(arch, num_classes, input_shape, mean, std, optim, generator_lr, latent_dim)
         self.save_hyperparameters()
-        self.automatic_optimization = False
         self.net = SoftVote([self.net, *(build_net(arch, input_shape, num_classes, mean, std)
                                          for _ in range(students - 1))])
-        self.generator = Generator(latent_dim, input_shape)
         self.replay = ReplayBuffer(replay_size)
         self._lr_factor = 1.0
 
@@ -192,29 +190,19 @@ class DisGUIDEModule(CloneModule):
         return batch_size * self.hparams.clone_steps
 
     @override
+    def check_budget(self, batch_size: int, budget: int) -> None:
+        check_disguide(budget, {"batch_size": batch_size, "clone_steps": self.hparams.clone_steps})
+
+    @override
     def on_fit_start(self) -> None:
-        require_single_process(self.trainer, "DisGUIDE")
-        datamodule = self.trainer.datamodule
-        if not isinstance(datamodule, AttackDataModule):
-            raise TypeError(f"DisGUIDEModule needs an attack DataModule (its oracle), got {type(datamodule).__name__}")
-        size, budget = datamodule.hparams.batch_size, datamodule.hparams.budget
-        check_disguide(budget, {"batch_size": size, "clone_steps": self.hparams.clone_steps})
-        oracle: BlackBoxOracle = datamodule.oracle
-        cost = self.queries_per_iteration(size)
-        if oracle.remaining is not None and oracle.remaining < cost:
-            raise ConfigError(
-                f"earlier runs of this attack against this victim spent {oracle.queries_spent} of its {budget} queries "
-                f"(recorded in {str(datamodule.ledger_path)!r}), which leaves less than one iteration ({cost}): raise the "
-                "budget, or delete that file to start a new attack (the victim answered those queries all the same)."
-            )
-        self.replay = ReplayBuffer(min(self.hparams.replay_size, budget))
+        super().on_fit_start()
+        self.replay = ReplayBuffer(min(self.hparams.replay_size, self.trainer.datamodule.hparams.budget))
 
     @override
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         oracle: BlackBoxOracle = self.trainer.datamodule.oracle
         size, hp = self.trainer.datamodule.hparams.batch_size, self.hparams
-        if oracle.remaining is not None and oracle.remaining < self.queries_per_iteration(size):
-            self.trainer.should_stop = True  # the budget cannot pay for another full iteration
+        if self.out_of_budget(oracle, size):
             return
         student_opt, generator_opt = self.optimizers()
         self._decay_learning_rates(oracle, (student_opt, generator_opt))
@@ -294,26 +282,9 @@ class DisGUIDEModule(CloneModule):
         super().on_load_checkpoint(checkpoint)
         self._lr_factor = float(checkpoint.get("disguide_lr_factor", 1.0))  # a resumed fit does not decay them twice
 
-    @override
-    def on_train_epoch_end(self) -> None:
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
-            scheduler.step()
-
-    @override
-    def configure_optimizers(self):
-        students = build_optimizer(self.net.parameters(), self.optim, self.trainer.max_epochs)
-        generator = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.generator_lr)
-        if isinstance(students, dict):
-            return [students["optimizer"], generator], [students["lr_scheduler"]["scheduler"]]
-        return [students, generator]
-
     def figures(self) -> dict[str, Any]:
         """The attack's name and its students for the results."""
         return {"attack": "disguide", "students": self.hparams.students}
-
-    def _noise(self, size: int) -> Tensor:
-        return torch.randn(size, self.hparams.latent_dim, device=self.device)
 
 
 def check_disguide(budget: int, options: Mapping[str, Any]) -> None:

@@ -48,6 +48,8 @@ class MAZEModule(DFMEModule):
         ConfigError: a negative ``replay_steps`` or a ``replay_size`` below 1 (and DFME's own checks).
     """
 
+    title = "MAZE"
+
     def __init__(
         self,
         arch: str = "lenet5",
