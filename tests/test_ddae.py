@@ -147,3 +147,16 @@ def test_the_datamodule_refuses_ddp_before_it_trains_or_buys(fake_data, tmp_path
         datamodule.setup("fit")
     assert datamodule.queries_spent == 0 and not list((tmp_path / "cache").glob("ddae-kit-*.pt"))
     assert isinstance(datamodule, DDAEDataModule)
+
+
+def test_assume_defense_restores_with_the_named_restorer_whatever_the_detection(fake_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"assume_defense='Blur' is not a candidate of the kit: expected one of none, EDM"):
+        ATTACKS.get("ddae").build(CountingVictim(linear_victim()), assume_defense="Blur", **common(tmp_path)).build()
+    datamodule, _ = ATTACKS.get("ddae").build(CountingVictim(linear_victim()), assume_defense="EDM",
+                                              **common(tmp_path)).build()
+    datamodule.setup("fit")
+    bought = len(datamodule.transfer)
+    restored = datamodule.kit.restore("EDM", datamodule.transfer.answers)
+    torch.testing.assert_close(datamodule.train_set.tensors[1][:bought], restored.to(datamodule.train_set.tensors[1].dtype))
+    assert not torch.allclose(restored, datamodule.transfer.answers.to(restored.dtype))  # it did restore something
+    assert datamodule.figures()["restored_as"] == "EDM" and datamodule.figures()["detected_defense"] is not None

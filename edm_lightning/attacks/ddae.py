@@ -30,7 +30,7 @@ from edm_lightning.attacks.purchase import Purchase
 from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
-from edm_lightning.attacks.shadows import EDM, ShadowKit, ShadowSettings, parse_defenses, pool_draw, shadow_kit
+from edm_lightning.attacks.shadows import EDM, NONE, ShadowKit, ShadowSettings, parse_defenses, pool_draw, shadow_kit
 from edm_lightning.attacks.transfer_set import Reward, Strategy, TransferSet, build_transfer_set
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
@@ -76,6 +76,9 @@ class DDAEDataModule(KnockoffDataModule):
         defenses: candidate defenses (``None``: :data:`DEFAULT_DEFENSES`): ``EDM``, a post-processor's name, or
             ``{class_path, init_args}`` as victims' ``postprocessors``.
         shadow_arch: the shadows' architecture (the job sets the clone's).
+        assume_defense: restore with this candidate's restorer (a name of the kit's: ``none``, ``EDM``,
+            ``ReverseSigmoid(beta=0.7, gamma=1.0)`` ...) whatever the meta-classifier says: the ablation that gives the
+            attacker a perfect detector, to measure the restorer alone (the detection is still made and reported).
 
     Raises:
         ConfigError: a setting :func:`check_ddae` refuses, or KnockoffNets' DataModule does.
@@ -99,6 +102,7 @@ class DDAEDataModule(KnockoffDataModule):
         kit_steps: int = KIT_DEFAULTS["kit_steps"],
         defenses: list[str | dict[str, Any]] | None = None,
         shadow_arch: str = "lenet5",
+        assume_defense: str | None = None,
         label_only: bool = False,
         policy_arch: str = "lenet5",
         policy_lr: float = 1e-3,
@@ -121,6 +125,10 @@ class DDAEDataModule(KnockoffDataModule):
         self.hparams.update(query_copies=1, copy_noise=0.0, copy_shift=0)  # KnockoffNets' plain purchase (its cache key)
         build_net(shadow_arch, self.input_shape, self.num_classes)  # an unknown or unfitting architecture fails now
         self.candidates = candidates
+        labels = [NONE, *(candidate.name for candidate in candidates)]
+        if assume_defense is not None and assume_defense not in labels:
+            raise ConfigError(f"assume_defense={assume_defense!r} is not a candidate of the kit: expected one of "
+                              f"{', '.join(labels)} (or null: the meta-classifier decides)")
         self.kit: ShadowKit | None = None
         self.detected: tuple[str, dict[str, float]] | None = None
         self.probe_queries = 0
@@ -155,7 +163,7 @@ class DDAEDataModule(KnockoffDataModule):
         self.detected = self.kit.detect(probe_answers)
         x = torch.cat([pool[transfer.indices], probe_x])
         answers = torch.cat([transfer.answers.to(probe_answers.dtype), probe_answers])
-        self.train_set = BatchTensorDataset(x, self.kit.restore(self.detected[0], answers))
+        self.train_set = BatchTensorDataset(x, self.kit.restore(self.hparams.assume_defense or self.detected[0], answers))
 
     def _shadow_kit(self, pool: Tensor) -> ShadowKit:
         settings = self.settings
@@ -226,6 +234,7 @@ class DDAEDataModule(KnockoffDataModule):
         items = len(self.transfer or ())
         return {"attack": "ddae", "surrogate": self.hparams.surrogate, "share": float(self.hparams.share),
                 "detected_defense": self.detected[0] if self.detected else None,
+                "restored_as": self.hparams.assume_defense or (self.detected[0] if self.detected else None),
                 "detection_scores": self.detected[1] if self.detected else None,
                 "detection_accuracy": kit.get("detection_accuracy"), "restoration_error": kit.get("restoration_error"),
                 "held_out_shadows": kit.get("held_out"), "probes": self.hparams.probes,
