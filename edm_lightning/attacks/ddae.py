@@ -31,7 +31,7 @@ from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, registe
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
 from edm_lightning.attacks.shadows import EDM, NONE, ShadowKit, ShadowSettings, parse_defenses, pool_draw, shadow_kit
-from edm_lightning.attacks.transfer_set import Reward, Strategy, TransferSet, build_transfer_set
+from edm_lightning.attacks.transfer_set import Reward, Strategy, TransferSet
 from edm_lightning.data.images import BatchTensorDataset
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
@@ -208,12 +208,7 @@ class DDAEDataModule(KnockoffDataModule):
                     lambda so_far: save_atomic({"indices": expected, "answers": so_far, "lost": lost}, path))
                 return oracle
 
-            policy = build_net(hp.policy_arch, self.input_shape, self.num_classes, self.mean, self.std) \
-                if hp.strategy == "adaptive" else None
-            transfer = build_transfer_set(
-                open_and_buy_probes, images, labels, rest, self.cache_path, strategy=hp.strategy, reward=hp.reward,
-                batch_size=hp.batch_size, seed=hp.seed, policy=policy, policy_lr=hp.policy_lr,
-                diversity_window=hp.diversity_window, query_batch_size=hp.query_batch_size)
+            transfer = self.buy_transfer_set(open_and_buy_probes, rest)
         return bought["answers"], transfer
 
     @staticmethod

@@ -31,7 +31,7 @@ budget B buys B // K images, K times the queries per transfer-set item, and the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
+from edm_lightning.attacks.oracle import BlackBoxOracle
 from edm_lightning.attacks.registry import CACHE_DIR, SECONDS_PER_QUERY, register_attack
 from edm_lightning.attacks.remote import RemoteVictimConfig
 from edm_lightning.attacks.run import AttackJob
@@ -145,15 +146,24 @@ class KnockoffDataModule(AttackDataModule):
 
     @override
     def prepare_data(self) -> None:
-        if self.transfer is not None:
-            return
+        if self.transfer is None:
+            self.transfer = self.buy_transfer_set(self.open_oracle, self.hparams.budget)
+
+    def buy_transfer_set(self, open_oracle: Callable[[int], BlackBoxOracle], budget: int) -> TransferSet:
+        """The transfer set of ``budget`` queries with this DataModule's sampling settings, in :attr:`cache_path`:
+        read back, completed or bought (:func:`~edm_lightning.attacks.transfer_set.build_transfer_set`, which calls
+        ``open_oracle(queries already spent)`` before its first query).
+
+        Returns:
+            The transfer set.
+        """
         images, labels = self._surrogate_images()
         hp = self.hparams
         policy = None
         if hp.strategy == "adaptive":
             policy = build_net(hp.policy_arch, self.input_shape, self.num_classes, self.mean, self.std)
-        self.transfer = build_transfer_set(
-            self.open_oracle, images, labels, hp.budget, self.cache_path, strategy=hp.strategy, reward=hp.reward,
+        return build_transfer_set(
+            open_oracle, images, labels, budget, self.cache_path, strategy=hp.strategy, reward=hp.reward,
             batch_size=hp.batch_size, seed=hp.seed, policy=policy, policy_lr=hp.policy_lr,
             diversity_window=hp.diversity_window, query_copies=hp.query_copies, copy_noise=hp.copy_noise,
             copy_shift=hp.copy_shift, query_batch_size=hp.query_batch_size,
