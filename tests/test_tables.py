@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from edm_lightning.experiment.outputs import _strongest_attacks
 from edm_lightning.experiment.stages import StageStore
 from edm_lightning.experiment.tables import (
     best_within,
@@ -137,6 +138,16 @@ def test_each_victim_is_judged_by_its_strongest_attack():
     assert "| none | probabilities | - | 90.0 ± 0.0 | knockoff | 61.0 ± 1.4 | - |" in text
     assert ("| reverse-sigmoid | probabilities | beta=0.8 | 87.0 ± 0.0 | knockoff | 20.5 ± 0.7 | 40.5 | knockoff 20.5 "
             "| jbda_tr |") in text
+
+
+def test_the_largest_budget_judges_every_attack_even_when_no_two_ran_at_one_budget():
+    # knockoff only at 1,000 queries, jbda_tr only at 5,000: no budget has two attacks, yet at 5,000 both count
+    records = [r for r in _records() if r["budget"] == 1000 and r["defense"] in ("none", "edm-neural")]
+    records += [{**r, "attack": "jbda_tr", "budget": 5000} for r in records]
+    strongest = _strongest_attacks(records, diversity_weight=0.5)
+    assert list(strongest) == [5000]
+    assert [sorted(v["attacks"]) for v in strongest[5000]] == [["jbda_tr", "knockoff"]] * 2
+    assert _strongest_attacks([], diversity_weight=0.5) == {}
 
 
 def test_plots_are_written(tmp_path: Path):

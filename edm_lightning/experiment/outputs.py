@@ -90,16 +90,19 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
 
 
 def _strongest_attacks(records: list[dict], diversity_weight: float) -> dict[int, list[dict]]:
-    """The victims against their strongest attack (:func:`.tables.strongest_attacks`) at each budget at which two
-    attacks or more ran against one victim (the attacks run with fewer queries count too).
+    """The victims against their strongest attack (:func:`.tables.strongest_attacks`) at the largest budget, and at
+    each smaller one at which two attacks or more ran against one victim (the attacks run with fewer queries count
+    too, so the largest budget's table judges every attack even when no two ran at the same budget).
 
     Returns:
-        ``budget -> victims``, largest budget first; empty when no budget has two attacks.
+        ``budget -> victims`` (victims with two attacks or more), largest budget first; empty when none has two.
     """
     attacks_at: dict[tuple, set[str]] = defaultdict(set)
     for r in records:
         attacks_at[(r["budget"], r["defense"], r.get("strength"), r.get("answers"))].add(r["attack"])
     budgets = {key[0] for key, attacks in attacks_at.items() if len(attacks) > 1}
+    if records:
+        budgets.add(max(r["budget"] for r in records))
     strongest = {}
     for budget in sorted(budgets, reverse=True):
         victims = [v for v in tables.strongest_attacks(records, budget, diversity_weight) if len(v["attacks"]) > 1]
