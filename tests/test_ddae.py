@@ -130,6 +130,7 @@ def test_a_shadow_kit_read_back_is_the_one_trained_and_a_damaged_one_is_refused(
     datamodule.setup("fit")
     (path,) = (tmp_path / "cache").glob("ddae-kit-*.pt")
     again, _ = ATTACKS.get("ddae").build(CountingVictim(linear_victim(seed=1)), **settings).build()  # another victim
+    again._attacker_share = None  # a cached kit reads no training images: calling this would fail
     again.setup("fit")
     assert again.kit.figures == datamodule.kit.figures and len(list((tmp_path / "cache").glob("ddae-kit-*.pt"))) == 1
     torch.save({"labels": ["none"]}, path)

@@ -172,12 +172,21 @@ class DDAEDataModule(KnockoffDataModule):
                               f"{settings.probes} and a shadow pool; lower probes")
         if len(pool) < settings.probes + settings.pool_images:  # a small pool: what is left after the probes
             settings = ShadowSettings(**{**settings.__dict__, "pool_images": len(pool) - settings.probes})
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        path = self.cache_dir / f"ddae-kit-{settings.key()}.pt"
+        return shadow_kit(path, settings, self, self._attacker_share, pool, device)
+
+    def _attacker_share(self) -> tuple[Tensor, Tensor]:
+        """The attacker's ``share`` of the training split, drawn with the seed (read only when the kit is trained, not
+        when it is cached).
+
+        Returns:
+            Images in [0, 1] ``(n, C, H, W)`` and their labels ``(n,)``.
+        """
         images, labels = self.load_attacker_images(self.hparams.dataset, train=True)
         count = max(1, round(self.hparams.share * len(images)))
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.seed * 7919 + 3))[:count]
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        path = self.cache_dir / f"ddae-kit-{settings.key()}.pt"
-        return shadow_kit(path, settings, self, (images[chosen].float().div_(255), labels[chosen]), pool, device)
+        return images[chosen].float().div_(255), labels[chosen]
 
     def _buy(self, probe_x: Tensor, images: Tensor, labels: Tensor) -> tuple[Tensor, TransferSet]:
         """The victim's answers on the probes and the transfer set; the probes first (see the module docstring)."""

@@ -182,7 +182,7 @@ class DisGUIDEModule(GeneratorAttackModule):
         self.save_hyperparameters()
         self.net = SoftVote([self.net, *(build_net(arch, input_shape, num_classes, mean, std)
                                          for _ in range(students - 1))])
-        self.replay = ReplayBuffer(replay_size)
+        self.replay: ReplayBuffer | None = None  # sized by the budget when fitting starts
         self._lr_factor = 1.0
 
     def queries_per_iteration(self, batch_size: int) -> int:

@@ -29,7 +29,7 @@ import inspect
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,15 +405,16 @@ def _read_kit(blob: dict, settings: ShadowSettings, num_classes: int, pool_size:
                          figures)
 
 
-def shadow_kit(path: Path, settings: ShadowSettings, spec: Any, share: tuple[Tensor, Tensor], pool: Tensor,
-               device: torch.device | str = "cpu") -> ShadowKit:
+def shadow_kit(path: Path, settings: ShadowSettings, spec: Any, share: Callable[[], tuple[Tensor, Tensor]],
+               pool: Tensor, device: torch.device | str = "cpu") -> ShadowKit:
     """The kit ``settings`` describe: read from ``path``, or trained (one process at a time) and saved there.
 
     Args:
         path: the kit's file.
         settings: its settings.
         spec: the task (``input_shape``, ``num_classes``, ``mean``, ``std``).
-        share: the attacker's share of the training split: images in [0, 1] ``(n, C, H, W)`` and labels ``(n,)``.
+        share: gives the attacker's share of the training split, images in [0, 1] ``(n, C, H, W)`` and labels ``(n,)``
+            (called only when the kit is trained, not when it is read).
         pool: the attacker's pool, images in [0, 1] ``(N, C, H, W)``; ``probe_indices`` and the other pool images are
             drawn from it with the seed.
         device: where the shadows train (``cpu``, or the attack's own device, e.g. ``cuda:1``).
@@ -424,7 +425,7 @@ def shadow_kit(path: Path, settings: ShadowSettings, spec: Any, share: tuple[Ten
     with FileLock(path.with_name(path.name + ".lock")):
         if path.is_file():
             return ShadowKit.load(path, settings, spec.num_classes, len(pool))
-        kit = train_shadow_kit(settings, spec, share, pool, device)
+        kit = train_shadow_kit(settings, spec, share(), pool, device)
         kit.save(path)
         return kit
 
