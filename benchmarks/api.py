@@ -10,6 +10,12 @@ never asserted.
 
     python benchmarks/api.py                         # batch 1, 64 and 256, 8 clients, 10 s each
     python benchmarks/api.py --stress true           # and 200 clients for 30 s against the keyed router
+    python benchmarks/api.py --replicas true         # instead: the keyed router on SQLite (1 process) beside
+                                                     # PostgreSQL (1 process, then 2 replicas sharing one database)
+
+The replicas run starts a throw-away PostgreSQL server (``pgserver``, the dev extra) unless ``--ledger`` names a
+database (``postgresql://USER@HOST/DB``, password in ``PGPASSWORD``; its tables are created if missing). Its clients
+alternate between the replicas, as a load balancer would, and the ledger's count is checked against what was answered.
 
 Client and server share this machine's cores, so absolute rates understate a server on its own machine;
 the ratios compare like with like.
@@ -18,6 +24,7 @@ the ratios compare like with like.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -41,11 +49,13 @@ from edm_lightning.models import ClassifierModule, EnsembleModule  # noqa: E402
 from edm_lightning.protocol import NPY, encode_npy  # noqa: E402
 from edm_lightning.routing import BALANCE_KEY, balance_logit_bias  # noqa: E402
 from edm_lightning.serve import add_client  # noqa: E402
+from edm_lightning.serve.ledger import init_ledger  # noqa: E402
 
 ROUTER_KEY = "benchmark-router-key"
 
 
-def main(batch_sizes: tuple[int, ...] = (1, 64, 256), clients: int = 8, seconds: float = 10.0, stress: bool = False) -> None:
+def main(batch_sizes: tuple[int, ...] = (1, 64, 256), clients: int = 8, seconds: float = 10.0, stress: bool = False,
+         replicas: bool = False, ledger: str | None = None) -> None:
     """Print requests/s, images/s, p50/p99 latency per victim and batch size, and the ratios.
 
     Args:
@@ -53,9 +63,13 @@ def main(batch_sizes: tuple[int, ...] = (1, 64, 256), clients: int = 8, seconds:
         clients: concurrent HTTP clients.
         seconds: how long each setting is driven.
         stress: also drive the keyed router with 200 clients for 30 s and check every count.
+        replicas: instead, the keyed router on one SQLite process beside PostgreSQL (1 process, 2 replicas).
+        ledger: the PostgreSQL database of the replicas run (default: a throw-away server started here).
     """
     folder = Path(tempfile.mkdtemp(prefix="edm-api-bench-"))
     victims = write_checkpoints(folder)
+    if replicas:
+        return compare_replicas(folder, victims["EDM keyed router"], batch_sizes, clients, seconds, ledger)
     keys = {name: add_client(folder / "clients.yaml", name, 10**12) for name in ("bench", "stress")}  # read at start
     print(f"{clients} clients, {seconds:.0f} s per setting, cores={os.cpu_count()}")
     rates: dict[tuple[str, int], float] = {}
@@ -100,11 +114,11 @@ def write_checkpoints(folder: Path) -> dict[str, list[str]]:
 class served:
     """The server for one victim, in a subprocess, for the duration of a ``with`` block."""
 
-    def __init__(self, folder: Path, victim_args: list[str], name: str):
+    def __init__(self, folder: Path, victim_args: list[str], name: str, ledger: str | None = None):
         self.port = free_port()
+        ledger = ledger or str(folder / f"ledger-{name.replace(' ', '_')}.sqlite")
         self.command = [sys.executable, "-m", "edm_lightning.serve", *victim_args, "--clients_file",
-                        str(folder / "clients.yaml"), "--ledger", str(folder / f"ledger-{name.replace(' ', '_')}.sqlite"),
-                        "--port", str(self.port), "--max_batch", "1024"]
+                        str(folder / "clients.yaml"), "--ledger", ledger, "--port", str(self.port), "--max_batch", "1024"]
         self.log = folder / "server.log"
 
     def __enter__(self) -> str:
@@ -130,14 +144,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def drive(url: str, key: str, batch: int, clients: int, seconds: float) -> dict[str, float]:
-    """``clients`` threads posting batches of ``batch`` random images for ``seconds``."""
+def drive(url: str | list[str], key: str, batch: int, clients: int, seconds: float) -> dict[str, float]:
+    """``clients`` threads posting batches of ``batch`` random images for ``seconds`` (to the servers at ``url`` in
+    turn, one per thread, when it names several)."""
+    urls = [url] if isinstance(url, str) else url
     body = encode_npy(torch.rand(batch, 1, 28, 28))
     latencies: list[float] = []
     errors = Counter()
     stop = time.monotonic() + seconds
 
-    def client() -> None:
+    def client(url: str) -> None:
         with httpx.Client(base_url=url, headers={"X-API-Key": key, "content-type": NPY}, timeout=120) as http:
             while time.monotonic() < stop:
                 start = time.perf_counter()
@@ -147,7 +163,7 @@ def drive(url: str, key: str, batch: int, clients: int, seconds: float) -> dict[
                 else:
                     errors[status] += 1
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(urls[i % len(urls)],)) for i in range(clients)]
     begin = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -158,6 +174,48 @@ def drive(url: str, key: str, batch: int, clients: int, seconds: float) -> dict[
     return {"requests/s": len(latencies) / elapsed, "images/s": len(latencies) * batch / elapsed,
             "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
             "errors": dict(errors), "answered": len(latencies) * batch}
+
+
+def compare_replicas(folder: Path, victim_args: list[str], batch_sizes: tuple[int, ...], clients: int, seconds: float,
+                     ledger: str | None) -> None:
+    """Requests/s and p99 of one server process on SQLite, one on PostgreSQL, and two replicas sharing PostgreSQL
+    (clients alternating between them); after the replicas, the ledger's count against the answered queries."""
+    postgres = None
+    if ledger is None:
+        from tests.helpers.postgres import Postgres  # the dev extra's pgserver: only this run needs it
+
+        data = Path(tempfile.mkdtemp(prefix="edm-api-bench-postgres-"))  # PostgreSQL's own user must reach it
+        postgres = Postgres(data)
+        ledger = postgres.new_database()[1]
+    try:
+        opened = init_ledger(ledger)  # the tables, created once before the servers start
+        described = opened.describe()
+        opened.close()
+        name = f"replicas-{uuid.uuid4().hex[:8]}"  # a count of its own, in a database that may be used already
+        key = add_client(folder / "clients.yaml", name, 10**12)
+        print(f"{clients} clients, {seconds:.0f} s per setting, cores={os.cpu_count()}, EDM keyed router; "
+              f"PostgreSQL: {described}")
+        for batch in batch_sizes:
+            figures = {}
+            with served(folder, victim_args, f"replicas-{batch}") as url:
+                figures["SQLite, 1 process"] = drive(url, key, batch, clients, seconds)
+            with served(folder, victim_args, "postgres", ledger) as url:
+                figures["PostgreSQL, 1 process"] = drive(url, key, batch, clients, seconds)
+            with served(folder, victim_args, "postgres", ledger) as first, \
+                    served(folder, victim_args, "postgres", ledger) as second:
+                before = httpx.get(f"{first}/v1/usage", headers={"X-API-Key": key}, timeout=60).json()["queries_spent"]
+                figures["PostgreSQL, 2 replicas"] = drive([first, second], key, batch, clients, seconds)
+                spent = httpx.get(f"{second}/v1/usage", headers={"X-API-Key": key}, timeout=60).json()["queries_spent"]
+            print(f"batch {batch:>3}: " + "; ".join(f"{setting} {result['requests/s']:.1f} req/s, p99 {result['p99_ms']:.0f} ms"
+                                                 f"{', errors ' + str(result['errors']) if result['errors'] else ''}"
+                                                 for setting, result in figures.items()))
+            answered = figures["PostgreSQL, 2 replicas"]["answered"]
+            print(f"           2 replicas: the ledger counted {spent - before} queries for {answered} answered "
+                  f"({'equal' if spent - before == answered else 'DIFFERENT'})")
+    finally:
+        if postgres is not None:
+            postgres.close()
+            shutil.rmtree(data, ignore_errors=True)
 
 
 def compare_exported(folder: Path, neural_args: list[str], batch_sizes: tuple[int, ...], rounds: int = 200) -> None:

@@ -18,7 +18,7 @@ from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.models import EnsembleModule
 from edm_lightning.protocol import NPY, encode_npy
-from edm_lightning.serve import BudgetExhausted, QueryLedger, add_client, load_clients
+from edm_lightning.serve import BudgetExhausted, SqliteLedger, add_client, load_clients
 from edm_lightning.serve.__main__ import main as serve_main
 from tests.helpers.server import ROUTER_KEY, Server
 
@@ -154,12 +154,12 @@ def test_counts_survive_sigkill_under_load_and_a_restart(server):
 
 
 def test_ledger_charges_atomically_and_persists(tmp_path):
-    ledger = QueryLedger(tmp_path / "ledger.sqlite")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite")
     assert ledger.charge("a", 60, budget=100) == 60
     with pytest.raises(BudgetExhausted, match="60 of 100 queries spent, this batch of 41"):
         ledger.charge("a", 41, budget=100)
     ledger.refund("a", 10)
-    assert QueryLedger(tmp_path / "ledger.sqlite").spent("a") == 50 and ledger.spent("b") == 0
+    assert SqliteLedger(tmp_path / "ledger.sqlite").spent("a") == 50 and ledger.spent("b") == 0
 
 
 def test_clients_file_holds_digests_only_and_refuses_bad_entries(tmp_path):

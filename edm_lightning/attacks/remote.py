@@ -10,13 +10,23 @@ The server counts every query against the API key too, including the experimente
 A batch larger than one request is sent in several; when one fails, the answers of those before it are not lost:
 :class:`RemoteError` carries them (a :class:`~edm_lightning.attacks.oracle.PartlyAnswered`), with the rows of the
 failing request the server may have answered and charged (a lost reply, an answer that could not be read).
+
+A request the server asks to repeat later is repeated after the time it names: a 429 with ``Retry-After`` (the
+key's rate limit; the server counted nothing) or a 503 (the server's ledger unavailable: nothing answered or counted),
+for at most ``max_wait_s`` seconds of waiting in all per request. A 429 without ``Retry-After`` is the key's query
+budget: waiting would not help, and it is raised at once.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import math
 import os
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 
 import torch
 from jsonargparse.typing import SecretStr
@@ -30,6 +40,8 @@ from edm_lightning.routing import SECRET_MASK
 __all__ = ["API_KEY_ENV", "RemoteError", "RemoteVictim", "RemoteVictimConfig"]
 
 API_KEY_ENV = "EDM_API_KEY"
+
+log = logging.getLogger(__name__)
 
 
 #: Statuses of a request the server refused as malformed before charging it (the oracle's ``ValueError``).
@@ -58,11 +70,14 @@ class RemoteVictimConfig:
         url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
         api_key: the client's API key (default ``$EDM_API_KEY``); never written to config dumps or logs.
         timeout_s: seconds to wait for one answer.
+        max_wait_s: most seconds to wait in all, per request, when the server asks to retry later (its rate limit's
+            429 with ``Retry-After``, or a 503); past it the refusal is raised. 0: never wait.
     """
 
     url: str
     api_key: SecretStr | None = None
     timeout_s: float = 60.0
+    max_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         if isinstance(self.api_key, str):
@@ -76,7 +91,9 @@ class RemoteVictimConfig:
         if key == SECRET_MASK:
             raise ConfigError(f"the API key is {SECRET_MASK!r}, the mask a saved config shows in place of the key: "
                               f"set ${API_KEY_ENV} to the real key")
-        return RemoteVictim(self.url, key, self.timeout_s)
+        if not (math.isfinite(self.max_wait_s) and self.max_wait_s >= 0):
+            raise ConfigError(f"max_wait_s must be a number of seconds >= 0, got {self.max_wait_s!r}")
+        return RemoteVictim(self.url, key, self.timeout_s, self.max_wait_s)
 
 
 class RemoteVictim:
@@ -91,12 +108,13 @@ class RemoteVictim:
             does not describe itself as a prediction API of this package does.
     """
 
-    def __init__(self, url: str, api_key: str, timeout_s: float = 60.0):
+    def __init__(self, url: str, api_key: str, timeout_s: float = 60.0, max_wait_s: float = 600.0):
         if importlib.util.find_spec("httpx") is None:
             raise ConfigError("querying a prediction API needs the 'httpx' package: pip install 'edm-lightning[serve]'")
         import httpx  # optional: the [serve] extra
 
         self.url = url.rstrip("/")
+        self.max_wait_s = max_wait_s
         self._transport_error = httpx.HTTPError
         self._connect_errors = (httpx.ConnectError, httpx.ConnectTimeout)
         self._client = httpx.Client(base_url=self.url, headers={API_KEY_HEADER: api_key}, timeout=timeout_s)
@@ -138,7 +156,8 @@ class RemoteVictim:
         Raises:
             ValueError: the server refused the batch's first request as malformed (400, 413, 415, 422), with its
                 message; nothing was answered.
-            RemoteError: any other refusal (the key, the budget: 401, 429), a server failure, or no answer at all
+            RemoteError: any other refusal (the key, the budget: 401, 429; a rate limit or an unavailable server
+                still refusing after ``max_wait_s`` of waiting), a server failure, or no answer at all
                 (connection, timeout); it carries the answers of the requests before it (a batch is sent in several
                 requests of at most ``rows_per_request`` rows) and the rows the server may have answered besides.
             BadAnswers: the server answered with something that is not answers to the batch (not JSON, labels that
@@ -163,14 +182,25 @@ class RemoteVictim:
         return torch.cat(answered)
 
     def _ask(self, x: Tensor) -> Tensor:
-        try:
-            response = self._client.post(PREDICT_PATH, content=encode_npy(x), headers={"content-type": NPY})
-        except self._transport_error as err:
-            never_sent = isinstance(err, self._connect_errors)  # no connection: the server never saw the request
-            raise RemoteError(0, f"no answer from {self.url} ({type(err).__name__}: {err})", 0 if never_sent else len(x)) \
-                from None
-        if response.status_code != 200:
-            raise RemoteError(response.status_code, _detail(response), len(x))
+        request, waited = encode_npy(x), 0.0
+        while True:
+            try:
+                response = self._client.post(PREDICT_PATH, content=request, headers={"content-type": NPY})
+            except self._transport_error as err:
+                never_sent = isinstance(err, self._connect_errors)  # no connection: the server never saw the request
+                raise RemoteError(0, f"no answer from {self.url} ({type(err).__name__}: {err})",
+                                  0 if never_sent else len(x)) from None
+            if response.status_code == 200:
+                break
+            wait = _retry_after(response)
+            if wait is None:
+                raise RemoteError(response.status_code, _detail(response), len(x))
+            if waited + wait > self.max_wait_s:
+                raise RemoteError(response.status_code, f"{_detail(response)} (still refused after waiting {waited:.0f} s "
+                                  f"in all; max_wait_s is {self.max_wait_s:g})", len(x))
+            log.info("%s asks to retry in %.0f s (%d); waiting", self.name, wait, response.status_code)
+            time.sleep(wait)
+            waited += wait
         try:
             body = response.json()
             if not isinstance(body, dict):
@@ -187,6 +217,31 @@ class RemoteVictim:
 
     def __repr__(self) -> str:
         return f"RemoteVictim(url={self.url!r}, model_id={self.model_id!r})"  # never the key
+
+
+def _retry_after(response) -> float | None:
+    """Seconds the server asks a refused request to wait before it is sent again, or ``None``: not to be repeated.
+
+    A 429 with ``Retry-After`` is a rate limit (a 429 without one is the query budget: ``None``); a 503 is a server
+    that cannot count queries right now (1 s unless it says). ``Retry-After`` is whole seconds or an HTTP date; one
+    that reads as neither counts as 1 s, and so does anything shorter (a server saying 0 is not asked in a loop).
+
+    Returns:
+        Seconds to wait (>= 1), or ``None``.
+    """
+    header = response.headers.get("retry-after")
+    if response.status_code not in (429, 503) or (response.status_code == 429 and header is None):
+        return None
+    if header is None:
+        return 1.0
+    try:
+        return max(float(int(header.strip())), 1.0)
+    except ValueError:
+        pass
+    try:
+        return max((parsedate_to_datetime(header) - datetime.now(timezone.utc)).total_seconds(), 1.0)
+    except (TypeError, ValueError):  # neither seconds nor a date (with its zone)
+        return 1.0
 
 
 def _one_hot(labels: object, rows: int, num_classes: int) -> Tensor:

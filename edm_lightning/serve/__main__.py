@@ -3,7 +3,8 @@
     python -m edm_lightning.serve add-client --file clients.yaml --name alice --budget 50000   # prints the key once
     python -m edm_lightning.serve --config configs/serve.yaml
 
-Clients and their budgets come from the clients file (key digests only); the router key, for ``router: keyed``
+Clients and their budgets come from the clients file (key digests only; re-read when it changes and on SIGHUP, so
+keys are added, revoked and re-budgeted without a restart); the router key, for ``router: keyed``
 or ``coarse``, from ``$EDM_ROUTER_KEY`` or ``$EDM_ROUTER_KEY_FILE`` (required: the server refuses the public
 default key and any key too short to be secret, however it is given), never the command line.
 """
@@ -13,10 +14,11 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
+import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from edm_lightning.command_line import parse_command_line, refuse_keys_on_command_line
@@ -33,8 +35,10 @@ from edm_lightning.routing import (
 )
 from edm_lightning.routing.keys import MIN_SECRET_KEY_BYTES
 from edm_lightning.serve.app import create_app
-from edm_lightning.serve.clients import add_client, load_clients
-from edm_lightning.serve.ledger import QueryLedger
+from edm_lightning.serve.clients import LiveClients, add_client
+from edm_lightning.serve.ledger import init_ledger_main, open_ledger
+from edm_lightning.serve.operations import AuditLog, metrics_token
+from edm_lightning.serve.rates import RateLimit, RateLimits
 
 __all__ = ["ServeConfig", "add_client_main", "build_app", "listen", "main"]
 
@@ -51,12 +55,20 @@ class ServeConfig:
     Args:
         victim: the model to serve (checkpoint, router, post-processors), as attacks name it.
         clients_file: who may query and their budgets (key digests only).
-        ledger: the SQLite file counting every client's queries; keep it across restarts.
+        ledger: where every client's queries are counted, kept across restarts: a SQLite file (one host), or a
+            ``postgresql://`` URL shared by replicas (its tables made first by ``init-ledger``).
         host: interface to listen on (``127.0.0.1``: this machine only).
         port: TCP port.
         answer: ``probabilities`` (full vectors) or ``labels`` (top-1 only), for every client.
         max_batch: most images in one request.
         max_body_mb: largest request body, in MiB.
+        client_rate_limit: requests and images per second each client may send, with bursts (null: no limit);
+            shared by every replica on one ledger. Over it: 429 with ``Retry-After``.
+        global_rate_limit: the same for all clients together.
+        metrics: serve Prometheus metrics at ``/metrics``: to this machine, and elsewhere only with the bearer token
+            in ``$EDM_METRICS_TOKEN`` (or the file ``$EDM_METRICS_TOKEN_FILE``).
+        audit_log: a JSON-lines file getting one line per prediction request (null: none); never a key, an image
+            or an answer.
     """
 
     victim: VictimConfig
@@ -67,6 +79,10 @@ class ServeConfig:
     answer: Literal["probabilities", "labels"] = "probabilities"
     max_batch: int = 1024
     max_body_mb: float = 8.0
+    client_rate_limit: RateLimit = field(default_factory=RateLimit)
+    global_rate_limit: RateLimit = field(default_factory=RateLimit)
+    metrics: bool = True
+    audit_log: str | None = None
 
 
 def build_app(config: ServeConfig):
@@ -76,26 +92,31 @@ def build_app(config: ServeConfig):
         The application.
 
     Raises:
-        ConfigError: FastAPI/uvicorn missing (names the extra), bad limits, a router key anyone could compute (the
-            public default, however given, or a short one), a bad clients file, ledger or victim.
+        ConfigError: FastAPI/uvicorn missing (names the extra), bad limits or rate limits, a short or unreadable
+            metrics token, a router key anyone could compute (the public default, however given, or a
+            short one), a bad clients file, ledger, audit log or victim.
     """
-    for package in ("fastapi", "uvicorn"):
+    for package in ("fastapi", "uvicorn", "prometheus_client"):
         if importlib.util.find_spec(package) is None:
             raise ConfigError(f"serving needs the {package!r} package: pip install 'edm-lightning[serve]'")
     if config.max_batch < 1 or not config.max_body_mb > 0 or not 0 < config.port < 65536:
         raise ConfigError(f"max_batch must be >= 1, max_body_mb > 0 and port in 1..65535, got {config.max_batch}, "
                           f"{config.max_body_mb} and {config.port}")
+    rate_limits = RateLimits.from_config(config.client_rate_limit, config.global_rate_limit, config.max_batch)
+    token = metrics_token() if config.metrics else None
     keyed = router_class(config.victim.router).keyed
     if keyed:
         resolve_router_key(config.victim.key, require_secret=True)  # a server never uses a key anyone can compute
-    clients = load_clients(config.clients_file)
-    ledger = QueryLedger(config.ledger)  # a damaged ledger is refused before the victim is loaded
+    clients = LiveClients(config.clients_file)
+    ledger = open_ledger(config.ledger)  # a damaged ledger is refused before the victim is loaded
+    audit = AuditLog(config.audit_log, f"{socket.gethostname()}:{config.port}") if config.audit_log else None
     victim = config.victim.build()
     identity = {"weights": state_digest(victim), "router": config.victim.router, "member": config.victim.member,
                 "postprocessors": config.victim.postprocessors, "answer": config.answer,
                 "key": key_fingerprint(config.victim.key) if keyed else None}
     return create_app(victim, clients, ledger, config.answer, config.max_batch,
-                      int(config.max_body_mb * (1 << 20)), model_id=digest(identity, length=16))
+                      int(config.max_body_mb * (1 << 20)), model_id=digest(identity, length=16),
+                      rate_limits=rate_limits, audit=audit, metrics=config.metrics, metrics_token=token)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.serve") -> None:
@@ -104,6 +125,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.ser
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["add-client"]:
         return add_client_main(argv[1:], prog=f"{prog} add-client")
+    if argv[:1] == ["init-ledger"]:
+        return init_ledger_main(argv[1:], prog=f"{prog} init-ledger")
     config, argv = parse_command_line(ServeConfig, argv, prog, description=DESCRIPTION.format(prog=prog))
     try:
         refuse_keys_on_command_line(config, argv)
@@ -112,6 +135,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.ser
         exit_if_user_error(err)
         raise
     import uvicorn  # optional: the [serve] extra (build_app checked it is installed)
+
+    served = logging.getLogger("edm_lightning.serve")  # reloads, refusals and failures, beside uvicorn's own lines
+    if not served.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        served.addHandler(handler)
+        served.setLevel(logging.INFO)
 
     try:
         listening = listen(config.host, config.port)
@@ -166,8 +196,8 @@ def add_client_main(argv: list[str], prog: str = "python -m edm_lightning.serve 
     except Exception as err:
         exit_if_user_error(err)
         raise
-    print(f"added client {args.name!r} (budget {args.budget}) to {args.file}; a running server sees it after a restart "
-          "(it reads the clients file when it starts). Its API key, shown only now:", file=sys.stderr)
+    print(f"added client {args.name!r} (budget {args.budget}) to {args.file}; a running server on this file takes it "
+          "within a second (it re-reads the file when it changes). Its API key, shown only now:", file=sys.stderr)
     print(key)
 
 

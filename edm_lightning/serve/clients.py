@@ -6,13 +6,19 @@ random key, records its digest and prints the key once::
 
     clients:
       - {name: alice, key_sha256: 9f86d081..., budget: 50000}
+
+A running server re-reads the file when it changes (:class:`LiveClients`): keys are added, revoked (their entry
+removed) and budgets changed without a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import secrets
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +28,9 @@ from filelock import FileLock
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import write_atomic
 
-__all__ = ["Client", "add_client", "key_digest", "load_clients"]
+__all__ = ["Client", "LiveClients", "add_client", "key_digest", "load_clients"]
+
+log = logging.getLogger("edm_lightning.serve")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -67,7 +75,8 @@ def load_clients(path: str | Path) -> dict[str, Client]:
     for position, entry in enumerate(entries):
         where = f"clients file {str(path)!r}, entry {position}"
         if not isinstance(entry, dict) or set(entry) != {"name", "key_sha256", "budget"}:
-            raise ConfigError(f"{where}: expected exactly name, key_sha256 and budget, got {entry!r}")
+            got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__  # names, never values:
+            raise ConfigError(f"{where}: expected exactly name, key_sha256 and budget, got {got}")  # a key pasted in
         name, digest, budget = entry["name"], str(entry["key_sha256"]).lower(), entry["budget"]
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{where}: name must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
@@ -109,7 +118,7 @@ def add_client(path: str | Path, name: str, budget: int) -> str:
     The read, the check and the write happen under a lock file beside it (``clients.yaml.lock``), and the
     file is replaced atomically: concurrent calls each add their client, and a reader sees the old file or the
     new one. A link is followed first, so calls through a link and through the file share one lock and the
-    link keeps pointing at the file. A running server sees the new client after a restart.
+    link keeps pointing at the file. A running server sees the new client within a second (:class:`LiveClients`).
 
     Returns:
         The new key (shown to the operator once; only its digest is stored).
@@ -131,3 +140,116 @@ def add_client(path: str | Path, name: str, budget: int) -> str:
         entries.append({"name": name, "key_sha256": key_digest(key), "budget": budget})
         write_atomic(file, yaml.safe_dump({"clients": entries}, sort_keys=False))  # checked above: the file loads
     return key
+
+
+class LiveClients:
+    """The clients file as a running server sees it: re-read when it changes, and at once on :meth:`wake` (SIGHUP).
+
+    A background thread (:meth:`start`) compares the file's inode, size and modification time every ``poll_s``
+    seconds (one ``stat``) and re-reads it when any changed, so a client added, a key revoked (its entry removed)
+    or a budget changed is in effect within ``poll_s`` plus a read. A version of the file that does not load (a
+    typo, an editor's half-written save) is refused: the server keeps its last good clients and logs one error
+    line for it. Requests read the current clients without locking (one reference, replaced whole).
+
+    Args:
+        path: the clients file (a link is followed at every read).
+        poll_s: seconds between checks.
+
+    Raises:
+        ConfigError: the file does not load when the server starts (see :func:`load_clients`).
+    """
+
+    def __init__(self, path: str | Path, poll_s: float = 0.5):
+        self.path, self.poll_s = path, poll_s
+        self._seen = _signature(path)  # before reading: a change during the read shows at the next check
+        self._clients = load_clients(path)
+        self._refused: tuple | None = None  # (signature,) of the last version refused
+        self._lock = threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def get(self, digest: str) -> Client | None:
+        """The client whose key has SHA-256 ``digest``, or ``None``."""
+        return self._clients.get(digest)
+
+    def values(self) -> list[Client]:
+        """Every current client."""
+        return list(self._clients.values())
+
+    def check(self, force: bool = False) -> bool:
+        """Re-read the file if it changed since it was last read (or ``force``: SIGHUP).
+
+        Returns:
+            Whether the clients were replaced.
+        """
+        with self._lock:
+            before = _signature(self.path)
+            if not force and (before == self._seen or (before,) == self._refused):
+                return False
+            try:
+                clients = load_clients(self.path)
+            except ConfigError as err:
+                if force or (before,) != self._refused:
+                    log.error("clients file change refused, still serving the last good %d clients: %s",
+                              len(self._clients), err)
+                self._refused = (before,)
+                return False
+            if _signature(self.path) != before:
+                return False  # written to while read: read again at the next check
+            old, self._clients, self._seen, self._refused = self._clients, clients, before, None
+        log.info("clients file reloaded: %s", _changes(old, clients))
+        return True
+
+    def wake(self) -> None:
+        """Re-read the file now (from a signal handler: only sets an event the watcher waits on)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Watch the file from a background thread until :meth:`stop`."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._watch, name="clients-file-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """End the watcher (waits for it)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            forced = self._wake.wait(self.poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.check(force=forced)
+            except Exception:  # noqa: BLE001 - the watcher outlives any one bad read; the server keeps its clients
+                log.exception("reading the clients file %s failed; still serving the last good clients", self.path)
+
+
+def _signature(path: str | Path) -> tuple[int, ...] | None:
+    """What changes when the file does (inode, size, modification time in ns), or ``None`` where there is no file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _changes(old: dict[str, Client], new: dict[str, Client]) -> str:
+    """What a reload changed, by client name (never a key or digest)."""
+    before, after = {c.name: c for c in old.values()}, {c.name: c for c in new.values()}
+    parts = [f"{len(after)} clients"]
+    for what, names in (("added", sorted(after.keys() - before.keys())),
+                        ("removed", sorted(before.keys() - after.keys())),
+                        ("new key", sorted(n for n in after.keys() & before.keys()
+                                           if after[n].key_sha256 != before[n].key_sha256)),
+                        ("budget changed", sorted(n for n in after.keys() & before.keys()
+                                                  if after[n].budget != before[n].budget))):
+        if names:
+            parts.append(f"{what}: {', '.join(names)}")
+    return "; ".join(parts)

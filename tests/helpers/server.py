@@ -32,6 +32,8 @@ class Server:
     keys: dict[str, str]
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    ledger: str | None = None  # a SQLite path or a postgresql:// URL; None: ledger.sqlite in the folder
+    extra_args: list[str] = field(default_factory=list)  # more server options, after the defaults
 
     @property
     def url(self) -> str:
@@ -41,8 +43,8 @@ class Server:
         env = {**os.environ, "EDM_ROUTER_KEY": ROUTER_KEY, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "edm_lightning.serve", "--victim.checkpoint", self.checkpoint, "--victim.router", "keyed",
-             "--clients_file", str(self.folder / "clients.yaml"), "--ledger", str(self.folder / "ledger.sqlite"),
-             "--port", str(self.port), "--max_batch", "64", "--max_body_mb", "1"],
+             "--clients_file", str(self.folder / "clients.yaml"), "--ledger", self.ledger or str(self.folder / "ledger.sqlite"),
+             "--port", str(self.port), "--max_batch", "64", "--max_body_mb", "1", *self.extra_args],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.folder / "server.log", "ab"))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
