@@ -64,8 +64,9 @@ print(f"random-image steps ran: loss {loss.item():.3f}, {(time.perf_counter() - 
 PY
 fi
 
-echo "== Serving throughput on cuda (defended N=5 over one undefended member)"
-python benchmarks/serving.py --device cuda --batches 20 --repeats 5
+echo "== Serving throughput on cuda at batch 64 (defended N=5 over one undefended member; at most 10 minutes)"
+timeout 600 python benchmarks/serving.py --device cuda --batches 20 --repeats 5 \
+  || echo "serving benchmark failed or ran past 10 minutes (exit $?)"
 
 echo "== Experiment runner: a tiny experiment on cuda, bf16-mixed, 2 workers (a GPU each, or sharing one)"
 start=$(date +%s)

@@ -6,11 +6,13 @@ every measurement treats both alike; "defended" only ever means "behind a defens
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from edm_lightning.defense.fused import FusedMembers
 from edm_lightning.defense.postprocessors.base import Postprocessor
 from edm_lightning.routing import Router, answer_routed
 
@@ -21,7 +23,9 @@ class Victim(nn.Module):
     """Members + router (+ post-processors): images in [0, 1] in, probability vectors out.
 
     Each member runs only on the inputs routed to it, so a batch costs about one member plus the
-    router, not N members. Post-processors (output-perturbation defenses) are applied in order,
+    router, not N members; small members of one architecture answer it as one stacked network on the CPU
+    (:class:`~edm_lightning.defense.fused.FusedMembers`), with the same routes and the same answers up to float
+    rounding. Post-processors (output-perturbation defenses) are applied in order,
     each as ``probs = p(x, probs)``. Queries are validated first (shape, floating point, finite, in range,
     real data), then cast to the members' dtype; a large call is answered ``chunk_size`` rows at a time, so
     its memory does not grow with the call. A member or post-processor that produces a non-finite answer
@@ -64,6 +68,7 @@ class Victim(nn.Module):
         self.input_range = (float(input_range[0]), float(input_range[1]))
         self.chunk_size = int(chunk_size)
         self.trained_on: str | None = None  # the dataset its checkpoint says it was trained on (set by the loader)
+        self._fused = FusedMembers(self.members)  # not a submodule: no state of its own, nothing in the state dict
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -85,7 +90,7 @@ class Victim(nn.Module):
 
     def route_and_answer(self, x: Tensor) -> Tensor:
         """Softmax of the routed member for each input (no validation, no post-processing)."""
-        return answer_routed(self.members, self.router(x), x, self.num_classes)
+        return answer_routed(self.members, self.router(x), x, self.num_classes, self._fused)
 
 
 def validate_inputs(x: Tensor, input_shape: tuple[int, int, int], input_range: tuple[float, float]) -> None:
@@ -111,9 +116,9 @@ def validate_inputs(x: Tensor, input_shape: tuple[int, int, int], input_range: t
         raise ValueError(f"queries must be floating point images in [{input_range[0]}, {input_range[1]}], got dtype {x.dtype}")
     if x.numel() == 0:
         return
-    if not torch.isfinite(x).all():
+    low, high = (value.item() for value in torch.aminmax(x))  # one pass; NaN propagates, Inf is an extreme
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("queries contain NaN or Inf values")
-    low, high = x.min().item(), x.max().item()
     if low < input_range[0] or high > input_range[1]:
         raise ValueError(  # full precision: 1.0000001 must not read as 1
             f"query values must lie in [{input_range[0]!r}, {input_range[1]!r}] (images as floats), got [{low!r}, {high!r}]"

@@ -9,7 +9,7 @@ the package needs to know of it as class attributes (:class:`Router`: ``keyed``,
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -20,8 +20,8 @@ from typing_extensions import override
 from edm_lightning.errors import ConfigError
 from edm_lightning.registry import Registry
 
-__all__ = ["ROUTERS", "SUPPLIED", "FixedRouter", "Router", "RouterConfig", "answer_routed", "build_router", "check_members",
-           "plain_router", "router_class", "router_label", "router_spec"]
+__all__ = ["ROUTERS", "SUPPLIED", "FixedRouter", "FusedRun", "Router", "RouterConfig", "answer_routed", "build_router",
+           "check_members", "member_counts", "plain_router", "routed_logits", "router_class", "router_label", "router_spec"]
 
 #: Every router kind by the name configs use; each class registers itself where it is defined.
 ROUTERS: Registry[type[Router]] = Registry("router")
@@ -122,28 +122,87 @@ class FixedRouter(Router):
         return cls(num_members, member)
 
 
-def answer_routed(members: Sequence[nn.Module], route: Tensor, x: Tensor, num_classes: int) -> Tensor:
+#: A stacked form of the members: ``(x, route, counts) -> logits (N, classes)`` in ``x``'s row order, or ``None``.
+FusedRun = Callable[[Tensor, Tensor, Sequence[int]], "Tensor | None"]
+
+
+def answer_routed(members: Sequence[nn.Module], route: Tensor, x: Tensor, num_classes: int,
+                  fused: FusedRun | None = None) -> Tensor:
     """Softmax of each input's routed member: probabilities ``(N, num_classes)`` for ``x`` ``(N, C, H, W)``.
 
-    Each member runs only on the inputs routed to it, so a batch costs about one member, not N.
+    Each member runs only on the inputs routed to it, so a batch costs about one member, not N (see
+    :func:`routed_logits`); one softmax and one finiteness check then serve the whole batch. ``fused``, when given
+    (the victim's stacked members, :class:`~edm_lightning.defense.fused.FusedMembers`), computes the same logits in
+    fewer calls, or returns ``None`` to leave the batch to the per-member loop.
 
     Returns:
         Probabilities ``(N, num_classes)`` in ``x``'s dtype.
 
     Raises:
-        RuntimeError: a member produced non-finite values (a broken model must not answer NaN).
+        RuntimeError: a member produced non-finite values (a broken model must not answer NaN; the first such member
+            is named), answers of another length than ``num_classes``, or a route outside ``[0, len(members))``.
     """
-    probs = x.new_empty((x.shape[0], num_classes))
-    for index, member in enumerate(members):
-        chosen = (route == index).nonzero(as_tuple=True)[0]
-        if chosen.numel():
-            answer = member(x[chosen]).softmax(dim=-1).to(probs.dtype)
-            if not torch.isfinite(answer).all():
-                bad = int((~torch.isfinite(answer)).any(dim=-1).sum())
-                raise RuntimeError(f"member {index} produced non-finite answers for {bad} of its {chosen.numel()} "
-                                   "queries: the model is broken (check its checkpoint); refusing to serve them")
-            probs[chosen] = answer
+    if x.shape[0] == 0:
+        return x.new_empty((0, num_classes))
+    counts = member_counts(route, len(members))
+    logits = fused(x, route, counts) if fused is not None else None
+    if logits is None:
+        logits = routed_logits(members, route, x, counts)
+    if logits.shape != (x.shape[0], num_classes):
+        raise RuntimeError(f"the members answered shape {tuple(logits.shape)} for {x.shape[0]} queries, expected "
+                           f"{num_classes} classes each")
+    probs = logits.softmax(dim=-1).to(x.dtype)
+    if not bool(probs.isfinite().all()):  # one check for the batch; the member is found only when one failed
+        broken = ~probs.isfinite().all(dim=-1)
+        index = int(route[broken].min())
+        bad = int((broken & (route == index)).sum())
+        raise RuntimeError(f"member {index} produced non-finite answers for {bad} of its {counts[index]} queries: "
+                           "the model is broken (check its checkpoint); refusing to serve them")
     return probs
+
+
+def member_counts(route: Tensor, num_members: int) -> list[int]:
+    """How many rows each member answers (one host sync for the batch).
+
+    Returns:
+        ``num_members`` counts.
+
+    Raises:
+        RuntimeError: a route outside ``[0, num_members)`` (a router that breaks its contract).
+    """
+    try:
+        counts = torch.bincount(route, minlength=num_members).tolist()
+    except RuntimeError:  # a negative index
+        counts = []
+    if len(counts) != num_members:
+        raise RuntimeError(f"the router sent queries to members {sorted(set(route.tolist()))}, outside "
+                           f"[0, {num_members})")
+    return counts
+
+
+def routed_logits(members: Sequence[nn.Module], route: Tensor, x: Tensor, counts: Sequence[int],
+                  layout: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Each row's routed member's logits, in ``x``'s row order: the rows are sorted by member once, each member answers
+    its own run of rows (a member that answers the whole batch answers it as it is), and one scatter puts them back.
+
+    Args:
+        members: the members.
+        route: member index of each row ``(N,)``.
+        x: inputs ``(N, ...)``, at least one row.
+        counts: rows per member (:func:`member_counts`).
+        layout: applied to the rows before the members see them (a memory format), or ``None``.
+
+    Returns:
+        Logits ``(N, classes)``.
+    """
+    layout = layout or (lambda rows: rows)
+    busy = [index for index, count in enumerate(counts) if count]
+    if len(busy) == 1:  # a fixed router, a single member, or a batch that one member answers alone
+        return members[busy[0]](layout(x))
+    order = torch.argsort(route, stable=True)
+    parts = layout(x.index_select(0, order)).split(list(counts))  # index_select: x[order] is 10x slower for images
+    answers = torch.cat([members[index](parts[index]) for index in busy])
+    return torch.empty_like(answers).index_copy_(0, order, answers)
 
 
 class RouterConfig:
