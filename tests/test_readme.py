@@ -46,6 +46,9 @@ SKIPPED = {
     r"python -m edm_lightning\.experiment .*--config configs/experiment/devices/gpu_node\.yaml": "needs a node of 8 GPUs",
     r"python -m edm_lightning\.experiment .*--executor slurm": "needs a SLURM cluster",
     r"curl ": "the API is tested against a live server in tests/test_serve.py",
+    r"export PGPASSWORD=": "the database password of the replicas' PostgreSQL, for the commands after it",
+    r"python -m edm_lightning\.serve .*--ledger postgresql://": "needs that PostgreSQL server; tests/test_replicas.py and "
+        "tests/test_ledger.py run init-ledger and replicas on a throw-away one",
 }
 
 #: Trainer options appended to every ``main.py`` job of a committed config: each takes seconds.
