@@ -222,7 +222,7 @@ def compare_exported(folder: Path, neural_args: list[str], batch_sizes: tuple[in
     """Images/s of the ONNX export (onnxruntime, loaded as users load it: digest and content checked) and of the
     eager model, in this process, same inputs."""
     options = dict(zip([a.removeprefix("--victim.") for a in neural_args[::2]], neural_args[1::2]))
-    victim = VictimConfig(**options).build()
+    victim = VictimConfig(**options).build().stack_members()  # as the server serves it
     run = load_exported(export_victim(victim, folder / "edm.onnx", "onnx"))
     for batch in batch_sizes:
         x = torch.rand(batch, 1, 28, 28)

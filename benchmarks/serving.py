@@ -90,7 +90,7 @@ def served_models(arch, shape, num_members, stream, device, hash_archs) -> dict[
             bias = balance_logit_bias(torch.cat([hash_net(x) for x in stream]).cpu()).to(device)
         router = NeuralHashRouter(hash_net, num_members, bias).to(device)
         routers[f"neural, {hash_arch} hash (N={num_members})"] = (members, router)
-    return {name: Victim(m, r, shape, 10).eval() for name, (m, r) in routers.items()}
+    return {name: Victim(m, r, shape, 10).eval().stack_members() for name, (m, r) in routers.items()}
 
 
 class DealtRouter(Router):

@@ -76,7 +76,7 @@ def test_stacked_members_answer_each_row_as_its_member_alone(arch):
 def test_an_answer_and_its_member_do_not_depend_on_the_rest_of_the_batch():
     torch.manual_seed(0)
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(5)]
-    victim = Victim(members, KeyedHashRouter(5, "secret"), (1, 28, 28), 10).eval()
+    victim = Victim(members, KeyedHashRouter(5, "secret"), (1, 28, 28), 10).eval().stack_members()
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     whole, route = victim(x), victim.router(x)
     assert victim._fused.stacked and len(route.unique()) == 5
@@ -92,7 +92,7 @@ def test_a_batch_answered_in_parts_gives_the_same_answers_as_whole(num_members):
     """
     torch.manual_seed(0)
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(num_members)]
-    victim = Victim(members, KeyedHashRouter(num_members, "secret"), (1, 28, 28), 10).eval()
+    victim = Victim(members, KeyedHashRouter(num_members, "secret"), (1, 28, 28), 10).eval().stack_members()
     x = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     whole = victim(x)
     assert victim._fused.stacked
@@ -104,7 +104,7 @@ def test_a_batch_answered_in_parts_gives_the_same_answers_as_whole(num_members):
 def test_a_member_changed_after_serving_is_served_as_changed():
     torch.manual_seed(0)
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval()
+    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     before = victim(x)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_a_member_changed_after_serving_is_served_as_changed():
 def test_a_broken_member_is_still_refused_by_name_after_the_members_were_stacked():
     torch.manual_seed(0)
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval()
+    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     victim(x)
     assert victim._fused.stacked
@@ -175,7 +175,7 @@ def test_members_that_cannot_be_stacked_answer_through_the_plain_loop(members, s
 def test_a_hook_added_to_a_member_after_serving_sees_every_row_of_that_member():
     torch.manual_seed(0)
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval()
+    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(6))
     expected = victim(x)
     seen = []
@@ -194,7 +194,7 @@ def test_members_in_training_mode_are_left_to_the_plain_loop():
 def test_a_copy_of_a_victim_prepares_its_own_stacked_members():
     torch.manual_seed(0)
     members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval()
+    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
     x = torch.rand(16, 1, 28, 28)
     expected = victim(x)
     twin = copy.deepcopy(victim)
@@ -221,3 +221,35 @@ def test_the_keyed_route_is_the_keyed_blake2b_of_the_pixels(num_members):
                 for row in rows]
     assert keyed_members(rows, key, num_members).tolist() == expected
     assert KeyedHashRouter(num_members, key)(x).tolist() == expected
+
+
+def _replace_last_linear(member: nn.Module, **kwargs) -> None:
+    name = [n for n, module in member.named_modules() if isinstance(module, nn.Linear)][-1]
+    *path, last = name.split(".")
+    parent = member
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, last, nn.Linear(getattr(parent, last).in_features, 10, **kwargs))
+
+
+def test_a_layer_replaced_after_serving_answers_as_replaced():
+    torch.manual_seed(0)
+    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(5)]
+    victim = Victim(members, KeyedHashRouter(5, "secret"), (1, 28, 28), 10).eval().stack_members()
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    before = victim(x)
+    assert victim._fused.stacked
+    _replace_last_linear(members[2])
+    after = victim(x)
+    torch.testing.assert_close(after, answer_routed(members, victim.router(x), x, 10))
+    assert not torch.allclose(before, after)
+
+
+def test_members_whose_layers_differ_in_a_bias_answer_through_the_plain_loop():
+    torch.manual_seed(0)
+    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
+    _replace_last_linear(members[1], bias=False)
+    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(victim(x), answer_routed(members, victim.router(x), x, 10))
+    assert not victim._fused.stacked

@@ -16,7 +16,7 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.models import EnsembleModule
 from edm_lightning.serve import Bucket, BudgetExhausted, LedgerUnavailable, SqliteLedger, add_client, open_ledger
 from edm_lightning.serve.__main__ import main as serve_main
-from edm_lightning.serve.ledger import init_ledger, init_ledger_main
+from edm_lightning.serve.ledger import init_ledger, init_ledger_main, mask_password
 from edm_lightning.serve.ledger.base import gcra
 from tests.helpers.files import REPO_ROOT
 from tests.helpers.postgres import database_of, postgres_fixture, postgres_url_fixture, with_database  # noqa: F401
@@ -252,7 +252,8 @@ def test_unreachable_servers_wrong_passwords_and_missing_databases_are_refused_i
          f"edm:\\*\\*\\*@127.0.0.1:{port}/ledger \\(.*Connection refused.*start PostgreSQL there"),
         (wrong, "refused the credentials .*password authentication failed.*PGPASSWORD or ~/.pgpass"),
         (with_database(postgres_url, "no_such_database"), "does not exist .*create it \\(createdb\\), then run .*init-ledger"),
-        ("postgresql://edm:a-wrong-password@[::1/ledger", "the ledger URL postgresql://\\*\\*\\* is not a valid PostgreSQL URL"),
+        ("postgresql://edm:a-wrong-password@[::1/ledger",
+         "the ledger URL postgresql://edm:\\*\\*\\*@\\[::1/ledger is not a valid PostgreSQL URL"),
         ("postgresql://edm@127.0.0.1:99999/ledger", "is not a valid PostgreSQL URL \\(invalid port number"),
     ]:
         with pytest.raises(ConfigError, match=message) as raised:
@@ -299,3 +300,15 @@ def test_a_postgresql_ledger_without_its_packages_names_the_extra(hidden, tmp_pa
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"needs the {hidden!r} package: pip install 'edm-lightning[serve]'" in result.stderr
+
+
+@pytest.mark.parametrize("url, password", [
+    ("postgresql://edm:pa#ss@db.example/ledger", "pa#ss"),  # libpq reads user:password up to the first "@"
+    ("postgresql://edm:Xy?9k@db.example:5432/ledger", "Xy?9k"),
+    ("postgresql://edm:p%40q@db.example/ledger", "p%40q"),
+    ("postgresql://edm:a/b@db.example/ledger", "a/b"),  # libpq cannot parse it: still never shown
+    ("postgresql:///ledger?host=/tmp&password=zz%23", "zz%23"),
+])
+def test_a_password_is_masked_whatever_characters_it_holds(url, password):
+    shown = mask_password(url)
+    assert password not in shown and "***" in shown and shown.startswith("postgresql://")

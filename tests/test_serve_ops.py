@@ -95,6 +95,8 @@ def scrape(http, **headers) -> dict[tuple[str, tuple], float]:
     (["--client_rate_limit.requests_per_s", "2", "--client_rate_limit.request_burst", "0.5"],
      "request_burst must be >= 1 \\(a request takes 1\\)"),
     (["--client_rate_limit.image_burst", "100"], "client_rate_limit.image_burst is set but client_rate_limit.images_per_s"),
+    (["--global_rate_limit.images_per_s", "100", "--global_rate_limit.image_burst", "0.5"],
+     "global_rate_limit.image_burst must be >= 1 \\(a batch holds at least 1 image\\)"),
     (["--audit_log", "/proc/no-such-folder/audit.jsonl"], "the audit log '/proc/no-such-folder/audit.jsonl' cannot be "
                                                          "opened for appending"),
 ])

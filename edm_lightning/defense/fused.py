@@ -46,6 +46,8 @@ __all__ = ["MAX_PARAMETERS", "FusedMembers", "channels_last"]
 #: Members with more parameters each keep the per-member loop (LeNet-5 has 62k, ResNet-18 11.2M).
 MAX_PARAMETERS = 1_000_000
 
+_MISSING = object()  # a weight removed since the forms were built
+
 #: Layers without weights that act on each channel (or element) alone: copied as they are into the prepared forms.
 _PER_CHANNEL = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -74,6 +76,7 @@ class FusedMembers:
         self.members = members
         self._weights: list[tuple[dict, str]] = []  # where each weight of the members is held (module dict, name)
         self._hooks: list[dict] = []  # the members' modules' hook tables: a hook added later sends them to the plain loop
+        self._modules: list[nn.Module] = []  # every module of the members: a layer replaced or put in training mode
         self._built_for: tuple | None = None  # (storage, version) of each weight when the forms below were built
         self._alone: list[nn.Module] | None = None  # each member prepared alone, or None: the plain loop answers
         self._stacked: nn.Module | None = None  # all members stacked, or None: they answer one by one
@@ -103,13 +106,14 @@ class FusedMembers:
         if (x.device.type != "cpu" or x.ndim != 4 or torch.is_grad_enabled()  # a caller differentiating gets the members
                 or any(member.training for member in self.members)):
             return None
-        if self._built_for is None or _state(self._weights, self._hooks) != self._built_for:
+        if self._built_for is None or _state(self._weights, self._hooks, self._modules) != self._built_for:
             modules = [module for member in self.members for module in member.modules()]
             self._weights = [(held, name) for module in modules for held in (module._parameters, module._buffers)
                              for name in held]
             self._hooks = [table for module in modules for table in (module._forward_hooks, module._forward_pre_hooks)]
+            self._modules = modules
             self._build(x)
-            self._built_for = _state(self._weights, self._hooks)
+            self._built_for = _state(self._weights, self._hooks, self._modules)
         if self._alone is None:
             return None
         rows, largest = x.shape[0], max(counts)
@@ -135,10 +139,12 @@ class FusedMembers:
         self._alone = self._stacked = None
         members = list(self.members)
         if sum(p.numel() for p in members[0].parameters()) > MAX_PARAMETERS:
-            self._weights, self._hooks = [], []  # nothing to follow: such members always keep the plain loop
+            self._weights, self._hooks, self._modules = [], [], []  # nothing to follow: they always keep the plain loop
             return
         if _hooked(members):  # the copies would skip what a hook does (or watches)
             return
+        if any(module.training for member in members for module in member.modules()):  # a layer left in training
+            return  # mode answers unlike its copy, and the probe batch would move its statistics
         generator = torch.Generator().manual_seed(0)
         probe = torch.rand((2 * len(members) + 1, *x.shape[1:]), generator=generator).to(x.dtype)
         route = torch.arange(probe.shape[0]) % len(members)
@@ -158,8 +164,8 @@ class FusedMembers:
                     self._stacked = stacked.to(memory_format=torch.channels_last)
                     if not _close(self._run_stacked(probe, route, counts), expected):
                         self._stacked = None
-            except (RuntimeError, ValueError, TypeError, IndexError):  # a forward that the prepared layout breaks
-                self._stacked = None
+            except Exception:  # noqa: BLE001 - a layer the copies cannot take (or a forward their layout breaks): the
+                self._alone = self._stacked = None  # members answer through the plain loop, as they would without this
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -193,7 +199,8 @@ def stack(members: Sequence[nn.Module]) -> nn.Module | None:
         if type(first) is nn.Conv2d:
             return _stack_conv(members)
         if type(first) is nn.Linear:
-            return _StackedLinear(members) if _alike(members, "in_features", "out_features") else None
+            same_bias = all((member.bias is None) == (first.bias is None) for member in members)
+            return _StackedLinear(members) if same_bias and _alike(members, "in_features", "out_features") else None
         if type(first) in (nn.BatchNorm1d, nn.BatchNorm2d):
             return _stack_norm(members)
         if type(first) in (v2.Normalize, transforms.Normalize):
@@ -303,12 +310,19 @@ def _close(got: Tensor, expected: Tensor) -> bool:
     return got.shape == expected.shape and torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
 
 
-def _state(weights: Sequence[tuple[dict, str]], hooks: Sequence[dict]) -> tuple:
-    """Read where the weights and hooks are held: 12 us for five LeNet-5, a tenth of walking the modules.
+def _state(weights: Sequence[tuple[dict, str]], hooks: Sequence[dict], modules: Sequence[nn.Module]) -> tuple:
+    """Read where the weights and hooks are held: a few microseconds for five LeNet-5, a tenth of walking the modules.
+
+    An edit through ``.data`` (``p.data.mul_(0.5)``) changes neither storage nor version: after one, build the
+    victim's forms again (``victim._fused = FusedMembers(victim.members)``) or edit the weights under
+    ``torch.no_grad()``, which counts.
 
     Returns:
-        Storage and version of each weight (a new tensor, ``.to()`` or an in-place edit changes them), and the number
-        of forward hooks.
+        Storage and version of each weight (a new tensor, ``.to()`` or an in-place edit changes them; a weight removed
+        reads as missing), the number of forward hooks, and each module's children and training mode (a layer
+        replaced, or one put in training mode).
     """
-    return (tuple(None if (t := held[name]) is None else (t.data_ptr(), t._version) for held, name in weights),
-            sum(len(table) for table in hooks))
+    return (tuple((t.data_ptr(), t._version) if (t := held.get(name, _MISSING)) is not None and t is not _MISSING
+                  else t for held, name in weights),
+            sum(len(table) for table in hooks),
+            tuple((module.training, *map(id, module._modules.values())) for module in modules))

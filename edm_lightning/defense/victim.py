@@ -23,8 +23,8 @@ class Victim(nn.Module):
     """Members + router (+ post-processors): images in [0, 1] in, probability vectors out.
 
     Each member runs only on the inputs routed to it, so a batch costs about one member plus the
-    router, not N members; small members of one architecture answer it as one stacked network on the CPU
-    (:class:`~edm_lightning.defense.fused.FusedMembers`), with the same routes and the same answers up to float
+    router, not N members; after :meth:`stack_members` (the prediction API), small members of one architecture
+    answer it as one stacked network on the CPU, with the same routes and the same answers up to float
     rounding. Post-processors (output-perturbation defenses) are applied in order,
     each as ``probs = p(x, probs)``. Queries are validated first (shape, floating point, finite, in range,
     real data), then cast to the members' dtype; a large call is answered ``chunk_size`` rows at a time, so
@@ -68,7 +68,20 @@ class Victim(nn.Module):
         self.input_range = (float(input_range[0]), float(input_range[1]))
         self.chunk_size = int(chunk_size)
         self.trained_on: str | None = None  # the dataset its checkpoint says it was trained on (set by the loader)
-        self._fused = FusedMembers(self.members)  # not a submodule: no state of its own, nothing in the state dict
+        self._fused: FusedMembers | None = None  # set by stack_members; not a submodule: nothing in the state dict
+
+    def stack_members(self) -> Victim:
+        """Answer from prepared copies of the members (:class:`~edm_lightning.defense.fused.FusedMembers`): on the
+        CPU, small members in channels-last order and members of one architecture as one grouped network. The
+        prediction API serves this way (EDM's serving cost). Routes are unchanged and answers equal up to float
+        rounding, which is why the experiments' in-process victims keep the per-member loop: their answers, and
+        so the committed clone accuracies, stay bit for bit what they were.
+
+        Returns:
+            This victim.
+        """
+        self._fused = FusedMembers(self.members)
+        return self
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:

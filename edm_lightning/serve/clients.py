@@ -159,7 +159,7 @@ class LiveClients:
         ConfigError: the file does not load when the server starts (see :func:`load_clients`).
     """
 
-    def __init__(self, path: str | Path, poll_s: float = 0.5):
+    def __init__(self, path: str | Path, poll_s: float = 0.25):
         self.path, self.poll_s = path, poll_s
         self._seen = _signature(path)  # before reading: a change during the read shows at the next check
         self._clients = load_clients(path)

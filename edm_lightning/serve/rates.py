@@ -47,7 +47,7 @@ class RateLimit:
 
         Raises:
             ConfigError: a rate or burst that is not a finite number > 0, a burst without its rate, or a request
-                burst under 1 (no request could ever pass).
+                or image burst under 1 (no request could ever pass).
         """
         for field in fields(self):
             value = getattr(self, field.name)
@@ -59,6 +59,9 @@ class RateLimit:
                 raise ConfigError(f"{where}.{burst} is set but {where}.{rate} is not: set the rate too, or neither")
         if self.request_burst is not None and self.request_burst < 1:
             raise ConfigError(f"{where}.request_burst must be >= 1 (a request takes 1), got {self.request_burst!r}")
+        if self.image_burst is not None and self.image_burst < 1:
+            raise ConfigError(f"{where}.image_burst must be >= 1 (a batch holds at least 1 image), got "
+                              f"{self.image_burst!r}")
         return replace(
             self,
             request_burst=self.request_burst or (max(self.requests_per_s, 1.0) if self.requests_per_s else None),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 from edm_lightning.errors import ConfigError
 from edm_lightning.serve.ledger.base import Bucket, BudgetExhausted, LedgerUnavailable, check_buckets, gcra
@@ -59,34 +59,46 @@ def is_postgres_url(spec: str) -> bool:
 def mask_password(url: str) -> str:
     """``url`` with the password (``user:PASSWORD@`` or ``?password=``) replaced by ``***``.
 
+    The credentials are found as libpq finds them: everything between ``://`` and the first ``@`` before any ``/``
+    (so a password holding ``#`` or ``?`` is masked whole, as libpq would use it), the password after its first ``:``.
+
     Returns:
         The URL, fit to print.
 
     >>> mask_password("postgresql://edm:s3cret@db.example:5432/ledger?password=x&sslmode=require")
     'postgresql://edm:***@db.example:5432/ledger?password=***&sslmode=require'
+    >>> mask_password("postgresql://edm:pa#ss?w@db/ledger")
+    'postgresql://edm:***@db/ledger'
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed IPv6 bracket: show none of it
-        return f"{url.partition('://')[0]}://***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        if ":" in user:
-            netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # nothing to hide: as given
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return "***"  # not a URL: nothing of it is safe to assume
+    userinfo, host = _credentials(rest)
+    if userinfo is not None and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    elif userinfo is None and "@" in rest:  # a "/" before the "@" (libpq fails to parse it): hide all before the "@"
+        rest = f"***@{rest.rpartition('@')[2]}"
+    rest = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+def _credentials(rest: str) -> tuple[str | None, str]:
+    """``(user[:password] or None, the rest after its @)`` of a URL's part after ``://``, split as libpq splits it."""
+    end = next((i for i, c in enumerate(rest) if c in "@/"), len(rest))
+    if end < len(rest) and rest[end] == "@":
+        return rest[:end], rest[end + 1:]
+    return None, rest
 
 
 def _password(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    found = re.search(r"(?i)(?:^|&)password=([^&]*)", parts.query)
-    return unquote(found.group(1)) if found else (unquote(parts.password) if parts.password else None)
+    """The password ``url`` gives (percent-decoded), in its credentials or its ``password=`` parameter, or ``None``."""
+    userinfo, _ = _credentials(url.partition("://")[2])
+    found = re.search(r"(?i)[?&]password=([^&]*)", url)
+    if found:
+        return unquote(found.group(1))
+    if userinfo is not None and ":" in userinfo:
+        return unquote(userinfo.split(":", 1)[1])
+    return None
 
 
 def _one_line(err: BaseException, url: str) -> str:
@@ -96,7 +108,8 @@ def _one_line(err: BaseException, url: str) -> str:
     text = text.replace(url, mask_password(url))  # libpq quotes a URI it cannot parse
     password = _password(url)
     if password and len(password) >= 4:  # a shorter one is no secret, and would garble the message
-        text = text.replace(password, "***").replace(quote(password, safe=""), "***")
+        for form in {password, quote(password, safe=""), quote(password)}:  # as given, and percent-encoded
+            text = text.replace(form, "***")
     return text or type(err).__name__
 
 
