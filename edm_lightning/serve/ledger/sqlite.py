@@ -25,7 +25,8 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from edm_lightning.errors import ConfigError
@@ -143,6 +144,26 @@ class SqliteLedger:
         db.execute(f"PRAGMA synchronous={synchronous}")
         return db
 
+    @contextmanager
+    def _write(self, synchronous: str = "FULL") -> Iterator[sqlite3.Connection]:
+        """One write transaction under the file's write lock (``BEGIN IMMEDIATE``): committed when the block ends,
+        rolled back if it raises (a refused batch included); a database error becomes :class:`LedgerUnavailable`.
+        """
+        try:
+            db = self._connect(synchronous=synchronous)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                db.close()
+        except sqlite3.Error as err:
+            raise self._unavailable(err) from err
+
     def _unavailable(self, err: sqlite3.Error) -> LedgerUnavailable:
         return LedgerUnavailable(f"the SQLite ledger {str(self.path)!r} cannot be used ({type(err).__name__}: {err})")
 
@@ -196,27 +217,14 @@ class SqliteLedger:
         """
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
-        try:
-            db = self._connect()
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                row = db.execute("SELECT queries FROM spent WHERE client = ?", (client,)).fetchone()
-                spent = 0 if row is None else int(row[0])
-                if spent + count > budget:
-                    db.execute("ROLLBACK")
-                    raise BudgetExhausted(client, spent, budget, count)
-                db.execute("INSERT INTO spent (client, queries) VALUES (?, ?) "
-                           "ON CONFLICT(client) DO UPDATE SET queries = excluded.queries", (client, spent + count))
-                db.execute("COMMIT")
-                return spent + count
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            finally:
-                db.close()
-        except sqlite3.Error as err:
-            raise self._unavailable(err) from err
+        with self._write() as db:
+            row = db.execute("SELECT queries FROM spent WHERE client = ?", (client,)).fetchone()
+            spent = 0 if row is None else int(row[0])
+            if spent + count > budget:
+                raise BudgetExhausted(client, spent, budget, count)  # rolled back: nothing counted
+            db.execute("INSERT INTO spent (client, queries) VALUES (?, ?) "
+                       "ON CONFLICT(client) DO UPDATE SET queries = excluded.queries", (client, spent + count))
+        return spent + count
 
     def refund(self, client: str, count: int) -> None:
         """Give back ``count`` queries charged for a batch the server then failed to answer.
@@ -247,23 +255,11 @@ class SqliteLedger:
         if not buckets:
             return 0.0
         names = [bucket.name for bucket in buckets]
-        try:
-            db = self._connect(synchronous="NORMAL")  # WAL + NORMAL: survives a process crash, not a power cut
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                rows = db.execute(f"SELECT bucket, tat FROM rate_limits WHERE bucket IN ({', '.join('?' * len(names))})",
-                                  names).fetchall()
-                wait, tats = gcra(buckets, dict(rows), self.clock())
-                if tats:
-                    db.executemany("INSERT INTO rate_limits (bucket, tat) VALUES (?, ?) "
-                                   "ON CONFLICT(bucket) DO UPDATE SET tat = excluded.tat", list(tats.items()))
-                db.execute("COMMIT")
-                return wait
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            finally:
-                db.close()
-        except sqlite3.Error as err:
-            raise self._unavailable(err) from err
+        with self._write(synchronous="NORMAL") as db:  # WAL + NORMAL: survives a process crash, not a power cut
+            rows = db.execute(f"SELECT bucket, tat FROM rate_limits WHERE bucket IN ({', '.join('?' * len(names))})",
+                              names).fetchall()
+            wait, tats = gcra(buckets, dict(rows), self.clock())
+            if tats:
+                db.executemany("INSERT INTO rate_limits (bucket, tat) VALUES (?, ?) "
+                               "ON CONFLICT(bucket) DO UPDATE SET tat = excluded.tat", list(tats.items()))
+        return wait
