@@ -38,6 +38,7 @@ from edm_lightning.data.datamodules import LinkedSpec
 from edm_lightning.data.datasets import get_spec, require_fetched
 from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_convertible, convert_images, load_images
 from edm_lightning.defense import Victim, VictimConfig
+from edm_lightning.defense.detectors import DetectorConfig, MonitoredVictim, open_store
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, file_digest, state_digest
 from edm_lightning.routing import DEFAULT_ROUTER_KEY, as_secret, resolve_router_key, router_class, router_label
@@ -90,7 +91,7 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         check_budget_covers_batch(budget, batch_size)
-        victim_model, self._victim_id = _build_victim(victim)  # hashed into cache names, never shown
+        victim_model, self._victim_id, detector = _build_victim(victim)  # the identity: hashed into cache names, never shown
         if tuple(victim_model.input_shape) != tuple(self.spec.input_shape) or victim_model.num_classes != self.spec.num_classes:
             raise ConfigError(
                 f"the victim takes inputs {tuple(victim_model.input_shape)} with {victim_model.num_classes} classes, but "
@@ -104,6 +105,11 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
             )
         self._victim_for_evaluation: nn.Module | None = victim_model  # dropped once the test labels exist
         self._victim_to_serve: nn.Module | None = victim_model  # handed to the oracle, then dropped
+        self._monitor: MonitoredVictim | None = None
+        if detector is not None:  # this attack is one client of the defender's detector, named by what it buys
+            client = self.cache_key(**{k: v for k, v in self.hparams.items() if k not in NOT_CLIENT})
+            store = open_store(detector, self.cache_dir / "defender" / f"prada-{digest(self._victim_id, length=16)}.sqlite")
+            self._monitor = self._victim_to_serve = MonitoredVictim(victim_model, detector, store, client)
         self._oracle: BlackBoxOracle | None = None
         self._prepaid = 0  # queries bought by an earlier run and read back from the cache
         self.train_set: BatchTensorDataset | None = None
@@ -166,6 +172,10 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         if problem is not None:
             raise ConfigError(f"{str(path)!r} is not a whole round of bought answers ({problem}); {DAMAGED}")
         return items, answers, lost
+
+    def detector_figures(self) -> dict[str, Any]:
+        """What the victim's detector saw of this attack (``flagged_at``, ``detector_queries``); empty without one."""
+        return self._monitor.figures() if self._monitor is not None else {}
 
     @property
     def queries_spent(self) -> int:
@@ -265,23 +275,28 @@ def victim_labels(victim: nn.Module | None, images: Tensor, batch_size: int = 10
     return torch.cat(labels)
 
 
-def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict) -> tuple[nn.Module | RemoteVictim, str]:
-    """The victim model and an identity for cache keys (checkpoint digest and routing, the weights' digest, or the
-    served model's identity).
+#: Attack settings that do not make another client of a detector: the budgets of one purchase are one client.
+NOT_CLIENT = ("budget", "cache_dir", "root", "num_workers", "test_size")
+
+
+def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict
+                  ) -> tuple[nn.Module | RemoteVictim, str, DetectorConfig | None]:
+    """The victim model, an identity for cache keys (checkpoint digest and routing, the weights' digest, or the
+    served model's identity) and its detector.
 
     Returns:
-        ``(victim, identity)``.
+        ``(victim, identity, detector or None)``.
 
     Raises:
         TypeError: ``victim`` is none of the accepted kinds.
     """
     if isinstance(victim, nn.Module):
-        return victim.eval(), f"module:{type(victim).__name__}:{state_digest(victim)}"
+        return victim.eval(), f"module:{type(victim).__name__}:{state_digest(victim)}", None
     if isinstance(victim, dict):
         victim = RemoteVictimConfig(**victim) if "url" in victim else VictimConfig(**victim)
     if isinstance(victim, RemoteVictimConfig):
         remote = victim.build()
-        return remote, f"remote:{remote.model_id}"
+        return remote, f"remote:{remote.model_id}", None
     if not isinstance(victim, VictimConfig):
         raise TypeError(f"victim must be a VictimConfig (checkpoint, router, ...), a RemoteVictimConfig (url) or a Victim, "
                         f"got {type(victim).__name__}")
@@ -295,4 +310,6 @@ def _build_victim(victim: VictimConfig | RemoteVictimConfig | Victim | dict) -> 
         parts.append(file_digest(victim.hash_checkpoint))
     if victim.postprocessors:  # their settings and weights (MAD's proxy, misinformation model) change every answer
         parts.append(digest(victim.postprocessors, length=16) + "-" + state_digest(model.postprocessors))
-    return model, "ckpt:" + ":".join(parts)
+    if victim.detector is not None:  # a flagged client's answers differ: its purchases are another victim's
+        parts.append("detector-" + digest(victim.detector.identity(), length=16))
+    return model, "ckpt:" + ":".join(parts), victim.detector

@@ -81,6 +81,7 @@ def attack_figures(datamodule: AttackDataModule, module: L.LightningModule, metr
     for part in (datamodule, module):
         if isinstance(part, ReportsFigures):
             results.update(part.figures())
+    results.update(datamodule.detector_figures())
     return results
 
 

@@ -15,6 +15,7 @@ from edm_lightning.checkpoints import (
     read_checkpoint,
     trained_on,
 )
+from edm_lightning.defense.detectors import DetectorConfig
 from edm_lightning.defense.postprocessors import PostprocessorConfig, build_postprocessors
 from edm_lightning.defense.victim import Victim
 from edm_lightning.errors import CheckpointNotFoundError, ConfigError
@@ -71,6 +72,7 @@ class VictimConfig:
     key_fingerprint: str | None = None
     member: int = 0
     postprocessors: list[PostprocessorConfig] = field(default_factory=list)
+    detector: DetectorConfig | None = None
 
     def __post_init__(self) -> None:
         self.key = as_secret(self.key)  # a plain string from Python is hidden too (repr, logs)
@@ -81,6 +83,11 @@ class VictimConfig:
         for position, config in enumerate(self.postprocessors):  # misspelt classes and arguments fail here
             checked.append(PostprocessorConfig.parse(config, position).as_dict())
         self.postprocessors = checked  # plain {class_path, init_args} mappings from here on
+        if isinstance(self.detector, dict):
+            try:
+                self.detector = DetectorConfig(**self.detector)
+            except TypeError as err:
+                raise ConfigError(f"detector: {err}; its settings: {', '.join(DetectorConfig.__dataclass_fields__)}") from None
 
     def build(self) -> Victim:
         """The victim this config names (:func:`load_victim`)."""

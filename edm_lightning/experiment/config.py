@@ -23,6 +23,7 @@ __all__ = [
     "AttackConfig",
     "ClusterConfig",
     "DefenseConfig",
+    "DetectorSetup",
     "EDMConfig",
     "ExperimentConfig",
     "HashNetConfig",
@@ -213,6 +214,31 @@ class DefenseConfig:
 
 
 @dataclass
+class DetectorSetup:
+    """A stateful detector beside victims (PRADA, :class:`~edm_lightning.defense.detectors.DetectorConfig`): every attack
+    run against it is one client, and ``benign_clients`` streams of the defender's own test images measure how many
+    honest clients it flags.
+
+    Args:
+        name: its name in the results (``prada``); on EDM it reads ``edm-neural+prada``.
+        options: the detector's settings (``delta``, ``test_every``, ...; ``response`` is ``misinform`` here: a
+            refused attack would end its stage without a clone to measure).
+        defends: what it watches: ``none`` (the undefended target) and/or ``edm-<router>``, as a defense's ``defends``.
+        attacks: labels of the attacks run against it, at every budget (default: every attack).
+        benign_clients: benign clients, each streaming ``benign_queries`` test images in an order of its own (every
+            other one mildly corrupted: Gaussian noise of std 0.02 and a shift of up to one pixel, as a camera sends).
+        benign_queries: queries per benign client (at most the test set, so no benign client repeats an image).
+    """
+
+    name: str = "prada"
+    options: dict[str, Any] = field(default_factory=dict)
+    defends: list[str] = field(default_factory=lambda: ["none"])
+    attacks: list[str] = field(default_factory=list)
+    benign_clients: int = 20
+    benign_queries: int = 10_000
+
+
+@dataclass
 class TrainerConfig:
     """Where every stage's Trainer runs (the runner always uses one device per stage; ``workers`` run stages at once).
 
@@ -274,6 +300,7 @@ class ExperimentConfig:
         edm: the EDM ensemble.
         attacks: the attacks.
         defenses: the published output-perturbation defenses, alone and composed with EDM.
+        detectors: stateful detectors (PRADA) beside the target and EDM; each attack is one client.
         misinformation: Adaptive Misinformation's misinformation model (trained only if a defense needs it).
         trainer: the device and precision of every stage's Trainer (not part of any stage's key: a stage
             run on a GPU is reused on a CPU and the other way round).
@@ -298,6 +325,7 @@ class ExperimentConfig:
     edm: EDMConfig = field(default_factory=EDMConfig)
     attacks: list[AttackConfig] = field(default_factory=lambda: [AttackConfig()])
     defenses: list[DefenseConfig] = field(default_factory=list)
+    detectors: list[DetectorSetup] = field(default_factory=list)
     misinformation: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dry_run: bool = False
@@ -321,7 +349,12 @@ def surrogate_attacks(config: ExperimentConfig) -> list[AttackConfig]:
     return [a for a in config.attacks if ATTACKS.get(a.name).surrogate_pool]
 
 
-def defense_label(defense: DefenseConfig, base: str) -> str:
+def detector_attacks(config: ExperimentConfig, setup: DetectorSetup) -> list[AttackConfig]:
+    """The attacks run against a detector's victims (its ``attacks``, or every attack)."""
+    return [a for a in config.attacks if not setup.attacks or a.title in setup.attacks]
+
+
+def defense_label(defense: DefenseConfig | DetectorSetup, base: str) -> str:
     """The table row name of ``defense`` on ``base`` (``none``: the defense alone; else ``base+defense``)."""
     return defense.name if base == "none" else f"{base}+{defense.name}"
 

@@ -19,7 +19,9 @@ from edm_lightning.attacks import ATTACKS, AttackJob, attack_figures
 from edm_lightning.cli import JobRun
 from edm_lightning.command_line import class_config
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, ProbeDataModule, get_spec
-from edm_lightning.defense import CopySpreadModule, DiagnosticsModule, ServedVictimModule, VictimConfig
+from edm_lightning.data.images import load_images
+from edm_lightning.defense import CopySpreadModule, DiagnosticsModule, ServedVictimModule, VictimConfig, detectors
+from edm_lightning.defense.detectors import DetectorConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.cli_jobs import run_stage_job, trainer_config
 from edm_lightning.experiment.config import AttackConfig, ExperimentConfig, TrainConfig
@@ -49,6 +51,7 @@ RESULT_FIGURES: dict[str, tuple[str, ...]] = {
     "attack": ("clone_acc", "agreement", "queries", "wall_time_s"),
     "diagnostics": ("share_test", "coherence_id", "coherence_ood", "coherence_edges"),
     "spread": ("distinct_members", "distinct_if_random", "share_on_plain_member"),
+    "benign": ("benign_clients", "benign_flagged", "benign_w_min"),
 }
 
 #: The files each stage kind leaves in its folder: a training stage's ``best.ckpt`` (which later stages read) and
@@ -183,6 +186,20 @@ def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dic
     return {"test_acc": run.model.tested_accuracy}
 
 
+def benign_clients(config: ExperimentConfig, folder: Path, victim: dict, clients: int, queries: int, seed: int) -> dict:
+    """How many honest clients the victim's detector flags (:func:`~edm_lightning.defense.detectors.benign_clients`),
+    each streaming the defender's test images. Run in this process (a sequential stream per client, no training).
+
+    Returns:
+        ``benign_clients``, ``benign_flagged``, ``benign_fpr``, ``benign_flagged_at``, ``benign_w_min``.
+    """
+    served = victim_config(config, {**victim, "detector": None})
+    images, _ = load_images(config.dataset, config.root, train=False)
+    images = images[: config.test_size].float().div_(255)
+    settings = DetectorConfig(**victim["detector"]).prada()
+    return detectors.benign_clients(served.build(), images, settings, clients, min(queries, len(images)), seed)
+
+
 def diagnostics(config: ExperimentConfig, folder: Path, victim: dict, surrogate: str | None, images: int = 10_000,
                 bins: int = 20) -> dict:
     """Why EDM works or fails behind a router: a ``main.py test`` job of :class:`~edm_lightning.defense.DiagnosticsModule`.
@@ -306,7 +323,7 @@ def victim_config(config: ExperimentConfig, victim: dict) -> VictimConfig:
     """
     return VictimConfig(victim["checkpoint"], router=victim["router"], hash_checkpoint=victim.get("hash_checkpoint"),
                         key=config.edm.router_key, key_fingerprint=_fingerprint(config, victim["router"]),
-                        postprocessors=victim.get("postprocessors", []))
+                        postprocessors=victim.get("postprocessors", []), detector=victim.get("detector"))
 
 
 def _fingerprint(config: ExperimentConfig, router: str) -> str | None:

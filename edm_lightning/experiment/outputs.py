@@ -14,8 +14,9 @@ from statistics import mean
 
 from lightning.pytorch.loggers import WandbLogger
 
+from edm_lightning.defense.detectors import DetectorConfig
 from edm_lightning.experiment import tables
-from edm_lightning.experiment.config import ExperimentConfig, curve_attacks
+from edm_lightning.experiment.config import ExperimentConfig, curve_attacks, defense_label
 from edm_lightning.files import digest
 from edm_lightning.progress import stage_log
 from edm_lightning.tracking import finish_wandb_run
@@ -79,6 +80,7 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
                           for budget, judged in strongest.items() for v in judged], out / "strongest.csv")
     else:
         (out / "strongest.csv").unlink(missing_ok=True)  # an earlier run's table, which these results do not have
+    notes += _detector_sections(config, records, victims)
     tables.write_csv(records, out / "records.csv")
     tables.write_csv(rows, out / "results.csv")
     text = tables.write_markdown(rows, out / "results.md", f"EDM evaluation: {config.name}", notes)
@@ -87,6 +89,18 @@ def write_results(config: ExperimentConfig, records: list[dict], victims: dict, 
     if config.wandb_project:
         with stage_log(Path(config.runs_dir) / config.name / "results.log"):  # W&B's banners, not on the screen
             _log_results_to_wandb(config, rows, [out / name for name in images], out)
+
+
+def _detector_sections(config: ExperimentConfig, records: list[dict], victims: dict) -> list[str]:
+    """Each detector's section (:func:`.tables.detector_markdown`), under one heading; none without detectors."""
+    lines = []
+    for setup in config.detectors:
+        delta = DetectorConfig(**setup.options).delta
+        for base in setup.defends:
+            label = defense_label(setup, base)
+            benign = [v for (defense, _, _, _), v in victims.items() if defense == label and "benign_clients" in v]
+            lines += ["", *tables.detector_markdown(label, base, delta, records, benign)]
+    return ["", "## Stateful detectors: benign clients flagged, and when each attack was", *lines] if lines else []
 
 
 def _strongest_attacks(records: list[dict], diversity_weight: float) -> dict[int, list[dict]]:

@@ -32,6 +32,7 @@ from edm_lightning.experiment.config import (
     averaging_attacks,
     curve_attacks,
     defense_label,
+    detector_attacks,
     needs_misinformation,
     postprocessor_configs,
     stage_spec,
@@ -48,8 +49,8 @@ class Stage:
     """One unit of work, cached by its configuration.
 
     Args:
-        kind: ``target``, ``hashnet``, ``edm``, ``misinformation``, ``served``, ``diagnostics``, ``spread`` or
-            ``attack``.
+        kind: ``target``, ``hashnet``, ``edm``, ``misinformation``, ``served``, ``diagnostics``, ``spread``,
+            ``benign`` (a detector's benign clients) or ``attack``.
         key: the stage's configuration; its hash names the folder, so changing any of it reruns the stage.
         label: what the progress line calls it.
         work: ``folder -> result`` (the figures written to ``result.json``).
@@ -199,6 +200,12 @@ class _Builder:
                               "postprocessors": postprocessor_configs(defense, value, model)}
                     served = self.serve(victim, extra=(misinformation.id,) if misinformation else ())
                     self.victims[(defense_label(defense, base), weight, value, seed)] = {**victim, "served": served.id}
+        for setup in config.detectors:  # the same victims, watched per client; the benign clients are measured once
+            for base in setup.defends:
+                weight = None if base == "none" else config.edm.diversity_weight
+                victim = {**self.victims[(base, weight, None, seed)], "detector": {**setup.options, "response": "misinform"}}
+                benign = self.benign(victim, setup, seed)
+                self.victims[(defense_label(setup, base), weight, None, seed)] = {**victim, "benign": benign.id}
         surrogate = next((a.surrogate for a in surrogate_attacks(config)), None)
         for router in config.edm.router_labels:  # member shares and coherence: why EDM works (or not) behind a router
             victim = self.victims[(f"edm-{router}", config.edm.diversity_weight, None, seed)]
@@ -221,6 +228,18 @@ class _Builder:
         plain = _victim_dict(victim)
         return self.add(Stage("served", key, label, functools.partial(jobs.served_accuracy, self.config, victim=plain),
                               needs=(victim["trained"], *extra), estimate_s=2.0))
+
+    def benign(self, victim: dict, setup, seed: int) -> Stage:
+        key = {"victim": victim["checkpoint"], "router": victim["router"], "detector": victim["detector"], "seed": seed,
+               "clients": setup.benign_clients, "queries": setup.benign_queries, "test_size": self.config.test_size,
+               **self.keyed(victim)}
+        plain = _victim_dict(victim)
+        return self.add(Stage(
+            "benign", key, f"{setup.benign_clients} benign clients of {Path(victim['checkpoint']).parent.name} behind the "
+            f"{router_label(victim['router'])} router + {setup.name} (seed {seed})",
+            functools.partial(jobs.benign_clients, self.config, victim=plain, clients=setup.benign_clients,
+                              queries=setup.benign_queries, seed=seed),
+            needs=(victim["trained"],), estimate_s=2.0 * setup.benign_clients))
 
     def diagnose(self, victim: dict, surrogate: str | None) -> Stage:
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "surrogate": surrogate,
@@ -260,6 +279,12 @@ class _Builder:
                         for base in defense.defends:
                             weight = None if base == "none" else weights[0]
                             runs += [(attack, defense_label(defense, base), weight, v, budget, seed) for v in defense.values]
+            for setup in config.detectors:  # every budget: when the detector flags each attack, and what it then costs
+                for attack in detector_attacks(config, setup):
+                    for base in setup.defends:
+                        weight = None if base == "none" else weights[0]
+                        runs += [(attack, defense_label(setup, base), weight, None, budget, seed)
+                                 for budget in sorted(attack.budgets)]
         return runs
 
     def attack(self, settings: AttackConfig, defense: str, weight: float | None, strength: float | None, budget: int,
@@ -272,6 +297,8 @@ class _Builder:
                **self.keyed(victim)}
         if victim.get("postprocessors"):
             key["postprocessors"] = victim["postprocessors"]
+        if victim.get("detector"):
+            key["detector"] = victim["detector"]
         setting = ", ".join(part for part in (weight is not None and f"lambda={weight:g}",
                                               strength is not None and f"strength={strength:g}") if part)
         label = f"{settings.title} vs {defense}{f' ({setting})' if setting else ''} ({budget:,} queries, seed {seed})"
@@ -300,7 +327,7 @@ class _Builder:
 
 def _victim_dict(victim: dict) -> dict:
     """What a job needs to build a planned victim (checkpoint, router, post-processors), without its stage ids."""
-    return {k: v for k, v in victim.items() if k not in ("trained", "served")}
+    return {k: v for k, v in victim.items() if k not in ("trained", "served", "benign")}
 
 
 # Seconds per training image and epoch of a LeNet-5-sized model on the 2-core CPU the defaults were

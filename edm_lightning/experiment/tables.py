@@ -165,6 +165,41 @@ def strongest_attacks_markdown(victims: Sequence[dict], budget: int) -> list[str
     return lines
 
 
+def detector_markdown(label: str, base: str, delta: float, records: Sequence[dict], benign: Sequence[dict]) -> list[str]:
+    """A detector's section of ``results.md``: its honest clients flagged, then when it flagged each attack and the
+    clone accuracy behind it next to the same attack on the victim it watches (``base``).
+
+    Args:
+        label: the detector's victim (``prada``, ``edm-neural+prada``).
+        base: the victim it watches (``none``, ``edm-neural``).
+        delta: its threshold on the Shapiro-Wilk W.
+        records: every attack record (those of ``label`` and ``base`` are used).
+        benign: the benign-client figures per seed.
+
+    Returns:
+        Markdown lines.
+    """
+    clients = sum(b["benign_clients"] for b in benign)
+    flagged = sum(b["benign_flagged"] for b in benign)
+    w_min = min((b["benign_w_min"] for b in benign if b.get("benign_w_min") is not None), default=math.nan)
+    lines = [f"### {label}", "",
+             f"Benign clients flagged: {flagged} of {clients} ({100 * flagged / max(clients, 1):.1f}%); the lowest W any "
+             f"benign client reached: {w_min:.3f} (delta {delta:g}).", "",
+             f"| attack | budget | flagged after (queries, per seed) | clone acc. behind {label} | on {base} | drop |",
+             "|---|---|---|---|---|---|"]
+    watched = [r for r in records if r["defense"] == label]
+    for attack, budget in sorted({(r["attack"], r["budget"]) for r in watched}, key=lambda k: (k[0], k[1])):
+        runs = [r for r in watched if (r["attack"], r["budget"]) == (attack, budget)]
+        plain = [r["clone_acc"] for r in records if r["defense"] == base and (r["attack"], r["budget"]) == (attack, budget)
+                 and r.get("answers") == runs[0].get("answers")]
+        flags = ", ".join("never" if r.get("flagged_at") in (None, "") else f"{int(r['flagged_at']):,}" for r in runs)
+        behind = mean(r["clone_acc"] for r in runs)
+        before = mean(plain) if plain else math.nan
+        lines.append(f"| {attack} | {budget:,} | {flags} | {100 * behind:.1f}% | {100 * before:.1f}% | "
+                     f"{100 * (before - behind):.1f} |")
+    return lines
+
+
 def _row_order(key: tuple, attacks: list[str]) -> tuple:
     attack, defense, strength = key
     kind = 0 if defense == "none" else 1 if "+" not in defense and defense.startswith("edm-") else 2

@@ -28,6 +28,7 @@ from edm_lightning.data import get_spec, open_dataset, require_fetched
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS, check_split_sizes
 from edm_lightning.data.images import check_convertible
 from edm_lightning.defense import Victim
+from edm_lightning.defense.detectors import DetectorConfig
 from edm_lightning.defense.postprocessors import build_postprocessor, resolve_postprocessor
 from edm_lightning.defense.postprocessors.base import LINKED
 from edm_lightning.errors import ConfigError
@@ -136,6 +137,7 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
             if attack.surrogate == config.dataset:
                 raise ConfigError(f"{where}: the surrogate must not be the victim's own dataset {config.dataset!r}")
     _validate_defenses(config, titles)
+    _validate_detectors(config, titles)
     _validate_training_parts(config)
 
 
@@ -346,3 +348,40 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
         for value in defense.values:  # out-of-range strengths fail here, not after hours of training
             post = postprocessor_configs(defense, value, {"checkpoint": stand_in})[0]
             build_postprocessor(post, spec.num_classes, spec.input_shape)
+
+
+def _validate_detectors(config: ExperimentConfig, attack_titles: list[str]) -> None:
+    """Every detector must have a name of its own, known bases and attacks, settings PRADA takes, the ``misinform``
+    response (a refused attack leaves no clone to measure) and benign clients the test set can feed.
+
+    Raises:
+        ConfigError: the first thing found wrong, naming the detector.
+    """
+    bases = ["none"] + [f"edm-{router}" for router in config.edm.router_labels]
+    names = [setup.name for setup in config.detectors]
+    if len(set(names)) != len(names) or set(names) & {d.name for d in config.defenses}:
+        raise ConfigError(f"detectors must have names distinct from each other and from the defenses, got {names}")
+    test_images = config.test_size or {"svhn": 26_032, "emnist-letters": 20_800}.get(config.dataset, 10_000)
+    for setup in config.detectors:
+        where = f"detector {setup.name!r}"
+        if setup.name in bases or "+" in setup.name:
+            raise ConfigError(f"{where}: the name must not be one of {bases} or contain '+'")
+        if not setup.defends or not set(setup.defends) <= set(bases):
+            raise ConfigError(f"{where}: defends must name what it watches, from {bases}, got {setup.defends}")
+        if not set(setup.attacks) <= set(attack_titles):
+            raise ConfigError(f"{where}: attacks {setup.attacks} must be labels of configured attacks {attack_titles}")
+        unknown = set(setup.options) - set(DetectorConfig.__dataclass_fields__) - {"response"} | (set(setup.options) & {"state"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown options {sorted(unknown)}; its settings: "
+                              f"{', '.join(k for k in DetectorConfig.__dataclass_fields__ if k not in ('state', 'response'))}")
+        if setup.options.get("response", "misinform") != "misinform":
+            raise ConfigError(f"{where}: the experiment measures a detector's response 'misinform' (a refused attack "
+                              f"leaves no clone to measure), got response {setup.options['response']!r}")
+        DetectorConfig(**setup.options)  # ranges
+        for key in ("benign_clients", "benign_queries"):
+            value = getattr(setup, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}: {key} must be a whole number >= 1, got {value!r}")
+        if setup.benign_queries > test_images:
+            raise ConfigError(f"{where}: benign_queries={setup.benign_queries} is more than the {test_images} test images "
+                              "a benign client streams (each at most once); lower it")
