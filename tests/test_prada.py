@@ -164,13 +164,24 @@ def test_a_failed_write_stores_nothing_of_the_batch(tmp_path: Path):
     assert store.clients() == {} and store.load("c").queries == 0
 
 
-def test_misinformation_keeps_confidence_and_names_a_wrong_class_consistently():
-    probs = torch.softmax(torch.randn(50, 10), dim=1)
-    for client in ("a", "b", "attacker-7"):
-        lied = misinform(probs, client)
-        assert torch.allclose(lied.sum(dim=1), torch.ones(50)) and torch.equal(lied.amax(dim=1), probs.amax(dim=1))
-        assert (lied.argmax(dim=1) != probs.argmax(dim=1)).all()
-        assert torch.equal(misinform(probs, client), lied)
+def test_misinformation_keeps_confidence_names_a_wrong_class_per_image_and_needs_the_key():
+    probs = torch.softmax(torch.randn(200, 10), dim=1)
+    images, _ = natural_stream(200)
+    lied = misinform(probs, images, b"k" * 32)
+    assert torch.allclose(lied.sum(dim=1), torch.ones(200)) and torch.equal(lied.amax(dim=1), probs.amax(dim=1))
+    assert (lied.argmax(dim=1) != probs.argmax(dim=1)).all()
+    assert torch.equal(misinform(probs, images, b"k" * 32), lied)  # the same image, the same wrong class
+    shifts = (lied.argmax(dim=1) - probs.argmax(dim=1)) % 10
+    assert len(set(shifts.tolist())) == 9  # no one shift undoes them all
+    other = (misinform(probs, images, b"j" * 32).argmax(dim=1) - probs.argmax(dim=1)) % 10
+    assert (other != shifts).float().mean() > 0.7  # another key, other shifts
+
+
+def test_a_store_keeps_its_key_to_itself(tmp_path: Path):
+    store = DetectorStore(tmp_path / "prada.sqlite", SETTINGS)
+    assert len(store.key) == 32 and DetectorStore(tmp_path / "prada.sqlite", SETTINGS).key == store.key
+    assert DetectorStore(tmp_path / "other.sqlite", SETTINGS).key != store.key
+    assert (tmp_path / "prada.sqlite").stat().st_mode & 0o077 == 0
 
 
 def monitored(tmp_path: Path, response: str) -> MonitoredVictim:
@@ -270,3 +281,83 @@ def test_bad_detector_setups_fail_before_training(fake_root: Path, tmp_path: Pat
     change(config.detectors[0])
     with pytest.raises(ConfigError, match=message):
         run_experiment(config)
+
+
+# ------------------------------------------------------------------------------------------------ the prediction API
+ROUTER_KEY = "3f0c9a51d27e48b6a1c5e09f7d3b2a86"
+
+
+@pytest.fixture
+def served(tmp_path, checkpoint_factory):
+    """Build the API for an EDM checkpoint behind PRADA (``response``), as ``python -m edm_lightning.serve`` would."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from edm_lightning.defense import VictimConfig
+    from edm_lightning.models import EnsembleModule
+    from edm_lightning.serve import add_client
+    from edm_lightning.serve.__main__ import ServeConfig, build_app
+
+    torch.manual_seed(0)
+    checkpoint = checkpoint_factory(EnsembleModule(num_members=3), "edm.ckpt")
+    keys = {name: add_client(tmp_path / "clients.yaml", name, 5000) for name in ("mallory", "alice", "bob")}
+
+    def build(response: str, ledger: str | None = None, state: str | None = "prada.sqlite") -> TestClient:
+        detector = {"delta": 0.9, "response": response, "min_distances": 20, "min_per_class": 2,
+                    "state": state and str(tmp_path / state)}
+        config = ServeConfig(VictimConfig(checkpoint, router="keyed", key=ROUTER_KEY, detector=detector),
+                             clients_file=str(tmp_path / "clients.yaml"), ledger=ledger or str(tmp_path / "ledger.sqlite"),
+                             max_batch=64)
+        return TestClient(build_app(config))
+
+    return build, keys
+
+
+def predict(http, key: str, x: torch.Tensor):
+    from edm_lightning.protocol import NPY, encode_npy
+    return http.post("/v1/predict", content=encode_npy(x), headers={"content-type": NPY, "X-API-Key": key})
+
+
+def test_the_api_refuses_a_flagged_key_counting_nothing_more_and_remembers_it_after_a_restart(served):
+    build, keys = served
+    queries = stepping_queries(600)
+    with build("refuse") as http:
+        statuses, answered = [], 0
+        for part in queries.split(10):
+            response = predict(http, keys["mallory"], part)
+            statuses.append(response.status_code)
+            answered += len(part) if response.status_code == 200 else 0
+        assert 200 in statuses, response.json()
+        assert statuses[-1] == 403 and statuses.index(403) == statuses.count(200)
+        assert "flagged as a model-stealing attacker" in response.json()["detail"]
+        assert http.get("/v1/usage", headers={"X-API-Key": keys["mallory"]}).json()["queries_spent"] == answered
+        honest = torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+        assert all(predict(http, keys["alice"], part).status_code == 200 for part in honest.split(50))
+    with build("refuse") as http:  # a restarted server: still refused at once, still nothing counted
+        assert predict(http, keys["mallory"], queries[:5]).status_code == 403
+        assert http.get("/v1/usage", headers={"X-API-Key": keys["mallory"]}).json()["queries_spent"] == answered
+        assert predict(http, keys["alice"], queries[:5]).status_code == 200
+
+
+def test_the_api_misinforms_a_flagged_key_and_charges_what_it_answers(served):
+    build, keys = served
+    queries = stepping_queries(600)
+    with build("misinform") as http:
+        answers = torch.cat([torch.tensor(predict(http, keys["mallory"], part).json()["probabilities"])
+                             for part in queries.split(50)])
+        first = torch.tensor(predict(http, keys["alice"], queries[:10]).json()["probabilities"])
+        last = torch.tensor(predict(http, keys["bob"], queries[-10:]).json()["probabilities"])  # too few to test
+        assert http.get("/v1/usage", headers={"X-API-Key": keys["mallory"]}).json()["queries_spent"] == 600
+    assert torch.allclose(answers[:10], first, atol=1e-6)  # before the flag: the model's own answers
+    assert (answers[-10:].argmax(dim=1) != last.argmax(dim=1)).all()  # after it, the same images: a wrong class each
+    assert torch.allclose(answers.sum(dim=1), torch.ones(600), atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"state": None}, "victim.detector.state must name the SQLite file"),
+    ({"ledger": "postgresql://edm@db.example/ledger"}, "cannot watch replicas that share a PostgreSQL ledger"),
+])
+def test_a_server_detector_without_a_state_file_or_behind_replicas_is_refused(served, settings, message):
+    build, _ = served
+    with pytest.raises(ConfigError, match=message):
+        build("refuse", **settings)

@@ -19,10 +19,12 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from edm_lightning.command_line import parse_command_line, refuse_keys_on_command_line
 from edm_lightning.defense import VictimConfig
+from edm_lightning.defense.detectors import ClientWatch, open_store
 from edm_lightning.errors import ConfigError, exit_if_user_error
 from edm_lightning.files import digest, state_digest
 from edm_lightning.routing import (
@@ -108,15 +110,36 @@ def build_app(config: ServeConfig):
     if keyed:
         resolve_router_key(config.victim.key, require_secret=True)  # a server never uses a key anyone can compute
     clients = LiveClients(config.clients_file)
+    watch = _client_watch(config)  # before the ledger: a detector behind replicas is refused without a database
     ledger = open_ledger(config.ledger)  # a damaged ledger is refused before the victim is loaded
     audit = AuditLog(config.audit_log, f"{socket.gethostname()}:{config.port}") if config.audit_log else None
     victim = config.victim.build().stack_members()  # the members stacked for speed (EDM's serving cost)
     identity = {"weights": state_digest(victim), "router": config.victim.router, "member": config.victim.member,
                 "postprocessors": config.victim.postprocessors, "answer": config.answer,
-                "key": key_fingerprint(config.victim.key) if keyed else None}
+                "key": key_fingerprint(config.victim.key) if keyed else None,
+                "detector": config.victim.detector.identity() if config.victim.detector else None}
     return create_app(victim, clients, ledger, config.answer, config.max_batch,
                       int(config.max_body_mb * (1 << 20)), model_id=digest(identity, length=16),
-                      rate_limits=rate_limits, audit=audit, metrics=config.metrics, metrics_token=token)
+                      rate_limits=rate_limits, audit=audit, metrics=config.metrics, metrics_token=token, watch=watch)
+
+
+def _client_watch(config: ServeConfig) -> ClientWatch | None:
+    """PRADA over the clients, when the victim has a detector: its histories in ``detector.state``, one process only.
+
+    Raises:
+        ConfigError: no ``state`` file, or a PostgreSQL ledger (replicas would each see part of a client's queries).
+    """
+    detector = config.victim.detector
+    if detector is None:
+        return None
+    if not detector.state:
+        raise ConfigError("victim.detector.state must name the SQLite file where the server keeps every client's PRADA "
+                          "history (e.g. runs/serve/prada.sqlite): without it a restart would forget flagged clients")
+    if str(config.ledger).startswith(("postgresql://", "postgres://")):
+        raise ConfigError("a detector keeps each client's history in one server process (victim.detector.state), so it "
+                          "cannot watch replicas that share a PostgreSQL ledger: each would see part of a client's "
+                          "queries. Serve one replica with a SQLite ledger, or serve without the detector")
+    return ClientWatch(detector, open_store(detector, Path(detector.state)))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m edm_lightning.serve") -> None:

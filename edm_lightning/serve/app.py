@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from edm_lightning.defense import Victim, validate_inputs
+from edm_lightning.defense.detectors import ClientRefused, ClientWatch
 from edm_lightning.files import state_digest
 from edm_lightning.protocol import API_KEY_HEADER, INFO_PATH, NPY, PREDICT_PATH, USAGE_PATH, decode_npy
 from edm_lightning.serve.clients import Client, LiveClients, key_digest
@@ -68,6 +69,7 @@ def create_app(
     audit: AuditLog | None = None,
     metrics: bool = True,
     metrics_token: str | None = None,
+    watch: ClientWatch | None = None,
 ):
     """The API serving ``victim`` to ``clients`` (by key digest), counting in ``ledger``.
 
@@ -85,6 +87,8 @@ def create_app(
         metrics: serve Prometheus metrics at ``/metrics``.
         metrics_token: the bearer token a scraper beyond this machine sends for ``/metrics`` (``None``: this machine
             only; see :mod:`~edm_lightning.serve.operations`).
+        watch: a stateful detector over the clients (PRADA, :class:`~edm_lightning.defense.detectors.ClientWatch`):
+            a flagged client gets misinformation, or 403 with nothing counted (``response: refuse``).
 
     Returns:
         The FastAPI application (run it with uvicorn).
@@ -179,6 +183,13 @@ def create_app(
         too_many = rate_limits.too_many_images(count)
         if too_many:
             raise HTTPException(413, too_many)
+        if watch is not None:
+            with model_lock:
+                refused = watch.refused(client.name)
+            if refused:
+                instruments.refusals.labels("detector").inc()
+                raise HTTPException(403, "this key was flagged as a model-stealing attacker and is answered no more; "
+                                         "nothing was counted")
         wait = ledger.admit(rate_limits.buckets(client.name, count))
         if wait > 0:
             instruments.refusals.labels("rate").inc()
@@ -194,6 +205,15 @@ def create_app(
         try:
             with model_lock:
                 probs = victim(x)
+                if watch is not None:
+                    probs = watch.respond(client.name, x, probs)  # its history committed before the answer leaves
+        except ClientRefused:  # flagged by this batch: nothing of it leaves the server, so nothing of it is counted
+            instruments.refusals.labels("detector").inc()
+            try:
+                ledger.refund(client.name, count)
+            except LedgerUnavailable as err:  # counted and not answered: the safe side of the budget
+                log.error("the refund of %d queries to client %s failed: %s", count, client.name, err)
+            raise HTTPException(403, "this key was flagged as a model-stealing attacker and is answered no more") from None
         except Exception:
             log.exception("the model failed on a batch of %d from client %s (refunding it)", count, client.name)
             try:

@@ -41,7 +41,7 @@ log = logging.getLogger("edm_lightning.serve")
 
 METRICS_PATH = "/metrics"
 PATHS = (PREDICT_PATH, INFO_PATH, USAGE_PATH, "/health", METRICS_PATH)  # any other path is labelled "other"
-REFUSALS = ("rate", "budget", "ledger_unavailable")
+REFUSALS = ("rate", "budget", "ledger_unavailable", "detector")
 METRICS_TOKEN_ENV = "EDM_METRICS_TOKEN"
 METRICS_TOKEN_FILE_ENV = "EDM_METRICS_TOKEN_FILE"
 MIN_TOKEN_CHARS = 16
@@ -105,7 +105,8 @@ class Metrics:
         self.images = Counter("edm_api_images_charged", "Images charged to a budget and answered (a refunded batch "
                               "is not counted)", registry=self.registry)
         self.refusals = Counter("edm_api_refusals", "Prediction requests refused after validation: over the rate "
-                                "limit, over the budget, or the ledger unavailable", ["reason"], registry=self.registry)
+                                "limit, over the budget, the ledger unavailable, or a key the detector flagged", ["reason"],
+                                registry=self.registry)
         for reason in REFUSALS:
             self.refusals.labels(reason)  # every series present from the start, at 0
         self.registry.register(_BudgetCollector(clients, ledger))

@@ -6,9 +6,16 @@ the client an attacker, changes what that client gets (:class:`MonitoredVictim`)
 """
 
 from edm_lightning.defense.detectors.benign import benign_clients
-from edm_lightning.defense.detectors.monitor import ClientRefused, DetectorConfig, MonitoredVictim, misinform, open_store
+from edm_lightning.defense.detectors.monitor import (
+    ClientRefused,
+    ClientWatch,
+    DetectorConfig,
+    MonitoredVictim,
+    misinform,
+    open_store,
+)
 from edm_lightning.defense.detectors.prada import ClientHistory, Prada, as_bytes
 from edm_lightning.defense.detectors.store import DetectorStore
 
-__all__ = ["ClientHistory", "ClientRefused", "DetectorConfig", "DetectorStore", "MonitoredVictim", "Prada", "as_bytes",
-           "benign_clients", "misinform", "open_store"]
+__all__ = ["ClientHistory", "ClientRefused", "ClientWatch", "DetectorConfig", "DetectorStore", "MonitoredVictim", "Prada",
+           "as_bytes", "benign_clients", "misinform", "open_store"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +25,7 @@ from edm_lightning.errors import ConfigError
 __all__ = ["DetectorStore"]
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS settings (settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (settings TEXT NOT NULL, key BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS clients (client TEXT PRIMARY KEY, queries INTEGER NOT NULL, flagged_at INTEGER,
                                     last_w REAL);
 CREATE TABLE IF NOT EXISTS queries (client TEXT NOT NULL, seq INTEGER NOT NULL, class INTEGER NOT NULL,
@@ -40,6 +41,10 @@ class DetectorStore:
         path: the file (created with its folder when missing).
         settings: the detector's settings; a file written under other settings is refused.
 
+    Attributes:
+        key: the defender's secret for misinformation (:func:`~edm_lightning.defense.detectors.misinform`), 32 random
+            bytes made with the store and kept only in it (never logged or written elsewhere).
+
     Raises:
         ConfigError: the file is not such a store, or holds histories built under other settings.
     """
@@ -51,14 +56,18 @@ class DetectorStore:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-            stored = self._db.execute("SELECT settings FROM settings").fetchall()
+            stored = self._db.execute("SELECT settings, key FROM settings").fetchall()
         except sqlite3.DatabaseError as err:
             raise ConfigError(f"{str(self.path)!r} is not a PRADA client store ({err}): it holds the defender's client "
                               "histories; name another file, or delete it to forget every client") from None
         wanted = json.dumps(asdict(settings), sort_keys=True)
         if not stored:
-            self._db.execute("INSERT INTO settings VALUES (?)", (wanted,))
-        elif stored[0][0] != wanted:
+            self.key = os.urandom(32)
+            self._db.execute("INSERT INTO settings VALUES (?, ?)", (wanted, self.key))
+            os.chmod(self.path, 0o600)  # the key and every client's queries: the defender's alone
+        else:
+            self.key = bytes(stored[0][1])
+        if stored and stored[0][0] != wanted:
             raise ConfigError(f"{str(self.path)!r} holds client histories built under other PRADA settings ({stored[0][0]}, "
                               f"now {wanted}): keep the settings, or name another file for the new ones")
 
