@@ -16,6 +16,7 @@ from scipy import stats
 from edm_lightning.defense.detectors import (
     ClientHistory,
     ClientRefused,
+    ClientWatch,
     DetectorConfig,
     DetectorStore,
     MonitoredVictim,
@@ -116,6 +117,8 @@ def test_bad_settings_are_refused(change, message):
         DetectorConfig(**change)
     with pytest.raises(ConfigError, match="response must be"):
         DetectorConfig(response="block")
+    with pytest.raises(ConfigError, match="delta must be a number"):
+        DetectorConfig(delta="0.9")
 
 
 def test_a_restarted_store_resumes_every_client_where_it_stood(tmp_path: Path):
@@ -162,6 +165,47 @@ def test_a_failed_write_stores_nothing_of_the_batch(tmp_path: Path):
     with pytest.raises(sqlite3.Error):
         store.save("c", history, [*rows, rows[0]], images)  # a duplicate row: the insert fails half-way
     assert store.clients() == {} and store.load("c").queries == 0
+
+
+def test_a_write_that_fails_leaves_no_batch_in_memory_either(tmp_path: Path, monkeypatch):
+    config = DetectorConfig(delta=0.9, response="refuse", min_distances=20, min_per_class=2)
+    watch = ClientWatch(config, DetectorStore(tmp_path / "s.sqlite", config.prada()))
+    queries = stepping_queries(400)
+    answers = linear_victim()(queries)
+    real_save, failing = watch.store.save, {"on": False}
+
+    def save(client, history, rows, images):
+        if failing["on"] or history.flagged:  # the disk fails on the batch that flags the client
+            failing["on"] = True
+            raise sqlite3.OperationalError("database is locked")
+        real_save(client, history, rows, images)
+
+    monkeypatch.setattr(watch.store, "save", save)
+    with pytest.raises(sqlite3.OperationalError):
+        for part, answer in zip(queries.split(10), answers.split(10)):
+            watch.respond("m", part, answer)
+    stored = watch.store.clients()["m"]
+    assert stored["flagged_at"] is None and not watch.refused("m")  # memory follows the store, not the lost batch
+    assert watch.history("m").queries == stored["queries"]
+    failing["on"] = False
+    monkeypatch.setattr(watch.store, "save", real_save)
+    with pytest.raises(ClientRefused):  # the client re-sends the batch: flagged again, and this time it is kept
+        for part, answer in zip(queries[stored["queries"]:].split(10), answers[stored["queries"]:].split(10)):
+            watch.respond("m", part, answer)
+    assert DetectorStore(tmp_path / "s.sqlite", config.prada()).load("m").flagged
+
+
+def test_two_processes_answering_one_client_from_one_store_are_stopped(tmp_path: Path):
+    images, classes = natural_stream(40)
+    stores = [DetectorStore(tmp_path / "s.sqlite", SETTINGS) for _ in range(2)]
+    histories = [store.load("c") for store in stores]
+    for store, history in zip(stores, histories):
+        _, rows = history.observe(images[:20], classes[:20])
+        if store is stores[0]:
+            store.save("c", history, rows, images[:20])
+    with pytest.raises(RuntimeError, match="another process answers the same client"):
+        stores[1].save("c", histories[1], rows, images[:20])
+    assert stores[0].load("c").queries == 20
 
 
 def test_misinformation_keeps_confidence_names_a_wrong_class_per_image_and_needs_the_key():
@@ -223,7 +267,14 @@ def test_honest_clients_streaming_natural_images_are_counted_not_flagged():
     images = torch.rand(600, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # i.i.d.: distances spread normally
     result = benign_clients(linear_victim(), images, Prada(delta=0.5, min_distances=50), clients=3, queries=400, seed=0)
     assert result["benign_clients"] == 3 and result["benign_flagged"] == 0 and result["benign_fpr"] == 0
-    assert 0.5 < result["benign_w_min"] <= 1
+    lowest = ClientHistory(Prada(delta=0.5, min_distances=50))  # client 0 by hand, every test's W seen
+    stream = images[torch.randperm(600, generator=torch.Generator().manual_seed(0))[:400]]
+    ws = []
+    for part in stream.split(1):
+        lowest.observe(as_bytes(part), linear_victim()(part).argmax(dim=1))
+        ws.append(lowest.last_w)
+    assert lowest.min_w == min(w for w in ws if w is not None)
+    assert result["benign_w_min"] <= lowest.min_w
     strict = benign_clients(linear_victim(), images, Prada(delta=0.9999, min_distances=50), clients=2, queries=400, seed=0)
     assert strict["benign_flagged"] == 2 and all(61 <= q <= 400 for q in strict["benign_flagged_at"])
     with pytest.raises(ValueError, match="at least 1 client"):

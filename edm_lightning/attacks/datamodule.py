@@ -38,7 +38,7 @@ from edm_lightning.data.datamodules import LinkedSpec
 from edm_lightning.data.datasets import get_spec, require_fetched
 from edm_lightning.data.images import BatchTensorDataset, batch_loader, check_convertible, convert_images, load_images
 from edm_lightning.defense import Victim, VictimConfig
-from edm_lightning.defense.detectors import DetectorConfig, MonitoredVictim, open_store
+from edm_lightning.defense.detectors import DetectorConfig, DetectorStore, MonitoredVictim, open_store
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import digest, file_digest, state_digest
 from edm_lightning.routing import DEFAULT_ROUTER_KEY, as_secret, resolve_router_key, router_class, router_label
@@ -105,11 +105,8 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
             )
         self._victim_for_evaluation: nn.Module | None = victim_model  # dropped once the test labels exist
         self._victim_to_serve: nn.Module | None = victim_model  # handed to the oracle, then dropped
-        self._monitor: MonitoredVictim | None = None
-        if detector is not None:  # this attack is one client of the defender's detector, named by what it buys
-            client = self.cache_key(**{k: v for k, v in self.hparams.items() if k not in NOT_CLIENT})
-            store = open_store(detector, self.cache_dir / "defender" / f"prada-{digest(self._victim_id, length=16)}.sqlite")
-            self._monitor = self._victim_to_serve = MonitoredVictim(victim_model, detector, store, client)
+        self._detector = detector
+        self._store: DetectorStore | None = None  # the defender's client histories, opened when first needed
         self._oracle: BlackBoxOracle | None = None
         self._prepaid = 0  # queries bought by an earlier run and read back from the cache
         self.train_set: BatchTensorDataset | None = None
@@ -132,8 +129,10 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
         """
         if self._oracle is not None:
             raise RuntimeError("the oracle is already open; an attack gets exactly one")
-        self._oracle = BlackBoxOracle(self._victim_to_serve, self.hparams.budget, self.hparams.label_only, spent=spent,
-                                      ledger=ledger)
+        victim = self._victim_to_serve
+        if self._detector is not None:  # this attack is one client of the defender's detector, named by what it buys
+            victim = MonitoredVictim(victim, self._detector, self.detector_store(), self.client_key())
+        self._oracle = BlackBoxOracle(victim, self.hparams.budget, self.hparams.label_only, spent=spent, ledger=ledger)
         self._victim_to_serve = None
         return self._oracle
 
@@ -173,9 +172,46 @@ class AttackDataModule(LinkedSpec, L.LightningDataModule):
             raise ConfigError(f"{str(path)!r} is not a whole round of bought answers ({problem}); {DAMAGED}")
         return items, answers, lost
 
+    def client_key(self) -> str:
+        """The name the victim's detector knows this attack by: one per purchase.
+
+        Returns:
+            A digest of the attack's settings (the budget aside: the budgets of one attack buy one stream) and, once a
+            Trainer runs it, its attacker module's; an attack whose budgets share one purchase names that purchase.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        attacker = {"module": type(module).__name__, "settings": dict(module.hparams)} if module is not None else {}
+        return self.cache_key(**{k: v for k, v in self.hparams.items() if k not in NOT_CLIENT}, **attacker)
+
+    def detector_store(self) -> DetectorStore:
+        """The victim's detector's client histories, beside this attack's caches (one store per victim).
+
+        Returns:
+            The store (``detector.state``, or ``<cache_dir>/defender/prada-<victim digest>.sqlite``).
+
+        Raises:
+            RuntimeError: the victim has no detector.
+        """
+        if self._detector is None:
+            raise RuntimeError("the victim has no detector")
+        if self._store is None:
+            default = self.cache_dir / "defender" / f"prada-{digest(self._victim_id, length=16)}.sqlite"
+            self._store = open_store(self._detector, default)
+        return self._store
+
     def detector_figures(self) -> dict[str, Any]:
-        """What the victim's detector saw of this attack (``flagged_at``, ``detector_queries``); empty without one."""
-        return self._monitor.figures() if self._monitor is not None else {}
+        """What the victim's detector saw of this attack's queries (empty without a detector).
+
+        Returns:
+            ``flagged_at`` (the query that flagged this attack, ``None``: none of its queries) and ``detector_queries``
+            (how many of its queries the detector saw), both within the queries this attack has bought (a smaller
+            budget reading a prefix of a larger purchase reports only its prefix).
+        """
+        if self._detector is None:
+            return {}
+        seen = self.detector_store().clients().get(self.client_key(), {"queries": 0, "flagged_at": None})
+        flagged = seen["flagged_at"] if seen["flagged_at"] is not None and seen["flagged_at"] <= self.queries_spent else None
+        return {"flagged_at": flagged, "detector_queries": min(seen["queries"], self.queries_spent)}
 
     @property
     def queries_spent(self) -> int:

@@ -145,6 +145,11 @@ class KnockoffDataModule(AttackDataModule):
         return self.cache_dir / f"knockoff-{self.cache_key(**attack)}.pt"
 
     @override
+    def client_key(self) -> str:
+        """The transfer set's name: every attack reading this purchase (any budget, clone or restorer) is its client."""
+        return self.cache_path.stem
+
+    @override
     def prepare_data(self) -> None:
         if self.transfer is None:
             self.transfer = self.buy_transfer_set(self.open_oracle, self.hparams.budget)

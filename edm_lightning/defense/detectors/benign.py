@@ -54,10 +54,10 @@ def benign_clients(victim: nn.Module, images: Tensor, settings: Prada, clients: 
         history = ClientHistory(settings)
         for part in stream.split(batch_size):
             flags, _ = history.observe(as_bytes(part), victim(part).argmax(dim=1).cpu())
-            if history.last_w is not None:
-                w_min = min(w_min, history.last_w)
             if flags.any():
                 flagged_at.append(history.flagged_at)
                 break
+        if history.min_w is not None:
+            w_min = min(w_min, history.min_w)
     return {"benign_clients": clients, "benign_flagged": len(flagged_at), "benign_fpr": len(flagged_at) / clients,
             "benign_flagged_at": flagged_at, "benign_w_min": None if math.isinf(w_min) else w_min}

@@ -128,8 +128,12 @@ class ClientWatch:
         """
         history = self.history(client)
         images = as_bytes(x)
-        flags, rows = history.observe(images, answers.argmax(dim=1).cpu())
-        self.store.save(client, history, rows, images)
+        try:
+            flags, rows = history.observe(images, answers.argmax(dim=1).cpu())
+            self.store.save(client, history, rows, images)
+        except BaseException:  # the batch is in memory but maybe not on disk: read the client back from the store
+            self._histories.pop(client, None)
+            raise
         if not flags.any():
             return answers
         if self.config.response == "refuse":

@@ -58,6 +58,9 @@ class Prada:
     outlier_std: float = 3.0
 
     def __post_init__(self) -> None:
+        for name in ("delta", "outlier_std"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ConfigError(f"Prada: {name} must be a number, got {getattr(self, name)!r}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"Prada: delta (threshold on the Shapiro-Wilk W) must be in (0, 1), got {self.delta!r}")
         for name in ("test_every", "min_distances", "min_per_class"):
@@ -87,12 +90,15 @@ class ClientHistory:
         flagged_at: the number of queries seen when the client was flagged (so queries ``flagged_at`` onwards, counted
             from 1, were answered as flagged); ``None`` while it is not.
         last_w: the last test's Shapiro-Wilk statistic (``None`` before the first test).
+        min_w: the lowest statistic of this process's tests (``None`` before the first; not stored): how close an
+            honest client came to ``delta``.
     """
 
     settings: Prada
     queries: int = 0
     flagged_at: int | None = None
     last_w: float | None = None
+    min_w: float | None = None
     growing: dict[int, Tensor] = field(default_factory=dict)  # class -> uint8 (n, D) images of G_c
     growing_sums: dict[int, tuple[int, float, float]] = field(default_factory=dict)  # class -> count, sum, sum of squares
     threshold: dict[int, float] = field(default_factory=dict)  # class -> T_c (pixel units)
@@ -149,11 +155,13 @@ class ClientHistory:
 
     def replay(self, images: Tensor, classes: list[int], distances: list[float], grows: list[bool]) -> None:
         """Rebuild the growing sets from stored rows (the images of the rows that joined one, in order)."""
-        start = 0
+        members: dict[int, list[int]] = {}  # class -> positions in ``images`` of its growing set, in order
         for c, d, g in zip(classes, distances, grows):
             if g:
-                self._join(c, images[start:start + 1], 0.0 if math.isnan(d) else d, first=math.isnan(d))
-                start += 1
+                self._join(c, 0.0 if math.isnan(d) else d, first=math.isnan(d))
+                members.setdefault(c, []).append(sum(len(m) for m in members.values()))
+        for c, positions in members.items():
+            self.growing[c] = images[positions].clone()
         self.row_class.extend(classes)
         self.row_distance.extend(distances)
 
@@ -177,20 +185,24 @@ class ClientHistory:
             for j, i in enumerate(rows):
                 d = min([old[j], *within[j, joined]]) if joined else old[j]
                 if math.isinf(d):  # the first query of its class: G_c = {x}
-                    self._join(c, images[i:i + 1], 0.0, first=True)
+                    self._join(c, 0.0, first=True)
                     grows[i] = True
                     joined.append(j)
                     continue
                 distances[i] = d
                 if d > self.threshold[c]:
-                    self._join(c, images[i:i + 1], d, first=False)
+                    self._join(c, d, first=False)
                     grows[i] = True
                     joined.append(j)
+            if joined:  # one copy per class and batch, not one per member
+                added = images[[rows[j] for j in joined]]
+                self.growing[c] = added.clone() if before is None else torch.cat([before, added])
         return distances, grows
 
-    def _join(self, c: int, image: Tensor, distance: float, first: bool) -> None:
-        """Add one image to ``G_c`` and move ``T_c`` (paper Algorithm 1; the first member's distance counts as 0)."""
-        self.growing[c] = image.clone() if first else torch.cat([self.growing[c], image])
+    def _join(self, c: int, distance: float, first: bool) -> None:
+        """Count one more member of ``G_c`` (its image is added by the caller) and move ``T_c`` (paper Algorithm 1;
+        the first member's distance counts as 0).
+        """
         count, total, squares = (0, 0.0, 0.0) if first else self.growing_sums[c]
         count, total, squares = count + 1, total + distance, squares + distance * distance
         self.growing_sums[c] = (count, total, squares)
@@ -218,4 +230,5 @@ class ClientHistory:
         with warnings.catch_warnings():  # past 5,000 values scipy warns about its p-value; PRADA reads only W
             warnings.simplefilter("ignore", UserWarning)
             self.last_w = float(stats.shapiro(pooled).statistic)
+        self.min_w = self.last_w if self.min_w is None else min(self.min_w, self.last_w)
         return self.last_w < settings.delta

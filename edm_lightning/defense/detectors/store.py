@@ -52,8 +52,12 @@ class DetectorStore:
     def __init__(self, path: str | Path, settings: Prada):
         self.path, self.settings = Path(path), settings
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the defender's alone from its first byte: its key and every client's queries
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             stored = self._db.execute("SELECT settings, key FROM settings").fetchall()
@@ -64,7 +68,6 @@ class DetectorStore:
         if not stored:
             self.key = os.urandom(32)
             self._db.execute("INSERT INTO settings VALUES (?, ?)", (wanted, self.key))
-            os.chmod(self.path, 0o600)  # the key and every client's queries: the defender's alone
         else:
             self.key = bytes(stored[0][1])
         if stored and stored[0][0] != wanted:
@@ -91,10 +94,18 @@ class DetectorStore:
         """Commit a batch: its new rows (``images``: the batch's uint8 rows, in order) and the client's counts.
 
         Raises:
+            RuntimeError: the store holds another count for the client than ``history`` had before this batch (another
+                process answered it meanwhile); nothing is stored, and the caller reads the client back.
             sqlite3.Error: the write failed; nothing of the batch is stored.
         """
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            stored = self._db.execute("SELECT queries FROM clients WHERE client = ?", (client,)).fetchone()
+            before = history.queries - len(images)
+            if (stored[0] if stored else 0) != before:
+                raise RuntimeError(f"the detector's store {str(self.path)!r} counts {stored[0] if stored else 0} queries "
+                                   f"of client {client!r} where this process counted {before}: another process answers "
+                                   "the same client with the same store; serve each store from one process")
             if rows:
                 first = rows[0][1]
                 self._db.executemany(
