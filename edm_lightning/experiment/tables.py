@@ -191,7 +191,7 @@ def detector_markdown(label: str, base: str, delta: float, records: Sequence[dic
     for attack, budget in sorted({(r["attack"], r["budget"]) for r in watched}, key=lambda k: (k[0], k[1])):
         runs = [r for r in watched if (r["attack"], r["budget"]) == (attack, budget)]
         plain = [r["clone_acc"] for r in records if r["defense"] == base and (r["attack"], r["budget"]) == (attack, budget)
-                 and r.get("answers") == runs[0].get("answers")]
+                 and r.get("answers") == runs[0].get("answers") and r["diversity_weight"] == runs[0]["diversity_weight"]]
         flags = ", ".join("never" if r.get("flagged_at") in (None, "") else f"{int(r['flagged_at']):,}" for r in runs)
         behind = mean(r["clone_acc"] for r in runs)
         before = mean(plain) if plain else math.nan
