@@ -35,6 +35,8 @@ from edm_lightning.errors import ConfigError
 from edm_lightning.experiment.config import (
     JOB_SECTIONS,
     AttackConfig,
+    DefenseConfig,
+    DetectorSetup,
     ExperimentConfig,
     TrainConfig,
     needs_misinformation,
@@ -325,12 +327,7 @@ def _validate_defenses(config: ExperimentConfig, attack_titles: list[str]) -> No
         raise ConfigError(f"defenses must have distinct names, got {names}")
     for defense in config.defenses:
         where = f"defense {defense.name!r}"
-        if defense.name in bases or "+" in defense.name:
-            raise ConfigError(f"{where}: the name must not be one of {bases} or contain '+'")
-        if not defense.defends or not set(defense.defends) <= set(bases):
-            raise ConfigError(f"{where}: defends must name what it is applied to, from {bases}, got {defense.defends}")
-        if not set(defense.attacks) <= set(attack_titles):
-            raise ConfigError(f"{where}: attacks {defense.attacks} must be labels of configured attacks {attack_titles}")
+        _check_placement(where, defense, bases, attack_titles, "what it is applied to")
         if defense.strength is None and defense.values != [None]:
             raise ConfigError(f"{where}: values {defense.values} need a strength (the init argument they set)")
         if defense.strength is not None and (not defense.values or None in defense.values):
@@ -364,12 +361,7 @@ def _validate_detectors(config: ExperimentConfig, attack_titles: list[str]) -> N
     test_images = config.test_size or {"svhn": 26_032, "emnist-letters": 20_800}.get(config.dataset, 10_000)
     for setup in config.detectors:
         where = f"detector {setup.name!r}"
-        if setup.name in bases or "+" in setup.name:
-            raise ConfigError(f"{where}: the name must not be one of {bases} or contain '+'")
-        if not setup.defends or not set(setup.defends) <= set(bases):
-            raise ConfigError(f"{where}: defends must name what it watches, from {bases}, got {setup.defends}")
-        if not set(setup.attacks) <= set(attack_titles):
-            raise ConfigError(f"{where}: attacks {setup.attacks} must be labels of configured attacks {attack_titles}")
+        _check_placement(where, setup, bases, attack_titles, "what it watches")
         unknown = set(setup.options) - set(DetectorConfig.__dataclass_fields__) - {"response"} | (set(setup.options) & {"state"})
         if unknown:
             raise ConfigError(f"{where}: unknown options {sorted(unknown)}; its settings: "
@@ -385,3 +377,18 @@ def _validate_detectors(config: ExperimentConfig, attack_titles: list[str]) -> N
         if setup.benign_queries > test_images:
             raise ConfigError(f"{where}: benign_queries={setup.benign_queries} is more than the {test_images} test images "
                               "a benign client streams (each at most once); lower it")
+
+
+def _check_placement(where: str, defense: DefenseConfig | DetectorSetup, bases: list[str], attack_titles: list[str],
+                     defends: str) -> None:
+    """A defense's or detector's name, the victims it ``defends`` and the attacks it lists must fit the experiment.
+
+    Raises:
+        ConfigError: a name that is a base or holds '+', an unknown base or none, an attack label not configured.
+    """
+    if defense.name in bases or "+" in defense.name:
+        raise ConfigError(f"{where}: the name must not be one of {bases} or contain '+'")
+    if not defense.defends or not set(defense.defends) <= set(bases):
+        raise ConfigError(f"{where}: defends must name {defends}, from {bases}, got {defense.defends}")
+    if not set(defense.attacks) <= set(attack_titles):
+        raise ConfigError(f"{where}: attacks {defense.attacks} must be labels of configured attacks {attack_titles}")
