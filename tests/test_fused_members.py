@@ -44,6 +44,13 @@ def alone(members, route, x):
         return torch.stack([members[int(m)](x[i : i + 1])[0].softmax(-1) for i, m in enumerate(route)])
 
 
+def stacked_lenets(num_members: int) -> tuple[list[nn.Module], Victim]:
+    """Seeded LeNet-5 members and the stacked victim serving them behind the keyed router."""
+    torch.manual_seed(0)
+    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(num_members)]
+    return members, Victim(members, KeyedHashRouter(num_members, "secret"), (1, 28, 28), 10).eval().stack_members()
+
+
 @pytest.mark.parametrize("arch", MEMBERS)
 def test_stacked_members_answer_each_row_as_its_member_alone(arch):
     shape, build = MEMBERS[arch]
@@ -74,9 +81,7 @@ def test_stacked_members_answer_each_row_as_its_member_alone(arch):
 
 
 def test_an_answer_and_its_member_do_not_depend_on_the_rest_of_the_batch():
-    torch.manual_seed(0)
-    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(5)]
-    victim = Victim(members, KeyedHashRouter(5, "secret"), (1, 28, 28), 10).eval().stack_members()
+    members, victim = stacked_lenets(5)
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     whole, route = victim(x), victim.router(x)
     assert victim._fused.stacked and len(route.unique()) == 5
@@ -90,9 +95,7 @@ def test_a_batch_answered_in_parts_gives_the_same_answers_as_whole(num_members):
     """As a server answering a large batch request by request: the same answers, up to float rounding (bit for bit on
     the machines measured, which the CPU's math library does not promise on every other).
     """
-    torch.manual_seed(0)
-    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(num_members)]
-    victim = Victim(members, KeyedHashRouter(num_members, "secret"), (1, 28, 28), 10).eval().stack_members()
+    members, victim = stacked_lenets(num_members)
     x = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     whole = victim(x)
     assert victim._fused.stacked
@@ -102,9 +105,7 @@ def test_a_batch_answered_in_parts_gives_the_same_answers_as_whole(num_members):
 
 
 def test_a_member_changed_after_serving_is_served_as_changed():
-    torch.manual_seed(0)
-    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
+    members, victim = stacked_lenets(3)
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     before = victim(x)
     with torch.no_grad():
@@ -117,9 +118,7 @@ def test_a_member_changed_after_serving_is_served_as_changed():
 
 
 def test_a_broken_member_is_still_refused_by_name_after_the_members_were_stacked():
-    torch.manual_seed(0)
-    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
+    members, victim = stacked_lenets(3)
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     victim(x)
     assert victim._fused.stacked
@@ -173,9 +172,7 @@ def test_members_that_cannot_be_stacked_answer_through_the_plain_loop(members, s
 
 
 def test_a_hook_added_to_a_member_after_serving_sees_every_row_of_that_member():
-    torch.manual_seed(0)
-    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
+    members, victim = stacked_lenets(3)
     x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(6))
     expected = victim(x)
     seen = []
@@ -192,9 +189,7 @@ def test_members_in_training_mode_are_left_to_the_plain_loop():
 
 
 def test_a_copy_of_a_victim_prepares_its_own_stacked_members():
-    torch.manual_seed(0)
-    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(3)]
-    victim = Victim(members, KeyedHashRouter(3, "secret"), (1, 28, 28), 10).eval().stack_members()
+    members, victim = stacked_lenets(3)
     x = torch.rand(16, 1, 28, 28)
     expected = victim(x)
     twin = copy.deepcopy(victim)
@@ -233,9 +228,7 @@ def _replace_last_linear(member: nn.Module, **kwargs) -> None:
 
 
 def test_a_layer_replaced_after_serving_answers_as_replaced():
-    torch.manual_seed(0)
-    members = [build_net("lenet5", (1, 28, 28), 10).eval() for _ in range(5)]
-    victim = Victim(members, KeyedHashRouter(5, "secret"), (1, 28, 28), 10).eval().stack_members()
+    members, victim = stacked_lenets(5)
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     before = victim(x)
     assert victim._fused.stacked
