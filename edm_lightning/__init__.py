@@ -32,6 +32,7 @@ _API = {
     "PredictionPoisoning": "edm_lightning.defense",
     "AdaptiveMisinformation": "edm_lightning.defense",
     "KeyedHashRouter": "edm_lightning.routing",
+    "AlignedKeyedHashRouter": "edm_lightning.routing",
     "CoarseKeyedHashRouter": "edm_lightning.routing",
     "NeuralHashRouter": "edm_lightning.routing",
     "FixedRouter": "edm_lightning.routing",

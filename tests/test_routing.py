@@ -11,7 +11,9 @@ import torch
 
 from edm_lightning.models import ClassifierModule
 from edm_lightning.nets import build_net
+from edm_lightning.errors import ConfigError
 from edm_lightning.routing import (
+    AlignedKeyedHashRouter,
     CoarseKeyedHashRouter,
     FixedRouter,
     KeyedHashRouter,
@@ -29,7 +31,7 @@ import json, sys, torch
 from edm_lightning.routing import build_router
 x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
 routes = {kind: build_router(kind, 5, key="secret", hash_checkpoint=sys.argv[1], input_shape=(1, 28, 28))(x).tolist()
-          for kind in ("keyed", "coarse", "neural")}
+          for kind in ("keyed", "coarse", "aligned", "neural")}
 print(json.dumps(routes))
 """
 
@@ -49,7 +51,7 @@ def hash_checkpoint(checkpoint_factory):
 def test_same_input_same_member_in_separate_processes(hash_checkpoint):
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
     here = {kind: build_router(kind, 5, key="secret", hash_checkpoint=hash_checkpoint, input_shape=(1, 28, 28))(x).tolist()
-            for kind in ("keyed", "coarse", "neural")}
+            for kind in ("keyed", "coarse", "aligned", "neural")}
     answers = []
     for hash_seed in ("1", "2"):  # Python's hash() differs between these processes; the routes must not
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
@@ -59,7 +61,7 @@ def test_same_input_same_member_in_separate_processes(hash_checkpoint):
         )
         answers.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert answers[0] == answers[1] == here
-    assert len(set(here["keyed"])) > 1 and len(set(here["coarse"])) > 1  # a constant route would pass trivially
+    assert all(len(set(here[kind])) > 1 for kind in ("keyed", "coarse", "aligned"))  # a constant route would pass trivially
 
 
 def test_neural_hash_keeps_the_member_under_faint_noise_far_more_often_than_the_byte_hash():
@@ -128,6 +130,62 @@ def test_coarse_router_depends_on_the_key_and_never_shows_it():
     assert not torch.equal(a.view(images)[0], a.view(images)[1])
 
 
+def objects(n, seed=0, frame=28):
+    """High-contrast smooth random objects of random size on a black background, each at a random place well
+    inside the frame (shifts of up to 2 pixels never crop them): what the aligned router is for."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, frame, frame)
+    for i, blob in enumerate(smooth_images(n, seed)):
+        height, width = torch.randint(6, frame - 5, (2,), generator=g).tolist()
+        top, left = (torch.randint(2, frame - 2 - size + 1, (1,), generator=g).item() for size in (height, width))
+        x[i, :, top:top + height, left:left + width] = ((blob[:, :height, :width] - 0.5) * 4 + 0.5).clamp(0, 1)
+    return x
+
+
+def shifted(x, dy, dx):
+    """``x`` moved ``dy`` pixels down and ``dx`` right (negative: up, left), zeros shifted in, as an attacker shifts."""
+    return torch.roll(x, (dy, dx), dims=(-2, -1))  # exact for objects() with |d| <= 2: only background wraps
+
+
+def test_aligned_router_keeps_the_member_of_shifted_copies_where_the_coarse_router_loses_it():
+    x = objects(2000)
+    aligned, coarse = AlignedKeyedHashRouter(5, key="secret"), CoarseKeyedHashRouter(5, key="secret")
+    route, coarse_route = aligned(x), coarse(x)
+    assert shares(route, 5).max() < 1.35 and shares(route, 5).min() > 0.6  # 694 distinct views over 2,000 objects
+    for dy, dx in ((1, 0), (0, -1), (1, 1), (-2, 2)):
+        moved = shifted(x, dy, dx)
+        assert torch.allclose(moved.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # nothing cropped: the whole object moved
+        kept = (aligned(moved) == route).float().mean().item()
+        assert kept > 0.98, (dy, dx, kept)  # the same centred image, up to float rounding at a cell boundary
+        assert (coarse(moved) == coarse_route).float().mean().item() < 0.6  # the fixed cells move
+    noisy = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert (aligned(noisy) == route).float().mean().item() > 0.95  # faint noise barely moves the ink's median
+
+
+def test_aligned_router_centres_the_ink_and_crops_its_margin():
+    router = AlignedKeyedHashRouter(5, key="secret", grid=2, levels=4, margin=2)
+    image = torch.zeros(1, 1, 28, 28)
+    image[..., 0:12, 0:12] = 1.0  # a bright square in the top-left corner
+    centred = torch.zeros(1, 1, 28, 28)
+    centred[..., 8:20, 8:20] = 1.0  # the same square in the middle
+    assert torch.equal(router.view(image), router.view(centred))
+    assert router.view(centred).tolist() == [[1, 1, 1, 1]]  # each 12 x 12 cell of the 24 x 24 view: 36 of 144 lit
+    assert router.view(torch.zeros(1, 1, 28, 28)).tolist() == [[0, 0, 0, 0]]  # no ink: nothing to centre
+    faint = torch.full((1, 1, 28, 28), 0.09)  # grey below the ink threshold everywhere, one bright pixel
+    faint[..., 3, 3] = 1.0
+    assert torch.equal(router.view(faint), router.view(torch.roll(faint, (5, 5), dims=(-2, -1))))
+
+
+def test_aligned_router_settings_are_checked():
+    with pytest.raises(ConfigError, match="margin must be an integer >= 0"):
+        AlignedKeyedHashRouter(5, "k", margin=-1)
+    with pytest.raises(ConfigError, match="margin 14 leaves nothing of 28 x 28 images: use a margin below 14"):
+        build_router({"class_path": "aligned", "init_args": {"margin": 14}}, 5, key="k", input_shape=(1, 28, 28))
+    with pytest.raises(ConfigError, match="margin 4 leaves nothing of 8 x 8 images"):
+        AlignedKeyedHashRouter(5, "k")(torch.rand(2, 1, 8, 8))
+    assert "k" not in repr(AlignedKeyedHashRouter(5, "k").extra_repr().split("key_fingerprint")[0])
+
+
 def test_router_arguments_are_checked():
     with pytest.raises(ValueError, match="1 to 64 bytes"):
         KeyedHashRouter(5, "k" * 65)
@@ -171,10 +229,12 @@ def _boundary_inputs(router, count: int, seed: int = 0) -> torch.Tensor:
     return torch.cat(found)
 
 
-def test_an_inputs_member_does_not_depend_on_the_batch_it_arrives_in():
+@pytest.mark.parametrize("kind", ["neural", "aligned"])
+def test_an_inputs_member_does_not_depend_on_the_batch_it_arrives_in(kind):
     """An attacker who controls batching must not get two members' answers for one input (even one on a boundary)."""
     torch.manual_seed(0)
-    router = NeuralHashRouter(build_net("small_cnn", (1, 28, 28), 10), 5)
+    router = (NeuralHashRouter(build_net("small_cnn", (1, 28, 28), 10), 5) if kind == "neural"
+              else AlignedKeyedHashRouter(5, key="secret"))  # float sampling and pooling: batch-independent too
     g = torch.Generator().manual_seed(1)
     for x in _boundary_inputs(router, 30):
         alone = router(x[None])[0]

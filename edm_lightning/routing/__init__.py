@@ -9,6 +9,8 @@
 - :class:`CoarseKeyedHashRouter` (:mod:`.keyed`) hashes, with the same key, a coarse view of the input (cell
   averages on a 4 x 4 grid, 4 grey levels each): nearly as balanced as the keyed hash on data the defender
   never saw, and nearly as stable as the neural one under faint noise, without a hash network to train.
+- :class:`AlignedKeyedHashRouter` (:mod:`.keyed`) hashes the coarse view of the image moved so that its ink is
+  centred (3 x 3 cells inside a 4-pixel margin): a shifted re-query mostly keeps its member.
 - :class:`FixedRouter` (:mod:`.base`) always picks one member (the undefended case).
 
 None of them uses Python's ``hash()``, which is salted per process. Routers are plain modules below the
@@ -31,7 +33,13 @@ from edm_lightning.routing.base import (
     router_label,
     router_spec,
 )
-from edm_lightning.routing.keyed import CoarseKeyedHashRouter, KeyedHashRouter, keyed_members, quantise
+from edm_lightning.routing.keyed import (
+    AlignedKeyedHashRouter,
+    CoarseKeyedHashRouter,
+    KeyedHashRouter,
+    keyed_members,
+    quantise,
+)
 from edm_lightning.routing.keys import (
     DEFAULT_ROUTER_KEY,
     ROUTER_KEY_ENV,
@@ -60,6 +68,7 @@ __all__ = [
     "ROUTER_KEY_ENV",
     "ROUTER_KEY_FILE_ENV",
     "SECRET_MASK",
+    "AlignedKeyedHashRouter",
     "CoarseKeyedHashRouter",
     "FixedRouter",
     "KeyedHashRouter",

@@ -330,7 +330,7 @@ def build_router(
     ensemble_data: str | None = None,
 ) -> Router:
     """The router a config names (:func:`router_spec`): ``fixed`` (``member``), ``neural`` (``hash_checkpoint``),
-    ``keyed`` or ``coarse`` (``key``), or any registered kind, with its ``init_args``.
+    ``keyed``, ``coarse`` or ``aligned`` (``key``), or any registered kind, with its ``init_args``.
 
     ``input_shape``, when given, is checked against the hash network's, so a hash net trained for other
     inputs fails here rather than at the first query; ``ensemble_data`` (the ensemble's training dataset),

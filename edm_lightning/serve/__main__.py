@@ -46,7 +46,7 @@ __all__ = ["ServeConfig", "add_client_main", "build_app", "listen", "main"]
 
 DESCRIPTION = ("Serve a trained victim over HTTP, every query authenticated by a client's API key and counted against its "
                "budget. Add each client first with `{prog} add-client --file clients.yaml --name NAME --budget QUERIES` "
-               "(it prints the client's key once; `{prog} add-client --help`). The keyed and coarse routers need a "
+               "(it prints the client's key once; `{prog} add-client --help`). The keyed routers (keyed, coarse, aligned) need a "
                f"secret key (at least {MIN_SECRET_KEY_BYTES} bytes) in ${ROUTER_KEY_ENV} or ${ROUTER_KEY_FILE_ENV}.")
 
 
