@@ -49,6 +49,28 @@ data:
     assert cli.model.tested_accuracy == expected
 
 
+def test_served_accuracy_on_corrupted_images_answers_each_image_as_a_benign_client_sends_it(fake_root: Path, ensemble: str):
+    """``noise`` / ``shift``: each test image is corrupted by its place in the test set, whatever the batch size."""
+    from edm_lightning.data.perturbations import noisy_copies
+
+    images, labels = load_images("fashionmnist", fake_root, train=False)
+    x = images[:50].float().div(255)
+    victim = VictimConfig(ensemble, router="keyed").build()
+    corrupted = noisy_copies(x, 1, 0.05, seed=3, shift=1)
+    expected = int((victim(corrupted).argmax(-1) == labels[:50]).sum()) / 50
+    assert expected != int((victim(x).argmax(-1) == labels[:50]).sum()) / 50  # the corruption changes answers here
+    for batch_size in (7, 50):
+        cli = main(["test", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                    "--trainer.inference_mode", "false", "--model", "edm_lightning.defense.ServedVictimModule",
+                    "--model.victim", f"{{checkpoint: {ensemble}, router: keyed}}", "--model.noise", "0.05",
+                    "--model.shift", "1", "--model.seed", "3", "--data", "edm_lightning.data.ClassificationDataModule",
+                    "--data.dataset", "fashionmnist", "--data.root", str(fake_root), "--data.batch_size", str(batch_size),
+                    "--data.test_size", "50"])
+        assert cli.model.tested_accuracy == expected
+    with pytest.raises(ConfigError, match="copy_shift must be an integer in \\[0, 8\\]"):
+        ServedVictimModule(VictimConfig(ensemble), shift=9)
+
+
 def test_diagnostics_shares_and_histograms_add_up(fake_root: Path, ensemble: str):
     model = DiagnosticsModule(VictimConfig(ensemble, router="keyed"), bins=10)
     figures = probe(model, fake_root, sets=["test", "ood", "surrogate"], images=30, test_size=50)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from edm_lightning.errors import ConfigError
 from edm_lightning.models import ClassifierModule
 from edm_lightning.nets import build_net
-from edm_lightning.errors import ConfigError
 from edm_lightning.routing import (
     AlignedKeyedHashRouter,
     CoarseKeyedHashRouter,

@@ -73,14 +73,30 @@ class ServedVictimModule(VictimProbe):
     """The defender's accuracy as served: ``python main.py test`` with the victim's own labelled test set logs
     ``test/acc``, the figure every results table pairs with a clone's accuracy.
 
-    Args: as :class:`VictimProbe`.
+    With ``noise`` or ``shift``, each test image is first corrupted as a benign client's camera would
+    (:func:`~edm_lightning.data.perturbations.noisy_copies`: a shift of up to ``shift`` pixels per axis, then Gaussian
+    noise of std ``noise``; drawn per image from ``seed`` and its place in the test set), and ``test/acc`` is the
+    accuracy on those: the benign cost of a defense beyond clean images.
+
+    Args:
+        noise: std of the corruption noise (images in [0, 1]; 0: none).
+        shift: largest shift of the corruption, in pixels (0: none).
+        seed: seed of the corruption.
+        others: as :class:`VictimProbe`.
+
+    Raises:
+        ConfigError: ``noise`` outside [0, 1] or ``shift`` outside 0..8.
     """
 
     def __init__(self, victim: VictimConfig, num_classes: int = 10, input_shape: tuple[int, int, int] = (1, 28, 28),
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, noise: float = 0.0,
+                 shift: int = 0, seed: int = 0):
         super().__init__(victim, num_classes, input_shape, mean, std)
+        check_copies(1, noise, shift)
+        self.noise, self.shift, self.seed = noise, shift, seed
         self.correct, self.total = SumMetric(), SumMetric()
         self.tested_accuracy: float | None = None  # the last test's, exactly (the logged value is a float32)
+        self._seen = 0  # test images answered so far: each image's corruption is drawn from its place
 
     @override
     def check_data(self, datamodule: L.LightningDataModule | None) -> None:
@@ -89,8 +105,15 @@ class ServedVictimModule(VictimProbe):
                               "dataset), not a ProbeDataModule")
 
     @override
+    def on_test_epoch_start(self) -> None:
+        self._seen = 0
+
+    @override
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
+        if self.noise or self.shift:
+            x = noisy_copies(x, 1, self.noise, self.seed, start=self._seen, shift=self.shift)
+        self._seen += len(x)
         self.correct.update((self(x).argmax(-1) == y).sum())
         self.total.update(len(y))
 

@@ -50,7 +50,8 @@ class VictimConfig:
             a coarse view of the input), or any registered router; with its own settings as
             ``{class_path: coarse, init_args: {grid: 5, levels: 4}}``.
         hash_checkpoint: the hash network's checkpoint, for ``router: neural``.
-        key: secret key of the keyed routers ``keyed``, ``coarse`` and ``aligned`` (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or the
+        key: secret key of the keyed routers ``keyed``, ``coarse`` and ``aligned``
+            (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or the
             public default with a warning); never written, shown as ``**********`` in config dumps.
         key_fingerprint: the fingerprint the router key must have
             (:func:`~edm_lightning.routing.key_fingerprint`, public); a config written by the experiment runner

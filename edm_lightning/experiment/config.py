@@ -114,7 +114,8 @@ class EDMConfig(TrainConfig):
             ``coarse`` (keyed hash of a coarse view of the input) or any registered router, by name or with its own
             settings (``{class_path: coarse, init_args: {grid: 5}}``); the first is the main one (trade-off curve,
             routed validation accuracy).
-        router_key: secret key of the keyed routers keyed, coarse and aligned (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or
+        router_key: secret key of the keyed routers keyed, coarse and aligned
+            (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``, or
             the public default with a warning); written nowhere, shown as ``**********`` in printed configs.
     """
 

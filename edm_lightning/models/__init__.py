@@ -6,7 +6,8 @@ from edm_lightning.models.ensemble import EnsembleModule
 from edm_lightning.models.misinformation import MisinformationModule
 from edm_lightning.models.mixture_clone import MixtureCloneModule
 from edm_lightning.models.semi_supervised_clone import SemiSupervisedCloneModule
+from edm_lightning.models.synthesis import Synthesis
 from edm_lightning.optim import OptimConfig
 
 __all__ = ["ClassifierModule", "CloneModule", "EnsembleModule", "MisinformationModule", "MixtureCloneModule", "OptimConfig",
-           "SemiSupervisedCloneModule"]
+           "SemiSupervisedCloneModule", "Synthesis"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from edm_lightning.losses import DiversityLoss, coherence, max_pairwise_similari
 from edm_lightning.models.base import RecordedModule
 from edm_lightning.models.classifier import accuracy_metrics
 from edm_lightning.models.step_logs import log_training_step
+from edm_lightning.models.synthesis import Synthesis
 from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig, build_optimizer
 from edm_lightning.routing import (
@@ -43,6 +45,11 @@ STRUCTURE = ("num_members", "arch", "num_classes", "input_shape")
 
 class EnsembleModule(RecordedModule):
     """EDM (Kariyappa et al., ICLR 2021): loss = mean member CE on ``id`` + lambda * diversity on ``ood``.
+
+    With ``synthesis`` (beyond the paper), the diversity term also sees points made from each training batch the
+    way attacks make theirs (JBDA-TR's Jacobian steps, mixup, strong noise), and the CE term a mildly corrupted
+    copy of the batch, so that the members disagree where in-distribution attackers query and agree where benign
+    clients do (:class:`~edm_lightning.models.synthesis.Synthesis`).
 
     Training batches are dicts ``{"id": (x, y), "ood": x_ood}`` (:class:`~edm_lightning.data.EDMDataModule`).
     Validation and test take two loaders, ``[in-distribution (x, y), held-out OOD x]``, and log each
@@ -70,9 +77,11 @@ class EnsembleModule(RecordedModule):
         optim: optimiser and schedule shared by all members.
         diversity_weight: lambda, the weight of the diversity loss on OOD batches.
         temperature: smooth-max temperature of the coherence (1: the paper's log-sum-exp).
+        synthesis: synthesised disagreement points and the benign agreement copy (``None``: the paper's EDM).
         router: router of the routed accuracy: ``keyed``, ``coarse``, ``neural`` (needs ``hash_checkpoint``), ``fixed``
             (member 0) or any registered router, with its own settings as ``{class_path: coarse, init_args: {grid: 5}}``.
-        router_key: secret key of the ``keyed`` and ``coarse`` routers (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``,
+        router_key: secret key of the keyed routers ``keyed``, ``coarse`` and ``aligned``
+            (``None``: ``$EDM_ROUTER_KEY``, ``$EDM_ROUTER_KEY_FILE``,
             or the public default with a warning); never saved, shown as ``**********`` in config dumps.
         hash_checkpoint: hash network checkpoint of the ``neural`` router.
         router_key_fingerprint: the fingerprint the ``keyed``/``coarse`` router's key must have
@@ -95,6 +104,7 @@ class EnsembleModule(RecordedModule):
         optim: OptimConfig | None = None,
         diversity_weight: float = DIVERSITY_WEIGHT,
         temperature: float = 1.0,
+        synthesis: Synthesis | None = None,
         router: str | RouterConfig = "keyed",
         router_key: SecretStr | None = None,
         hash_checkpoint: str | None = None,
@@ -111,7 +121,12 @@ class EnsembleModule(RecordedModule):
             check_key_fingerprint(router_key, router_key_fingerprint, f"this ensemble's {router_label(router)} router")
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
         # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
-        self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint", "router_key_fingerprint"])
+        self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint", "router_key_fingerprint", "synthesis"])
+        if isinstance(synthesis, dict):  # as a checkpoint's hyper-parameters hold it
+            synthesis = Synthesis(**synthesis)
+        self.synthesis = synthesis or Synthesis()
+        if synthesis is not None:  # as plain data, so a checkpoint stays readable with torch.load(weights_only=True)
+            self.hparams["synthesis"] = asdict(synthesis)
         self.router_kind, self.router_key, self.hash_checkpoint = plain_router(router), as_secret(router_key), hash_checkpoint
         self.optim = optim or OptimConfig()
         self.members = nn.ModuleList(build_net(arch, input_shape, num_classes, mean, std) for _ in range(num_members))
@@ -127,6 +142,11 @@ class EnsembleModule(RecordedModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         (x, y), x_ood = batch["id"], batch["ood"]
+        if self.synthesis.disagree_on:
+            points = self.synthesis.disagreement_points(self.members, x, y, self.hparams.num_classes)
+            x_ood = torch.cat([x_ood, points.to(x_ood.dtype)])
+        if self.synthesis.agrees:
+            x, y = torch.cat([x, self.synthesis.agreement_copy(x)]), y.repeat(2)
         id_logits, ood_logits = self.member_logits(x, x_ood)
         ce = F.cross_entropy(id_logits.flatten(0, 1), y.repeat(len(self.members)))  # = mean of the members' CE
         diversity = self.diversity(ood_logits.softmax(dim=-1))

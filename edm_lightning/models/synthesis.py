@@ -1,0 +1,148 @@
+"""Where else EDM's members must disagree (what attacks synthesise) and agree (what benign clients send).
+
+EDM's members learn to disagree on one natural OOD set and to agree on clean in-distribution images, so an
+attacker who grows its queries from a few real images by small Jacobian steps (JBDA-TR) is answered as
+consistently as a benign client. :class:`Synthesis` adds, per training batch, points made from the defender's
+own training images the way attacks make theirs, to the batch the diversity term sees; and a mildly corrupted
+copy of the batch to the accuracy term, so that the members keep agreeing where a benign client's camera
+noise and framing put its queries. Every point is drawn from the training batch with the global generator
+(seeded by ``seed_everything``): nothing of the attacker's pool or the defender's test set is ever used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edm_lightning.data.perturbations import noisy_copies
+from edm_lightning.errors import ConfigError
+
+__all__ = ["SYNTHESES", "Synthesis", "jacobian_points", "mixup_points", "noise_points"]
+
+#: The kinds of synthesised points the diversity term can also see.
+SYNTHESES = ("jacobian", "mixup", "noise")
+
+
+@dataclass
+class Synthesis:
+    """Points synthesised from each training batch for the diversity term, and a benign copy for the accuracy term.
+
+    Args:
+        disagree_on: kinds of points added to the OOD batch, one per training image each: ``jacobian`` (JBDA-TR's
+            points: 1 to ``steps`` targeted sign steps of size ``epsilon`` from the image towards a random other
+            class, along a random member's gradient; Papernot et al. 2017, Juuti et al. 2019), ``mixup`` (a blend of
+            two images of different classes, weights in [0.3, 0.7]; what mixing attacks query), ``noise`` (the image
+            plus Gaussian noise of std ``noise_std``).
+        epsilon: the Jacobian step (JBDA's lambda), pixel units of images in [0, 1].
+        steps: the most Jacobian steps from one training image.
+        noise_std: std of the ``noise`` points.
+        agree_noise: std of the Gaussian noise of a corrupted copy of each training image that the accuracy term
+            also sees (0 with ``agree_shift`` 0: no copy).
+        agree_shift: largest shift, in pixels per axis, of that copy.
+
+    Raises:
+        ConfigError: an unknown kind, or a setting out of its range.
+    """
+
+    disagree_on: list[Literal["jacobian", "mixup", "noise"]] = field(default_factory=list)
+    epsilon: float = 0.1
+    steps: int = 2
+    noise_std: float = 0.3
+    agree_noise: float = 0.0
+    agree_shift: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.disagree_on) - set(SYNTHESES))
+        if unknown or len(set(self.disagree_on)) != len(self.disagree_on):
+            raise ConfigError(f"synthesis.disagree_on must name each of {', '.join(SYNTHESES)} at most once, got "
+                              f"{list(self.disagree_on)}")
+        for name, value, high in (("epsilon", self.epsilon, 1.0), ("noise_std", self.noise_std, 1.0),
+                                  ("agree_noise", self.agree_noise, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:  # NaN fails
+                raise ConfigError(f"synthesis.{name} must be a number in [0, {high:g}] (images in [0, 1]), got {value!r}")
+        for name, value, low, high in (("steps", self.steps, 1, 20), ("agree_shift", self.agree_shift, 0, 8)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"synthesis.{name} must be an integer in [{low}, {high}], got {value!r}")
+
+    @property
+    def agrees(self) -> bool:
+        """Whether the accuracy term also sees a corrupted copy of the batch."""
+        return self.agree_noise > 0 or self.agree_shift > 0
+
+    def disagreement_points(self, members: nn.ModuleList, x: Tensor, y: Tensor, num_classes: int) -> Tensor:
+        """The synthesised points of one training batch ``x`` ``(B, C, H, W)``, labels ``y`` ``(B,)``.
+
+        Returns:
+            Up to ``len(disagree_on) * B`` points ``(M, C, H, W)`` in [0, 1], detached.
+        """
+        points = []
+        if "jacobian" in self.disagree_on:
+            member = members[int(torch.randint(len(members), ()))]
+            points.append(jacobian_points(member, x, y, num_classes, self.epsilon, self.steps))
+        if "mixup" in self.disagree_on:
+            points.append(mixup_points(x, y))
+        if "noise" in self.disagree_on:
+            points.append(noise_points(x, self.noise_std))
+        return torch.cat(points) if points else x[:0]
+
+    def agreement_copy(self, x: Tensor) -> Tensor:
+        """A mildly corrupted copy of ``x`` ``(B, C, H, W)``, as a benign client would send it.
+
+        Returns:
+            ``(B, C, H, W)`` in [0, 1].
+        """
+        seed = int(torch.randint(2**31 - 1, ()))
+        return noisy_copies(x, 1, self.agree_noise, seed=seed, shift=self.agree_shift)
+
+
+def jacobian_points(net: nn.Module, x: Tensor, y: Tensor, num_classes: int, epsilon: float, steps: int) -> Tensor:
+    """JBDA-TR's synthetic points grown from ``x``: each image takes 1 to ``steps`` (drawn per image) targeted steps
+    ``x <- clip(x + epsilon * sign(grad_x log softmax(net(x))_t), 0, 1)`` towards a random class ``t != y``.
+
+    Juuti et al., PRADA (EuroS&P 2019), T-RND; Papernot et al. 2017, Eq. 4 (Jacobian-based augmentation).
+    The parameters of ``net`` get no gradient.
+
+    Returns:
+        ``(B, C, H, W)`` in [0, 1], detached, within ``steps * epsilon`` of ``x`` per pixel.
+    """
+    target = (y + torch.randint(1, num_classes, y.shape, device=y.device)) % num_classes
+    taken = torch.randint(1, steps + 1, (len(x),), device=x.device)
+    point, out = x.detach(), x.detach().clone()
+    training = net.training
+    net.eval()  # BatchNorm statistics are the training images', not the synthesised points'
+    try:
+        for step in range(1, steps + 1):
+            point = point.requires_grad_(True)
+            with torch.enable_grad():
+                chosen = F.log_softmax(net(point), dim=-1).gather(1, target[:, None]).sum()
+                (grad,) = torch.autograd.grad(chosen, point)
+            point = (point.detach() + epsilon * grad.sign()).clamp_(0, 1)
+            out[taken == step] = point[taken == step]
+    finally:
+        net.train(training)
+    return out
+
+
+def mixup_points(x: Tensor, y: Tensor) -> Tensor:
+    """Blends ``a * x_i + (1 - a) * x_j`` of each image with another of a different class (``a`` in [0.3, 0.7]).
+
+    Returns:
+        ``(M, C, H, W)``, ``M <= B``: the pairs whose classes differ.
+    """
+    partner = torch.randperm(len(x), device=x.device)
+    differ = y != y[partner]
+    weight = 0.3 + 0.4 * torch.rand(int(differ.sum()), 1, 1, 1, device=x.device)
+    return weight * x[differ] + (1 - weight) * x[partner][differ]
+
+
+def noise_points(x: Tensor, std: float) -> Tensor:
+    """``clamp(x + std * eps, 0, 1)`` with Gaussian ``eps``.
+
+    Returns:
+        ``(B, C, H, W)``.
+    """
+    return (x + std * torch.randn_like(x)).clamp_(0, 1)

@@ -1,0 +1,110 @@
+"""EDM beyond the paper: disagreement on points synthesised as attacks make them, agreement on benign corruptions."""
+
+import lightning as L
+import pytest
+import torch
+
+from edm_lightning.checkpoints import read_checkpoint
+from edm_lightning.errors import ConfigError
+from edm_lightning.models import EnsembleModule, Synthesis
+from edm_lightning.models.synthesis import jacobian_points, mixup_points
+from edm_lightning.nets import build_net
+
+
+def batch(n=32, seed=0):
+    """Smooth random images (structure at 4-pixel scale, so a 1-pixel shift is a mild change) and labels."""
+    coarse = torch.rand(n, 1, 7, 7, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=28, mode="bilinear").clamp(0, 1), torch.arange(n) % 10
+
+
+def test_synthesised_points_are_drawn_from_the_seed_and_the_training_batch_alone():
+    torch.manual_seed(0)
+    members = torch.nn.ModuleList(build_net("lenet5", (1, 28, 28), 10) for _ in range(3))
+    x, y = batch()
+    synthesis = Synthesis(disagree_on=["jacobian", "mixup"], epsilon=0.1, steps=3)
+    runs = []
+    for seed in (5, 5, 6):
+        L.seed_everything(seed, verbose=False)
+        runs.append(synthesis.disagreement_points(members, x, y, 10))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    jacobian, mixed = runs[0][: len(x)], runs[0][len(x):]
+    # every Jacobian point is 1 to 3 steps of 0.1 from its own training image (so never another set's image) ...
+    distance = (jacobian - x).abs().flatten(1).amax(dim=1)
+    assert (distance > 0.09).all() and (distance <= 0.3 + 1e-6).all()
+    assert jacobian.min() >= 0 and jacobian.max() <= 1
+    # ... and every mixup point lies between two training images of the batch
+    assert len(mixed) <= len(x) and ((mixed >= 0) & (mixed <= 1)).all()
+
+
+def test_jacobian_steps_move_towards_another_class_and_leave_the_net_untouched():
+    torch.manual_seed(0)
+    net = build_net("lenet5", (1, 28, 28), 10)
+    x, y = batch(64)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(1)
+    points = jacobian_points(net, x, y, 10, epsilon=0.05, steps=1)
+    torch.manual_seed(1)
+    target = (y + torch.randint(1, 10, y.shape)) % 10  # the same draw jacobian_points made
+    assert (target != y).all()
+    with torch.no_grad():
+        gain = (net(points).log_softmax(-1) - net(x).log_softmax(-1)).gather(1, target[:, None])
+    assert (gain > 0).float().mean() > 0.9  # one signed step raises the target class's log-probability
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_mixup_blends_only_images_of_different_classes():
+    x = torch.arange(10).float().view(10, 1, 1, 1).expand(10, 1, 4, 4).clone() / 10  # image value = its class / 10
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    x[5:] = 0.9
+    torch.manual_seed(0)
+    mixed = mixup_points(x, y)
+    assert len(mixed) >= 1
+    # a blend of a class-0 image (value <= 0.4) and a class-1 image (0.9) with weights in [0.3, 0.7]
+    values = mixed[:, 0, 0, 0]
+    assert ((values >= 0.3 * 0.9 - 1e-6) & (values <= 0.7 * 0.4 + 0.3 * 0.9 + 0.7 * 0.9)).all()
+    assert not any(torch.isclose(values, torch.tensor(v)).any() for v in (0.0, 0.9))  # never an image alone
+
+
+def test_training_step_adds_the_points_to_the_diversity_batch_and_the_copy_to_the_accuracy_batch(monkeypatch):
+    torch.manual_seed(0)
+    synthesis = Synthesis(disagree_on=["jacobian", "noise"], agree_noise=0.02, agree_shift=1)
+    module = EnsembleModule("lenet5", num_members=3, synthesis=synthesis)
+    seen = {}
+    original = module.member_logits
+
+    def spy(x, x_ood):
+        seen["x"], seen["ood"] = x, x_ood
+        return original(x, x_ood)
+
+    monkeypatch.setattr(module, "member_logits", spy)
+    x, y = batch(16)
+    loss = module.training_step({"id": (x, y), "ood": torch.rand(8, 1, 28, 28)}, 0)
+    assert seen["ood"].shape[0] == 8 + 16 + 16 and seen["x"].shape[0] == 32
+    assert torch.equal(seen["x"][:16], x) and not torch.equal(seen["x"][16:], x)  # the copy is corrupted
+    assert (seen["x"][16:] - x).abs().mean() < 0.1  # ... mildly
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_the_paper_ensemble_is_unchanged_and_a_synthesis_checkpoint_reads_safely(checkpoint_factory, monkeypatch):
+    plain = EnsembleModule("lenet5", num_members=2)
+    assert "synthesis" not in plain.hparams and plain.synthesis == Synthesis()
+    module = EnsembleModule("lenet5", num_members=2, synthesis=Synthesis(disagree_on=["mixup"]))
+    state = read_checkpoint(checkpoint_factory(module, "synthesis.ckpt"), "Ensemble")  # torch.load(weights_only=True)
+    assert state["hyper_parameters"]["synthesis"]["disagree_on"] == ["mixup"]
+    again = EnsembleModule("lenet5", num_members=2, synthesis=state["hyper_parameters"]["synthesis"])
+    assert again.synthesis == module.synthesis
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"disagree_on": ["gan"]}, "disagree_on must name each of jacobian, mixup, noise at most once"),
+    ({"disagree_on": ["mixup", "mixup"]}, "at most once"),
+    ({"epsilon": float("nan")}, "epsilon must be a number in \\[0, 1\\]"),
+    ({"agree_noise": 2.0}, "agree_noise must be a number in \\[0, 1\\]"),
+    ({"steps": 0}, "steps must be an integer in \\[1, 20\\]"),
+    ({"agree_shift": 9}, "agree_shift must be an integer in \\[0, 8\\]"),
+])
+def test_bad_synthesis_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Synthesis(**settings)
