@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import time
@@ -50,14 +51,19 @@ def images(count: int, seed: int = 0) -> torch.Tensor:
 def test_answers_equal_the_in_process_victims_for_every_content_type(server):
     victim = VictimConfig(server.checkpoint, router="keyed", key=ROUTER_KEY).build()
     x = images(40)
-    served = torch.tensor(server.post("alice", encode_npy(x)).json()["probabilities"])
-    assert torch.equal(served, victim(x))  # float32 survives JSON exactly
+    raw = server.post("alice", encode_npy(x)).json()["probabilities"]
+    # every number is a float32 exactly (JSON loses nothing of it) ...
+    assert torch.equal(torch.tensor(raw, dtype=torch.float64), torch.tensor(raw, dtype=torch.float32).double())
+    # ... and the in-process victim's answer: the server's process runs the members with its own threads, so on some
+    # CPUs the last bit differs; another member's answer would differ by orders of magnitude more
+    same = functools.partial(torch.testing.assert_close, rtol=0, atol=1e-6)
+    same(torch.tensor(raw), victim(x))
     assert len(victim.router(x).unique()) == 3  # all three members answered some of them
     as_json = server.post("alice", content_type="application/json", json={"inputs": x[:3].tolist()})
-    assert torch.equal(torch.tensor(as_json.json()["probabilities"]), victim(x[:3]))
+    same(torch.tensor(as_json.json()["probabilities"]), victim(x[:3]))
     pixels = (x[0] * 255).round().to(torch.uint8)
     as_png = server.post("alice", png(pixels), content_type="image/png")
-    assert torch.equal(torch.tensor(as_png.json()["probabilities"]), victim(pixels[None].float() / 255))
+    same(torch.tensor(as_png.json()["probabilities"]), victim(pixels[None].float() / 255))
     assert server.spent("alice") == 40 + 3 + 1
 
 
