@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from edm_lightning.attacks.datamodule import AttackDataModule
@@ -32,6 +32,7 @@ from edm_lightning.attacks.rounds import RoundsCloneModule
 from edm_lightning.attacks.run import AttackJob, require_single_process
 from edm_lightning.data.datamodules import seeded_indices
 from edm_lightning.data.images import BatchTensorDataset
+from edm_lightning.data.perturbations import jacobian_augmentation
 from edm_lightning.defense import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.files import save_atomic
@@ -222,32 +223,6 @@ class JBDADataModule(AttackDataModule):
         images, _ = self.load_attacker_images(self.hparams.dataset, train=True)
         _, keep = seeded_indices(len(images), 0, self.hparams.seed_size, self.hparams.seed)
         return images[keep].float().div_(255)
-
-
-def jacobian_augmentation(
-    net: nn.Module, x: Tensor, labels: Tensor, epsilon: float, targets: Tensor | None = None, batch_size: int = 512
-) -> Tensor:
-    """Papernot's ``x + epsilon * sign(J_F[label](x))`` (or, with ``targets``, a step towards each target).
-
-    Untargeted: gradient of the clone's logit for ``labels``. Targeted (JBDA-TR): gradient of the
-    clone's log-probability of ``targets``. Results are clipped to the valid image range [0, 1].
-
-    Returns:
-        The new points, ``x``'s shape, in [0, 1].
-    """
-    was_training = net.training
-    net.eval()
-    out = []
-    for part, label, target in zip(x.split(batch_size), labels.split(batch_size),
-                                    (targets if targets is not None else labels).split(batch_size)):
-        device = next(net.parameters()).device
-        part, label, target = part.detach().to(device).requires_grad_(True), label.to(device), target.to(device)
-        logits = net(part)
-        score = logits.log_softmax(dim=-1).gather(1, target[:, None]) if targets is not None else logits.gather(1, label[:, None])
-        (grad,) = torch.autograd.grad(score.sum(), part)
-        out.append((part.detach() + epsilon * grad.sign()).clamp_(0, 1).to(x.device))
-    net.train(was_training)
-    return torch.cat(out) if out else x.clone()
 
 
 def jbda_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options: Mapping[str, Any]) -> float:

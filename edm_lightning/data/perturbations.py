@@ -1,7 +1,8 @@
-"""Perturbed copies of images: how an attacker re-sends one query so that a router may answer it with other members.
+"""Perturbed images: copies of a query re-sent so that a router may answer it with other members, and Jacobian steps.
 
 Query averaging, EDM's adaptive attacker, sends each image as K copies with faint noise or small shifts and
-averages the answers; the routing measurements probe a router with the same copies.
+averages the answers; the routing measurements probe a router with the same copies. JBDA grows its queries by
+Jacobian-sign steps (:func:`jacobian_augmentation`), and EDM's ``Synthesis`` grows its disagreement points the same way.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 from numbers import Real
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from edm_lightning.errors import ConfigError
 
-__all__ = ["check_copies", "noisy_copies"]
+__all__ = ["check_copies", "jacobian_augmentation", "noisy_copies"]
 
 
 def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0, shift: int = 0) -> Tensor:
@@ -57,3 +58,29 @@ def check_copies(query_copies: int, copy_noise: float, copy_shift: int = 0) -> N
         raise ConfigError(f"copy_noise must be in [0, 1] (a number: the noise std, images in [0, 1]), got {copy_noise!r}")
     if isinstance(copy_shift, bool) or not isinstance(copy_shift, int) or not 0 <= copy_shift <= 8:
         raise ConfigError(f"copy_shift must be an integer in [0, 8] (largest shift of a copy, in pixels), got {copy_shift!r}")
+
+
+def jacobian_augmentation(
+    net: nn.Module, x: Tensor, labels: Tensor, epsilon: float, targets: Tensor | None = None, batch_size: int = 512
+) -> Tensor:
+    """Papernot's ``x + epsilon * sign(J_F[label](x))`` (or, with ``targets``, a step towards each target).
+
+    Untargeted: gradient of the clone's logit for ``labels``. Targeted (JBDA-TR): gradient of the
+    clone's log-probability of ``targets``. Results are clipped to the valid image range [0, 1].
+
+    Returns:
+        The new points, ``x``'s shape, in [0, 1].
+    """
+    was_training = net.training
+    net.eval()
+    out = []
+    for part, label, target in zip(x.split(batch_size), labels.split(batch_size),
+                                    (targets if targets is not None else labels).split(batch_size)):
+        device = next(net.parameters()).device
+        part, label, target = part.detach().to(device).requires_grad_(True), label.to(device), target.to(device)
+        logits = net(part)
+        score = logits.log_softmax(dim=-1).gather(1, target[:, None]) if targets is not None else logits.gather(1, label[:, None])
+        (grad,) = torch.autograd.grad(score.sum(), part)
+        out.append((part.detach() + epsilon * grad.sign()).clamp_(0, 1).to(x.device))
+    net.train(was_training)
+    return torch.cat(out) if out else x.clone()

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edm_lightning.data.perturbations import noisy_copies
+from edm_lightning.data.perturbations import jacobian_augmentation, noisy_copies
 from edm_lightning.errors import ConfigError
 
 __all__ = ["SYNTHESES", "Synthesis", "jacobian_points", "mixup_points", "noise_points"]
@@ -112,18 +111,10 @@ def jacobian_points(net: nn.Module, x: Tensor, y: Tensor, num_classes: int, epsi
     target = (y + torch.randint(1, num_classes, y.shape, device=y.device)) % num_classes
     taken = torch.randint(1, steps + 1, (len(x),), device=x.device)
     point, out = x.detach(), x.detach().clone()
-    training = net.training
-    net.eval()  # BatchNorm statistics are the training images', not the synthesised points'
-    try:
+    with torch.enable_grad():  # the step is JBDA-TR's own, in eval mode (BatchNorm keeps the training images' statistics)
         for step in range(1, steps + 1):
-            point = point.requires_grad_(True)
-            with torch.enable_grad():
-                chosen = F.log_softmax(net(point), dim=-1).gather(1, target[:, None]).sum()
-                (grad,) = torch.autograd.grad(chosen, point)
-            point = (point.detach() + epsilon * grad.sign()).clamp_(0, 1)
+            point = jacobian_augmentation(net, point, y, epsilon, target)
             out[taken == step] = point[taken == step]
-    finally:
-        net.train(training)
     return out
 
 
