@@ -14,6 +14,7 @@ from edm_lightning.attacks import ATTACKS
 from edm_lightning.errors import ConfigError
 from edm_lightning.experiment import (
     AttackConfig,
+    BenignCorruption,
     DefenseConfig,
     EDMConfig,
     ExperimentConfig,
@@ -192,6 +193,55 @@ def test_a_stage_takes_any_argument_of_its_job_classes_and_only_then_changes_its
     target = yaml.safe_load((runs / after["target"] / "config.yaml").read_text())
     assert edm["model"]["init_args"]["temperature"] == 2.0 and edm["data"]["init_args"]["ood_batch_size"] == 16
     assert target["trainer"]["gradient_clip_val"] == 1.0 and target["trainer"]["max_epochs"] == 1
+
+
+def test_each_victim_is_also_measured_on_mildly_corrupted_test_images_and_the_clean_stages_stay(fake_root: Path,
+                                                                                                tmp_path: Path):
+    import yaml
+
+    from edm_lightning.experiment import build_plan
+
+    averaging = AttackConfig(name="knockoff", label="knockoff-avg4", budgets=[64], epochs=1,
+                             options={"batch_size": 32, "query_copies": 4})
+    plain = tiny_config(fake_root, tmp_path)
+    config = tiny_config(fake_root, tmp_path, benign_corruption=BenignCorruption(noise=0.3, shift=3, seed=5))
+    plain.attacks.append(averaging)
+    config.attacks.append(averaging)
+    before, after = ({s.id: s for s in build_plan(c).stages} for c in (plain, config))
+    added = [after[i] for i in set(after) - set(before)]
+    assert set(before) < set(after)  # every stage of a run without the option keeps its folder
+    # one more served stage per victim: the target, and each ensemble (lambda 0.5 and 0) behind each router
+    assert sorted((s.kind, s.key["router"]) for s in added) == [
+        ("served", "fixed"), ("served", "keyed"), ("served", "keyed"), ("served", "neural"), ("served", "neural")]
+    assert all(s.key["benign_corruption"] == {"noise": 0.3, "shift": 3, "seed": 5} for s in added)
+
+    records = run_experiment(config)
+    runs, out = tmp_path / "runs/tiny", tmp_path / "results/tiny"
+    corrupted = {}
+    for stage in added:
+        module = yaml.safe_load((runs / stage.id / "config.yaml").read_text())["model"]["init_args"]
+        assert (module["noise"], module["shift"], module["seed"]) == (0.3, 3, 5)  # what main.py test reruns
+        corrupted[(stage.key["ensemble"], stage.key["router"])] = json.loads((runs / stage.id / "result.json").read_text())
+    assert len(records) == 7 + 3  # the tiny run's 7, and the averaging attack against the target and each router
+    for record in records:
+        assert 0 <= record["defender_acc_corrupted"] <= 1
+    assert {r["defender_acc_corrupted"] for r in records} <= {c["test_acc"] for c in corrupted.values()}
+    assert "defender acc, corrupted (%)" in (out / "results.md").read_text()
+    strongest = list(csv.DictReader((out / "strongest.csv").open()))
+    assert strongest and all(0 <= float(row["defender_acc_corrupted_mean"]) <= 1 for row in strongest)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c, "benign_corruption", BenignCorruption(noise=1.5)), r"benign_corruption.noise must be in \[0, 1\]"),
+    (lambda c: setattr(c, "benign_corruption", BenignCorruption(shift=9)), r"benign_corruption.shift must be an integer"),
+    (lambda c: setattr(c, "benign_corruption", BenignCorruption(noise=0.1, seed=-1)), r"benign_corruption.seed must be"),
+], ids=["noise", "shift", "seed"])
+def test_a_bad_benign_corruption_fails_before_the_first_stage(fake_root: Path, tmp_path: Path, change, message):
+    config = tiny_config(fake_root, tmp_path)
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(config)
+    assert not (tmp_path / "runs").exists()
 
 
 def defended_config(root: Path, out: Path, **overrides) -> ExperimentConfig:

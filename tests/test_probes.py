@@ -67,7 +67,7 @@ def test_served_accuracy_on_corrupted_images_answers_each_image_as_a_benign_clie
                     "--data.dataset", "fashionmnist", "--data.root", str(fake_root), "--data.batch_size", str(batch_size),
                     "--data.test_size", "50"])
         assert cli.model.tested_accuracy == expected
-    with pytest.raises(ConfigError, match="copy_shift must be an integer in \\[0, 8\\]"):
+    with pytest.raises(ConfigError, match="^shift must be an integer in \\[0, 8\\]"):
         ServedVictimModule(VictimConfig(ensemble), shift=9)
 
 

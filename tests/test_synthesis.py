@@ -87,6 +87,34 @@ def test_training_step_adds_the_points_to_the_diversity_batch_and_the_copy_to_th
     assert all(p.grad is not None for p in module.parameters())
 
 
+@pytest.mark.parametrize("weight, terms", [(None, [8 + 16]), (0.5, [8, 16])], ids=["pooled", "weighted"])
+def test_the_synthesised_points_weigh_in_the_diversity_term_as_their_weight_says(monkeypatch, weight, terms):
+    """Pooled (``weight`` None): one mean over OOD images and points; weighted: the OOD set's term whole, the points'
+    term times ``weight`` beside it (both times lambda)."""
+    torch.manual_seed(0)
+    module = EnsembleModule("lenet5", num_members=3, diversity_weight=2.0,
+                            synthesis=Synthesis(disagree_on=["noise"], weight=weight))
+    seen, calls = {}, []
+    forward, member_logits = module.diversity.forward, module.member_logits
+
+    def diversity(probs):
+        calls.append((probs.shape[1], forward(probs)))
+        return calls[-1][1]
+
+    def logits(x, x_ood):
+        seen["id"] = member_logits(x, x_ood)[0]
+        return member_logits(x, x_ood)
+
+    monkeypatch.setattr(module.diversity, "forward", diversity)
+    monkeypatch.setattr(module, "member_logits", logits)
+    x, y = batch(16)
+    loss = module.training_step({"id": (x, y), "ood": torch.rand(8, 1, 28, 28)}, 0)
+    assert [n for n, _ in calls] == terms
+    ce = torch.nn.functional.cross_entropy(seen["id"].flatten(0, 1), y.repeat(3))
+    expected = calls[0][1] if weight is None else calls[0][1] + weight * calls[1][1]
+    assert loss.item() == pytest.approx((ce + 2.0 * expected).item(), rel=1e-6)
+
+
 def test_the_paper_ensemble_is_unchanged_and_a_synthesis_checkpoint_reads_safely(checkpoint_factory, monkeypatch):
     plain = EnsembleModule("lenet5", num_members=2)
     assert "synthesis" not in plain.hparams and plain.synthesis == Synthesis()
@@ -101,9 +129,10 @@ def test_the_paper_ensemble_is_unchanged_and_a_synthesis_checkpoint_reads_safely
     ({"disagree_on": ["gan"]}, "disagree_on must name each of jacobian, mixup, noise at most once"),
     ({"disagree_on": ["mixup", "mixup"]}, "at most once"),
     ({"epsilon": float("nan")}, "epsilon must be a number in \\[0, 1\\]"),
-    ({"agree_noise": 2.0}, "agree_noise must be a number in \\[0, 1\\]"),
+    ({"agree_noise": 2.0}, "synthesis.agree_noise must be in \\[0, 1\\]"),
     ({"steps": 0}, "steps must be an integer in \\[1, 20\\]"),
-    ({"agree_shift": 9}, "agree_shift must be an integer in \\[0, 8\\]"),
+    ({"agree_shift": 9}, "synthesis.agree_shift must be an integer in \\[0, 8\\]"),
+    ({"weight": -1.0}, "synthesis.weight must be a number in \\[0, 100\\]"),
 ])
 def test_bad_synthesis_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from edm_lightning.errors import ConfigError
 
-__all__ = ["check_copies", "jacobian_augmentation", "noisy_copies"]
+__all__ = ["check_copies", "check_corruption", "jacobian_augmentation", "noisy_copies"]
 
 
 def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int = 0, shift: int = 0) -> Tensor:
@@ -49,15 +49,24 @@ def check_copies(query_copies: int, copy_noise: float, copy_shift: int = 0) -> N
     calls it before its first stage, the attacks and the routing probes before they query.
 
     Raises:
-        ConfigError: ``query_copies`` not a whole number >= 1, ``copy_noise`` not a number in [0, 1] (NaN and
-            infinity included) or ``copy_shift`` not a whole number in 0..8.
+        ConfigError: ``query_copies`` not a whole number >= 1, or the corruption out of range (:func:`check_corruption`).
     """
     if isinstance(query_copies, bool) or not isinstance(query_copies, int) or query_copies < 1:
         raise ConfigError(f"query_copies must be an integer >= 1 (copies sent per surrogate image), got {query_copies!r}")
-    if isinstance(copy_noise, bool) or not isinstance(copy_noise, Real) or not 0 <= copy_noise <= 1:  # NaN fails too
-        raise ConfigError(f"copy_noise must be in [0, 1] (a number: the noise std, images in [0, 1]), got {copy_noise!r}")
-    if isinstance(copy_shift, bool) or not isinstance(copy_shift, int) or not 0 <= copy_shift <= 8:
-        raise ConfigError(f"copy_shift must be an integer in [0, 8] (largest shift of a copy, in pixels), got {copy_shift!r}")
+    check_corruption(copy_noise, copy_shift)
+
+
+def check_corruption(noise: float, shift: int, names: tuple[str, str] = ("copy_noise", "copy_shift")) -> None:
+    """Refuse a corruption :func:`noisy_copies` cannot make, naming the settings as the caller's config does.
+
+    Raises:
+        ConfigError: ``noise`` not a number in [0, 1] (NaN and infinity included) or ``shift`` not a whole number
+            in 0..8.
+    """
+    if isinstance(noise, bool) or not isinstance(noise, Real) or not 0 <= noise <= 1:  # NaN fails too
+        raise ConfigError(f"{names[0]} must be in [0, 1] (a number: the noise std, images in [0, 1]), got {noise!r}")
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= 8:
+        raise ConfigError(f"{names[1]} must be an integer in [0, 8] (largest shift, in pixels), got {shift!r}")
 
 
 def jacobian_augmentation(

@@ -14,7 +14,7 @@ from torchmetrics import SumMetric
 from typing_extensions import override
 
 from edm_lightning.data.datamodules import ProbeDataModule
-from edm_lightning.data.perturbations import check_copies, noisy_copies
+from edm_lightning.data.perturbations import check_copies, check_corruption, noisy_copies
 from edm_lightning.defense.loader import VictimConfig
 from edm_lightning.errors import ConfigError
 from edm_lightning.losses import coherence
@@ -92,7 +92,7 @@ class ServedVictimModule(VictimProbe):
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, noise: float = 0.0,
                  shift: int = 0, seed: int = 0):
         super().__init__(victim, num_classes, input_shape, mean, std)
-        check_copies(1, noise, shift)
+        check_corruption(noise, shift, ("noise", "shift"))
         self.noise, self.shift, self.seed = noise, shift, seed
         self.correct, self.total = SumMetric(), SumMetric()
         self.tested_accuracy: float | None = None  # the last test's, exactly (the logged value is a float32)

@@ -2,6 +2,7 @@
 
 from edm_lightning.experiment.config import (
     AttackConfig,
+    BenignCorruption,
     DefenseConfig,
     DetectorSetup,
     EDMConfig,
@@ -12,5 +13,5 @@ from edm_lightning.experiment.config import (
 from edm_lightning.experiment.plan import Plan, Stage, build_plan
 from edm_lightning.experiment.runner import run_experiment
 
-__all__ = ["AttackConfig", "DefenseConfig", "DetectorSetup", "EDMConfig", "ExperimentConfig", "HashNetConfig", "Plan", "Stage",
-           "TrainConfig", "build_plan", "run_experiment"]
+__all__ = ["AttackConfig", "BenignCorruption", "DefenseConfig", "DetectorSetup", "EDMConfig", "ExperimentConfig",
+           "HashNetConfig", "Plan", "Stage", "TrainConfig", "build_plan", "run_experiment"]

@@ -21,6 +21,7 @@ from edm_lightning.routing import RouterConfig, as_secret, plain_router, router_
 
 __all__ = [
     "AttackConfig",
+    "BenignCorruption",
     "ClusterConfig",
     "DefenseConfig",
     "DetectorSetup",
@@ -284,6 +285,28 @@ class ClusterConfig:
 
 
 @dataclass
+class BenignCorruption:
+    """The mild corruption a benign client's camera adds to a query: each served victim's accuracy is also measured on
+    test images so corrupted (records' ``defender_acc_corrupted``), the benign cost of a defense beyond clean images.
+
+    Args:
+        noise: std of the Gaussian noise (images in [0, 1]).
+        shift: largest shift, in pixels per axis.
+        seed: seed of the corruption; each test image's is drawn from it and the image's place in the test set, so
+            every victim is measured on the same corrupted images.
+    """
+
+    noise: float = 0.0
+    shift: int = 0
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any corruption is asked for (none: the figure is not measured)."""
+        return self.noise > 0 or self.shift > 0
+
+
+@dataclass
 class ExperimentConfig:
     """One dataset's EDM evaluation.
 
@@ -302,6 +325,8 @@ class ExperimentConfig:
         attacks: the attacks.
         defenses: the published output-perturbation defenses, alone and composed with EDM.
         detectors: stateful detectors (PRADA) beside the target and EDM; each attack is one client.
+        benign_corruption: also measure each victim's accuracy on test images so corrupted (noise std 0.02 and
+            shifts of up to 1 pixel: ``{noise: 0.02, shift: 1}``); the default measures clean images only.
         misinformation: Adaptive Misinformation's misinformation model (trained only if a defense needs it).
         trainer: the device and precision of every stage's Trainer (not part of any stage's key: a stage
             run on a GPU is reused on a CPU and the other way round).
@@ -327,6 +352,7 @@ class ExperimentConfig:
     attacks: list[AttackConfig] = field(default_factory=lambda: [AttackConfig()])
     defenses: list[DefenseConfig] = field(default_factory=list)
     detectors: list[DetectorSetup] = field(default_factory=list)
+    benign_corruption: BenignCorruption = field(default_factory=BenignCorruption)
     misinformation: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dry_run: bool = False

@@ -172,8 +172,9 @@ def _fit_and_test(config: ExperimentConfig, folder: Path, seed: int, job_type: s
                          test_checkpoint="best")
 
 
-def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dict:
-    """The defender's accuracy as served (router and post-processors on), on the test set.
+def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict, corruption: dict | None = None) -> dict:
+    """The defender's accuracy as served (router and post-processors on), on the test set, or on it corrupted as
+    ``corruption`` says (:class:`~edm_lightning.experiment.config.BenignCorruption` as a dict).
 
     A ``main.py test`` job of :class:`~edm_lightning.defense.ServedVictimModule`, batches of 1024 images.
 
@@ -182,7 +183,8 @@ def served_accuracy(config: ExperimentConfig, folder: Path, victim: dict) -> dic
     """
     data = class_config(ClassificationDataModule, {"dataset": config.dataset, "root": config.root, "batch_size": 1024,
                                                    "test_size": config.test_size})
-    run = _probe(config, folder, "served", class_config(ServedVictimModule, {"victim": victim_config(config, victim)}), data)
+    model = class_config(ServedVictimModule, {"victim": victim_config(config, victim), **(corruption or {})})
+    run = _probe(config, folder, "served", model, data)
     return {"test_acc": run.model.tested_accuracy}
 
 

@@ -200,6 +200,10 @@ class _Builder:
                               "postprocessors": postprocessor_configs(defense, value, model)}
                     served = self.serve(victim, extra=(misinformation.id,) if misinformation else ())
                     self.victims[(defense_label(defense, base), weight, value, seed)] = {**victim, "served": served.id}
+        if config.benign_corruption.active:  # each victim's accuracy on mildly corrupted test images too
+            for key, victim in self.victims.items():
+                if key[-1] == seed and "corrupted" not in victim:
+                    victim["corrupted"] = self.serve(victim, extra=(victim["served"],), corrupted=True).id
         for setup in config.detectors:  # the same victims, watched per client; the benign clients are measured once
             for base in setup.defends:
                 weight = None if base == "none" else config.edm.diversity_weight
@@ -215,18 +219,30 @@ class _Builder:
                 victim = self.victims[(f"edm-{router}", config.edm.diversity_weight, None, seed)]
                 self.spreads.setdefault((attack.title, router), []).append(self.spread(victim, attack, seed).id)
 
-    def serve(self, victim: dict, extra: tuple[str, ...] = ()) -> Stage:
+    def serve(self, victim: dict, extra: tuple[str, ...] = (), corrupted: bool = False) -> Stage:
+        """The stage measuring ``victim``'s defender accuracy, on the test images as they are or (``corrupted``) as
+        the experiment's ``benign_corruption`` corrupts them.
+
+        Returns:
+            The stage (the plan's own, where an equal one was already added).
+        """
         posts = victim.get("postprocessors", [])
         key = {"ensemble": victim["checkpoint"], "router": victim["router"], "test_size": self.config.test_size,
                **self.keyed(victim)}
         if posts:
             key["postprocessors"] = posts
+        corruption = asdict(self.config.benign_corruption) if corrupted else None
+        if corruption:  # only then, so the clean stages keep the folders of runs before the option
+            key["benign_corruption"] = corruption
         what = " + ".join(f"{p['class_path']}({_shown_args(p['init_args'])})"
                           for p in posts)
         label = (f"{Path(victim['checkpoint']).parent.name} behind the {router_label(victim['router'])} router"
-                 + (f" + {what}" if what else ""))
+                 + (f" + {what}" if what else "")
+                 + (f" on test images with noise {corruption['noise']:g} and shifts <= {corruption['shift']} px"
+                    if corruption else ""))
         plain = _victim_dict(victim)
-        return self.add(Stage("served", key, label, functools.partial(jobs.served_accuracy, self.config, victim=plain),
+        return self.add(Stage("served", key, label,
+                              functools.partial(jobs.served_accuracy, self.config, victim=plain, corruption=corruption),
                               needs=(victim["trained"], *extra), estimate_s=2.0))
 
     def benign(self, victim: dict, setup, seed: int) -> Stage:
@@ -306,7 +322,7 @@ class _Builder:
         info = {"attack": settings.title, "answers": "top-1" if settings.label_only else "probabilities",
                 "defense": defense, "diversity_weight": weight,
                 "strength_name": self.strength_names.get(defense), "strength": strength, "budget": budget, "seed": seed,
-                "served": victim["served"]}
+                "served": victim["served"], "corrupted": victim.get("corrupted")}
         needs = (victim["trained"], victim["served"])
         curve = (settings.title, defense, weight, strength, seed)
         entry = ATTACKS.get(settings.name)
@@ -327,7 +343,7 @@ class _Builder:
 
 def _victim_dict(victim: dict) -> dict:
     """What a job needs to build a planned victim (checkpoint, router, post-processors), without its stage ids."""
-    return {k: v for k, v in victim.items() if k not in ("trained", "served", "benign")}
+    return {k: v for k, v in victim.items() if k not in ("trained", "served", "corrupted", "benign")}
 
 
 # Seconds per training image and epoch of a LeNet-5-sized model on the 2-core CPU the defaults were

@@ -50,7 +50,8 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
     start = time.perf_counter()
     results = execute(plan, store, log, config.workers, config.executor, config.cluster)
     records = _records(plan, results)
-    victims = {key: {**results[v["trained"]], **results[v["served"]], **(results[v["benign"]] if "benign" in v else {})}
+    victims = {key: {**results[v["trained"]], **results[v["served"]], **(results[v["benign"]] if "benign" in v else {}),
+                     **({"test_acc_corrupted": results[v["corrupted"]]["test_acc"]} if "corrupted" in v else {})}
                for key, v in plan.victims.items()}
     spreads = {key: [results[stage_id] for stage_id in ids] for key, ids in plan.spreads.items()}
     diagnostics = {router: [results[stage_id] for stage_id in ids] for router, ids in plan.diagnostics.items()}
@@ -88,5 +89,6 @@ def _records(plan: Plan, results: dict[str, dict]) -> list[dict]:
             "seed": info["seed"], "defender_acc": results[info["served"]]["test_acc"], "clone_acc": result["clone_acc"],
             "agreement": result["agreement"], "queries": result["queries"], "wall_time_s": result["wall_time_s"],
             **({"flagged_at": result["flagged_at"]} if "flagged_at" in result else {}),  # behind a detector
+            **({"defender_acc_corrupted": results[info["corrupted"]]["test_acc"]} if info["corrupted"] else {}),
         })
     return records

@@ -5,7 +5,8 @@ answers its top-1 label only), ``defense`` (``none``; ``edm-<router>``; an
 output-perturbation defense's name, alone or composed as ``edm-<router>+<name>``), ``diversity_weight``
 (EDM's lambda; ``None`` without EDM), ``strength_name`` / ``strength`` (the defense's swept parameter;
 ``None`` without one), ``budget``, ``seed`` and the measured ``defender_acc``, ``clone_acc``,
-``agreement``, ``queries``, ``wall_time_s``.
+``agreement``, ``queries``, ``wall_time_s``; where the experiment measures it, ``defender_acc_corrupted`` (the
+defender's accuracy on mildly corrupted test images).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = ["METRICS", "ResultRow", "best_within", "plot_budget_curve", "plot_coh
            "write_markdown"]
 
 METRICS = ("defender_acc", "clone_acc", "agreement", "queries", "wall_time_s")
+#: Figures only some experiments measure: summarised where every record of a row has them.
+OPTIONAL_METRICS = ("defender_acc_corrupted",)
 
 
 class ResultRow(dict):
@@ -58,7 +61,7 @@ def summarise(records: Sequence[dict], budget: int | None = None, diversity_weig
         row = ResultRow(attack=attack, defense=defense, seeds=len(group), budget=group[0]["budget"],
                         diversity_weight=group[0].get("diversity_weight"),
                         strength_name=group[0].get("strength_name"), strength=strength)
-        for metric in METRICS:
+        for metric in METRICS + tuple(m for m in OPTIONAL_METRICS if all(m in r for r in group)):
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([r[metric] for r in group])
         if defense != "none":
             undefended = {r["seed"]: r for r in groups.get((attack, "none", None), [])}
@@ -129,6 +132,7 @@ def strongest_attacks(records: Sequence[dict], budget: int, diversity_weight: fl
         result.append({"defense": defense, "answers": policy, "strength_name": top["strength_name"], "strength": strength,
                        "diversity_weight": top["diversity_weight"], "defender_acc_mean": top["defender_acc_mean"],
                        "defender_acc_std": top["defender_acc_std"], "strongest": top["attack"],
+                       **{k: top[k] for k in ("defender_acc_corrupted_mean", "defender_acc_corrupted_std") if k in top},
                        "strongest_budget": top["budget"], "clone_acc_mean": top["clone_acc_mean"],
                        "clone_acc_std": top["clone_acc_std"],
                        "protection_left": max(shared) - top["clone_acc_mean"] if shared else math.nan,
@@ -155,11 +159,17 @@ def strongest_attacks_markdown(victims: Sequence[dict], budget: int) -> list[str
              "| victim | answers | setting | defender acc (%) | strongest attack | clone acc (%) | protection left (points) "
              "| every attack tried (clone acc %) | not tried | seeds |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    corrupted = any("defender_acc_corrupted_mean" in v for v in victims)
+    if corrupted:  # the benign cost on mildly corrupted test images, beside the clean one
+        lines[2:4] = [lines[2].replace("| defender acc (%) |", "| defender acc (%) | defender acc, corrupted (%) |"),
+                      lines[3] + " --- |"]
     for v in victims:
         left = "-" if v["defense"] == "none" or math.isnan(v["protection_left"]) else f"{v['protection_left'] * 100:.1f}"
         strongest = v["strongest"] + (f" ({v['strongest_budget']:,})" if v["strongest_budget"] != budget else "")
         tried = ", ".join(f"{label} {acc * 100:.1f}" for label, acc in v["attacks"].items())
-        lines.append(f"| {v['defense']} | {v['answers']} | {setting(v) or '-'} | {_pm(v, 'defender_acc', 100)} "
+        accuracy = _pm(v, "defender_acc", 100) + (
+            f" | {_pm(v, 'defender_acc_corrupted', 100) if 'defender_acc_corrupted_mean' in v else '-'}" if corrupted else "")
+        lines.append(f"| {v['defense']} | {v['answers']} | {setting(v) or '-'} | {accuracy} "
                      f"| {strongest} | {_pm(v, 'clone_acc', 100)} | {left} | {tried} | {', '.join(v['untried']) or '-'} "
                      f"| {v['seeds']} |")
     return lines

@@ -27,6 +27,7 @@ from edm_lightning.command_line import arguments_of, check_argument_values, refu
 from edm_lightning.data import get_spec, open_dataset, require_fetched
 from edm_lightning.data.datamodules import LINKED_ARGUMENTS, check_split_sizes
 from edm_lightning.data.images import check_convertible
+from edm_lightning.data.perturbations import check_corruption
 from edm_lightning.defense import Victim
 from edm_lightning.defense.detectors import DetectorConfig
 from edm_lightning.defense.postprocessors import build_postprocessor, resolve_postprocessor
@@ -78,6 +79,10 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
     if not config.seeds:
         raise ConfigError("seeds must name at least one seed")
     _validate_seeds(config.seeds)
+    corruption = config.benign_corruption
+    check_corruption(corruption.noise, corruption.shift, ("benign_corruption.noise", "benign_corruption.shift"))
+    if isinstance(corruption.seed, bool) or not isinstance(corruption.seed, int) or not 0 <= corruption.seed < 2**63:
+        raise ConfigError(f"benign_corruption.seed must be a whole number in [0, 2**63), got {corruption.seed!r}")
     trained = {"target": config.target, "hashnet": config.hashnet, "edm": config.edm, "misinformation": config.misinformation}
     for where, part in trained.items():
         _validate_job_sections(where, part)

@@ -142,6 +142,7 @@ class EnsembleModule(RecordedModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         (x, y), x_ood = batch["id"], batch["ood"]
+        natural = len(x_ood)  # the OOD set's images; synthesised points follow them
         if self.synthesis.disagree_on:
             points = self.synthesis.disagreement_points(self.members, x, y, self.hparams.num_classes)
             x_ood = torch.cat([x_ood, points.to(x_ood.dtype)])
@@ -149,7 +150,11 @@ class EnsembleModule(RecordedModule):
             x, y = torch.cat([x, self.synthesis.agreement_copy(x)]), y.repeat(2)
         id_logits, ood_logits = self.member_logits(x, x_ood)
         ce = F.cross_entropy(id_logits.flatten(0, 1), y.repeat(len(self.members)))  # = mean of the members' CE
-        diversity = self.diversity(ood_logits.softmax(dim=-1))
+        ood_probs = ood_logits.softmax(dim=-1)
+        if self.synthesis.weight is None or len(x_ood) == natural:  # one diversity mean over the whole OOD batch
+            diversity = self.diversity(ood_probs)
+        else:  # the OOD set's term whole, the synthesised points' beside it
+            diversity = self.diversity(ood_probs[:, :natural]) + self.synthesis.weight * self.diversity(ood_probs[:, natural:])
         loss = ce + self.hparams.diversity_weight * diversity
         log_training_step(self, {"train/loss": loss, "train/ce": ce, "train/ood_coherence": diversity})
         return loss

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from edm_lightning.data.perturbations import jacobian_augmentation, noisy_copies
+from edm_lightning.data.perturbations import check_corruption, jacobian_augmentation, noisy_copies
 from edm_lightning.errors import ConfigError
 
 __all__ = ["SYNTHESES", "Synthesis", "jacobian_points", "mixup_points", "noise_points"]
@@ -42,6 +42,9 @@ class Synthesis:
         agree_noise: std of the Gaussian noise of a corrupted copy of each training image that the accuracy term
             also sees (0 with ``agree_shift`` 0: no copy).
         agree_shift: largest shift, in pixels per axis, of that copy.
+        weight: the synthesised points' diversity term's weight beside the OOD set's (both times lambda); ``None``
+            pools them with the OOD batch in one mean, so that with as many points as OOD images each term weighs
+            half (the first synthesis runs).
 
     Raises:
         ConfigError: an unknown kind, or a setting out of its range.
@@ -53,19 +56,20 @@ class Synthesis:
     noise_std: float = 0.3
     agree_noise: float = 0.0
     agree_shift: int = 0
+    weight: float | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.disagree_on) - set(SYNTHESES))
         if unknown or len(set(self.disagree_on)) != len(self.disagree_on):
             raise ConfigError(f"synthesis.disagree_on must name each of {', '.join(SYNTHESES)} at most once, got "
                               f"{list(self.disagree_on)}")
-        for name, value, high in (("epsilon", self.epsilon, 1.0), ("noise_std", self.noise_std, 1.0),
-                                  ("agree_noise", self.agree_noise, 1.0)):
+        weight = [("weight", self.weight, 100.0)] if self.weight is not None else []
+        for name, value, high in [("epsilon", self.epsilon, 1.0), ("noise_std", self.noise_std, 1.0), *weight]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:  # NaN fails
-                raise ConfigError(f"synthesis.{name} must be a number in [0, {high:g}] (images in [0, 1]), got {value!r}")
-        for name, value, low, high in (("steps", self.steps, 1, 20), ("agree_shift", self.agree_shift, 0, 8)):
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"synthesis.{name} must be an integer in [{low}, {high}], got {value!r}")
+                raise ConfigError(f"synthesis.{name} must be a number in [0, {high:g}], got {value!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 20:
+            raise ConfigError(f"synthesis.steps must be an integer in [1, 20], got {self.steps!r}")
+        check_corruption(self.agree_noise, self.agree_shift, ("synthesis.agree_noise", "synthesis.agree_shift"))
 
     @property
     def agrees(self) -> bool:
