@@ -16,6 +16,7 @@ from edm_lightning.experiment import (
     AttackConfig,
     BenignCorruption,
     DefenseConfig,
+    DetectorSetup,
     EDMConfig,
     ExperimentConfig,
     TrainConfig,
@@ -232,6 +233,27 @@ def test_each_victim_is_also_measured_on_mildly_corrupted_test_images_and_the_cl
     assert "defender acc, corrupted (%)" in (out / "results.md").read_text()
     strongest = list(csv.DictReader((out / "strongest.csv").open()))
     assert strongest and all(0 <= float(row["defender_acc_corrupted_mean"]) <= 1 for row in strongest)
+
+
+def test_every_victim_kind_gets_its_corrupted_stage_and_a_detector_shares_its_bases(fake_root: Path, tmp_path: Path):
+    """Defenses (Adaptive Misinformation's model included) and detectors: planned only, nothing runs."""
+    from edm_lightning.experiment import build_plan
+
+    config = defended_config(fake_root, tmp_path, benign_corruption=BenignCorruption(noise=0.02, shift=1))
+    config.detectors = [DetectorSetup(name="prada", defends=["none", "edm-neural"], benign_clients=2, benign_queries=40)]
+    plan = build_plan(config)
+    stages = {stage.id: stage for stage in plan.stages}
+    for key, victim in plan.victims.items():
+        corrupted = stages[victim["corrupted"]]
+        assert corrupted.kind == "served" and corrupted.key["benign_corruption"]["noise"] == 0.02, key
+        assert victim["served"] in corrupted.needs or victim["served"] == victim["trained"], key
+    watched = {key: victim for key, victim in plan.victims.items() if key[0] in ("prada", "edm-neural+prada")}
+    assert len(watched) == 2
+    for (label, weight, _, seed), victim in watched.items():
+        base = plan.victims[("none" if label == "prada" else "edm-neural", weight, None, seed)]
+        assert victim["corrupted"] == base["corrupted"]
+    misinformed = [v for k, v in plan.victims.items() if k[0].endswith("adaptive-misinformation")]
+    assert misinformed and all(any(n.startswith("misinformation-") for n in stages[v["served"]].needs) for v in misinformed)
 
 
 def defended_config(root: Path, out: Path, **overrides) -> ExperimentConfig:

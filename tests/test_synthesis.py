@@ -132,7 +132,8 @@ def test_the_paper_ensemble_is_unchanged_and_a_synthesis_checkpoint_reads_safely
     ({"agree_noise": 2.0}, "synthesis.agree_noise must be in \\[0, 1\\]"),
     ({"steps": 0}, "steps must be an integer in \\[1, 20\\]"),
     ({"agree_shift": 9}, "synthesis.agree_shift must be an integer in \\[0, 8\\]"),
-    ({"weight": -1.0}, "synthesis.weight must be a number in \\[0, 100\\]"),
+    ({"disagree_on": ["noise"], "weight": -1.0}, "synthesis.weight must be a number in \\[0, 100\\]"),
+    ({"weight": 0.5}, "weighs synthesised points, but disagree_on names none"),
 ])
 def test_bad_synthesis_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -140,6 +140,22 @@ def test_each_victim_is_judged_by_its_strongest_attack():
             "| jbda_tr |") in text
 
 
+def test_the_corrupted_defender_accuracy_gets_a_column_only_where_measured():
+    records = _records()
+    assert "corrupted" not in "\n".join(strongest_attacks_markdown(strongest_attacks(records, 5000, 0.5), 5000))
+    # measured for the undefended model and EDM only (the reverse-sigmoid rows came from a run without it)
+    measured = [{**r, "defender_acc_corrupted": r["defender_acc"] - 0.05} if r["defense"] in ("none", "edm-neural") else r
+                for r in records]
+    victims = strongest_attacks(measured, 5000, 0.5)
+    by = {(v["defense"], v["strength"]): v for v in victims}
+    assert by[("none", None)]["defender_acc_corrupted_mean"] == pytest.approx(0.85)
+    assert "defender_acc_corrupted_mean" not in by[("reverse-sigmoid", 0.8)]
+    text = "\n".join(strongest_attacks_markdown(victims, 5000))
+    assert "| defender acc (%) | defender acc, corrupted (%) | strongest attack |" in text
+    assert "| none | probabilities | - | 90.0 ± 0.0 | 85.0 ± 0.0 | knockoff |" in text
+    assert "| reverse-sigmoid | probabilities | beta=0.8 | 87.0 ± 0.0 | - | knockoff |" in text
+
+
 def test_the_largest_budget_judges_every_attack_even_when_no_two_ran_at_one_budget():
     # knockoff only at 1,000 queries, jbda_tr only at 5,000: no budget has two attacks, yet at 5,000 both count
     records = [r for r in _records() if r["budget"] == 1000 and r["defense"] in ("none", "edm-neural")]

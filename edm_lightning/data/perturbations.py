@@ -59,6 +59,11 @@ def check_copies(query_copies: int, copy_noise: float, copy_shift: int = 0) -> N
 def check_corruption(noise: float, shift: int, names: tuple[str, str] = ("copy_noise", "copy_shift")) -> None:
     """Refuse a corruption :func:`noisy_copies` cannot make, naming the settings as the caller's config does.
 
+    Args:
+        noise: the Gaussian noise std (images in [0, 1]).
+        shift: the largest shift, in pixels per axis.
+        names: how the caller's config names ``noise`` and ``shift`` (the error names them so).
+
     Raises:
         ConfigError: ``noise`` not a number in [0, 1] (NaN and infinity included) or ``shift`` not a whole number
             in 0..8.

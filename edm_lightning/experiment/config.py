@@ -290,10 +290,10 @@ class BenignCorruption:
     test images so corrupted (records' ``defender_acc_corrupted``), the benign cost of a defense beyond clean images.
 
     Args:
-        noise: std of the Gaussian noise (images in [0, 1]).
-        shift: largest shift, in pixels per axis.
-        seed: seed of the corruption; each test image's is drawn from it and the image's place in the test set, so
-            every victim is measured on the same corrupted images.
+        noise: std of the Gaussian noise, in [0, 1] (images in [0, 1]).
+        shift: largest shift, in pixels per axis, 0..8.
+        seed: seed of the corruption, in [0, 2**32); each test image's is drawn from it and the image's place in the
+            test set, so every victim is measured on the same corrupted images.
     """
 
     noise: float = 0.0
@@ -325,8 +325,9 @@ class ExperimentConfig:
         attacks: the attacks.
         defenses: the published output-perturbation defenses, alone and composed with EDM.
         detectors: stateful detectors (PRADA) beside the target and EDM; each attack is one client.
-        benign_corruption: also measure each victim's accuracy on test images so corrupted (noise std 0.02 and
-            shifts of up to 1 pixel: ``{noise: 0.02, shift: 1}``); the default measures clean images only.
+        benign_corruption: also measure each victim's accuracy on test images so corrupted (e.g. noise std 0.02
+            and shifts of up to 1 pixel: ``{noise: 0.02, shift: 1}``); the default (no noise, no shift) measures
+            clean images only.
         misinformation: Adaptive Misinformation's misinformation model (trained only if a defense needs it).
         trainer: the device and precision of every stage's Trainer (not part of any stage's key: a stage
             run on a GPU is reused on a CPU and the other way round).

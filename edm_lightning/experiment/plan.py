@@ -202,7 +202,7 @@ class _Builder:
                     self.victims[(defense_label(defense, base), weight, value, seed)] = {**victim, "served": served.id}
         if config.benign_corruption.active:  # each victim's accuracy on mildly corrupted test images too
             for key, victim in self.victims.items():
-                if key[-1] == seed and "corrupted" not in victim:
+                if key[-1] == seed and "corrupted" not in victim:  # after the clean one, which needs all it needs
                     victim["corrupted"] = self.serve(victim, extra=(victim["served"],), corrupted=True).id
         for setup in config.detectors:  # the same victims, watched per client; the benign clients are measured once
             for base in setup.defends:
@@ -243,7 +243,7 @@ class _Builder:
         plain = _victim_dict(victim)
         return self.add(Stage("served", key, label,
                               functools.partial(jobs.served_accuracy, self.config, victim=plain, corruption=corruption),
-                              needs=(victim["trained"], *extra), estimate_s=2.0))
+                              needs=tuple(dict.fromkeys((victim["trained"], *extra))), estimate_s=2.0))
 
     def benign(self, victim: dict, setup, seed: int) -> Stage:
         key = {"victim": victim["checkpoint"], "router": victim["router"], "detector": victim["detector"], "seed": seed,

@@ -50,8 +50,7 @@ def run_experiment(config: ExperimentConfig, log: IO[str] | None = None) -> list
     start = time.perf_counter()
     results = execute(plan, store, log, config.workers, config.executor, config.cluster)
     records = _records(plan, results)
-    victims = {key: {**results[v["trained"]], **results[v["served"]], **(results[v["benign"]] if "benign" in v else {}),
-                     **({"test_acc_corrupted": results[v["corrupted"]]["test_acc"]} if "corrupted" in v else {})}
+    victims = {key: {**results[v["trained"]], **results[v["served"]], **(results[v["benign"]] if "benign" in v else {})}
                for key, v in plan.victims.items()}
     spreads = {key: [results[stage_id] for stage_id in ids] for key, ids in plan.spreads.items()}
     diagnostics = {router: [results[stage_id] for stage_id in ids] for router, ids in plan.diagnostics.items()}

@@ -113,7 +113,8 @@ def strongest_attacks(records: Sequence[dict], budget: int, diversity_weight: fl
         ``strength_name``, ``strength``, ``diversity_weight``, ``defender_acc_mean``/``_std``, ``strongest`` (the
         attack's label), ``strongest_budget``, ``clone_acc_mean``/``_std`` under it, ``protection_left`` (a fraction;
         NaN without an undefended row), ``attacks`` (``{label: clone_acc_mean}`` of every attack tried, strongest
-        first), ``untried`` (attacks run against the undefended model but not this victim), ``seeds``.
+        first), ``untried`` (attacks run against the undefended model but not this victim), ``seeds``; and
+        ``defender_acc_corrupted_mean``/``_std`` where the records carry that figure.
     """
     chosen = [r for r in records if r["budget"] <= budget]
     answers = {r["attack"]: r.get("answers", "probabilities") for r in chosen}

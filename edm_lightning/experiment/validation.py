@@ -81,8 +81,8 @@ def validate(config: ExperimentConfig, log=None, check_data: bool = True) -> Non
     _validate_seeds(config.seeds)
     corruption = config.benign_corruption
     check_corruption(corruption.noise, corruption.shift, ("benign_corruption.noise", "benign_corruption.shift"))
-    if isinstance(corruption.seed, bool) or not isinstance(corruption.seed, int) or not 0 <= corruption.seed < 2**63:
-        raise ConfigError(f"benign_corruption.seed must be a whole number in [0, 2**63), got {corruption.seed!r}")
+    if isinstance(corruption.seed, bool) or not isinstance(corruption.seed, int) or not 0 <= corruption.seed < 2**32:
+        raise ConfigError(f"benign_corruption.seed must be a whole number in [0, 2**32), got {corruption.seed!r}")
     trained = {"target": config.target, "hashnet": config.hashnet, "edm": config.edm, "misinformation": config.misinformation}
     for where, part in trained.items():
         _validate_job_sections(where, part)

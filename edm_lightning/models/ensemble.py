@@ -151,12 +151,15 @@ class EnsembleModule(RecordedModule):
         id_logits, ood_logits = self.member_logits(x, x_ood)
         ce = F.cross_entropy(id_logits.flatten(0, 1), y.repeat(len(self.members)))  # = mean of the members' CE
         ood_probs = ood_logits.softmax(dim=-1)
-        if self.synthesis.weight is None or len(x_ood) == natural:  # one diversity mean over the whole OOD batch
+        if self.synthesis.weight is None:  # one diversity mean over the whole OOD batch
             diversity = self.diversity(ood_probs)
+            figures = {"train/ood_coherence": diversity}
         else:  # the OOD set's term whole, the synthesised points' beside it
-            diversity = self.diversity(ood_probs[:, :natural]) + self.synthesis.weight * self.diversity(ood_probs[:, natural:])
+            ood, synthesised = self.diversity(ood_probs[:, :natural]), self.diversity(ood_probs[:, natural:])
+            diversity = ood + self.synthesis.weight * synthesised
+            figures = {"train/ood_coherence": ood, "train/synthesis_coherence": synthesised}
         loss = ce + self.hparams.diversity_weight * diversity
-        log_training_step(self, {"train/loss": loss, "train/ce": ce, "train/ood_coherence": diversity})
+        log_training_step(self, {"train/loss": loss, "train/ce": ce, **figures})
         return loss
 
     def member_logits(self, x: Tensor, x_ood: Tensor) -> tuple[Tensor, Tensor]:

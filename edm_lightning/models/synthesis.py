@@ -42,9 +42,9 @@ class Synthesis:
         agree_noise: std of the Gaussian noise of a corrupted copy of each training image that the accuracy term
             also sees (0 with ``agree_shift`` 0: no copy).
         agree_shift: largest shift, in pixels per axis, of that copy.
-        weight: the synthesised points' diversity term's weight beside the OOD set's (both times lambda); ``None``
-            pools them with the OOD batch in one mean, so that with as many points as OOD images each term weighs
-            half (the first synthesis runs).
+        weight: the synthesised points' diversity term's weight beside the OOD set's (both times lambda), in
+            [0, 100]; ``None`` pools them with the OOD batch in one mean, so that with as many points as OOD images
+            each term weighs half (the first synthesis runs). Needs ``disagree_on``.
 
     Raises:
         ConfigError: an unknown kind, or a setting out of its range.
@@ -63,6 +63,9 @@ class Synthesis:
         if unknown or len(set(self.disagree_on)) != len(self.disagree_on):
             raise ConfigError(f"synthesis.disagree_on must name each of {', '.join(SYNTHESES)} at most once, got "
                               f"{list(self.disagree_on)}")
+        if self.weight is not None and not self.disagree_on:
+            raise ConfigError(f"synthesis.weight={self.weight!r} weighs synthesised points, but disagree_on names none: "
+                              "name the kinds of points in disagree_on, or leave weight unset")
         weight = [("weight", self.weight, 100.0)] if self.weight is not None else []
         for name, value, high in [("epsilon", self.epsilon, 1.0), ("noise_std", self.noise_std, 1.0), *weight]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:  # NaN fails
