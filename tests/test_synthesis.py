@@ -115,6 +115,18 @@ def test_the_synthesised_points_weigh_in_the_diversity_term_as_their_weight_says
     assert loss.item() == pytest.approx((ce + 2.0 * expected).item(), rel=1e-6)
 
 
+def test_a_weighted_mixup_term_without_points_adds_nothing_rather_than_nan():
+    torch.manual_seed(0)
+    module = EnsembleModule("lenet5", num_members=2, synthesis=Synthesis(disagree_on=["mixup"], weight=1.0))
+    x, _ = batch(8)
+    ood = torch.rand(4, 1, 28, 28)
+    loss = module.training_step({"id": (x, torch.zeros(8, dtype=torch.long)), "ood": ood}, 0)  # one class: no blend
+    torch.manual_seed(0)
+    plain = EnsembleModule("lenet5", num_members=2)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(
+        plain.training_step({"id": (x, torch.zeros(8, dtype=torch.long)), "ood": ood}, 0).item(), rel=1e-6)
+
+
 def test_the_paper_ensemble_is_unchanged_and_a_synthesis_checkpoint_reads_safely(checkpoint_factory, monkeypatch):
     plain = EnsembleModule("lenet5", num_members=2)
     assert "synthesis" not in plain.hparams and plain.synthesis == Synthesis()

@@ -155,7 +155,9 @@ class EnsembleModule(RecordedModule):
             diversity = self.diversity(ood_probs)
             figures = {"train/ood_coherence": diversity}
         else:  # the OOD set's term whole, the synthesised points' beside it
-            ood, synthesised = self.diversity(ood_probs[:, :natural]), self.diversity(ood_probs[:, natural:])
+            ood = self.diversity(ood_probs[:, :natural])
+            # no points at all only where mixup alone finds no two classes in the batch
+            synthesised = self.diversity(ood_probs[:, natural:]) if len(x_ood) > natural else ood.new_zeros(())
             diversity = ood + self.synthesis.weight * synthesised
             figures = {"train/ood_coherence": ood, "train/synthesis_coherence": synthesised}
         loss = ce + self.hparams.diversity_weight * diversity
