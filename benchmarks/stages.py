@@ -7,7 +7,8 @@ For each training kind (target, hash network, EDM ensemble, clone) one epoch run
 (its DataModule, its LightningModule, a Lightning Trainer with the runner's settings) and one through a
 plain loop over the same uint8 tensors, model, batch size and optimiser (Adam); the ratio is the share of
 a bare loop's throughput the project keeps (1.0: no overhead). The first epoch of each is a warm-up and is
-not timed. Then queries per second of buying a transfer set (KnockoffNets through the oracle) and of
+not timed. The EDM epoch is also timed with the headline's Jacobian synthesis (against the paper's epoch), and
+one batch's Jacobian points against stepping every image the most steps. Then queries per second of buying a transfer set (KnockoffNets through the oracle) and of
 serving (``Victim``), for the undefended target and EDM behind both routers. Everything is measured
 with 1 thread and with the machine's default thread count, in this one run; the untrained models here
 are timed, never evaluated (their answers are not results). Figures are printed, never asserted.
@@ -31,10 +32,12 @@ from edm_lightning.attacks.oracle import BlackBoxOracle  # noqa: E402
 from edm_lightning.attacks.transfer_set import build_transfer_set  # noqa: E402
 from edm_lightning.data import ClassificationDataModule, EDMDataModule, load_images  # noqa: E402
 from edm_lightning.data.images import BatchTensorDataset, batch_loader  # noqa: E402
+from edm_lightning.data.perturbations import jacobian_augmentation  # noqa: E402
 from edm_lightning.defense import Victim  # noqa: E402
 from edm_lightning.losses import diversity_loss  # noqa: E402
-from edm_lightning.models import ClassifierModule, CloneModule, EnsembleModule, OptimConfig  # noqa: E402
+from edm_lightning.models import ClassifierModule, CloneModule, EnsembleModule, OptimConfig, Synthesis  # noqa: E402
 from edm_lightning.models.clone import clone_loss  # noqa: E402
+from edm_lightning.models.synthesis import jacobian_points  # noqa: E402
 from edm_lightning.nets import build_net  # noqa: E402
 from edm_lightning.routing import (  # noqa: E402
     FixedRouter,  # noqa: E402
@@ -82,6 +85,7 @@ def main(num_members: int = 5, arch: str = "lenet5", hash_arch: str = "small_cnn
         for name, project_s, bare_s in rows:
             print(f"{name:<14}{project_s:>13.2f} s{bare_s:>10.2f} s{bare_s / project_s:>17.2f}x")
         print(f"EDM epoch / (N x target epoch): {edm_s / (num_members * rows[0][1]):.2f}")
+        _synthesis_cost(arch, num_members, edm_data, batch_size, edm_s)
         _query_rates(arch, hash_arch, num_members, data, surrogate, root, batch_size, queries)
 
 
@@ -179,6 +183,27 @@ def _bare_clone(arch: str, data: _CloneData, batch_size: int):
             optimizer.step()
 
     return epoch
+
+
+def _synthesis_cost(arch: str, members: int, data: EDMDataModule, batch_size: int, edm_s: float) -> None:
+    """What training on JBDA-TR's points costs (the headline's ``Synthesis``): one epoch against the paper's EDM
+    epoch, and one batch's Jacobian points (each image 1 to 3 steps) against stepping every image 3 times."""
+    synthesis = Synthesis(disagree_on=["jacobian"], epsilon=0.1, steps=3, agree_noise=0.02, agree_shift=1)
+    edm = EnsembleModule(arch, members, data.num_classes, data.input_shape, data.mean, data.std, synthesis=synthesis)
+    synthesis_s, _ = _compare(edm, data, lambda: None)
+    net = edm.members[0]
+    x = data.id_data.train_set.images[:batch_size].float().div_(255)
+    y = data.id_data.train_set.labels[:batch_size]
+    timings = {}
+    for name, make in {"drawn steps": lambda: jacobian_points(net, x, y, data.num_classes, 0.1, 3),
+                       "3 steps each": lambda: [jacobian_augmentation(net, x, y, 0.1, y) for _ in range(3)]}.items():
+        make()  # warm-up
+        start = time.perf_counter()
+        for _ in range(20):
+            make()
+        timings[name] = (time.perf_counter() - start) / 20
+    print(f"EDM + Jacobian synthesis epoch / EDM epoch: {synthesis_s / edm_s:.2f}; Jacobian points of one batch, "
+          f"the drawn steps / 3 steps for every image: {timings['drawn steps'] / timings['3 steps each']:.2f}")
 
 
 def _query_rates(arch: str, hash_arch: str, members: int, data: ClassificationDataModule, surrogate: str, root: str,

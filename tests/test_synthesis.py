@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from edm_lightning.checkpoints import read_checkpoint
+from edm_lightning.data.perturbations import jacobian_augmentation
 from edm_lightning.errors import ConfigError
 from edm_lightning.models import EnsembleModule, Synthesis
 from edm_lightning.models.synthesis import jacobian_points, mixup_points
@@ -52,6 +53,27 @@ def test_jacobian_steps_move_towards_another_class_and_leave_the_net_untouched()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters())
 
+
+
+def test_each_jacobian_point_takes_exactly_its_drawn_steps_and_only_moving_images_reach_the_net():
+    torch.manual_seed(0)
+    net = build_net("lenet5", (1, 28, 28), 10)
+    x, y = batch(48)
+    sizes = []
+    hook = net.register_forward_pre_hook(lambda _, inputs: sizes.append(len(inputs[0])))
+    torch.manual_seed(2)
+    points = jacobian_points(net, x, y, 10, epsilon=0.05, steps=3)
+    hook.remove()
+    torch.manual_seed(2)
+    target = (y + torch.randint(1, 10, y.shape)) % 10  # the draws jacobian_points made, in its order
+    taken = torch.randint(1, 4, (len(x),))
+    chain, expected = x.clone(), x.clone()  # every image stepped 3 times; image i kept after taken[i] steps
+    for step in range(1, 4):
+        chain = jacobian_augmentation(net, chain, y, 0.05, target)
+        expected[taken == step] = chain[taken == step]
+    assert torch.allclose(points, expected, atol=1e-6)
+    # one forward per step, on the images still moving: all of them, then those drawn for 2 or 3 steps, then 3
+    assert sizes == [len(x), int((taken >= 2).sum()), int((taken == 3).sum())]
 
 def test_mixup_blends_only_images_of_different_classes():
     x = torch.arange(10).float().view(10, 1, 1, 1).expand(10, 1, 4, 4).clone() / 10  # image value = its class / 10

@@ -117,12 +117,12 @@ def jacobian_points(net: nn.Module, x: Tensor, y: Tensor, num_classes: int, epsi
     """
     target = (y + torch.randint(1, num_classes, y.shape, device=y.device)) % num_classes
     taken = torch.randint(1, steps + 1, (len(x),), device=x.device)
-    point, out = x.detach(), x.detach().clone()
+    point = x.detach().clone()
     with torch.enable_grad():  # the step is JBDA-TR's own, in eval mode (BatchNorm keeps the training images' statistics)
-        for step in range(1, steps + 1):
-            point = jacobian_augmentation(net, point, y, epsilon, target)
-            out[taken == step] = point[taken == step]
-    return out
+        for step in range(1, steps + 1):  # only the images drawn for this many steps or more take it
+            moving = (taken >= step).nonzero().squeeze(1)
+            point[moving] = jacobian_augmentation(net, point[moving], y[moving], epsilon, target[moving])
+    return point
 
 
 def mixup_points(x: Tensor, y: Tensor) -> Tensor:
