@@ -8,8 +8,9 @@ For each training kind (target, hash network, EDM ensemble, clone) one epoch run
 plain loop over the same uint8 tensors, model, batch size and optimiser (Adam); the ratio is the share of
 a bare loop's throughput the project keeps (1.0: no overhead). The first epoch of each is a warm-up and is
 not timed. The EDM epoch is also timed with the headline's Jacobian synthesis (against the paper's epoch), and
-one batch's Jacobian points against stepping every image the most steps. Then queries per second of buying a transfer set (KnockoffNets through the oracle) and of
-serving (``Victim``), for the undefended target and EDM behind both routers. Everything is measured
+one batch's Jacobian points against stepping every image the most steps. Then queries per second of buying a
+transfer set (KnockoffNets through the oracle) and of serving (``Victim``), for the undefended target and EDM
+behind both routers. Everything is measured
 with 1 thread and with the machine's default thread count, in this one run; the untrained models here
 are timed, never evaluated (their answers are not results). Figures are printed, never asserted.
 """

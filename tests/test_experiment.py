@@ -544,6 +544,35 @@ def test_a_stages_config_yaml_reproduces_it_through_main_py(fake_root: Path, tmp
     assert not (tmp_path / "refused").exists()
 
 
+def test_the_eta_counts_a_shared_shadow_kit_once_per_seed_and_a_synthesis_ensemble_as_more_work(fake_root: Path,
+                                                                                                  tmp_path: Path):
+    """The ETA starts from the plan's estimates: D-DAE's shadow kit is trained once per seed and kit settings and
+    reused by every victim (and by D-DAE told the defense), so one stage per kit carries it; the headline's synthesis
+    ensemble does 2.2 times the paper's work per step."""
+    from edm_lightning.attacks.ddae import ddae_kit_cost
+    from edm_lightning.experiment import build_plan
+    from edm_lightning.models import Synthesis
+
+    ddae = [AttackConfig(name="ddae", budgets=[64], epochs=1),
+            AttackConfig(name="ddae", label="ddae-as-edm", budgets=[64], epochs=1, options={"assume_defense": "EDM"}),
+            AttackConfig(name="ddae", label="ddae-share", budgets=[64], epochs=1, options={"share": 0.05})]
+    config = tiny_config(fake_root, tmp_path, attacks=ddae, seeds=[0, 1])
+    attacks = [stage for stage in build_plan(config).stages if stage.kind == "attack"]
+    kit_s = min(ddae_kit_cost(6e-5, {})[1], ddae_kit_cost(6e-5, {"share": 0.05})[1])
+    carrying = sorted((stage.key["seed"], stage.key["attack"]["options"].get("share", 0.02))
+                      for stage in attacks if stage.estimate_s > kit_s)
+    assert carrying == [(0, 0.02), (0, 0.05), (1, 0.02), (1, 0.05)]  # one per seed and kit, whatever the victim
+    assert len(attacks) > 3 * len(carrying)
+
+    headline = {"disagree_on": ["jacobian"], "epsilon": 0.1, "steps": 3, "agree_noise": 0.02, "agree_shift": 1}
+    assert Synthesis().step_cost(5) == 1.0 and Synthesis(**headline).step_cost(5) == pytest.approx(2.2)
+    plain = tiny_config(fake_root, tmp_path)
+    config = tiny_config(fake_root, tmp_path)
+    config.edm.model = {"synthesis": headline}
+    paper, synthesis = ([s.estimate_s for s in build_plan(c).stages if s.kind == "edm"][0] for c in (plain, config))
+    assert 2.0 * paper < synthesis < 2.2 * paper  # the same fixed cost of a stage, 2.2 times the steps
+
+
 def test_dry_run_prints_the_plan_and_runs_nothing(fake_root: Path, tmp_path: Path, capsys):
     config = tiny_config(fake_root, tmp_path, dry_run=True)
     assert run_experiment(config) == []

@@ -18,6 +18,7 @@ shadow-free variant (its restorer takes a generator argument it never uses), so 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +41,7 @@ from edm_lightning.models.clone import CloneModule
 from edm_lightning.nets import build_net
 from edm_lightning.optim import OptimConfig
 
-__all__ = ["DEFAULT_DEFENSES", "DDAEDataModule", "check_ddae", "ddae_cost", "ddae_job"]
+__all__ = ["DEFAULT_DEFENSES", "DDAEDataModule", "check_ddae", "ddae_cost", "ddae_job", "ddae_kit_cost"]
 
 #: The candidate defenses of the default kit: EDM and each published defense of the experiments at a middle strength.
 DEFAULT_DEFENSES: tuple[str | dict[str, Any], ...] = (
@@ -282,15 +283,27 @@ def check_ddae(budget: int, options: Mapping[str, Any]) -> list:
 
 
 def ddae_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options: Mapping[str, Any]) -> float:
-    """Seconds on a 2-core CPU: the shadow kit (paid once per task, share and seed; counted in full here) and
-    KnockoffNets' purchase and clone on ``budget`` answers.
-
-    The kit: ``shadows`` classifiers, an EDM ensemble (``edm_members`` members, each step also an OOD batch) and a
-    misinformation net per shadow, ``shadow_epochs`` each on the share (60,000 training images assumed, the MNIST-sized
-    tasks'), and Prediction Poisoning's proxy Jacobians on every shadow answer (about 2 ms each).
+    """Seconds on a 2-core CPU of one victim's run once its shadow kit exists (:func:`ddae_kit_cost`): the probes,
+    KnockoffNets' purchase and the clone on ``budget`` restored answers.
 
     Returns:
         The estimate, in seconds.
+    """
+    probes = int(options.get("probes", DEFAULTS["probes"]))
+    return (probes + budget) * SECONDS_PER_QUERY + epochs * budget * seconds_per_image_epoch + 3.0
+
+
+def ddae_kit_cost(seconds_per_image_epoch: float, options: Mapping[str, Any]) -> tuple[str, float]:
+    """Seconds on a 2-core CPU of the shadow kit, trained once per task, pool, seed and kit settings and reused by
+    every victim's run.
+
+    The kit: ``shadows`` classifiers, an EDM ensemble (``edm_members`` members, each step also an OOD batch) and a
+    misinformation net per shadow, ``shadow_epochs`` each on the share (60,000 training images assumed, the MNIST-sized
+    tasks'), Prediction Poisoning's proxy Jacobians on every shadow answer (about 2 ms each), then the
+    meta-classifier and the restorers.
+
+    Returns:
+        The kit's identity among D-DAE runs (every option but ``assume_defense``, defaults filled in) and the estimate.
     """
     share = float(options.get("share", DEFAULTS["share"]))
     shadows = int(options.get("shadows", DEFAULTS["shadows"]))
@@ -298,11 +311,12 @@ def ddae_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options:
     answered = (int(options.get("probes", DEFAULTS["probes"])) + int(options.get("pool_images", KIT_DEFAULTS["pool_images"]))
                 + share * 60_000)
     per_shadow = epochs_s * share * 60_000 * seconds_per_image_epoch * (2 + 1.6 * members) + 2e-3 * answered + 5.0
-    return shadows * per_shadow + 30.0 + budget * SECONDS_PER_QUERY + epochs * budget * seconds_per_image_epoch + 3.0
+    settings = {**DEFAULTS, **KIT_DEFAULTS, **{k: v for k, v in options.items() if k != "assume_defense"}}
+    return json.dumps(settings, sort_keys=True, default=str), shadows * per_shadow + 30.0
 
 
 @register_attack("ddae", forwards_to=DDAEDataModule, surrogate_pool=True, shares_purchase=True, cost=ddae_cost,
-                 check=check_ddae)
+                 setup=ddae_kit_cost, check=check_ddae)
 def ddae_job(
     victim: VictimConfig | RemoteVictimConfig,
     *,

@@ -67,6 +67,9 @@ class AttackEntry:
             a runner gives them one shared cache and runs the smaller budget first.
         cost: ``(budget, epochs, seconds per training image and epoch of the clone's architecture, options) ->
             seconds`` on a 2-core CPU, what a runner's ETA starts from.
+        setup: ``(seconds per training image and epoch, options) -> (identity, seconds)``: work done once and reused
+            by every victim's run (D-DAE's shadow kit), left out of ``cost``; a runner's estimate counts it once per
+            seed, surrogate and identity (``None``: nothing is shared).
         check: ``(budget, options) -> None``, raising :class:`~edm_lightning.errors.ConfigError` for a setting the
             attack would refuse at that budget (the attack's own check, which a runner calls before its first stage).
     """
@@ -80,6 +83,7 @@ class AttackEntry:
     queries_in_training: bool = False
     shares_purchase: bool = False
     cost: Callable[[int, int, float, Mapping[str, Any]], float] = _no_estimate
+    setup: Callable[[float, Mapping[str, Any]], tuple[str, float]] | None = None
     check: Callable[[int, Mapping[str, Any]], Any] = _nothing_to_check
 
     def options(self) -> set[str]:

@@ -39,6 +39,7 @@ from edm_lightning.experiment.config import (
     surrogate_attacks,
 )
 from edm_lightning.files import Secret, digest
+from edm_lightning.models import Synthesis
 from edm_lightning.routing import DEFAULT_ROUTER_KEY, key_fingerprint, resolve_router_key, router_class, router_label
 
 __all__ = ["Plan", "Stage", "build_plan"]
@@ -126,6 +127,7 @@ class _Builder:
         self.diagnostics: dict[str, list[str]] = {}
         self.runs: list[tuple[str, dict]] = []
         self.curve_ends: dict[tuple, str] = {}  # (attack, defense, lambda, strength, seed) -> its largest budget so far
+        self.setups: set[tuple] = set()  # work an attack shares between victims (D-DAE's kit), estimated once
         self.strength_names = {defense_label(d, base): d.strength for d in config.defenses for base in d.defends}
         self.weights = [config.edm.diversity_weight] + [
             w for w in config.edm.tradeoff_weights if w != config.edm.diversity_weight]
@@ -178,7 +180,7 @@ class _Builder:
                 f"N={settings.num_members} lambda={weight:g} (seed {seed})",
                 work(jobs.train_edm, config, seed=seed, weight=weight, hash_checkpoint=hash_checkpoint),
                 needs=(hashnet.id,) if hashnet else (),
-                estimate_s=_training_s(settings, self.train_images) * settings.num_members * _ENSEMBLE_STEP))
+                estimate_s=_ensemble_s(settings, self.train_images)))
             for router, label in zip(settings.routers, settings.router_labels):  # one ensemble, behind each router
                 victim = {"checkpoint": self.output(edm), "router": router, "hash_checkpoint": hash_checkpoint,
                           "trained": edm.id}
@@ -334,11 +336,23 @@ class _Builder:
         stage = self.add(Stage("attack", key, label,
                                functools.partial(jobs.attack, self.config, settings=settings, victim=plain, budget=budget,
                                                  seed=seed),
-                               needs=tuple(dict.fromkeys(needs)), estimate_s=_attack_s(settings, budget)))
+                               needs=tuple(dict.fromkeys(needs)), estimate_s=self.attack_s(settings, budget, seed)))
         if entry.shares_purchase:
             self.curve_ends[curve] = stage.id
         self.runs.append((stage.id, info))
         return stage
+
+    def attack_s(self, settings: AttackConfig, budget: int, seed: int) -> float:
+        """An attack stage's estimate, with the work its attack shares between victims the first time it is planned."""
+        entry, per_image = ATTACKS.get(settings.name), _SECONDS_PER_IMAGE_EPOCH.get(settings.arch, 1e-3)
+        seconds = _STAGE_S + entry.cost(budget, settings.epochs, per_image, settings.options)
+        if entry.setup is not None:
+            identity, setup_s = entry.setup(per_image, settings.options)
+            shared = (settings.name, settings.surrogate, settings.arch, seed, identity)
+            if shared not in self.setups:
+                self.setups.add(shared)
+                seconds += setup_s
+        return seconds
 
 
 def _victim_dict(victim: dict) -> dict:
@@ -353,13 +367,24 @@ _SECONDS_PER_IMAGE_EPOCH = {"lenet5": 6e-5, "small_cnn": 5e-5, "resnet18": 6e-3,
 _ENSEMBLE_STEP = 1.6  # an EDM member also sees an OOD batch: its step costs more than a target's
 
 
-def _training_s(settings, images: int) -> float:
+_STAGE_S = 5.0  # what every training or attack stage costs beyond its epochs: building, loading, testing
+
+
+def _epochs_s(settings, images: int) -> float:
     return settings.epochs * (settings.train_size or images) * _SECONDS_PER_IMAGE_EPOCH.get(settings.arch, 1e-3)
 
 
-def _attack_s(settings: AttackConfig, budget: int) -> float:
-    per_image = _SECONDS_PER_IMAGE_EPOCH.get(settings.arch, 1e-3)
-    return ATTACKS.get(settings.name).cost(budget, settings.epochs, per_image, settings.options)
+def _training_s(settings, images: int) -> float:
+    return _STAGE_S + _epochs_s(settings, images)
+
+
+def _ensemble_s(settings, images: int) -> float:
+    """An EDM ensemble's training: N members, each step also on the OOD batch, and on what ``synthesis`` adds."""
+    synthesis = settings.model.get("synthesis")
+    if isinstance(synthesis, dict):
+        synthesis = Synthesis(**synthesis)
+    step = _ENSEMBLE_STEP * (synthesis.step_cost(settings.num_members) if synthesis is not None else 1.0)
+    return _STAGE_S + _epochs_s(settings, images) * settings.num_members * step
 
 
 def _train_images(config: ExperimentConfig) -> int:
