@@ -54,16 +54,16 @@ def test_jacobian_steps_move_towards_another_class_and_leave_the_net_untouched()
     assert all(p.grad is None for p in net.parameters())
 
 
-
 def test_each_jacobian_point_takes_exactly_its_drawn_steps_and_only_moving_images_reach_the_net():
     torch.manual_seed(0)
     net = build_net("lenet5", (1, 28, 28), 10)
     x, y = batch(48)
-    sizes = []
+    original, sizes = x.clone(), []
     hook = net.register_forward_pre_hook(lambda _, inputs: sizes.append(len(inputs[0])))
     torch.manual_seed(2)
     points = jacobian_points(net, x, y, 10, epsilon=0.05, steps=3)
     hook.remove()
+    assert torch.equal(x, original)
     torch.manual_seed(2)
     target = (y + torch.randint(1, 10, y.shape)) % 10  # the draws jacobian_points made, in its order
     taken = torch.randint(1, 4, (len(x),))
@@ -71,9 +71,11 @@ def test_each_jacobian_point_takes_exactly_its_drawn_steps_and_only_moving_image
     for step in range(1, 4):
         chain = jacobian_augmentation(net, chain, y, 0.05, target)
         expected[taken == step] = chain[taken == step]
-    assert torch.allclose(points, expected, atol=1e-6)
+    # the same points; a near-zero gradient may take the other sign at another batch size (a pixel off by epsilon)
+    assert ((points - expected).abs() > 1e-6).float().mean() < 1e-3
     # one forward per step, on the images still moving: all of them, then those drawn for 2 or 3 steps, then 3
     assert sizes == [len(x), int((taken >= 2).sum()), int((taken == 3).sum())]
+
 
 def test_mixup_blends_only_images_of_different_classes():
     x = torch.arange(10).float().view(10, 1, 1, 1).expand(10, 1, 4, 4).clone() / 10  # image value = its class / 10

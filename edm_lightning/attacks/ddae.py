@@ -289,8 +289,7 @@ def ddae_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options:
     Returns:
         The estimate, in seconds.
     """
-    probes = int(options.get("probes", DEFAULTS["probes"]))
-    return (probes + budget) * SECONDS_PER_QUERY + epochs * budget * seconds_per_image_epoch + 3.0
+    return budget * SECONDS_PER_QUERY + epochs * budget * seconds_per_image_epoch + 3.0  # the budget pays the probes
 
 
 def ddae_kit_cost(seconds_per_image_epoch: float, options: Mapping[str, Any]) -> tuple[str, float]:
@@ -303,7 +302,7 @@ def ddae_kit_cost(seconds_per_image_epoch: float, options: Mapping[str, Any]) ->
     meta-classifier and the restorers.
 
     Returns:
-        The kit's identity among D-DAE runs (every option but ``assume_defense``, defaults filled in) and the estimate.
+        The kit's identity among D-DAE runs (the options the kit is made from, defaults filled in) and the estimate.
     """
     share = float(options.get("share", DEFAULTS["share"]))
     shadows = int(options.get("shadows", DEFAULTS["shadows"]))
@@ -311,7 +310,8 @@ def ddae_kit_cost(seconds_per_image_epoch: float, options: Mapping[str, Any]) ->
     answered = (int(options.get("probes", DEFAULTS["probes"])) + int(options.get("pool_images", KIT_DEFAULTS["pool_images"]))
                 + share * 60_000)
     per_shadow = epochs_s * share * 60_000 * seconds_per_image_epoch * (2 + 1.6 * members) + 2e-3 * answered + 5.0
-    settings = {**DEFAULTS, **KIT_DEFAULTS, **{k: v for k, v in options.items() if k != "assume_defense"}}
+    settings = {key: options.get(key, default) for key, default in {**DEFAULTS, **KIT_DEFAULTS}.items()}
+    settings |= {"defenses": options.get("defenses") or list(DEFAULT_DEFENSES), "shadow_arch": options.get("shadow_arch")}
     return json.dumps(settings, sort_keys=True, default=str), shadows * per_shadow + 30.0
 
 

@@ -69,7 +69,7 @@ class AttackEntry:
             seconds`` on a 2-core CPU, what a runner's ETA starts from.
         setup: ``(seconds per training image and epoch, options) -> (identity, seconds)``: work done once and reused
             by every victim's run (D-DAE's shadow kit), left out of ``cost``; a runner's estimate counts it once per
-            seed, surrogate and identity (``None``: nothing is shared).
+            attack, surrogate, clone architecture, seed and identity (``None``: nothing is shared).
         check: ``(budget, options) -> None``, raising :class:`~edm_lightning.errors.ConfigError` for a setting the
             attack would refuse at that budget (the attack's own check, which a runner calls before its first stage).
     """

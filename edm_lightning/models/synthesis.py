@@ -136,7 +136,10 @@ def jacobian_points(net: nn.Module, x: Tensor, y: Tensor, num_classes: int, epsi
     with torch.enable_grad():  # the step is JBDA-TR's own, in eval mode (BatchNorm keeps the training images' statistics)
         for step in range(1, steps + 1):  # only the images drawn for this many steps or more take it
             moving = (taken >= step).nonzero().squeeze(1)
-            point[moving] = jacobian_augmentation(net, point[moving], y[moving], epsilon, target[moving])
+            if len(moving) == 0:
+                break
+            labels = moving.to(y.device)
+            point[moving] = jacobian_augmentation(net, point[moving], y[labels], epsilon, target[labels])
     return point
 
 
