@@ -311,7 +311,8 @@ def ddae_kit_cost(seconds_per_image_epoch: float, options: Mapping[str, Any]) ->
                 + share * 60_000)
     per_shadow = epochs_s * share * 60_000 * seconds_per_image_epoch * (2 + 1.6 * members) + 2e-3 * answered + 5.0
     settings = {key: options.get(key, default) for key, default in {**DEFAULTS, **KIT_DEFAULTS}.items()}
-    settings |= {"defenses": options.get("defenses") or list(DEFAULT_DEFENSES), "shadow_arch": options.get("shadow_arch")}
+    defenses = options.get("defenses")  # filled in as check_ddae fills it
+    settings |= {"defenses": list(DEFAULT_DEFENSES) if defenses is None else defenses, "shadow_arch": options.get("shadow_arch")}
     return json.dumps(settings, sort_keys=True, default=str), shadows * per_shadow + 30.0
 
 
