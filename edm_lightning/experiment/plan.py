@@ -380,9 +380,7 @@ def _training_s(settings, images: int) -> float:
 
 def _ensemble_s(settings, images: int) -> float:
     """An EDM ensemble's training: N members, each step also on the OOD batch, and on what ``synthesis`` adds."""
-    synthesis = settings.model.get("synthesis")
-    if isinstance(synthesis, dict):
-        synthesis = Synthesis(**synthesis)
+    synthesis = Synthesis.of(settings.model.get("synthesis"))
     step = _ENSEMBLE_STEP * (synthesis.step_cost(settings.num_members) if synthesis is not None else 1.0)
     return _STAGE_S + _epochs_s(settings, images) * settings.num_members * step
 

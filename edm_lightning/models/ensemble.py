@@ -122,8 +122,7 @@ class EnsembleModule(RecordedModule):
         # The router is a serving choice, not part of the trained model: kept out of the hyper-parameters
         # (and so out of checkpoints; the key is a secret), and `main.py test --ckpt_path` can change it.
         self.save_hyperparameters(ignore=["router", "router_key", "hash_checkpoint", "router_key_fingerprint", "synthesis"])
-        if isinstance(synthesis, dict):  # as a checkpoint's hyper-parameters hold it
-            synthesis = Synthesis(**synthesis)
+        synthesis = Synthesis.of(synthesis)  # a dict as a checkpoint's hyper-parameters hold it
         self.synthesis = synthesis or Synthesis()
         if synthesis is not None:  # as plain data, so a checkpoint stays readable with torch.load(weights_only=True)
             self.hparams["synthesis"] = asdict(synthesis)

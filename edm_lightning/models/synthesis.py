@@ -12,7 +12,7 @@ noise and framing put its queries. Every point is drawn from the training batch 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,16 @@ class Synthesis:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 20:
             raise ConfigError(f"synthesis.steps must be an integer in [1, 20], got {self.steps!r}")
         check_corruption(self.agree_noise, self.agree_shift, ("synthesis.agree_noise", "synthesis.agree_shift"))
+
+    @classmethod
+    def of(cls, value: Synthesis | dict[str, Any] | None) -> Synthesis | None:
+        """``value`` as a ``Synthesis``: a dict is its fields, as a checkpoint's hyper-parameters or an experiment
+        config's ``model`` section hold them.
+
+        Returns:
+            The synthesis, or ``None`` for ``None``.
+        """
+        return cls(**value) if isinstance(value, dict) else value
 
     @property
     def agrees(self) -> bool:
