@@ -278,8 +278,13 @@ def check_ddae(budget: int, options: Mapping[str, Any]) -> list:
     if isinstance(batch, int) and budget < probes + batch:
         raise ConfigError(f"budget={budget} cannot pay the {probes} probes and one transfer-set batch of {batch} "
                           f"queries: raise the budget to at least {probes + batch}, or lower probes")
+    return parse_defenses(_defenses(options))
+
+
+def _defenses(options: Mapping[str, Any]) -> list:
+    """The candidate defenses ``options`` names: :data:`DEFAULT_DEFENSES` only where it names none (``None``)."""
     defenses = options.get("defenses")
-    return parse_defenses(list(DEFAULT_DEFENSES) if defenses is None else defenses)
+    return list(DEFAULT_DEFENSES) if defenses is None else defenses
 
 
 def ddae_cost(budget: int, epochs: int, seconds_per_image_epoch: float, options: Mapping[str, Any]) -> float:
@@ -311,8 +316,7 @@ def ddae_kit_cost(seconds_per_image_epoch: float, options: Mapping[str, Any]) ->
                 + share * 60_000)
     per_shadow = epochs_s * share * 60_000 * seconds_per_image_epoch * (2 + 1.6 * members) + 2e-3 * answered + 5.0
     settings = {key: options.get(key, default) for key, default in {**DEFAULTS, **KIT_DEFAULTS}.items()}
-    defenses = options.get("defenses")  # filled in as check_ddae fills it
-    settings |= {"defenses": list(DEFAULT_DEFENSES) if defenses is None else defenses, "shadow_arch": options.get("shadow_arch")}
+    settings |= {"defenses": _defenses(options), "shadow_arch": options.get("shadow_arch")}
     return json.dumps(settings, sort_keys=True, default=str), shadows * per_shadow + 30.0
 
 
