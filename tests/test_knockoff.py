@@ -238,3 +238,55 @@ def test_bad_query_averaging_settings_fail_before_any_query(victim, fake_data, t
 def test_the_adaptive_policy_refuses_settings_that_are_no_finite_positive_number(setting, tmp_path):
     with pytest.raises(ConfigError, match="diversity_window and policy_lr must be finite and positive"):
         KnockoffDataModule(linear_victim(), root=str(tmp_path), budget=512, strategy="adaptive", **setting)
+
+
+# A stronger attacker: the pool reshaped (thickened, moved) before it is queried.
+
+
+def test_the_reshaped_pool_is_what_the_victim_answers_and_the_clone_trains_on(fake_data, tmp_path):
+    from edm_lightning.data.perturbations import dilate_affine
+
+    victim = CountingVictim(linear_victim())
+    data = KnockoffDataModule(victim, root=str(tmp_path), budget=128, pool_transform="dilate-affine", seed=3,
+                              cache_dir=str(tmp_path / "cache"))
+    data.prepare_data()
+    data.setup("fit")
+    x, answers = data.train_set.tensors
+    raw, _ = data.load_attacker_images("mnist")
+    reshaped = dilate_affine(raw, seed=3)[data.transfer.indices].float() / 255
+    assert victim.rows == 128 + EVAL_SIZE and torch.equal(x, reshaped)
+    assert not torch.equal(x, raw[data.transfer.indices].float() / 255)
+    with torch.no_grad():
+        torch.testing.assert_close(answers, linear_victim()(x))  # the victim answered the reshaped images
+    plain = KnockoffDataModule(victim, root=str(tmp_path), budget=128, seed=3, cache_dir=str(tmp_path / "cache"))
+    assert plain.cache_path != data.cache_path and data.figures()["pool_transform"] == "dilate-affine"
+
+
+def test_the_reshaped_attack_spends_exactly_the_queries_it_reports(victim, fake_data, tmp_path):
+    results = knockoff(victim, tmp_path, max_epochs=1, pool_transform="dilate-affine")
+    assert results["queries"] == results["queries_this_run"] == 512 and victim.rows == 512 + EVAL_SIZE
+    again = knockoff(victim, tmp_path, max_epochs=1, pool_transform="dilate-affine", budget=256)
+    assert (again["queries"], again["queries_this_run"]) == (256, 0) and victim.rows == 512 + 2 * EVAL_SIZE
+
+
+def test_an_unknown_pool_transform_fails_before_any_query_and_names_the_allowed(victim, fake_data, tmp_path):
+    with pytest.raises(ConfigError, match="unknown pool_transform 'elastic': expected one of 'none', 'dilate-affine'"):
+        knockoff(victim, tmp_path, pool_transform="elastic")
+    assert victim.rows == 0
+
+
+def test_dilate_affine_thickens_and_moves_each_image_reproducibly():
+    from edm_lightning.data.perturbations import dilate_affine
+
+    strokes = torch.zeros(200, 1, 28, 28, dtype=torch.uint8)
+    strokes[:, :, 8:20, 13] = 255  # a one-pixel-wide vertical stroke, as a thin digit
+    out = dilate_affine(strokes, seed=0)
+    assert out.dtype == torch.uint8 and out.shape == strokes.shape
+    assert torch.equal(out, dilate_affine(strokes, seed=0)) and not torch.equal(out, dilate_affine(strokes, seed=1))
+    ink = out.float().sum(dim=(1, 2, 3)) / strokes[0].float().sum()
+    assert ink.mean() > 2 and (ink > 1.5).float().mean() > 0.5  # thickened (3 or 5 wide) for about 2 in 3 images
+    centre = (out.float() * torch.arange(28).view(1, 1, 1, 28)).sum(dim=(1, 2, 3)) / out.float().sum(dim=(1, 2, 3))
+    assert centre.std() > 0.5 and (centre - 13).abs().max() < 28 * 0.1 + 4  # moved by translation, rotation, shear
+    floats = dilate_affine(strokes.float() / 255, seed=0)
+    assert floats.dtype == torch.float32 and 0 <= floats.min() and floats.max() <= 1
+    assert (floats * 255 - out.float()).abs().max() <= 0.5 + 1e-4  # the same images, uint8 rounded
