@@ -104,13 +104,13 @@ class KnockoffDataModule(AttackDataModule):
         copy_noise: float = 0.0,
         copy_shift: int = 0,
         query_batch_size: int = 1024,
-        pool_transform: str = "none",
         root: str = "data",
         batch_size: int = 128,
         test_size: int | None = None,
         cache_dir: str = CACHE_DIR,
         num_workers: int = 0,
         seed: int = 0,
+        pool_transform: str = "none",
     ):
         if strategy not in ("random", "adaptive"):
             raise ConfigError(f"unknown strategy {strategy!r}: expected 'random' or 'adaptive'")
@@ -123,6 +123,7 @@ class KnockoffDataModule(AttackDataModule):
             raise ConfigError(f"query_batch_size must be a positive integer (queries per oracle call), got {query_batch_size!r}")
         check_copies(query_copies, copy_noise, copy_shift)
         check_pool_transform(pool_transform)
+        self.pool_transform = pool_transform  # an attribute: subclasses (D-DAE, FixMatch) save their own hyper-parameters
         check_budget_buys_an_image(budget, query_copies)
         if surrogate == dataset:
             raise ConfigError(
@@ -151,8 +152,8 @@ class KnockoffDataModule(AttackDataModule):
             attack.update(query_copies=hp.query_copies, copy_noise=float(hp.copy_noise))
         if hp.copy_shift:
             attack.update(copy_shift=hp.copy_shift)
-        if hp.pool_transform != "none":
-            attack.update(pool_transform=hp.pool_transform)
+        if self.pool_transform != "none":
+            attack.update(pool_transform=self.pool_transform)
         return self.cache_dir / f"knockoff-{self.cache_key(**attack)}.pt"
 
     @override
@@ -208,13 +209,13 @@ class KnockoffDataModule(AttackDataModule):
         return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
                 "surrogate": hp.surrogate, "transfer_set": items, "query_copies": hp.query_copies,
                 "copy_noise": float(hp.copy_noise), "copy_shift": hp.copy_shift, "queries_per_item": hp.query_copies,
-                "extra_queries": items * (hp.query_copies - 1), "pool_transform": hp.pool_transform,
+                "extra_queries": items * (hp.query_copies - 1), "pool_transform": self.pool_transform,
                 "lost_queries": self.transfer.charged(items) if self.transfer else 0}
 
     def _surrogate_images(self) -> tuple[Tensor, Tensor]:
         if self._surrogate is None:
             images, labels = self.load_attacker_images(self.hparams.surrogate, train=True)
-            if self.hparams.pool_transform == "dilate-affine":
+            if self.pool_transform == "dilate-affine":
                 images = dilate_affine(images, self.hparams.seed)
             self._surrogate = images, labels
         return self._surrogate
