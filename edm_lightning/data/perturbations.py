@@ -1,4 +1,4 @@
-"""Perturbed images: copies of a query re-sent so that a router may answer it with other members, and Jacobian steps, and a surrogate pool reshaped before it is queried.
+"""Perturbed images: copies of a query re-sent to reach other members, Jacobian steps, and reshaped surrogate pools.
 
 Query averaging, EDM's adaptive attacker, sends each image as K copies with faint noise or small shifts and
 averages the answers; the routing measurements probe a router with the same copies. JBDA grows its queries by
@@ -50,20 +50,22 @@ def noisy_copies(x: Tensor, copies: int, noise: float, seed: int = 0, start: int
     return (out + noise * eps).clamp_(0, 1) if noise > 0 else out
 
 
-def dilate_affine(images: Tensor, seed: int) -> Tensor:
+def dilate_affine(images: Tensor, seed: int, chunk: int = 4096) -> Tensor:
     """Each image thickened and moved at random: the pool a KnockoffNets attacker queries instead of its raw images.
 
     A thin-stroked pool (MNIST digits) reaches few classes of a victim that sees filled shapes (FashionMNIST:
-    the undefended LeNet-5 names sandal for more than half of the MNIST digits). Per image, a grey dilation (a max filter of
-    size 1, 3 or 5, each with probability 1/3) thickens the strokes, then a random affine moves the result
+    the undefended LeNet-5 names sandal for more than half of the MNIST digits). Per image, a grey dilation (a max
+    filter of size 1, 3 or 5, each with probability 1/3) thickens the strokes, then a random affine moves the result
     (rotation within +-20 degrees, shear within +-10, scale in [0.9, 1.6], translation within 10% of the side;
-    bilinear, zero fill). The answers then spread over more classes and the clone learns more per query
-    (README, "A stronger KnockoffNets"). All draws come from one generator seeded with ``seed``, image ``i``'s from
-    its place in the pool, so the same pool and seed give the same images in every process.
+    bilinear, zero fill; torchvision's ``affine`` convention, batched). The answers then spread over more classes
+    and the clone learns more per query (README, "A stronger KnockoffNets"). All draws come from one generator
+    seeded with ``seed``, so the same pool and seed give the same images in every process; images are transformed
+    ``chunk`` at a time, which bounds the memory and does not change the result.
 
     Args:
         images: the pool ``(N, C, H, W)``, ``uint8`` or float in [0, 1].
         seed: the attacker's seed.
+        chunk: images transformed at once.
 
     Returns:
         The transformed pool, same shape and dtype.
@@ -75,11 +77,6 @@ def dilate_affine(images: Tensor, seed: int) -> Tensor:
     shear = torch.deg2rad(torch.empty(count).uniform_(-10, 10, generator=generator))
     scale = torch.empty(count).uniform_(0.9, 1.6, generator=generator)
     shift = torch.empty(count, 2).uniform_(-0.2, 0.2, generator=generator)  # 10% of the side, in [-1, 1] units
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    thick = x.clone()
-    for k in (3, 5):
-        chosen = size == k
-        thick[chosen] = nn.functional.max_pool2d(x[chosen], k, stride=1, padding=k // 2)
     # forward map p -> scale * R(angle) @ Shear(shear) @ p + shift; grid_sample needs its inverse, per image
     cos, sin = angle.cos(), angle.sin()
     rotate = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
@@ -87,9 +84,19 @@ def dilate_affine(images: Tensor, seed: int) -> Tensor:
     skew[:, 0, 1] = shear.tan()
     inverse = torch.linalg.inv(scale.view(-1, 1, 1) * rotate @ skew)
     theta = torch.cat([inverse, -(inverse @ shift.unsqueeze(-1))], dim=-1)
-    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    out = nn.functional.grid_sample(thick, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_(0, 1)
-    return out.mul_(255).round_().to(torch.uint8) if images.dtype == torch.uint8 else out.to(images.dtype)
+    out = torch.empty_like(images)
+    for start in range(0, count, chunk):
+        part = slice(start, start + chunk)
+        x = images[part].float() / 255 if images.dtype == torch.uint8 else images[part].float()
+        thick = x.clone()
+        for k in (3, 5):
+            chosen = size[part] == k
+            thick[chosen] = nn.functional.max_pool2d(x[chosen], k, stride=1, padding=k // 2)
+        grid = nn.functional.affine_grid(theta[part], list(x.shape), align_corners=False)
+        moved = nn.functional.grid_sample(thick, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        moved.clamp_(0, 1)
+        out[part] = moved.mul_(255).round_().to(torch.uint8) if images.dtype == torch.uint8 else moved.to(images.dtype)
+    return out
 
 
 def check_pool_transform(pool_transform: str) -> None:
