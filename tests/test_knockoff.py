@@ -260,6 +260,7 @@ def test_the_reshaped_pool_is_what_the_victim_answers_and_the_clone_trains_on(fa
         torch.testing.assert_close(answers, linear_victim()(x))  # the victim answered the reshaped images
     plain = KnockoffDataModule(victim, root=str(tmp_path), budget=128, seed=3, cache_dir=str(tmp_path / "cache"))
     assert plain.cache_path != data.cache_path and data.figures()["pool_transform"] == "dilate-affine"
+    assert data.figures()["attack"] == "knockoff-random-dilate-affine" and plain.figures()["attack"] == "knockoff-random"
 
 
 def test_the_reshaped_attack_spends_exactly_the_queries_it_reports(victim, fake_data, tmp_path):
@@ -284,6 +285,8 @@ def test_dilate_affine_thickens_and_moves_each_image_reproducibly():
     assert out.dtype == torch.uint8 and out.shape == strokes.shape
     assert torch.equal(out, dilate_affine(strokes, seed=0)) and not torch.equal(out, dilate_affine(strokes, seed=1))
     assert torch.equal(out, dilate_affine(strokes, seed=0, chunk=7))  # chunks bound the memory, not the result
+    with pytest.raises(ValueError, match="chunk must be a whole number >= 1"):
+        dilate_affine(strokes, seed=0, chunk=-1)  # would return the empty buffer otherwise
     ink = out.float().sum(dim=(1, 2, 3)) / strokes[0].float().sum()
     assert ink.mean() > 2 and (ink > 1.5).float().mean() > 0.5  # thickened (3 or 5 wide) for about 2 in 3 images
     centre = (out.float() * torch.arange(28).view(1, 1, 1, 28)).sum(dim=(1, 2, 3)) / out.float().sum(dim=(1, 2, 3))

@@ -243,7 +243,8 @@ def test_the_watched_victim_misinforms_a_flagged_client_and_remembers_it(tmp_pat
     victim = monitored(tmp_path, "misinform")
     queries = stepping_queries(600)
     answers = torch.cat([victim(part) for part in queries.split(50)])
-    truth = torch.cat([linear_victim()(part) for part in queries.split(50)])  # same batches: matmul rounds by batch size
+    reference = linear_victim()
+    truth = torch.cat([reference(part) for part in queries.split(50)])  # same batches: matmul rounds by batch size
     flagged_at = victim.history.flagged_at
     assert flagged_at is not None and victim.figures() == {"flagged_at": flagged_at, "detector_queries": 600}
     assert torch.equal(answers[:flagged_at - 1], truth[:flagged_at - 1])

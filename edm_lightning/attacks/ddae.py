@@ -7,8 +7,9 @@ and without each candidate defense (shadow EDM ensembles included), a meta-class
 answers on ``probes`` pool images (paper Sec. IV-B), and a restorer per defense mapping a defended answer to an
 undefended one (Sec. IV-C, L1 loss, Eq. 3). Online (Sec. IV-D), it buys the answers on the probes, detects the
 defense, buys KnockoffNets' transfer set (the same purchase as KnockoffNets with the same victim, seed, surrogate and
-sampling: D-DAE reads its first ``budget - probes`` queries), restores every answer with the detected defense's
-restorer (``none``: as they are) and trains the clone on the restored answers (the probes' included).
+sampling, its pool as it is, ``pool_transform: none``: D-DAE reads its first ``budget - probes`` queries), restores
+every answer with the detected defense's restorer (``none``: as they are) and trains the clone on the restored
+answers (the probes' included).
 
 Budget: the probes are bought first, then the transfer set with what is left, both under a
 :class:`~edm_lightning.attacks.purchase.Purchase`, so the victim answers at most ``budget`` over all runs, kills

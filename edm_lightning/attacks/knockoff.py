@@ -206,7 +206,8 @@ class KnockoffDataModule(AttackDataModule):
         """The attack's name (strategy, averaging) and the transfer set's size in items and queries."""
         hp = self.hparams
         items = len(self.transfer or ())
-        return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else ""),
+        return {"attack": f"knockoff-{hp.strategy}" + (f"-avg{hp.query_copies}" if hp.query_copies > 1 else "")
+                + (f"-{self.pool_transform}" if self.pool_transform != "none" else ""),
                 "surrogate": hp.surrogate, "transfer_set": items, "query_copies": hp.query_copies,
                 "copy_noise": float(hp.copy_noise), "copy_shift": hp.copy_shift, "queries_per_item": hp.query_copies,
                 "extra_queries": items * (hp.query_copies - 1), "pool_transform": self.pool_transform,
@@ -256,7 +257,7 @@ def knockoff_job(
     """KnockoffNets as a job: the DataModule and clone of ``python main.py fit --config configs/attack/knockoff.yaml``.
 
     ``options`` go to :class:`KnockoffDataModule` (``reward``, ``policy_lr``, ``query_copies``, ``copy_noise``,
-    ``copy_shift`` ...). ``clone_heads > 1`` trains a :class:`~edm_lightning.models.MixtureCloneModule`
+    ``copy_shift``, ``pool_transform`` ...). ``clone_heads > 1`` trains a :class:`~edm_lightning.models.MixtureCloneModule`
     (``shared_trunk``, ``assignment``) on the same transfer set: the attack that knows EDM serves each query
     with one of N members; it buys nothing more than plain KnockoffNets with the same sampling settings.
 

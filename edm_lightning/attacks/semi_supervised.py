@@ -77,9 +77,10 @@ class UnlabelledImages(Dataset):
 class SemiSupervisedDataModule(KnockoffDataModule):
     """KnockoffNets' transfer set, and the rest of the surrogate pool as unlabelled images.
 
-    The transfer set is bought (or read back) exactly as :class:`~edm_lightning.attacks.KnockoffDataModule` buys it,
-    in the same cache file. ``unlabelled`` holds the positions of every pool image the transfer set does not hold
-    (whatever the sampling strategy drew, repeats included); they are never shown to the victim. The training
+    The transfer set is bought (or read back) exactly as :class:`~edm_lightning.attacks.KnockoffDataModule` buys it
+    from the pool as it is (``pool_transform: none``), in the same cache file. ``unlabelled`` holds the positions of
+    every pool image the transfer set does not hold (whatever the sampling strategy drew, repeats included); they are
+    never shown to the victim. The training
     loader is a ``CombinedLoader`` (mode ``min_size``) of ``{"labelled": (x, answers), "unlabelled": u}``: one
     pass over the transfer set per epoch in batches of ``batch_size``, each paired with ``mu * batch_size``
     unlabelled images (the unlabelled loader is made long enough never to end an epoch first). A budget that buys

@@ -57,19 +57,25 @@ def dilate_affine(images: Tensor, seed: int, chunk: int = 4096) -> Tensor:
     the undefended LeNet-5 names sandal for more than half of the MNIST digits). Per image, a grey dilation (a max
     filter of size 1, 3 or 5, each with probability 1/3) thickens the strokes, then a random affine moves the result
     (rotation within +-20 degrees, shear within +-10, scale in [0.9, 1.6], translation within 10% of the side;
-    bilinear, zero fill; torchvision's ``affine`` convention, batched). The answers then spread over more classes
-    and the clone learns more per query (README, "A stronger KnockoffNets"). All draws come from one generator
-    seeded with ``seed``, so the same pool and seed give the same images in every process; images are transformed
-    ``chunk`` at a time, which bounds the memory and does not change the result.
+    bilinear, zero fill; torchvision ``RandomAffine``'s ranges, in the frame's normalised coordinates, batched). The
+    answers then spread over more classes and the clone learns more per query (README, "A stronger KnockoffNets").
+    All draws come from one generator seeded with ``seed``, so the same pool and seed give the same images in every
+    process; images are transformed ``chunk`` at a time, which bounds the memory (each image is transformed on its
+    own, so the chunk does not change it: tested).
 
     Args:
-        images: the pool ``(N, C, H, W)``, ``uint8`` or float in [0, 1].
+        images: the pool ``(N, C, H, W)`` on the CPU, ``uint8`` or float in [0, 1].
         seed: the attacker's seed.
         chunk: images transformed at once.
 
     Returns:
         The transformed pool, same shape and dtype.
+
+    Raises:
+        ValueError: ``chunk`` is not a whole number >= 1.
     """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a whole number >= 1 (images transformed at once), got {chunk!r}")
     generator = torch.Generator().manual_seed(seed)
     count = len(images)
     size = 1 + 2 * torch.randint(0, 3, (count,), generator=generator)  # 1, 3 or 5
